@@ -1,0 +1,165 @@
+"""Disk memoisation keyed by content, so a reopened link or a rerun costs nothing.
+
+A key is a hash of the *content* of the inputs (array bytes, a model's weight fingerprint, a
+spec's JSON), of the function's name, and of the source of the modules it depends on plus the
+versions of the numeric libraries: editing the science invalidates exactly what it touches.
+Nothing is cached unless a ``DiskCache`` is passed: uploaded photos stay in memory by default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import types
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "XAI_CACHE_DIR"
+CACHE_SIZE_ENV = "XAI_CACHE_SIZE_GB"
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "results"
+DEFAULT_SIZE_GB = 4.0
+_LIBRARIES = ("torch", "torchvision", "captum", "zennit", "numpy", "scikit-image", "segmentation-models-pytorch")
+
+
+def _library_versions() -> str:
+    versions = []
+    for name in _LIBRARIES:
+        try:
+            versions.append(f"{name}={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name}=absent")
+    return ",".join(versions)
+
+
+def _feed(h: "hashlib._Hash", obj: Any) -> None:
+    """Feed a canonical, type-tagged encoding of ``obj`` into ``h``."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(b"J" + json.dumps(obj).encode())
+    elif isinstance(obj, bytes):
+        h.update(b"B%d:" % len(obj) + obj)
+    elif isinstance(obj, np.ndarray) or type(obj).__module__ == "torch" and type(obj).__name__ == "Tensor":
+        array = np.ascontiguousarray(obj.detach().cpu().numpy() if hasattr(obj, "detach") else obj)
+        h.update(f"A{array.dtype.str}{array.shape}".encode())
+        h.update(memoryview(array).cast("B"))
+    elif isinstance(getattr(obj, "fingerprint", None), str):
+        # Models (classifier, face parser) are identified by their weights, never by object identity.
+        h.update(b"F" + obj.fingerprint.encode())
+    elif hasattr(obj, "to_json"):
+        h.update(b"S" + type(obj).__name__.encode() + obj.to_json().encode())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(b"D" + type(obj).__name__.encode())
+        for f in dataclasses.fields(obj):
+            _feed(h, f.name)
+            _feed(h, getattr(obj, f.name))
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for item in obj:
+            _feed(h, item)
+    elif isinstance(obj, dict):
+        h.update(b"M%d" % len(obj))
+        for key in sorted(obj, key=repr):
+            _feed(h, key)
+            _feed(h, obj[key])
+    else:
+        raise TypeError(f"cannot build a content key from a {type(obj).__name__}; pass arrays, specs or fingerprinted models")
+
+
+def content_hash(*parts: Any) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        _feed(h, part)
+    return h.hexdigest()
+
+
+def source_salt(*modules: types.ModuleType) -> str:
+    """Hash of the modules' source and the numeric libraries' versions: the code-version salt."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(_library_versions().encode())
+    for module in modules:
+        h.update(inspect.getsource(module).encode())
+    return h.hexdigest()
+
+
+MISSING = object()
+
+
+class DiskCache:
+    """A size-bounded diskcache whose damaged entries are dropped and recomputed, never fatal."""
+
+    def __init__(self, directory: str | Path | None = None, size_limit_gb: float | None = None):
+        self.directory = Path(directory or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+        size_gb = size_limit_gb if size_limit_gb is not None else float(os.environ.get(CACHE_SIZE_ENV, DEFAULT_SIZE_GB))
+        self._store = diskcache.Cache(
+            str(self.directory), size_limit=int(size_gb * 2**30), eviction_policy="least-recently-used"
+        )
+
+    def lookup(self, key: str) -> Any:
+        """The stored value, or ``MISSING``; a damaged entry is deleted and reported as missing."""
+        try:
+            return self._store.get(key, default=MISSING, retry=True)
+        except Exception as error:  # a truncated value file, a bad pickle, a broken row
+            log.warning("cache entry %s was damaged (%s); recomputing", key[:12], type(error).__name__)
+            self._store.delete(key, retry=True)
+            return MISSING
+
+    def store(self, key: str, value: Any) -> None:
+        self._store.set(key, value, retry=True)
+
+    def get_or_compute(self, key: str, compute: Callable[[], Any]) -> Any:
+        value = self.lookup(key)
+        if value is MISSING:
+            value = compute()
+            self.store(key, value)
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._store
+
+    def clear(self) -> None:
+        self._store.clear(retry=True)
+
+    def volume(self) -> int:
+        return self._store.volume()
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def memo_key(namespace: str, salt: str, *parts: Any) -> str:
+    return content_hash(namespace, salt, *parts)
+
+
+def memoised(namespace: str, depends: tuple[types.ModuleType, ...] = ()):
+    """Decorate a pure function so that ``f(..., cache=DiskCache)`` is looked up by content first.
+
+    ``depends``: the modules whose source decides the result (the decorated function's own module
+    is always included). Without ``cache`` (the default) the function simply runs.
+    """
+
+    def decorate(function):
+        @functools.lru_cache(maxsize=1)
+        def salt() -> str:
+            return source_salt(inspect.getmodule(function), *depends)
+
+        @functools.wraps(function)
+        def wrapper(*args, cache: DiskCache | None = None, **kwargs):
+            if cache is None:
+                return function(*args, **kwargs)
+            key = memo_key(namespace, salt(), args, kwargs)
+            return cache.get_or_compute(key, lambda: function(*args, **kwargs))
+
+        wrapper.salt = salt
+        return wrapper
+
+    return decorate

@@ -1,0 +1,1 @@
+"""Pure pipeline: align -> parse -> regions -> attribute -> score. No Streamlit, no hidden state."""

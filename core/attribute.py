@@ -1,0 +1,267 @@
+"""The fifteen saliency methods of the paper, batched over images, with the paper's settings.
+
+Zennit composites and Captum hooks mutate the model while they run (hooks, merged batch
+norms, overridden forwards), so every call holds that model's lock (``models.locks``):
+concurrent callers on one shared model are serialised instead of corrupting each other.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from captum.attr import DeepLift, GuidedGradCam, LayerDeepLift, LayerGradCam, Occlusion
+from torch import nn
+from zennit import composites as zc
+from zennit.attribution import Gradient, IntegratedGradients, SmoothGrad
+from zennit.torchvision import ResNetCanonizer
+
+from models.locks import model_lock
+
+
+@dataclass(frozen=True)
+class Method:
+    """One saliency method: how to run it and how many passes it costs per image."""
+
+    name: str
+    library: str
+    defaults: Mapping[str, Any]
+    run: Callable[..., torch.Tensor] = field(repr=False)
+    # (forward passes, backward passes) per image for (params, image side): the method's floor.
+    passes: Callable[[Mapping[str, Any], int], tuple[int, int]] = field(repr=False)
+
+    def params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        unknown = set(overrides or {}) - set(self.defaults)
+        if unknown:
+            raise ValueError(
+                f"{self.name} has no parameter {', '.join(sorted(unknown))}; "
+                f"it takes {', '.join(sorted(self.defaults)) or 'no parameters'}"
+            )
+        return {**self.defaults, **(overrides or {})}
+
+
+def _output_relevance(targets: torch.Tensor, initial: str):
+    """Output relevance: the one-hot target (paper), or the target logit itself (textbook LRP)."""
+    if initial == "onehot":
+        return lambda out: F.one_hot(targets, out.shape[1]).to(out.dtype)
+    if initial == "logit":
+        return lambda out: F.one_hot(targets, out.shape[1]).to(out.dtype) * out
+    raise ValueError(f"initial_relevance must be 'onehot' or 'logit', not {initial!r}")
+
+
+class _SeededSmoothGrad(SmoothGrad):
+    """Zennit's SmoothGrad with its noise drawn from a private generator, so a cached map is reproducible."""
+
+    def __init__(self, *args, seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, input, attr_output_fn):
+        dims = tuple(range(1, input.ndim))
+        std = self.noise_level * (input.amax(dims, keepdim=True) - input.amin(dims, keepdim=True))
+        result = torch.zeros_like(input)
+        output = None
+        for n in range(self.n_iter):
+            # As zennit: the last sample is noise-free, so n_iter=1 equals the plain gradient.
+            if n == self.n_iter - 1:
+                noisy = input
+            else:
+                noise = torch.randn(input.shape, generator=self.generator, dtype=input.dtype)
+                noisy = input + noise * std
+            output, gradient = self.grad(noisy, attr_output_fn)
+            result += gradient / self.n_iter
+        return output, result
+
+
+def _zennit(attributor_factory):
+    def run(model, x, targets, initial_relevance="onehot", **params):
+        attributor = attributor_factory(model, **params)
+        with attributor:
+            _, relevance = attributor(x, _output_relevance(targets, initial_relevance))
+        return relevance
+
+    return run
+
+
+def _composite(composite_cls, canonize: bool):
+    def factory(model, **params):
+        kwargs = {"canonizers": [ResNetCanonizer()]} if canonize else {}
+        return Gradient(model=model, composite=composite_cls(**kwargs, **params))
+
+    return factory
+
+
+def _upsample(attribution: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    return F.interpolate(attribution, size=size, mode=mode, align_corners=False if mode != "nearest" else None)
+
+
+def _deeplift(model, x, targets, multiply_by_inputs=True):
+    return DeepLift(model, multiply_by_inputs=multiply_by_inputs).attribute(x, baselines=0.0, target=targets)
+
+
+def _guided_gradcam(model, x, targets, layer="layer4", interpolate_mode="nearest"):
+    explainer = GuidedGradCam(model, model.get_submodule(layer))
+    return explainer.attribute(x, target=targets, interpolate_mode=interpolate_mode)
+
+
+def _layer_deeplift(model, x, targets, layer="layer4", upsample="bicubic", reduce_channels=True):
+    attribution = LayerDeepLift(model, model.get_submodule(layer)).attribute(x, baselines=0.0, target=targets)
+    if reduce_channels:
+        # Sum over channels before the (linear) upsampling: per-position DeepLIFT contributions that
+        # still add up to f(x) - f(baseline), at 1/C of the memory. reduce_channels=False keeps all
+        # channels, as the paper's released code did (abs-summed later by relevance_map).
+        attribution = attribution.sum(dim=1, keepdim=True)
+    return _upsample(attribution, x.shape[-2:], upsample)
+
+
+def _layer_gradcam(model, x, targets, layer="layer4", upsample="bicubic", relu_attributions=False):
+    attribution = LayerGradCam(model, model.get_submodule(layer)).attribute(
+        x, target=targets, relu_attributions=relu_attributions
+    )
+    return _upsample(attribution, x.shape[-2:], upsample)
+
+
+def _occlusion(model, x, targets, window=15, stride=8, baseline=0.0, perturbations_per_eval=32):
+    channels = x.shape[1]
+    return Occlusion(model).attribute(
+        x,
+        sliding_window_shapes=(channels, window, window),
+        strides=(channels, stride, stride),
+        baselines=baseline,
+        target=targets,
+        perturbations_per_eval=perturbations_per_eval,
+    )
+
+
+def _occlusion_passes(p, size):
+    # Captum's count: the last window per axis may be cut by the border.
+    positions = (math.ceil((size - p["window"]) / p["stride"]) + 1) ** 2
+    return positions + 1, 0
+
+
+_GRAD = {"initial_relevance": "onehot"}
+_LRP = {"initial_relevance": "onehot", "epsilon": 1e-6, "stabilizer": 1e-6}
+
+METHODS: Mapping[str, Method] = MappingProxyType(
+    {
+        m.name: m
+        for m in [
+            Method("Gradient", "zennit", dict(_GRAD), _zennit(lambda model: Gradient(model)), lambda p, size: (1, 1)),
+            Method(
+                "SmoothGrad",
+                "zennit",
+                {**_GRAD, "noise_level": 0.1, "n_iter": 20, "seed": 0},
+                _zennit(lambda model, **p: _SeededSmoothGrad(model, **p)),
+                lambda p, size: (p["n_iter"], p["n_iter"]),
+            ),
+            Method(
+                "IntegratedGradients",
+                "zennit",
+                {**_GRAD, "n_iter": 20},
+                _zennit(lambda model, **p: IntegratedGradients(model, **p)),
+                lambda p, size: (p["n_iter"], p["n_iter"]),
+            ),
+            Method("GuidedBackprop", "zennit", dict(_GRAD), _zennit(_composite(zc.GuidedBackprop, False)), lambda p, size: (1, 1)),
+            Method(
+                "ExcitationBackprop",
+                "zennit",
+                {**_GRAD, "stabilizer": 1e-6},
+                _zennit(_composite(zc.ExcitationBackprop, False)),
+                lambda p, size: (1, 1),
+            ),
+            Method("DeconvNet", "zennit", dict(_GRAD), _zennit(_composite(zc.DeconvNet, False)), lambda p, size: (1, 1)),
+            Method("LRP-EpsilonPlus", "zennit", dict(_LRP), _zennit(_composite(zc.EpsilonPlus, True)), lambda p, size: (1, 1)),
+            Method(
+                "LRP-EpsilonPlusFlat", "zennit", dict(_LRP), _zennit(_composite(zc.EpsilonPlusFlat, True)), lambda p, size: (1, 1)
+            ),
+            Method(
+                "LRP-EpsilonAlpha2Beta1",
+                "zennit",
+                dict(_LRP),
+                _zennit(_composite(zc.EpsilonAlpha2Beta1, True)),
+                lambda p, size: (1, 1),
+            ),
+            Method(
+                "LRP-EpsilonAlpha2Beta1Flat",
+                "zennit",
+                dict(_LRP),
+                _zennit(_composite(zc.EpsilonAlpha2Beta1Flat, True)),
+                lambda p, size: (1, 1),
+            ),
+            # Captum's DeepLift runs input and baseline as one doubled batch: 2 forward, 2 backward rows.
+            Method("DeepLIFT", "captum", {"multiply_by_inputs": True}, _deeplift, lambda p, size: (2, 2)),
+            # Guided backprop and Grad-CAM each need their own forward and backward pass.
+            Method(
+                "GuidedGradCam", "captum", {"layer": "layer4", "interpolate_mode": "nearest"}, _guided_gradcam,
+                lambda p, size: (2, 2),
+            ),
+            Method(
+                "LayerDeepLIFT",
+                "captum",
+                {"layer": "layer4", "upsample": "bicubic", "reduce_channels": True},
+                _layer_deeplift,
+                lambda p, size: (2, 2),
+            ),
+            Method(
+                "LayerGradCam",
+                "captum",
+                {"layer": "layer4", "upsample": "bicubic", "relu_attributions": False},
+                _layer_gradcam,
+                lambda p, size: (1, 1),
+            ),
+            Method(
+                "Occlusion",
+                "captum",
+                {"window": 15, "stride": 8, "baseline": 0.0, "perturbations_per_eval": 32},
+                _occlusion,
+                _occlusion_passes,
+            ),
+        ]
+    }
+)
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+def predicted_targets(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    with model_lock(model), torch.no_grad():
+        return model(batch).argmax(dim=1)
+
+
+def attribute(
+    model: nn.Module,
+    batch: torch.Tensor,
+    targets: torch.Tensor | np.ndarray | list[int] | None,
+    method: str,
+    params: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """Attribution N×C×H×W of ``targets`` (default: the predicted classes) for a batch of model inputs.
+
+    ``params`` overrides the paper's defaults of ``method`` (``METHODS[method].defaults``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
+    spec = METHODS[method]
+    resolved = spec.params(params)
+    if batch.ndim != 4:
+        raise ValueError(f"batch must be N×C×H×W, got shape {tuple(batch.shape)}")
+    if model.training:
+        raise ValueError("attribution needs the model in eval mode (call model.eval())")
+    if targets is None:
+        targets = predicted_targets(model, batch)
+    targets = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
+    if targets.shape[0] != batch.shape[0]:
+        raise ValueError(f"{targets.shape[0]} targets for {batch.shape[0]} images")
+    x = batch.detach().clone().requires_grad_(True)
+    with model_lock(model):
+        attribution = spec.run(model, x, targets, **resolved)
+    return attribution.detach()
+
+
+def method_passes(method: str, params: Mapping[str, Any] | None = None, size: int = 224) -> tuple[int, int]:
+    """(forward, backward) passes per image: the floor a benchmark compares the method against."""
+    spec = METHODS[method]
+    return spec.passes(spec.params(params), size)

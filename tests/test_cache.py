@@ -1,0 +1,130 @@
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache import DiskCache, content_hash, memoised
+
+calls = []
+
+
+@memoised("test-double")
+def doubled(array, factor=2):
+    calls.append(1)
+    return array * factor
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str
+    sizes: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprinted:
+    fingerprint: str
+    network: object = None
+
+
+def test_content_hash_follows_content_not_identity():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert content_hash(a) == content_hash(a.copy())
+    assert content_hash(a) == content_hash(torch.from_numpy(a.copy()))
+    assert content_hash(a) != content_hash(a.astype(np.float64))  # dtype matters
+    assert content_hash(a) != content_hash(a.reshape(4, 3))  # shape matters
+    b = a.copy()
+    b[1, 1] += 1
+    assert content_hash(a) != content_hash(b)
+    assert content_hash({"x": 1, "y": [1, 2]}) == content_hash({"y": [1, 2], "x": 1})
+    assert content_hash(Spec("eye", (1, 2))) != content_hash(Spec("eye", (1, 3)))
+    # Models hash by weights fingerprint: two objects, same weights, same key.
+    assert content_hash(Fingerprinted("abc", object())) == content_hash(Fingerprinted("abc", object()))
+    assert content_hash(1) != content_hash(1.0) != content_hash("1")
+
+
+def test_unhashable_inputs_are_refused_loudly():
+    with pytest.raises(TypeError, match="cannot build a content key"):
+        content_hash(object())
+
+
+def test_memoised_computes_once_and_survives_reopening(tmp_path):
+    calls.clear()
+    x = np.arange(5)
+    cache = DiskCache(tmp_path / "c")
+    np.testing.assert_array_equal(doubled(x, cache=cache), x * 2)
+    np.testing.assert_array_equal(doubled(x.copy(), cache=cache), x * 2)
+    assert len(calls) == 1
+    cache.close()
+    reopened = DiskCache(tmp_path / "c")
+    np.testing.assert_array_equal(doubled(x, cache=reopened), x * 2)
+    assert len(calls) == 1
+    doubled(x, factor=3, cache=reopened)
+    assert len(calls) == 2
+
+
+def test_without_a_cache_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls.clear()
+    doubled(np.arange(3))
+    doubled(np.arange(3))
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_entry_is_recomputed(tmp_path):
+    calls.clear()
+    cache = DiskCache(tmp_path / "c")
+    big = np.arange(100_000, dtype=np.float64)  # large enough that diskcache keeps it in a file
+    doubled(big, cache=cache)
+    files = [p for p in (tmp_path / "c").rglob("*.val")]
+    assert files, "expected the value in its own file"
+    for path in files:
+        path.write_bytes(b"garbage")
+    np.testing.assert_array_equal(doubled(big, cache=cache), big * 2)
+    assert len(calls) == 2
+    for path in files:
+        path.unlink(missing_ok=True)
+    cache.close()
+    cache = DiskCache(tmp_path / "c")
+    # The value file of the recomputed entry was written anew; delete every value file: still fine.
+    for path in (tmp_path / "c").rglob("*.val"):
+        path.unlink()
+    np.testing.assert_array_equal(doubled(big, cache=cache), big * 2)
+    assert len(calls) == 3
+
+
+def test_size_limit_evicts_and_keeps_working(tmp_path):
+    cache = DiskCache(tmp_path / "c", size_limit_gb=2 / 1024)  # 2 MB
+    for i in range(40):
+        doubled(np.full(50_000, i, dtype=np.float64), cache=cache)  # 400 KB each
+    assert cache.volume() < 4 * 2**20
+    np.testing.assert_array_equal(doubled(np.full(50_000, 39.0), cache=cache), np.full(50_000, 78.0))
+
+
+def test_editing_a_dependency_changes_the_key(tmp_path):
+    module = type(sys)("fake_science")
+    path = tmp_path / "fake_science.py"
+    path.write_text("K = 1\n")
+    module.__file__ = str(path)
+    from cache import source_salt
+
+    sys.modules["fake_science"] = module
+    try:
+        before = source_salt(module)
+        path.write_text("K = 2\n")
+        import linecache
+
+        linecache.clearcache()
+        assert source_salt(module) != before
+    finally:
+        del sys.modules["fake_science"]
+
+
+def test_default_directory_is_configurable(tmp_path, monkeypatch):
+    monkeypatch.setenv("XAI_CACHE_DIR", str(tmp_path / "elsewhere"))
+    cache = DiskCache()
+    assert cache.directory == Path(tmp_path / "elsewhere")
+    assert (tmp_path / "elsewhere").is_dir()

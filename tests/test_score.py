@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+
+from core.score import region_scores, relevance_map
+
+
+def test_abs_mode_sums_absolute_channels_then_min_max_per_image():
+    a = np.zeros((2, 3, 2, 2), dtype=np.float32)
+    a[0, :, 0, 0] = [1, -2, 3]  # |.| sum 6
+    a[0, :, 1, 1] = [-1, 0, 0]  # 1
+    a[1] = 5.0  # constant image -> all zeros, no division by zero
+    maps = relevance_map(torch.from_numpy(a))
+    np.testing.assert_allclose(maps[0], [[1.0, 0.0], [0.0, 1 / 6]], rtol=1e-6)
+    np.testing.assert_array_equal(maps[1], np.zeros((2, 2)))
+    assert maps.dtype == np.float32
+
+
+def test_positive_and_signed_modes():
+    a = np.array([[[[2.0, -4.0], [1.0, 0.0]]]], dtype=np.float32)  # one channel
+    np.testing.assert_allclose(relevance_map(a, "positive")[0], [[1.0, 0.0], [0.5, 0.0]])
+    np.testing.assert_allclose(relevance_map(a, "signed")[0], [[0.5, -1.0], [0.25, 0.0]])
+    np.testing.assert_array_equal(relevance_map(np.zeros((1, 1, 2, 2)), "signed"), np.zeros((1, 2, 2)))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        relevance_map(a, "log")
+
+
+def test_region_scores_is_the_mean_relevance_inside_each_mask():
+    maps = np.array([[[0.0, 1.0], [0.5, 0.25]], [[1.0, 1.0], [0.0, 0.0]]], dtype=np.float32)
+    masks = np.array([[[True, True], [False, False]], [[False, True], [True, True]]])
+    scores = region_scores(maps, masks)
+    # Image 0: top row (0 + 1) / 2; three pixels (1 + 0.5 + 0.25) / 3. Image 1: 1 and 1/3.
+    np.testing.assert_allclose(scores, [[0.5, 1.75 / 3], [1.0, 1 / 3]], rtol=1e-6)
+
+
+def test_per_image_masks_equal_shared_masks_when_identical(rng):
+    maps = rng.random((4, 16, 16)).astype(np.float32)
+    masks = rng.random((3, 16, 16)) > 0.5
+    np.testing.assert_allclose(region_scores(maps, masks), region_scores(maps, np.broadcast_to(masks, (4, 3, 16, 16))), rtol=1e-6)
+
+
+def test_scores_match_a_direct_loop(rng):
+    maps = rng.random((5, 20, 20)).astype(np.float32)
+    masks = rng.random((5, 4, 20, 20)) > 0.7
+    expected = [[maps[n][masks[n, r]].mean() for r in range(4)] for n in range(5)]
+    np.testing.assert_allclose(region_scores(maps, masks), expected, rtol=1e-5)
+
+
+def test_empty_region_gives_nan_and_a_warning_naming_it():
+    maps = np.ones((1, 4, 4), dtype=np.float32)
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[0, :2] = True
+    with pytest.warns(RuntimeWarning, match="mouth"):
+        scores = region_scores(maps, masks, names=("eye", "mouth"))
+    assert scores[0, 0] == 1.0 and np.isnan(scores[0, 1])
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        region_scores(np.zeros((2, 4, 4)), np.zeros((3, 2, 5, 5), dtype=bool))
