@@ -45,11 +45,8 @@ import numpy as np
 from skimage.measure import label as connected_components
 
 from core.errors import RegionSpecError
+from core.parse import LAPA_LABELS
 
-LAPA_LABELS = (
-    "background", "face skin", "right brow", "left brow", "right eye", "left eye",
-    "nose", "upper lip", "inner mouth", "lower lip", "hair",
-)
 EDGES = ("top", "bottom", "left", "right")
 REGION_SPECS_DIR = Path(__file__).with_name("region_specs")
 

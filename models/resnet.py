@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv
 
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
+CAFFE_RESNET50 = "resnet50-caffe"
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", CAFFE_RESNET50)
 
 
 def _residual_sum(block: nn.Module, identity: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -90,8 +91,24 @@ _LAYOUT = {
 }
 
 
+def _caffe_layout(network: ResNet) -> ResNet:
+    """Turn torchvision's ResNet-50 into the original Caffe one (VGGFace2, the paper's classifier).
+
+    Same keys and shapes, different computation: each stage downsamples in its first 1×1
+    convolution instead of the 3×3 one, and the stem max-pool has no padding and rounds up.
+    VGGFace2 weights load into torchvision's layout without complaint but compute something else.
+    """
+    network.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+    for stage in (network.layer2, network.layer3, network.layer4):
+        first = stage[0]
+        first.conv1.stride, first.conv2.stride = first.conv2.stride, first.conv1.stride
+    return network
+
+
 def build_resnet(architecture: str, num_classes: int) -> ResNet:
     """An untrained attribution-safe ResNet; load weights with ``load_state_dict`` as for torchvision."""
+    if architecture == CAFFE_RESNET50:
+        return _caffe_layout(build_resnet("resnet50", num_classes))
     if architecture not in _LAYOUT:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     block, layers = _LAYOUT[architecture]

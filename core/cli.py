@@ -1,0 +1,135 @@
+"""``python -m core <command>``: the same functions the dashboard calls, over files."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import UserFacingError
+
+EXIT_USER_ERROR = 2
+
+
+def _landmarks(text: str) -> np.ndarray:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("landmarks must be ten numbers: x1,y1,x2,y2,…,x5,y5") from None
+    if len(values) != 10:
+        raise argparse.ArgumentTypeError(f"landmarks must be ten numbers x1,y1,…,x5,y5; got {len(values)}")
+    return np.array(values).reshape(5, 2)
+
+
+def _methods(text: str) -> list[str]:
+    from core.attribute import METHOD_NAMES
+
+    if text == "all":
+        return list(METHOD_NAMES)
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHOD_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
+    return chosen
+
+
+def _progress(method: str, done: int, total: int) -> None:
+    if method != "done":
+        print(f"[{done + 1}/{total}] {method}", file=sys.stderr, flush=True)
+
+
+def _classifier_card(path: Path | None) -> Path:
+    from core.paths import demo_model_cards
+
+    if path is not None:
+        return path
+    cards = demo_model_cards()
+    if not cards:
+        raise UserFacingError(
+            "No model given and no demo model has been built yet. Pass --model path/to/card.json "
+            "(see README, 'Bring your own model')."
+        )
+    return cards[0]
+
+
+def command_explain(args: argparse.Namespace) -> int:
+    from cache import DiskCache
+    from core.explain import explain
+    from core.imageio import load_image
+    from core.parse import load_label_map
+    from core.regions import PAPER_REGIONS, RegionSpec
+    from models.checkpoint import load_classifier
+    from models.parser import load_face_parser
+
+    image = load_image(args.image)
+    classifier = load_classifier(_classifier_card(args.model))
+    spec = PAPER_REGIONS if args.regions is None else RegionSpec.from_json(_read_text(args.regions, "region spec"))
+    result = explain(
+        image,
+        classifier,
+        methods=args.methods,
+        spec=spec,
+        landmarks=args.landmarks,
+        parser=None if args.parser is None else load_face_parser(args.parser),
+        stored_map=None if args.segmap is None else load_label_map(args.segmap),
+        target=args.target,
+        mode=args.mode,
+        cache=DiskCache() if args.cache else None,
+        progress=None if args.quiet else _progress,
+    )
+    summary = {"image": str(args.image), "model": str(_classifier_card(args.model)), **result.summary()}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except OSError as error:
+        raise UserFacingError(f"cannot read the {what} {path}: {error.strerror}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from core.score import RELEVANCE_MODES
+
+    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    explain = commands.add_parser("explain", help="one photo -> JSON: landmarks, prediction, region scores per method")
+    explain.add_argument("image", type=Path)
+    explain.add_argument("--landmarks", type=_landmarks, help="x1,y1,…,x5,y5 in the photo (skips face detection)")
+    explain.add_argument("--model", type=Path, help="classifier model card (JSON); default: the demo's fold-1 model")
+    explain.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
+    explain.add_argument("--regions", type=Path, help="region spec JSON (default: the paper's eye, nose, mouth)")
+    explain.add_argument("--parser", type=Path, help="face parser model card (JSON); default: landmark template")
+    explain.add_argument("--segmap", type=Path, help="stored LaPa label map of the aligned face (PNG)")
+    explain.add_argument("--target", help="class name or index to explain (default: the predicted class)")
+    explain.add_argument("--mode", choices=RELEVANCE_MODES, default="abs", help="relevance map (default: abs, the paper)")
+    explain.add_argument("--cache", action="store_true", help="memoise results on disk (XAI_CACHE_DIR); off by default")
+    explain.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    explain.set_defaults(run=command_explain)
+    return parser
+
+
+def quiet_library_warnings() -> None:
+    """Captum announces every hook it sets; users cannot act on that, so the edges silence it."""
+    warnings.filterwarnings("ignore", message=r"Setting (forward, )?backward hooks", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require gradients", category=UserWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_library_warnings()
+    args = build_parser().parse_args(argv)
+    if isinstance(args.methods, str):  # argparse does not convert the default
+        args.methods = _methods(args.methods)
+    try:
+        return args.run(args)
+    except UserFacingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR

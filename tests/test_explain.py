@@ -1,0 +1,166 @@
+"""The whole pipeline on a real photo, its memoisation, and the CLI around it."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+import core.explain as explain_module
+from cache import DiskCache
+from core.align import align_face
+from core.attribute import attribute
+from core.cli import main as cli_main
+from core.explain import attribution_sums, explain, prepare_face
+from core.parse import landmark_template
+from core.regions import PAPER_REGIONS, region_masks
+from core.score import region_scores, relevance_map
+from models.checkpoint import ModelCard, load_classifier, preprocess, save_checkpoint
+from tests.conftest import tiny_resnet
+
+# MTCNN's landmarks of skimage's astronaut (see test_align); given here so most tests skip detection.
+ASTRONAUT_LANDMARKS = np.array([[204.5, 101.6], [247.2, 103.9], [224.7, 129.0], [202.1, 140.2], [245.0, 142.5]])
+SIZE = 64  # tiny classifier input: fast, and still a real ResNet
+
+
+@pytest.fixture(scope="module")
+def card_path(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    card = ModelCard(kind="classifier", architecture="resnet18", classes=("A", "B", "Unaffected"), input_size=SIZE,
+                     channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                     weights="tiny.safetensors", fold="fold-1")
+    return save_checkpoint(tiny_resnet(num_classes=3, seed=4), card, folder, "tiny")
+
+
+@pytest.fixture(scope="module")
+def classifier(card_path):
+    return load_classifier(card_path)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return data.astronaut()
+
+
+def test_explain_equals_the_pipeline_composed_by_hand(classifier, photo):
+    result = explain(photo, classifier, ["Gradient", "DeepLIFT"], landmarks=ASTRONAUT_LANDMARKS)
+    aligned = align_face(photo, ASTRONAUT_LANDMARKS, size=SIZE)
+    masks = region_masks(landmark_template(aligned.landmarks, SIZE), PAPER_REGIONS)
+    batch = preprocess(aligned.image[None], classifier.card)
+    predicted = int(classifier.network(batch).argmax())
+    assert result.target == result.predicted == predicted
+    for method in ("Gradient", "DeepLIFT"):
+        maps = relevance_map(attribute(classifier.network, batch, [predicted], method))
+        np.testing.assert_allclose(result.maps[method], maps[0], atol=1e-6)
+        np.testing.assert_allclose(result.scores[method], region_scores(maps, masks.masks)[0], atol=1e-6)
+    assert result.face.parse_source == "template"
+    assert result.face.region_names == ("eye", "nose", "mouth")
+    np.testing.assert_allclose(result.probabilities.sum(), 1.0, atol=1e-5)
+
+
+def test_target_by_name_and_relevance_modes(classifier, photo):
+    result = explain(photo, classifier, ["Gradient"], landmarks=ASTRONAUT_LANDMARKS, target="B", mode="signed")
+    assert result.target == 1 and result.summary()["target"] == "B"
+    assert result.maps["Gradient"].min() < 0 <= result.maps["Gradient"].max() <= 1
+    with pytest.raises(ValueError, match="unknown target class 'Z'"):
+        explain(photo, classifier, ["Gradient"], landmarks=ASTRONAUT_LANDMARKS, target="Z")
+
+
+def test_cached_explanations_are_identical_and_skip_the_model(classifier, photo, tmp_path, monkeypatch):
+    cache = DiskCache(tmp_path / "cache")
+    first = explain(photo, classifier, ["LRP-EpsilonPlus", "SmoothGrad"], landmarks=ASTRONAUT_LANDMARKS, cache=cache)
+    calls = []
+    monkeypatch.setattr(explain_module, "attribute", lambda *a, **k: calls.append(a) or pytest.fail("recomputed"))
+    second = explain(photo, classifier, ["LRP-EpsilonPlus", "SmoothGrad"], landmarks=ASTRONAUT_LANDMARKS, cache=cache)
+    assert not calls
+    for method in first.maps:
+        np.testing.assert_array_equal(first.maps[method], second.maps[method])
+    # Another relevance mode or region spec reuses the same cached attributions.
+    explain(photo, classifier, ["SmoothGrad"], landmarks=ASTRONAUT_LANDMARKS, cache=cache, mode="positive")
+
+
+def test_batch_lookup_computes_only_missing_images(classifier, photo, tmp_path, monkeypatch):
+    cache = DiskCache(tmp_path / "cache")
+    faces = np.stack([align_face(photo, ASTRONAUT_LANDMARKS + shift, SIZE).image for shift in (0, 3, 6)])
+    attribution_sums(classifier, faces[:2], [0, 1], "Gradient", cache=cache)
+    seen = []
+    real = explain_module.attribute
+
+    def counting(model, batch, targets, method, params):
+        seen.append(len(batch))
+        return real(model, batch, targets, method, params)
+
+    monkeypatch.setattr(explain_module, "attribute", counting)
+    abs_sum, _ = attribution_sums(classifier, faces, [0, 1, 2], "Gradient", cache=cache)
+    assert seen == [1]
+    direct = attribute(classifier.network, preprocess(faces, classifier.card), [0, 1, 2], "Gradient")
+    np.testing.assert_allclose(abs_sum, direct.abs().sum(1).numpy(), atol=1e-6)
+
+
+def test_prepare_face_detects_the_face_itself(photo):
+    face = prepare_face(photo, 224)
+    assert np.abs(face.landmarks - ASTRONAUT_LANDMARKS).max() < 2.0
+    assert face.masks.shape == (3, 224, 224) and all(m.any() for m in face.masks)
+
+
+def test_cli_explain_prints_json(card_path, tmp_path, capsys):
+    path = tmp_path / "face.png"
+    Image.fromarray(data.astronaut()).save(path)
+    landmarks = ",".join(f"{v:g}" for v in ASTRONAUT_LANDMARKS.ravel())
+    code = cli_main(["explain", str(path), "--model", str(card_path), "--methods", "Gradient,LayerGradCam",
+                     "--landmarks", landmarks, "--quiet"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["region_scores"]) == {"Gradient", "LayerGradCam"}
+    assert set(out["region_scores"]["Gradient"]) == {"eye", "nose", "mouth"}
+    assert out["prediction"]["class"] in ("A", "B", "Unaffected")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(b"", "empty"), (b"just some text", "not an image"), (None, "no face")],
+)
+def test_cli_turns_bad_input_into_one_clear_line(content, expected, card_path, tmp_path, capsys):
+    path = tmp_path / "upload.jpg"
+    if content is None:
+        Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(path)
+    else:
+        path.write_bytes(content)
+    assert cli_main(["explain", str(path), "--model", str(card_path), "--methods", "Gradient"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err.lower() and "Traceback" not in err
+
+
+def test_cli_without_a_model_says_what_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XAI_DATA_DIR", str(tmp_path))
+    path = tmp_path / "face.png"
+    Image.fromarray(data.astronaut()).save(path)
+    assert cli_main(["explain", str(path)]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_card_that_does_not_fit_its_weights(card_path, tmp_path, capsys):
+    card = json.loads(card_path.read_text())
+    card["classes"] = ["only", "two"]
+    card["weights"] = str(card_path.with_suffix(".safetensors"))
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(card))
+    path = tmp_path / "face.png"
+    Image.fromarray(data.astronaut()).save(path)
+    assert cli_main(["explain", str(path), "--model", str(wrong)]) == 2
+    assert "2 classes" in capsys.readouterr().err
+
+
+def test_unknown_method_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["explain", "x.jpg", "--methods", "Magic"])
+    assert "unknown method" in capsys.readouterr().err
+
+
+def test_explain_module_has_no_torch_state_leak(classifier, photo):
+    before = {k: v.clone() for k, v in classifier.network.state_dict().items()}
+    explain(photo, classifier, ["LRP-EpsilonAlpha2Beta1Flat", "GuidedGradCam"], landmarks=ASTRONAUT_LANDMARKS)
+    after = classifier.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
