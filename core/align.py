@@ -109,6 +109,18 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 224) -> Ali
                        landmarks=transform(landmarks))
 
 
+def warp_to_aligned(array: np.ndarray, matrix: np.ndarray, size: int, order: int) -> np.ndarray:
+    """Carry a map drawn on the original photo (e.g. a stored label map) into the aligned frame.
+
+    order=0 for masks and label maps, 1 for images. The result has the dtype of `array`.
+    """
+    original_to_aligned = AffineTransform(matrix=np.vstack([matrix, [0.0, 0.0, 1.0]]))
+    values = array.astype(np.uint8) if array.dtype == bool else array
+    aligned = warp(values, original_to_aligned.inverse, output_shape=(size, size), order=order,
+                   mode="constant", cval=0, preserve_range=True)
+    return _round_to(aligned, array.dtype)
+
+
 def warp_to_original(array: np.ndarray, matrix: np.ndarray, original_shape: tuple[int, ...], order: int) -> np.ndarray:
     """Carry an aligned-frame map or mask back onto the original photo (zero outside the aligned crop).
 

@@ -144,6 +144,14 @@ def _occlusion_passes(p, size):
     return positions + 1, 0
 
 
+def _z_plus_passes(p, size):
+    return 3, 2
+
+
+def _alpha_beta_passes(p, size):
+    return 5, 4
+
+
 _GRAD = {"initial_relevance": "onehot"}
 _LRP = {"initial_relevance": "onehot", "epsilon": 1e-6, "stabilizer": 1e-6}
 
@@ -167,31 +175,34 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 lambda p, size: (p["n_iter"], p["n_iter"]),
             ),
             Method("GuidedBackprop", "zennit", dict(_GRAD), _zennit(_composite(zc.GuidedBackprop, False)), lambda p, size: (1, 1)),
+            # Zennit evaluates each hooked layer again in the backward pass, once per input/weight
+            # sign combination of its rule: z+ twice (3 forward, 2 backward in all), alpha-beta four
+            # times (5 forward, 4 backward). Excitation backprop uses z+ on every conv and dense layer.
             Method(
                 "ExcitationBackprop",
                 "zennit",
                 {**_GRAD, "stabilizer": 1e-6},
                 _zennit(_composite(zc.ExcitationBackprop, False)),
-                lambda p, size: (1, 1),
+                _z_plus_passes,
             ),
             Method("DeconvNet", "zennit", dict(_GRAD), _zennit(_composite(zc.DeconvNet, False)), lambda p, size: (1, 1)),
-            Method("LRP-EpsilonPlus", "zennit", dict(_LRP), _zennit(_composite(zc.EpsilonPlus, True)), lambda p, size: (1, 1)),
+            Method("LRP-EpsilonPlus", "zennit", dict(_LRP), _zennit(_composite(zc.EpsilonPlus, True)), _z_plus_passes),
             Method(
-                "LRP-EpsilonPlusFlat", "zennit", dict(_LRP), _zennit(_composite(zc.EpsilonPlusFlat, True)), lambda p, size: (1, 1)
+                "LRP-EpsilonPlusFlat", "zennit", dict(_LRP), _zennit(_composite(zc.EpsilonPlusFlat, True)), _z_plus_passes
             ),
             Method(
                 "LRP-EpsilonAlpha2Beta1",
                 "zennit",
                 dict(_LRP),
                 _zennit(_composite(zc.EpsilonAlpha2Beta1, True)),
-                lambda p, size: (1, 1),
+                _alpha_beta_passes,
             ),
             Method(
                 "LRP-EpsilonAlpha2Beta1Flat",
                 "zennit",
                 dict(_LRP),
                 _zennit(_composite(zc.EpsilonAlpha2Beta1Flat, True)),
-                lambda p, size: (1, 1),
+                _alpha_beta_passes,
             ),
             # Captum's DeepLift runs input and baseline as one doubled batch: 2 forward, 2 backward rows.
             Method("DeepLIFT", "captum", {"multiply_by_inputs": True}, _deeplift, lambda p, size: (2, 2)),

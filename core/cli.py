@@ -92,6 +92,33 @@ def _read_text(path: Path, what: str) -> str:
         raise UserFacingError(f"cannot read the {what} {path}: {error.strerror}") from None
 
 
+def command_train(args: argparse.Namespace) -> int:
+    from core.dataset import open_dataset
+    from core.paths import demo_dataset
+    from core.train import TrainConfig, aligned_faces, table2, train_fold
+
+    dataset = open_dataset(args.dataset or demo_dataset())
+    config = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None})
+    out = Path(args.out or dataset.root / "models")
+    folds = args.folds.split(",") if args.folds else list(dataset.folds)
+    names = dataset.table["image_name"].to_list()
+    print(f"aligning {len(names)} faces at {config.input_size} px …", file=sys.stderr)
+    faces = aligned_faces(dataset, names, config.input_size)
+    position = {n: i for i, n in enumerate(names)}
+    results = []
+    for fold in folds:
+        result = train_fold(dataset, fold, config, out, lambda subset: faces[[position[n] for n in subset]],
+                            log=lambda line: print(line, file=sys.stderr))
+        print(f"{fold}: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.3f}"
+              + (f", test accuracy {result.test_accuracy:.3f}" if result.test_accuracy is not None else "")
+              + f" ({result.seconds:.0f} s) -> {result.card_path}", file=sys.stderr)
+        results.append(result)
+    table = table2(results)
+    table.write_csv(out / "table2.csv")
+    print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from core.score import RELEVANCE_MODES
 
@@ -111,6 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--cache", action="store_true", help="memoise results on disk (XAI_CACHE_DIR); off by default")
     explain.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     explain.set_defaults(run=command_explain)
+
+    from core.train import TrainConfig
+
+    defaults = TrainConfig()
+    train = commands.add_parser("train", help="fine-tune a classifier per fold (paper recipe) and write Table 2")
+    train.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo dataset)")
+    train.add_argument("--out", type=Path, help="where checkpoints and cards go (default: <dataset>/models)")
+    train.add_argument("--folds", help="comma-separated folds (default: all in partitions.csv)")
+    train.add_argument("--architecture", choices=("resnet18", "resnet34", "resnet50", "resnet50-caffe"))
+    train.add_argument("--input-size", dest="input_size", type=int)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", dest="batch_size", type=int)
+    train.add_argument("--learning-rate", dest="learning_rate", type=float)
+    train.add_argument("--head-lr-factor", dest="head_lr_factor", type=float)
+    train.add_argument("--momentum", type=float)
+    train.add_argument("--weight-decay", dest="weight_decay", type=float)
+    train.add_argument("--restart-epochs", dest="restart_epochs", type=int, help="cosine warm-restart period T_0")
+    train.add_argument("--no-flip", dest="flip", action="store_const", const=False)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--init", help="state dict to start from (torchvision keys; the head is replaced)")
+    train.set_defaults(run=command_train)
+    train.epilog = f"defaults (the paper's): {defaults}"
     return parser
 
 
@@ -123,7 +172,7 @@ def quiet_library_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     args = build_parser().parse_args(argv)
-    if isinstance(args.methods, str):  # argparse does not convert the default
+    if isinstance(getattr(args, "methods", None), str):  # argparse does not convert the default
         args.methods = _methods(args.methods)
     try:
         return args.run(args)

@@ -17,7 +17,7 @@ from cache import MISSING, DiskCache, memo_key, memoised, source_salt
 from core import align as align_module
 from core import attribute as attribute_module
 from core import parse as parse_module
-from core.align import align_face, detect_faces
+from core.align import align_face, detect_faces, warp_to_aligned
 from core.attribute import METHOD_NAMES, METHODS, attribute
 from core.errors import NoFaceError
 from core.parse import parse_face
@@ -153,6 +153,8 @@ def prepare_face(
         if n_faces > 1:
             notes.append(f"{n_faces} faces found; the largest was explained.")
     aligned = align_face(image, landmarks, size=size)
+    if stored_map is not None:
+        stored_map = _stored_map_in_aligned_frame(stored_map, image.shape, aligned.matrix, size)
     parsed = parsed_face(aligned.image, aligned.landmarks, parser, stored_map, cache=cache)
     masks = region_masks(parsed.label_map, spec)
     notes.extend(f"Region {name!r} is empty on this face: its scores are NaN."
@@ -168,6 +170,18 @@ def prepare_face(
         masks=masks.masks,
         notes=tuple(notes),
     )
+
+
+def _stored_map_in_aligned_frame(label_map: np.ndarray, photo_shape: tuple[int, ...], matrix: np.ndarray,
+                                 size: int) -> np.ndarray:
+    """Stored label maps are drawn on the photo (same height and width); a map already of the
+    aligned size is taken as aligned. Anything else cannot be placed and is refused."""
+    if label_map.shape == tuple(photo_shape[:2]):
+        return warp_to_aligned(label_map, matrix, size, order=0)
+    if label_map.shape == (size, size):
+        return label_map
+    raise ValueError(f"the stored label map is {label_map.shape[1]}×{label_map.shape[0]} but the photo is "
+                     f"{photo_shape[1]}×{photo_shape[0]} (and the aligned face {size}×{size}); it fits neither")
 
 
 def explain(

@@ -1,0 +1,78 @@
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from core.dataset import open_dataset
+from core.train import FoldResult, TrainConfig, aligned_faces, classification_report, table2, train_fold
+from models.checkpoint import load_classifier
+
+
+def test_classification_report_against_hand_counts():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, 0, 1, 1, 2, 2])
+    report = classification_report(labels, predicted, ("a", "b", "c"))
+    # a: TP 2, predicted 2, support 3 -> P 1, R 2/3; b: TP 1, predicted 2, support 2 -> P 1/2, R 1/2;
+    # c: TP 1, predicted 2, support 1 -> P 1/2, R 1.
+    np.testing.assert_allclose(report["precision"], [1, 0.5, 0.5])
+    np.testing.assert_allclose(report["recall"], [2 / 3, 0.5, 1])
+    np.testing.assert_allclose(report["f1"], [0.8, 0.5, 2 / 3])
+    assert report["support"].to_list() == [3, 2, 1]
+
+
+def test_a_class_never_predicted_has_zero_precision_not_nan():
+    report = classification_report(np.array([0, 1]), np.array([0, 0]), ("a", "b"))
+    assert report["precision"].to_list() == [0.5, 0.0] and report["f1"][1] == 0.0
+
+
+def test_table2_is_mean_and_population_std_over_folds():
+    def fold(name, precision, accuracy):
+        report = pl.DataFrame({"class": ["a", "b"], "precision": precision, "recall": [1.0, 1.0],
+                               "f1": [1.0, 1.0], "support": [2, 3]})
+        return FoldResult(name, None, 1, accuracy, None, report, 0.0)
+
+    table = table2([fold("fold-1", [1.0, 0.5], 0.8), fold("fold-2", [0.5, 0.5], 0.6)])
+    a = table.filter(pl.col("class") == "a")
+    assert a["N"][0] == 4 and a["precision_mean"][0] == 0.75 and a["precision_std"][0] == 0.25
+    overall = table.filter(pl.col("class") == "Overall")
+    # Macro precision per fold: 0.75 and 0.5.
+    assert overall["precision_mean"][0] == pytest.approx(0.625) and overall["precision_std"][0] == pytest.approx(0.125)
+    assert overall["accuracy_mean"][0] == pytest.approx(0.7)
+
+
+@pytest.fixture(scope="module")
+def planted_dataset(tmp_path_factory):
+    """Two classes told apart by one planted colour patch on the forehead; landmarks given."""
+    root = tmp_path_factory.mktemp("planted")
+    (root / "images").mkdir()
+    (root / "metadata").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(48):
+        label = "Marked" if i % 2 else "Unaffected"
+        image = rng.integers(60, 200, size=(64, 64, 3), dtype=np.uint8)
+        if label == "Marked":
+            image[8:20, 22:42] = (250, 20, 20)
+        name = f"{label}Slide{i}.png"
+        Image.fromarray(image).save(root / "images" / name)
+        split = "val" if i % 4 in (0, 1) and i < 16 else "train"
+        rows.append(f"{name},{label},{split},20,28,44,28,32,38,22,48,42,48")
+    (root / "metadata" / "partitions.csv").write_text(
+        "image_name,label,fold-1,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n" + "\n".join(rows) + "\n")
+    return open_dataset(root)
+
+
+def test_training_learns_a_planted_feature_and_writes_a_loadable_card(planted_dataset, tmp_path):
+    config = TrainConfig(architecture="resnet18", input_size=32, epochs=8, batch_size=8, learning_rate=0.05,
+                         head_lr_factor=1.0, restart_epochs=8, seed=0)
+    names = planted_dataset.table["image_name"].to_list()
+    faces = aligned_faces(planted_dataset, names, 32)
+    position = {n: i for i, n in enumerate(names)}
+    result = train_fold(planted_dataset, "fold-1", config, tmp_path, lambda ns: faces[[position[n] for n in ns]],
+                        log=lambda line: None)
+    assert result.val_accuracy >= 0.9
+    classifier = load_classifier(result.card_path)
+    assert classifier.card.classes == ("Marked", "Unaffected") and classifier.card.fold == "fold-1"
+    assert classifier.card.training_data_hash and classifier.card.input_size == 32
+    # Mean/std were measured on the training faces (not copied from ImageNet).
+    assert all(0.2 < m < 0.8 for m in classifier.card.mean)
