@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for newcomers and CI:
-#   ./run.sh dashboard   set up, then open the dashboard (http://localhost:8501)
+#   ./run.sh dashboard   set up, build the demo once, then open the dashboard (http://localhost:8501)
 #   ./run.sh test        set up, then run every test (add pytest options: ./run.sh test -m "not slow")
 #   ./run.sh cli ARGS    set up, then python -m core ARGS
 set -euo pipefail
@@ -34,6 +34,8 @@ command="${1:-}"
 case "$command" in
   dashboard)
     setup
+    # First start: build the synthetic demo (dataset, face parser, fold classifiers); later: a no-op.
+    "$VENV/bin/python" -m core demo
     exec "$VENV/bin/python" -m streamlit run dashboard/app.py "$@"
     ;;
   test)

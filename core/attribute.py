@@ -126,8 +126,12 @@ def _layer_gradcam(model, x, targets, layer="layer4", upsample="bicubic", relu_a
     return _upsample(attribution, x.shape[-2:], upsample)
 
 
-def _occlusion(model, x, targets, window=15, stride=8, baseline=0.0, perturbations_per_eval=32):
+def _occlusion(model, x, targets, window=15, stride=8, baseline=0.0, perturbations_per_eval=None):
     channels = x.shape[1]
+    if perturbations_per_eval is None:
+        # Forward batches of about 16 images: larger ones run slower per image on a CPU (measured:
+        # 64 images in a batch cost 1.2× per image what 16 do), smaller ones pay per-call overhead.
+        perturbations_per_eval = max(1, 16 // len(x))
     return Occlusion(model).attribute(
         x,
         sliding_window_shapes=(channels, window, window),
@@ -228,7 +232,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
             Method(
                 "Occlusion",
                 "captum",
-                {"window": 15, "stride": 8, "baseline": 0.0, "perturbations_per_eval": 32},
+                {"window": 15, "stride": 8, "baseline": 0.0, "perturbations_per_eval": None},
                 _occlusion,
                 _occlusion_passes,
             ),

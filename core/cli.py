@@ -119,6 +119,67 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_train_parser(args: argparse.Namespace) -> int:
+    from core.dataset import open_dataset
+    from core.train_parser import ParserConfig, train_face_parser
+
+    dataset = open_dataset(args.dataset)
+    config = ParserConfig(**{f: getattr(args, f) for f in ParserConfig.__dataclass_fields__
+                             if getattr(args, f, None) is not None})
+    result = train_face_parser(dataset, config, Path(args.out or dataset.root / "models"),
+                               log=lambda line: print(line, file=sys.stderr))
+    result.iou.write_csv(result.card_path.with_name("parser-iou.csv"))
+    print(result.iou)
+    print(f"mean IoU {result.mean_iou:.3f} on {config.held_out_fraction:.0%} held-out faces -> {result.card_path}")
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from core.demo import build_demo
+
+    report = build_demo(args.root, log=lambda line: print(line, file=sys.stderr, flush=True))
+    if report["stages"]:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def command_benchmark(args: argparse.Namespace) -> int:
+    from cache import DiskCache
+    from core.dataset import names_in, open_dataset
+    from core.leaderboard import leaderboard
+    from core.paths import demo_dataset
+    from models.checkpoint import load_classifier
+
+    dataset = open_dataset(args.dataset or demo_dataset())
+    if not (dataset.root / "metadata" / "ground_truth.csv").is_file():
+        raise UserFacingError(f"{dataset.root} has no metadata/ground_truth.csv: the leaderboard needs planted "
+                              "phenotypes, i.e. a synthetic dataset (python -m core demo)")
+    classifier = load_classifier(_classifier_card(args.model) if args.model else sorted(
+        (dataset.root / "models").glob("classifier-fold-*.json"))[0])
+    names = names_in(dataset, classifier.card.fold or dataset.folds[0], "test")
+    if args.limit and args.limit < len(names):
+        # Evenly spaced, so every class keeps its share (partitions.csv is usually ordered by class).
+        names = [names[i] for i in np.linspace(0, len(names) - 1, args.limit).round().astype(int)]
+
+    def progress(method, m, total, start, n):
+        print(f"[{m + 1}/{total}] {method}: {start}/{n} faces", file=sys.stderr, flush=True)
+
+    table = leaderboard(dataset, classifier, names, methods=args.methods, cache=DiskCache() if args.cache else None,
+                        progress=None if args.quiet else progress)
+    out = Path(args.out or dataset.root / "models" / "leaderboard.csv")
+    table.write_csv(out)
+    with pl_config():
+        print(table)
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+def pl_config():
+    import polars as pl
+
+    return pl.Config(tbl_rows=50, tbl_cols=20, float_precision=3, tbl_width_chars=200)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from core.score import RELEVANCE_MODES
 
@@ -160,6 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init", help="state dict to start from (torchvision keys; the head is replaced)")
     train.set_defaults(run=command_train)
     train.epilog = f"defaults (the paper's): {defaults}"
+
+    parser_training = commands.add_parser("train-parser", help="train the SMP face parser on stored label maps")
+    parser_training.add_argument("dataset", type=Path, help="dataset folder with features/segmaps/")
+    parser_training.add_argument("--out", type=Path, help="where the parser goes (default: <dataset>/models)")
+    parser_training.add_argument("--encoder")
+    parser_training.add_argument("--input-size", dest="input_size", type=int)
+    parser_training.add_argument("--epochs", type=int)
+    parser_training.add_argument("--batch-size", dest="batch_size", type=int)
+    parser_training.add_argument("--learning-rate", dest="learning_rate", type=float)
+    parser_training.add_argument("--seed", type=int)
+    parser_training.set_defaults(run=command_train_parser)
+
+    benchmark = commands.add_parser("benchmark", help="ground-truth leaderboard of the methods on synthetic faces")
+    benchmark.add_argument("dataset", nargs="?", type=Path, help="synthetic dataset (default: the demo)")
+    benchmark.add_argument("--model", type=Path, help="classifier card (default: the dataset's first fold model)")
+    benchmark.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
+    benchmark.add_argument("--limit", type=int, help="use N test faces, evenly spaced over the split")
+    benchmark.add_argument("--out", type=Path, help="CSV path (default: <dataset>/models/leaderboard.csv)")
+    benchmark.add_argument("--cache", action="store_true", help="memoise attributions on disk")
+    benchmark.add_argument("--quiet", action="store_true")
+    benchmark.set_defaults(run=command_benchmark)
+
+    demo = commands.add_parser("demo", help="build the synthetic demo dataset and its models (idempotent)")
+    demo.add_argument("--root", type=Path, help="where (default: data/demo, or $XAI_DATA_DIR/demo)")
+    demo.set_defaults(run=command_demo)
     return parser
 
 

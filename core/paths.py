@@ -19,3 +19,8 @@ def demo_dataset() -> Path:
 def demo_model_cards() -> list[Path]:
     """The demo's fold classifiers (built by ``python -m core demo``), fold order."""
     return sorted((demo_dataset() / "models").glob("classifier-fold-*.json"))
+
+
+def demo_parser_card() -> Path | None:
+    card = demo_dataset() / "models" / "parser.json"
+    return card if card.is_file() else None

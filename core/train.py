@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +44,14 @@ class TrainConfig:
     flip: bool = True
     seed: int = 42
     init: str | None = None  # a torchvision-keyed state dict (.safetensors/.pt) to start from; head replaced
+    optimizer: str = "sgd"  # "sgd" (paper) or "adamw"
+    schedule: str = "cosine-restarts"  # "cosine-restarts" (paper, per epoch) or "one-cycle" (per batch)
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
+        if self.schedule not in ("cosine-restarts", "one-cycle"):
+            raise ValueError(f"schedule must be 'cosine-restarts' or 'one-cycle', not {self.schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -127,9 +136,18 @@ def train_fold(dataset: Dataset, fold: str, config: TrainConfig, out_dir: Path,
         network.load_state_dict(state, strict=False)
     head = list(network.fc.parameters())
     body = [p for n, p in network.named_parameters() if not n.startswith("fc.")]
-    optimiser = torch.optim.SGD([{"params": body}, {"params": head, "lr": config.learning_rate * config.head_lr_factor}],
-                                lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimiser, T_0=config.restart_epochs)
+    groups = [{"params": body}, {"params": head, "lr": config.learning_rate * config.head_lr_factor}]
+    if config.optimizer == "sgd":
+        optimiser = torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    else:
+        optimiser = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(splits["train"]) / config.batch_size)
+    if config.schedule == "one-cycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimiser, max_lr=[g["lr"] for g in optimiser.param_groups], total_steps=config.epochs * steps_per_epoch)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimiser, T_0=config.restart_epochs)
     generator = torch.Generator().manual_seed(config.seed)
     best = (-1.0, 0, None)
     n_train = len(inputs["train"])
@@ -150,8 +168,11 @@ def train_fold(dataset: Dataset, fold: str, config: TrainConfig, out_dir: Path,
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+            if config.schedule == "one-cycle":
+                scheduler.step()
             losses.append(loss.item())
-        scheduler.step()
+        if config.schedule == "cosine-restarts":
+            scheduler.step()
         val_accuracy = float((_predict(network, inputs["val"], 64) == targets["val"].numpy()).mean())
         log(f"{fold} epoch {epoch:2d}: loss {np.mean(losses):.3f}, val accuracy {val_accuracy:.3f}")
         if val_accuracy > best[0]:

@@ -46,3 +46,17 @@ def test_a_wrong_model_card_is_a_message_not_a_traceback(tmp_path):
     app.run()
     assert not app.exception
     assert any("not valid JSON" in e.value for e in app.error)
+
+
+@pytest.mark.slow
+def test_explain_page_opens_on_a_demo_face_with_the_demo_models(tmp_path, monkeypatch):
+    from core.demo import build_demo
+    from tests.test_demo import TINY
+
+    monkeypatch.setenv("XAI_DATA_DIR", str(tmp_path / "data"))
+    build_demo(tmp_path / "data" / "demo", TINY, log=lambda line: None)
+    app = run_app()
+    assert not app.exception, app.exception
+    assert app.radio[0].value.startswith("Demo dataset")
+    assert any(h.value.startswith("Predicted ") for h in app.subheader)
+    assert any("(parser)" in m.value for m in app.markdown)

@@ -1,13 +1,12 @@
 """A contact sheet of the synthetic classes: one row per class, planted terms under each face.
 
-``python -m core.synth.sheet docs/synthetic_faces.png`` regenerates the picture in docs/.
+``python -m core.synth.sheet docs/synthetic_faces.jpg`` regenerates the picture in docs/.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from core.synth.classes import DEFAULT_CLASSES, SyndromeClass
@@ -43,4 +42,5 @@ def contact_sheet(
 
 
 if __name__ == "__main__":
-    contact_sheet().save(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("docs/synthetic_faces.png"), optimize=True)
+    # JPEG: the photo noise makes a PNG of the sheet 3.4 MB; quality 88 keeps it legible at a tenth.
+    contact_sheet().save(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("docs/synthetic_faces.jpg"), quality=88)

@@ -1,7 +1,6 @@
 """Explain one face: landmarks, alignment, parts, regions, prediction, saliency maps, region scores."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -12,11 +11,13 @@ from core.attribute import METHOD_NAMES
 from core.errors import UserFacingError
 from core.explain import explain, prepare_face
 from core.imageio import load_image
-from core.paths import demo_model_cards
-from core.regions import RegionSpec, bundled_region_specs
+from core.dataset import Dataset, DatasetError, image_file, landmarks_of, names_in, open_dataset
+from core.paths import demo_dataset, demo_model_cards, demo_parser_card
+from core.regions import bundled_region_specs
 from core.score import RELEVANCE_MODES
 from dashboard import render
 from models.checkpoint import Classifier, load_classifier
+from models.parser import FaceParser, load_face_parser
 
 FAST_METHODS = ["Gradient", "GuidedBackprop", "LRP-EpsilonPlusFlat", "LayerGradCam"]
 
@@ -29,6 +30,19 @@ def result_cache() -> DiskCache:
 @st.cache_resource(show_spinner="Loading the classifier …", max_entries=4)
 def classifier_from(card_path: str) -> Classifier:
     return load_classifier(card_path)
+
+
+@st.cache_resource(show_spinner="Loading the face parser …", max_entries=2)
+def parser_from(card_path: str) -> FaceParser:
+    return load_face_parser(card_path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def dataset_at(root: str) -> Dataset | None:
+    try:
+        return open_dataset(root)
+    except DatasetError:
+        return None
 
 
 @st.cache_data(show_spinner=False, max_entries=1)
@@ -45,26 +59,41 @@ def sidebar() -> dict:
         "Classifier model card (JSON)", value=cards[0] if cards else "",
         help="A JSON card beside its weights; see README 'Bring your own model'.",
     )
+    default_parser = demo_parser_card()
+    parser = st.sidebar.text_input(
+        "Face parser model card (JSON, optional)", value=str(default_parser) if default_parser else "",
+        help="Without a parser, the face parts are drawn from the five landmarks (a template).",
+    )
     st.sidebar.header("Explanation")
     methods = st.sidebar.multiselect("Saliency methods", METHOD_NAMES, default=FAST_METHODS)
     mode = st.sidebar.selectbox("Relevance map", RELEVANCE_MODES, help="abs: the paper's |a| summed over channels, "
                                 "min–max per image; positive: evidence for the class only; signed: both signs.")
     specs = bundled_region_specs()
     spec_name = st.sidebar.selectbox("Regions", list(specs), index=list(specs).index("paper") if "paper" in specs else 0)
-    return {"card": card.strip(), "methods": methods, "mode": mode, "spec": specs[spec_name]}
+    return {"card": card.strip(), "parser": parser.strip(), "methods": methods, "mode": mode,
+            "spec": specs[spec_name]}
 
 
-def photo_input() -> tuple[np.ndarray | None, bool]:
-    """The photo to explain and whether it may be cached on disk."""
-    source = st.radio("Photo", ["Sample photo (scikit-image astronaut)", "Upload a photo"], horizontal=True)
+def photo_input() -> tuple[np.ndarray | None, np.ndarray | None, bool]:
+    """The photo to explain, its known landmarks (or None), and whether results may be cached on disk."""
+    dataset = dataset_at(str(demo_dataset()))
+    sources = (["Demo dataset (held-out faces)"] if dataset is not None else []) + [
+        "Sample photo (scikit-image astronaut)", "Upload a photo"]
+    source = st.radio("Photo", sources, horizontal=True)
+    if source.startswith("Demo"):
+        fold = dataset.folds[0]
+        names = names_in(dataset, fold, "test")
+        labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
+        name = st.selectbox("Face", names, format_func=lambda n: f"{n} ({labels[n]})")
+        return load_image(image_file(dataset, name)), landmarks_of(dataset, [name])[0], True
     if source.startswith("Sample"):
-        return sample_photo(), True
+        return sample_photo(), None, True
     upload = st.file_uploader("Face photo", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"])
     keep = st.checkbox("Cache results of this upload on disk", value=False,
                        help="Off by default: uploaded photos are patient data and stay in memory only.")
     if upload is None:
-        return None, False
-    return load_image(upload.getvalue()), keep
+        return None, None, False
+    return load_image(upload.getvalue()), None, keep
 
 
 def show_face(face, image: np.ndarray) -> None:
@@ -104,14 +133,15 @@ def main() -> None:
     st.title("Explain a face")
     options = sidebar()
     try:
-        image, may_cache = photo_input()
+        image, landmarks, may_cache = photo_input()
         if image is None:
             st.info("Upload a frontal face photo to explain it.")
             return
         cache = result_cache() if may_cache else None
         classifier = classifier_from(options["card"]) if options["card"] else None
+        parser = parser_from(options["parser"]) if options["parser"] else None
         size = classifier.card.input_size if classifier else 224
-        face = prepare_face(image, size, options["spec"], cache=cache)
+        face = prepare_face(image, size, options["spec"], landmarks=landmarks, parser=parser, cache=cache)
         show_face(face, image)
         if classifier is None:
             st.warning("No classifier model card given: alignment, parts and regions are shown; predictions and "
@@ -119,7 +149,7 @@ def main() -> None:
             return
         bar = st.progress(0.0, text="Explaining …")
         result = explain(image, classifier, options["methods"], options["spec"], landmarks=face.landmarks,
-                         mode=options["mode"], cache=cache,
+                         parser=parser, mode=options["mode"], cache=cache,
                          progress=lambda m, i, n: bar.progress(i / max(n, 1), text=f"{m} ({i + 1}/{n})"))
         bar.empty()
         show_explanation(result)

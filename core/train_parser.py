@@ -1,0 +1,133 @@
+"""Train the SMP face parser on any dataset with stored label maps (``features/segmaps/``).
+
+Faces and their maps are aligned exactly as the pipeline aligns them, so the parser learns the
+frame it will see. Loss: cross-entropy plus Dice, so small parts (eyes, brows, lips) are not
+drowned by skin and background; the cross-entropy is also weighted by 1/sqrt(class frequency).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from core.align import align_face, warp_to_aligned
+from core.dataset import Dataset, DatasetError, image_file, landmarks_of, segmap_file
+from core.imageio import load_image
+from core.parse import LAPA_LABELS, load_label_map
+from models.checkpoint import ModelCard, normalise_pixels
+from models.parser import build_face_parser, save_face_parser
+
+
+@dataclass(frozen=True)
+class ParserConfig:
+    encoder: str = "resnet18"
+    input_size: int = 112
+    epochs: int = 8
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    held_out_fraction: float = 0.15  # images kept out of training to measure IoU
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ParserResult:
+    card_path: Path
+    iou: pl.DataFrame  # label, name, iou on the held-out faces
+    seconds: float
+
+    @property
+    def mean_iou(self) -> float:
+        return float(self.iou["iou"].mean())
+
+
+def aligned_faces_and_maps(dataset: Dataset, names: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
+    landmarks = landmarks_of(dataset, names)
+    if landmarks is None:
+        raise DatasetError("parser training needs landmarks in partitions.csv (x1,y1,…,x5,y5)")
+    faces = np.empty((len(names), size, size, 3), np.uint8)
+    maps = np.empty((len(names), size, size), np.uint8)
+    for i, (name, points) in enumerate(zip(names, landmarks)):
+        path = segmap_file(dataset, name)
+        if path is None:
+            raise DatasetError(f"no stored label map for {name} in features/segmaps/")
+        aligned = align_face(load_image(image_file(dataset, name)), points, size=size)
+        faces[i] = aligned.image
+        maps[i] = warp_to_aligned(load_label_map(path), aligned.matrix, size, order=0)
+    return faces, maps
+
+
+def intersection_over_union(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-class IoU over a whole set of maps (NaN for a class absent from both)."""
+    k = len(LAPA_LABELS)
+    confusion = np.bincount(truth.ravel().astype(np.int64) * k + predicted.ravel(), minlength=k * k).reshape(k, k)
+    intersection = np.diag(confusion).astype(float)
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    return np.divide(intersection, union, out=np.full(k, np.nan), where=union > 0)
+
+
+def train_face_parser(dataset: Dataset, config: ParserConfig, out_dir: Path, name: str = "parser",
+                      log=print) -> ParserResult:
+    started = time.perf_counter()
+    names = dataset.table["image_name"].to_list()
+    faces, maps = aligned_faces_and_maps(dataset, names, config.input_size)
+    order = np.random.default_rng(config.seed).permutation(len(names))
+    n_held = max(1, int(round(config.held_out_fraction * len(names))))
+    held, train = order[:n_held], order[n_held:]
+    pixels = faces[train].reshape(-1, 3).astype(np.float64) / 255.0
+    card = ModelCard(kind="face_parser", architecture=f"unet-{config.encoder}", classes=LAPA_LABELS,
+                     input_size=config.input_size, channel_order="RGB", input_scale=1.0,
+                     mean=tuple(pixels.mean(0)), std=tuple(pixels.std(0) + 1e-6), weights=f"{name}.safetensors",
+                     notes=json.dumps(dataclasses.asdict(config)))
+    x = normalise_pixels(torch.from_numpy(faces).permute(0, 3, 1, 2).float(), card)
+    y = torch.from_numpy(maps.astype(np.int64))
+
+    # Eyes, brows and lips cover ~1% of the face each: weight classes by 1/sqrt(frequency)
+    # (normalised so the average pixel weighs 1), or the parser learns them last.
+    frequency = np.bincount(maps[train].ravel(), minlength=len(LAPA_LABELS)) / maps[train].size
+    weights = 1.0 / np.sqrt(frequency + 1e-4)
+    weights = torch.tensor(weights / (frequency * weights).sum(), dtype=torch.float32)
+
+    torch.manual_seed(config.seed)
+    network = build_face_parser(config.encoder, len(LAPA_LABELS))
+    dice = smp.losses.DiceLoss("multiclass")
+    optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_index = torch.from_numpy(train)
+    for epoch in range(1, config.epochs + 1):
+        network.train()
+        shuffled = train_index[torch.randperm(len(train_index), generator=generator)]
+        losses = []
+        for start in tqdm(range(0, len(shuffled), config.batch_size), desc=f"parser epoch {epoch}/{config.epochs}",
+                          leave=False, file=sys.stderr):
+            batch = shuffled[start:start + config.batch_size]
+            if len(batch) < 2:
+                continue
+            logits = network(x[batch])
+            loss = F.cross_entropy(logits, y[batch], weight=weights) + dice(logits, y[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            losses.append(loss.item())
+        log(f"parser epoch {epoch:2d}: loss {np.mean(losses):.3f}")
+    network.eval().requires_grad_(False)
+    with torch.no_grad():
+        predicted = torch.cat([network(x[held[i:i + 64]]).argmax(1) for i in range(0, len(held), 64)]).numpy()
+    iou = intersection_over_union(predicted.astype(np.int64), maps[held])
+    card_path = save_face_parser(network, card, out_dir, name)
+    table = pl.DataFrame({"label": list(range(len(LAPA_LABELS))), "name": list(LAPA_LABELS), "iou": iou})
+    return ParserResult(card_path=card_path, iou=table, seconds=time.perf_counter() - started)
