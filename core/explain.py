@@ -118,17 +118,22 @@ def attribution_sums(
     """
     targets = [int(t) for t in targets]
     params = METHODS[method].params(params)
-    salt = _attribution_salt() if cache is not None else ""
+
+    def compute(rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        batch = preprocess(images[rows], classifier.card)
+        return channel_sums(attribute(classifier.network, batch, [targets[i] for i in rows], method, params))
+
+    if cache is None:
+        return compute(list(range(len(images))))
+    salt = _attribution_salt()
     keys = [memo_key("attribution", salt, classifier, image, t, method, params) for image, t in zip(images, targets)]
-    found = [cache.lookup(k) if cache is not None else MISSING for k in keys]
+    found = [cache.lookup(k) for k in keys]
     todo = [i for i, value in enumerate(found) if value is MISSING]
     if todo:
-        batch = preprocess(images[todo], classifier.card)
-        abs_sum, signed_sum = channel_sums(attribute(classifier.network, batch, [targets[i] for i in todo], method, params))
+        abs_sum, signed_sum = compute(todo)
         for j, i in enumerate(todo):
             found[i] = (abs_sum[j], signed_sum[j])
-            if cache is not None:
-                cache.store(keys[i], found[i])
+            cache.store(keys[i], found[i])
     return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
 
 
