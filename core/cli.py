@@ -135,9 +135,10 @@ def command_train_parser(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
+    from cache import DiskCache
     from core.demo import build_demo
 
-    report = build_demo(args.root, log=lambda line: print(line, file=sys.stderr, flush=True))
+    report = build_demo(args.root, log=lambda line: print(line, file=sys.stderr, flush=True), cache=DiskCache())
     if report["stages"]:
         print(json.dumps(report, indent=2))
     return 0

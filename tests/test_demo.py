@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 import core.leaderboard as leaderboard_module
+from cache import DiskCache
 from core.dataset import names_in, open_dataset
 from core.demo import DemoPreset, build_demo
 from core.leaderboard import leaderboard, planted_counts
@@ -35,15 +36,17 @@ def test_iou_against_hand_counts():
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
+    cache = DiskCache(root / "cache")
     lines = []
-    report = build_demo(root, TINY, log=lines.append)
-    return root, report, lines
+    report = build_demo(root, TINY, log=lines.append, cache=cache)
+    return root, report, cache
 
 
 @pytest.mark.slow
 def test_the_demo_builds_every_stage_and_its_models_load(tiny_demo):
     root, report, _ = tiny_demo
-    assert set(report["stages"]) == {"dataset", "parser", "classifier-fold-1"}
+    assert set(report["stages"]) == {"dataset", "parser", "classifier-fold-1", "attributions"}
+    assert report["stages"]["attributions"]["faces"] == len(names_in(open_dataset(root), "fold-1", "test"))
     classifier = load_classifier(root / "models" / "classifier-fold-1.json")
     assert classifier.card.input_size == 32 and "Unaffected" in classifier.card.classes
     assert load_face_parser(root / "models" / "parser.json").card.kind == "face_parser"
@@ -54,14 +57,15 @@ def test_the_demo_builds_every_stage_and_its_models_load(tiny_demo):
 
 @pytest.mark.slow
 def test_a_second_build_does_nothing_and_a_changed_preset_redoes_only_its_stage(tiny_demo):
-    root, _, _ = tiny_demo
+    root, _, cache = tiny_demo
     before = (root / "models" / "classifier-fold-1.safetensors").stat().st_mtime_ns
     lines = []
-    assert build_demo(root, TINY, log=lines.append)["stages"] == {}
+    assert build_demo(root, TINY, log=lines.append, cache=cache)["stages"] == {}
     assert any("up to date" in line for line in lines)
     assert (root / "models" / "classifier-fold-1.safetensors").stat().st_mtime_ns == before
     changed = dataclasses.replace(TINY, classifier=dataclasses.replace(TINY.classifier, seed=1))
-    assert set(build_demo(root, changed, log=lines.append)["stages"]) == {"classifier-fold-1"}
+    assert set(build_demo(root, changed, log=lines.append, cache=cache)["stages"]) == {"classifier-fold-1",
+                                                                                        "attributions"}
 
 
 @pytest.mark.slow
