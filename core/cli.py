@@ -169,16 +169,12 @@ def command_benchmark(args: argparse.Namespace) -> int:
                         progress=None if args.quiet else progress)
     out = Path(args.out or dataset.root / "models" / "leaderboard.csv")
     table.write_csv(out)
-    with pl_config():
+    import polars as pl
+
+    with pl.Config(tbl_rows=50, tbl_cols=20, float_precision=3, tbl_width_chars=200):
         print(table)
     print(f"written to {out}", file=sys.stderr)
     return 0
-
-
-def pl_config():
-    import polars as pl
-
-    return pl.Config(tbl_rows=50, tbl_cols=20, float_precision=3, tbl_width_chars=200)
 
 
 def build_parser() -> argparse.ArgumentParser:
