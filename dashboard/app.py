@@ -7,11 +7,16 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
 
 from core.cli import quiet_library_warnings  # noqa: E402
+from dashboard import state  # noqa: E402
 
 quiet_library_warnings()
 st.set_page_config(page_title="Face region explanations", page_icon="🧬", layout="wide")
 
-pages = [
-    st.Page("pages/explain.py", title="Explain a face", icon="🔍", default=True),
-]
-st.navigation(pages).run()
+# Page files live in views/, not pages/: AppTest runs a page in a pages/ folder as its own script.
+page = st.navigation([
+    st.Page("views/explain.py", title="Explain a face", icon="🔍", url_path="explain", default=True),
+])
+state.sidebar()
+link_slot = st.sidebar.empty()
+page.run()
+state.link_hint(link_slot, page.url_path)

@@ -53,3 +53,33 @@ def image_figure(image: np.ndarray, points: np.ndarray | None = None, height: in
     figure.update_xaxes(visible=False)
     figure.update_yaxes(visible=False)
     return figure
+
+
+# Streamlit's named markdown colours nearest to REGION_COLOURS, in the same order.
+_MARKDOWN_COLOURS = ("red", "green", "blue", "orange", "violet")
+
+
+def region_legend(names) -> str:
+    """Region names coloured as their masks are (markdown)."""
+    return ", ".join(f":{_MARKDOWN_COLOURS[r]}[**{name}**]" if r < len(_MARKDOWN_COLOURS) else name
+                     for r, name in enumerate(names))
+
+
+def parts_rgb(image: np.ndarray, label_map: np.ndarray) -> np.ndarray:
+    return blend(image, label_map_rgb(label_map), 0.55, where=label_map > 0)
+
+
+def probability_bars(classes, probabilities: np.ndarray, top: int = 5) -> go.Figure:
+    order = np.argsort(probabilities)[::-1][:top][::-1]
+    figure = go.Figure(go.Bar(x=probabilities[order], y=[classes[i] for i in order], orientation="h"))
+    return figure.update_layout(height=200, margin=dict(l=0, r=0, t=0, b=0), xaxis_title="probability",
+                                xaxis_range=[0, 1])
+
+
+def region_score_bars(scores, region_names) -> go.Figure:
+    """Grouped bars: one group per method, one bar per region, coloured as the region masks."""
+    figure = go.Figure()
+    for r, region in enumerate(region_names):
+        colour = "rgb({}, {}, {})".format(*REGION_COLOURS[r % len(REGION_COLOURS)])
+        figure.add_bar(name=region, x=list(scores), y=[values[r] for values in scores.values()], marker_color=colour)
+    return figure.update_layout(barmode="group", height=340, yaxis_title="region score C_i", margin=dict(t=10))

@@ -1,51 +1,171 @@
-"""The dashboard through Streamlit's AppTest: pages load, compose core calls, and show bad input as messages."""
-from pathlib import Path
+"""The dashboard through Streamlit's AppTest: pages load, compose core calls, and show bad input as messages.
 
+The fixtures here (a tiny synthetic dataset with two untrained fold models, a private cache)
+are shared by the other ``test_dashboard_*`` files.
+"""
+import io
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+import numpy as np
+import polars as pl
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from tests.test_explain import card_path  # noqa: F401  (fixture)
+from core.dataset import names_in, open_dataset
+from core.synth import generate_dataset
+from models.checkpoint import ModelCard, save_checkpoint
+from tests.conftest import tiny_resnet
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+INPUT_SIZE = 32  # tiny classifiers: fast, and still real ResNets
 
 
-def run_app() -> AppTest:
-    app = AppTest.from_file(APP, default_timeout=120)
-    app.run()
-    return app
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """42 synthetic faces (7 classes × 6) with label maps, annotations and two untrained fold models."""
+    root = tmp_path_factory.mktemp("tiny") / "dataset"
+    generate_dataset(root, n_per_class=6, seed=0, size=96, photos_per_person=1, workers=1)
+    classes = open_dataset(root).classes
+    for k, fold in enumerate(("fold-1", "fold-2")):
+        card = ModelCard(kind="classifier", architecture="resnet18", classes=classes, input_size=INPUT_SIZE,
+                         channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                         weights="w.safetensors", fold=fold)
+        save_checkpoint(tiny_resnet(num_classes=len(classes), seed=k), card, root / "models", f"classifier-{fold}")
+    return root
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XAI_CACHE_DIR", str(tmp_path / "cache"))
+def private_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("XAI_CACHE_DIR", str(tmp_path / "cache" / "results"))
     monkeypatch.setenv("XAI_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("XAI_DATASET", raising=False)
 
 
-def test_explain_page_without_a_model_shows_alignment_and_regions():
-    app = run_app()
-    assert not app.exception
-    assert any("No classifier model card" in w.value for w in app.warning)
-    assert len(app.get("plotly_chart")) == 3  # photo + landmarks, parts, regions
+@pytest.fixture
+def on_tiny(tiny_dataset, monkeypatch) -> Path:
+    monkeypatch.setenv("XAI_DATASET", str(tiny_dataset))
+    return tiny_dataset
 
 
-def test_explain_page_with_a_model_shows_prediction_maps_and_scores(card_path):  # noqa: F811
-    app = run_app()
-    app.sidebar.text_input[0].set_value(str(card_path))
-    app.sidebar.multiselect[0].set_value(["Gradient", "LayerGradCam"])
+def open_app(query: dict | None = None, page: str | None = None) -> AppTest:
+    app = AppTest.from_file(APP, default_timeout=180)
+    app.query_params.update(query or {})
     app.run()
-    assert not app.exception, app.exception
+    if page is not None:
+        app.switch_page(page).run()
+    return app
+
+
+def no_trouble(app: AppTest) -> None:
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error, [e.value for e in app.error]
+
+
+def link_of(app: AppTest) -> tuple[str, dict]:
+    """The page path and the query of the sidebar's "Copy link to this view"."""
+    link = urlsplit(app.sidebar.code[0].value)
+    query: dict = {}
+    for key, value in parse_qsl(link.query):
+        query[key] = [*query[key], value] if isinstance(query.get(key), list) else (
+            [query[key], value] if key in query else value)
+    return link.path, query
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_explain_opens_on_a_held_out_dataset_face_with_prediction_maps_scores_and_reading(on_tiny):
+    app = open_app()
+    no_trouble(app)
+    test_names = names_in(open_dataset(on_tiny), "fold-1", "test")
+    assert app.selectbox(key="image").value == test_names[0]
+    assert app.sidebar.selectbox(key="model").value == "classifier-fold-1"
     assert any(h.value.startswith("Predicted ") for h in app.subheader)
-    assert len(app.get("imgs")) >= 1 or len(app.get("image")) >= 2
+    assert any(i.value.startswith("Predicted ") and "methods" in i.value for i in app.info)  # the reading
+    assert len(app.get("plotly_chart")) == 6  # photo, aligned, parts, regions, probabilities, region scores
+    assert "(stored)" in " ".join(m.value for m in app.markdown)  # no parser: the dataset's label maps
 
 
-def test_a_wrong_model_card_is_a_message_not_a_traceback(tmp_path):
+def test_explain_shows_the_terms_raters_annotated_on_a_dataset_image(on_tiny):
+    annotations = pl.read_csv(next((on_tiny / "metadata" / "hpo-annotations").glob("*.csv")))
+    name = annotations["image_name"][0]
+    fold = "fold-1"
+    split = open_dataset(on_tiny).table.filter(pl.col("image_name") == name)[fold][0]
+    app = open_app({"split": split, "image": name, "methods": "Gradient"})
+    no_trouble(app)
+    assert app.selectbox(key="image").value == name
+    assert any(m.value.startswith(f"**Terms the raters annotated on {name}**") for m in app.markdown)
+
+
+def test_target_class_and_methods_come_from_the_url(on_tiny):
+    app = open_app({"methods": ["Gradient", "LayerGradCam"], "target": "KS", "mode": "signed"})
+    no_trouble(app)
+    assert app.sidebar.multiselect(key="methods").value == ["Gradient", "LayerGradCam"]
+    assert any(h.value.endswith("explaining KS") for h in app.subheader)
+    assert [i.caption for i in app.get("imgs")] or len(app.get("image")) >= 2
+
+
+def test_an_upload_is_explained_and_not_written_to_disk(on_tiny, tmp_path):
+    from core.synth import plan_images
+    from core.synth.faces import render_face
+
+    face = render_face(plan_images(1, seed=5, size=160)[0].params).image
+    app = open_app({"source": "upload", "methods": "Gradient"})
+    no_trouble(app)
+    assert any("Upload a frontal face photo" in i.value for i in app.info)
+    app.file_uploader(key="upload").upload("face.png", png_bytes(face), "image/png")
+    app.run()
+    no_trouble(app)
+    assert any(h.value.startswith("Predicted ") for h in app.subheader)
+    cache = tmp_path / "cache" / "results"
+    assert not cache.exists() or not any(p.name.endswith(".val") for p in cache.rglob("*"))
+
+
+def test_an_upload_that_is_not_an_image_or_has_no_face_is_a_message(on_tiny):
+    app = open_app({"source": "upload", "methods": "Gradient"})
+    app.file_uploader(key="upload").upload("notes.png", b"this is not a picture", "image/png")
+    app.run()
+    assert not app.exception
+    assert app.error and "image" in app.error[0].value.lower()
+    app.file_uploader(key="upload").clear().upload("grey.png", png_bytes(np.full((120, 120, 3), 128, np.uint8)),
+                                                   "image/png")
+    app.run()
+    assert not app.exception
+    assert app.error and "face" in app.error[0].value.lower()
+
+
+def test_a_wrong_model_card_is_a_message_not_a_traceback(on_tiny, tmp_path):
     bad = tmp_path / "card.json"
     bad.write_text("{not json")
-    app = run_app()
-    app.sidebar.text_input[0].set_value(str(bad))
-    app.run()
+    app = open_app({"model": "other card", "card": str(bad)})
     assert not app.exception
     assert any("not valid JSON" in e.value for e in app.error)
+
+
+def test_without_a_model_alignment_parts_and_regions_are_shown(on_tiny):
+    app = open_app({"model": "other card", "source": "sample photo"})
+    no_trouble(app)
+    assert any("No classifier model card" in w.value for w in app.warning)
+    assert len(app.get("plotly_chart")) == 4
+
+
+def test_a_dataset_path_that_does_not_exist_is_a_message_and_the_sample_photo_still_works(tmp_path):
+    app = open_app({"dataset": str(tmp_path / "nowhere"), "model": "other card"})
+    assert not app.exception
+    assert any("does not exist" in e.value for e in app.sidebar.error)
+    assert app.radio(key="source").options == ["sample photo", "upload"]
+
+
+def test_a_folder_that_is_not_a_dataset_is_a_message(tmp_path):
+    (tmp_path / "folder").mkdir()
+    app = open_app({"dataset": str(tmp_path / "folder")})
+    assert not app.exception
+    assert any("partitions.csv is missing" in e.value for e in app.sidebar.error)
 
 
 @pytest.mark.slow
@@ -53,10 +173,9 @@ def test_explain_page_opens_on_a_demo_face_with_the_demo_models(tmp_path, monkey
     from core.demo import build_demo
     from tests.test_demo import TINY
 
-    monkeypatch.setenv("XAI_DATA_DIR", str(tmp_path / "data"))
     build_demo(tmp_path / "data" / "demo", TINY, log=lambda line: None)
-    app = run_app()
+    app = open_app()
     assert not app.exception, app.exception
-    assert app.radio[0].value.startswith("Demo dataset")
+    assert app.radio(key="source").value == "dataset image"
     assert any(h.value.startswith("Predicted ") for h in app.subheader)
     assert any("(parser)" in m.value for m in app.markdown)

@@ -1,0 +1,72 @@
+"""Things loaded once per server and shared by every session: models, datasets, caches, stores.
+
+Loading goes through core/models/cache; this module only decides how long each lives.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, DiskCache
+from cache.spec_store import SpecStore, default_spec_dir
+from core.dataset import Dataset, open_dataset
+from models.checkpoint import Classifier, load_classifier
+from models.parser import FaceParser, load_face_parser
+
+
+# Keyed by folder, read from the environment on every call, so a changed $XAI_CACHE_DIR is honoured.
+@st.cache_resource(show_spinner="Opening the result cache …")
+def _result_cache(directory: str) -> DiskCache:
+    return DiskCache(directory)
+
+
+@st.cache_resource(show_spinner=False)
+def _spec_store(directory: str) -> SpecStore:
+    return SpecStore(directory)
+
+
+def result_cache() -> DiskCache:
+    return _result_cache(str(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR))
+
+
+def spec_store() -> SpecStore:
+    return _spec_store(str(default_spec_dir()))
+
+
+@st.cache_resource(show_spinner="Loading the classifier …", max_entries=4)
+def classifier_from(card_path: str, modified: float) -> Classifier:
+    """``modified`` (the card's mtime) is part of the key, so a retrained model is reloaded."""
+    return load_classifier(card_path)
+
+
+@st.cache_resource(show_spinner="Loading the face parser …", max_entries=2)
+def parser_from(card_path: str, modified: float) -> FaceParser:
+    return load_face_parser(card_path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def dataset_from(root: str, modified: float) -> Dataset:
+    """Raises ``DatasetError`` (not cached) when the folder is not a dataset."""
+    return open_dataset(root)
+
+
+def modified(path: str | Path) -> float:
+    """A file's modification time, or 0 when it is missing (the loader then names the problem)."""
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def classifier(card_path: str) -> Classifier:
+    return classifier_from(card_path, modified(card_path))
+
+
+def parser(card_path: str) -> FaceParser:
+    return parser_from(card_path, modified(card_path))
+
+
+def dataset(root: str) -> Dataset:
+    return dataset_from(root, modified(Path(root) / "metadata" / "partitions.csv"))

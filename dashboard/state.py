@@ -1,0 +1,182 @@
+"""The view a URL describes: a hosted link opens a new session on exactly the same view.
+
+Every choice that shapes a page is a widget bound to a query parameter of the same name
+(``bind="query-params"``): the widget starts from the URL and writes back when it changes.
+Region specs travel by a short content id (``cache.spec_store``) or a bundled spec's name.
+The sidebar is shared by all pages; each page reads the resulting ``View`` with ``current()``.
+Bound widgets take no ``format_func``: Streamlit would put the formatted label in the URL, so
+options are the URL values themselves and ``view_query`` can write them out explicitly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode
+
+import streamlit as st
+
+from cache.spec_store import UnknownSpecError
+from core.attribute import METHOD_NAMES
+from core.dataset import Dataset
+from core.demo import DemoPreset
+from core.errors import UserFacingError
+from core.paths import demo_dataset
+from core.regions import RegionSpec, bundled_region_specs
+from core.score import RELEVANCE_MODES
+from dashboard import resources
+
+DATASET_ENV = "XAI_DATASET"
+URL = "query-params"
+OTHER_CARD = "other card"
+DEFAULT_SPEC = "paper"
+# The demo precomputes these for its held-out faces, so they are the opening choice.
+DEFAULT_METHODS = list(DemoPreset().cheap_methods)
+SIDEBAR_KEYS = ("dataset", "model", "card", "parser", "methods", "mode", "spec")
+# Page-level URL parameters, by page url path ("" is the default page, Explain); a link carries its page's.
+PAGE_KEYS = {
+    "": ("source", "split", "image", "target"),
+    "regions": ("preview",),
+    "statistics": ("reference", "alpha", "correction", "ttest", "figure_methods"),
+    "hpo": ("scatter_method", "scatter_region"),
+}
+# Choices that only make sense for one dataset: forgotten when the dataset changes.
+_DATASET_DEPENDENT = ("model", "card", "parser", "split", "image", "target", "reference", "preview")
+_EDITED_SPEC = "_edited_spec"
+_VIEW = "_view"
+
+
+@dataclass(frozen=True)
+class View:
+    """What the sidebar chose, shared by every page."""
+
+    dataset: Dataset | None  # None when the folder is missing or not in the dataset layout
+    dataset_path: str
+    card: str  # classifier model card path, "" for none
+    cards: tuple[str, ...]  # every fold model card of the dataset
+    parser: str  # face parser card path, "" for the landmark template
+    methods: tuple[str, ...]
+    mode: str
+    spec: RegionSpec
+    spec_ref: str  # bundled name or stored id, as in the URL
+
+
+def default_dataset() -> str:
+    return os.environ.get(DATASET_ENV) or str(demo_dataset())
+
+
+def fold_model_cards(dataset: Dataset | None) -> list[Path]:
+    """The dataset's fold classifiers, ``models/classifier-fold-*.json``, in fold order."""
+    if dataset is None:
+        return []
+    return sorted((dataset.root / "models").glob("classifier-fold-*.json"))
+
+
+def _forget_dataset_choices() -> None:
+    for key in _DATASET_DEPENDENT:
+        st.session_state.pop(key, None)
+
+
+def use_spec(reference: str) -> None:
+    """Make a stored or bundled spec the current one (call from a widget callback, before the sidebar runs)."""
+    if reference not in bundled_region_specs():
+        st.session_state[_EDITED_SPEC] = reference
+    st.session_state["spec"] = reference
+
+
+def _spec_selector() -> tuple[RegionSpec, str]:
+    store = resources.spec_store()
+    bundled = bundled_region_specs()
+    requested = st.session_state.get("spec") or st.query_params.get("spec")
+    stored: dict[str, RegionSpec] = {}
+    for reference in (st.session_state.get(_EDITED_SPEC), requested):
+        if reference and reference not in bundled and reference not in stored:
+            try:
+                stored[reference] = store.load(reference)
+            except UnknownSpecError as error:
+                if reference == requested:
+                    st.sidebar.warning(f"{error}. Showing the {DEFAULT_SPEC} spec instead.")
+                    st.session_state.pop("spec", None)
+    options = list(bundled) + list(stored)
+    specs = {**bundled, **stored}
+    reference = st.sidebar.selectbox(
+        "Region spec", options, index=options.index(DEFAULT_SPEC), key="spec", bind=URL,
+        help="Bundled specs by name; your edits (Regions page) by a short content id kept on the server.",
+    )
+    spec = specs[reference]
+    st.sidebar.caption(f"Regions: {', '.join(rule.name for rule in spec.regions)}"
+                       + ("" if reference in bundled else f" (edited spec {spec.name or 'unnamed'!r})"))
+    return spec, reference
+
+
+def sidebar() -> View:
+    """Draw the shared sidebar and remember its view for the pages of this run."""
+    bar = st.sidebar
+    bar.header("Data and model")
+    dataset_path = bar.text_input(
+        "Dataset folder", value=default_dataset(), key="dataset", bind=URL, on_change=_forget_dataset_choices,
+        help="A folder in the NIH-Faces layout (images/, metadata/partitions.csv). Default: the synthetic demo, "
+             f"or ${DATASET_ENV}.",
+    ).strip()
+    dataset = None
+    try:
+        dataset = resources.dataset(dataset_path)
+    except UserFacingError as error:
+        bar.error(str(error))
+    cards = fold_model_cards(dataset)
+    stems = [card.stem for card in cards]
+    model = bar.selectbox("Fold model", [*stems, OTHER_CARD], key="model", bind=URL,
+                          help="The dataset's models/classifier-fold-*.json, or any classifier card (other card).")
+    if model == OTHER_CARD:
+        card = bar.text_input("Classifier model card (JSON)", value="", key="card", bind=URL,
+                              help="A JSON card beside its weights; see README 'Bring your own model'.").strip()
+    else:
+        card = str(cards[stems.index(model)])
+    default_parser = dataset.root / "models" / "parser.json" if dataset is not None else None
+    parser = bar.text_input(
+        "Face parser model card (JSON, optional)",
+        value=str(default_parser) if default_parser is not None and default_parser.is_file() else "",
+        key="parser", bind=URL,
+        help="Without a parser, stored label maps (features/segmaps/) or a landmark template give the face parts.",
+    ).strip()
+    bar.header("Explanation")
+    methods = bar.multiselect("Saliency methods", METHOD_NAMES, default=DEFAULT_METHODS, key="methods", bind=URL)
+    mode = bar.selectbox("Relevance map", RELEVANCE_MODES, key="mode", bind=URL,
+                         help="abs: the paper's |a| summed over channels, min–max per image; positive: evidence "
+                              "for the class only; signed: both signs.")
+    spec, spec_ref = _spec_selector()
+    view = View(dataset=dataset, dataset_path=dataset_path, card=card, cards=tuple(map(str, cards)), parser=parser,
+                methods=tuple(methods), mode=mode, spec=spec, spec_ref=spec_ref)
+    st.session_state[_VIEW] = view
+    return view
+
+
+def current() -> View:
+    """The view the sidebar drew in this run (pages run after it)."""
+    return st.session_state[_VIEW]
+
+
+def _encoded(value) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if isinstance(value, bool):
+        return [str(value).lower()]
+    return [str(value)]
+
+
+def view_query(page_path: str) -> str:
+    """Every sidebar choice and the page's own, explicitly (defaults included): the link survives a changed default."""
+    pairs = []
+    for key in (*SIDEBAR_KEYS, *PAGE_KEYS.get(page_path, ())):
+        if key in st.session_state and st.session_state[key] is not None:
+            pairs.extend((key, v) for v in _encoded(st.session_state[key]))
+    return urlencode(pairs)
+
+
+def link_hint(slot, page_path: str) -> None:
+    """Show the link that reopens this view (with the browser's address when Streamlit knows it)."""
+    base = (st.context.url or "").rstrip("/")
+    link = f"{base}/{page_path}?{view_query(page_path)}"  # the default page's path is ""
+    with slot.container():
+        st.markdown("**Copy link to this view**")
+        st.code(link, language=None, wrap_lines=True)

@@ -1,0 +1,197 @@
+"""Explain one face: landmarks, alignment, parts, regions, prediction, saliency maps, region scores."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+import polars as pl
+import streamlit as st
+
+from core.dataset import Dataset, image_file, landmarks_of, names_in, segmap_file
+from core.errors import UserFacingError
+from core.explain import Explanation, PreparedFace, explain, prepare_face
+from core.hpo import ontology_priors, read_annotations
+from core.imageio import load_image
+from core.parse import load_label_map
+from core.reading import reading, syndrome_name
+from dashboard import render, resources, state
+
+DATASET_IMAGE, SAMPLE_PHOTO, UPLOAD = "dataset image", "sample photo", "upload"
+SPLITS = ("test", "val", "train", "all")
+PREDICTED = "predicted"
+
+
+@dataclass(frozen=True)
+class Photo:
+    image: np.ndarray
+    landmarks: np.ndarray | None  # known landmarks (dataset), else detected
+    stored_map: np.ndarray | None  # the dataset's label map, used when no parser is given
+    name: str | None  # dataset image name
+    label: str | None  # dataset label
+    may_cache: bool  # results may go to the disk cache (never for an upload unless opted in)
+
+
+@st.cache_data(show_spinner=False, max_entries=1)
+def sample_photo() -> np.ndarray:
+    from skimage import data
+
+    return data.astronaut()
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def expected_terms(syndrome: str) -> pl.DataFrame:
+    return ontology_priors(syndrome)
+
+
+@st.cache_data(show_spinner="Reading the HPO annotations …", max_entries=2)
+def annotations_of(root: str, modified: float) -> pl.DataFrame:
+    return read_annotations(resources.dataset(root))
+
+
+def _fold_of(dataset: Dataset, card_fold: str | None) -> str | None:
+    if card_fold in dataset.folds:
+        return card_fold
+    return dataset.folds[0] if dataset.folds else None
+
+
+def dataset_photo(dataset: Dataset, fold: str | None) -> Photo:
+    splits = SPLITS if fold is not None else ("all",)
+    split = st.selectbox("Split", splits, key="split", bind=state.URL, on_change=lambda: st.session_state.pop("image", None),
+                         help=f"Images of {fold}'s held-out test set, validation set, training set, or all images."
+                         if fold else "The dataset has no fold columns, so every image is listed.")
+    names = dataset.table["image_name"].to_list() if split == "all" else names_in(dataset, fold, split)
+    if not names:
+        raise UserFacingError(f"{fold} has no {split} images in this dataset; choose another split")
+    labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
+    name = st.selectbox("Face", names, key="image", bind=state.URL)
+    st.caption(f"True label: {labels[name]}")
+    segmap = segmap_file(dataset, name)
+    landmarks = landmarks_of(dataset, [name])
+    return Photo(image=load_image(image_file(dataset, name)), landmarks=None if landmarks is None else landmarks[0],
+                 stored_map=None if segmap is None else load_label_map(segmap), name=name, label=labels[name],
+                 may_cache=True)
+
+
+def photo_input(view: state.View, card_fold: str | None) -> Photo | None:
+    sources = [DATASET_IMAGE, SAMPLE_PHOTO, UPLOAD] if view.dataset is not None else [SAMPLE_PHOTO, UPLOAD]
+    source = st.radio("Photo", sources, key="source", bind=state.URL, horizontal=True,
+                      help="A face of the dataset, scikit-image's astronaut photo, or your own photo.")
+    if source == DATASET_IMAGE:
+        return dataset_photo(view.dataset, _fold_of(view.dataset, card_fold))
+    if source == SAMPLE_PHOTO:
+        return Photo(sample_photo(), None, None, None, None, may_cache=True)
+    upload = st.file_uploader("Face photo", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"], key="upload")
+    keep = st.checkbox("Cache results of this upload on disk", value=False, key="keep_upload",
+                       help="Off by default: uploaded photos are patient data and stay in memory only.")
+    if upload is None:
+        return None
+    return Photo(load_image(upload.getvalue()), None, None, None, None, may_cache=keep)
+
+
+def show_face(face: PreparedFace, image: np.ndarray) -> None:
+    columns = st.columns(4)
+    columns[0].markdown("**Photo and landmarks**")
+    columns[0].plotly_chart(render.image_figure(image, face.landmarks), width="stretch")
+    columns[1].markdown("**Aligned face**")
+    columns[1].plotly_chart(render.image_figure(face.aligned, face.aligned_landmarks), width="stretch")
+    columns[2].markdown(f"**Face parts** ({face.parse_source})")
+    columns[2].plotly_chart(render.image_figure(render.parts_rgb(face.aligned, face.label_map)), width="stretch")
+    columns[3].markdown("**Regions**: " + render.region_legend(face.region_names))
+    columns[3].plotly_chart(render.image_figure(render.regions_rgb(face.aligned, face.masks)), width="stretch")
+    for note in face.notes:
+        st.info(note)
+
+
+def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFrame | None:
+    """The ontology's facial terms for the explained class and, for dataset images, the raters' terms."""
+    target = result.classes[result.target]
+    priors = None
+    st.markdown(f"**Facial HPO terms the ontology expects for {syndrome_name(target)}**")
+    try:
+        priors = expected_terms(target)
+    except UserFacingError as error:
+        st.caption(str(error))
+    if priors is not None:
+        if priors.is_empty():
+            st.caption("none listed")
+        else:
+            st.dataframe(priors.sort("region"), hide_index=True, width="stretch", height=200)
+    if photo.name is not None:
+        st.markdown(f"**Terms the raters annotated on {photo.name}** (true label {photo.label})")
+        try:
+            annotations = annotations_of(str(view.dataset.root),
+                                         resources.modified(view.dataset.root / "metadata" / "hpo-annotations"))
+        except UserFacingError as error:
+            st.caption(str(error))
+        else:
+            marked = annotations.filter((pl.col("image_name") == photo.name) & (pl.col("value") > 0))
+            if marked.is_empty():
+                st.caption("no annotated term (or the image is not in the annotated set)")
+            else:
+                st.dataframe(marked.group_by("region", "term", "hpo_id").agg(raters=pl.col("rater").n_unique())
+                             .sort("region", "term"), hide_index=True, width="stretch", height=200)
+    return priors
+
+
+def show_prediction(result: Explanation, photo: Photo, view: state.View) -> None:
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader(f"Predicted {result.classes[result.predicted]} "
+                     f"({result.probabilities[result.predicted]:.2f}); explaining {result.classes[result.target]}")
+        reading_slot = st.empty()
+        st.plotly_chart(render.probability_bars(result.classes, result.probabilities), width="stretch")
+    with right:
+        priors = show_terms(result, photo, view)
+    reading_slot.info(reading(result, priors))
+
+
+def show_maps(result: Explanation) -> None:
+    st.markdown(f"**Saliency maps** ({result.mode} relevance, explaining {result.classes[result.target]})")
+    columns = st.columns(5)
+    for i, (method, relevance) in enumerate(result.maps.items()):
+        with columns[i % 5]:
+            st.image(render.heatmap_rgb(result.face.aligned, relevance), caption=method, width="stretch")
+    st.markdown("**Region scores per method** (mean relevance inside each region, paper eq. 4)")
+    st.plotly_chart(render.region_score_bars(result.scores, result.face.region_names), width="stretch")
+
+
+def main() -> None:
+    view = state.current()
+    st.title("Explain a face")
+    try:
+        classifier = resources.classifier(view.card) if view.card else None
+        photo = photo_input(view, classifier.card.fold if classifier else None)
+        if photo is None:
+            st.info("Upload a frontal face photo to explain it.")
+            return
+        cache = resources.result_cache() if photo.may_cache else None
+        parser = resources.parser(view.parser) if view.parser else None
+        target = None
+        if classifier is not None:
+            options = [PREDICTED, *classifier.card.classes]
+            if st.session_state.get("target") not in (None, *options):
+                st.session_state.pop("target")
+            chosen = st.selectbox("Explain the class", options, key="target", bind=state.URL,
+                                  help="Saliency for the predicted class (default) or any other class of the model.")
+            target = None if chosen == PREDICTED else chosen
+        if classifier is None:
+            face = prepare_face(photo.image, 224, view.spec, landmarks=photo.landmarks, parser=parser,
+                                stored_map=photo.stored_map if parser is None else None, cache=cache)
+            show_face(face, photo.image)
+            st.warning("No classifier model card given: alignment, parts and regions are shown; predictions and "
+                       "saliency maps need a model (choose a fold model or enter a card in the sidebar).")
+            return
+        bar = st.progress(0.0, text="Explaining …")
+        result = explain(photo.image, classifier, view.methods, view.spec, landmarks=photo.landmarks, parser=parser,
+                         stored_map=photo.stored_map if parser is None else None, target=target, mode=view.mode,
+                         cache=cache, progress=lambda m, i, n: bar.progress(i / max(n, 1), text=f"{m} ({i + 1}/{n})"))
+        bar.empty()
+        show_face(result.face, photo.image)
+        show_prediction(result, photo, view)
+        show_maps(result)
+    except (UserFacingError, ValueError) as error:
+        st.error(str(error))
+
+
+main()
