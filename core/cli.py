@@ -144,6 +144,78 @@ def command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_score_table(path: Path):
+    import polars as pl
+
+    try:
+        return pl.read_parquet(path)
+    except FileNotFoundError:
+        raise UserFacingError(f"score table {path} does not exist; write one with python -m core extract") from None
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise UserFacingError(f"{path}: not a readable Parquet score table ({error})") from None
+
+
+def _write_tables(out: Path, tables: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        table.write_csv(out / name)
+    print(f"written to {out}: {', '.join(tables)}", file=sys.stderr)
+
+
+def command_rq1(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from core.stats import compare_groups, significance_counts
+
+    syndromes = [s.strip() for s in args.syndromes.split(",") if s.strip()] if args.syndromes else None
+    tests = compare_groups(_read_score_table(args.scores), reference=args.reference, alpha=args.alpha,
+                           correction=args.correction, ttest=args.ttest, syndromes=syndromes, model=args.model)
+    table3 = significance_counts(tests)
+    with pl.Config(tbl_rows=200, tbl_cols=20, float_precision=4, tbl_width_chars=200, fmt_str_lengths=60):
+        print(tests.select("method", "syndrome", "region", "n_syndrome", "n_reference", "test", "p", "p_corrected",
+                           "significant", "cohens_d", "note"))
+        print(f"Table 3: significant methods per region and syndrome ({args.correction}, alpha {args.alpha}, "
+              f"vs {args.reference})")
+        print(table3)
+    _write_tables(args.out or args.scores.parent, {"rq1-tests.csv": tests, "rq1-table3.csv": table3})
+    return 0
+
+
+def _annotated_dataset(scores: Path, dataset: Path | None) -> Path:
+    """The dataset whose annotations go with the scores: given, or the one holding ``results/scores-*.parquet``."""
+    if dataset is not None:
+        return dataset
+    guess = scores.resolve().parent.parent
+    if (guess / "metadata" / "hpo-annotations").is_dir():
+        return guess
+    raise UserFacingError(f"{scores} does not lie in <dataset>/results/; pass --dataset, the folder whose "
+                          "metadata/hpo-annotations/ annotates the scored images")
+
+
+def command_rq2(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from core.hpo import read_annotations, region_counts, term_syndrome_chi2, term_tsne
+    from core.stats import hpo_correlation, table4_wide
+
+    scores = _read_score_table(args.scores)
+    annotations = read_annotations(_annotated_dataset(args.scores, args.dataset))
+    result = hpo_correlation(scores, region_counts(annotations))
+    chi2 = term_syndrome_chi2(annotations)
+    with pl.Config(tbl_rows=200, tbl_cols=20, float_precision=3, tbl_width_chars=200, fmt_str_lengths=60):
+        print(result.per_model)
+        print("Table 4: Spearman rho between C_i and the HPO count of the region, mean (std) over models")
+        print(table4_wide(result.summary))
+        tested = chi2.filter(pl.col("chi2").is_not_null()).sort("chi2", descending=True)
+        print(f"Figure 4b: chi2 of each HPO term against the syndrome ({len(chi2) - len(tested)} terms never or "
+              "always marked: no test)")
+        print(tested)
+    _write_tables(args.out or args.scores.parent, {
+        "rq2-per-model.csv": result.per_model, "rq2-table4.csv": result.summary,
+        "rq2-figure4b-chi2.csv": chi2, "rq2-figure4a-tsne.csv": term_tsne(annotations, seed=args.seed)})
+    return 0
+
+
 def command_benchmark(args: argparse.Namespace) -> int:
     from cache import DiskCache
     from core.dataset import names_in, open_dataset
@@ -243,6 +315,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="build the synthetic demo dataset and its models (idempotent)")
     demo.add_argument("--root", type=Path, help="where (default: data/demo, or $XAI_DATA_DIR/demo)")
     demo.set_defaults(run=command_demo)
+
+    from core.stats import CORRECTIONS, TTESTS
+
+    rq1 = commands.add_parser("rq1", help="RQ1: each syndrome vs the reference, per method and region -> Table 3")
+    rq1.add_argument("scores", type=Path, help="score table (Parquet), e.g. <dataset>/results/scores-val.parquet")
+    rq1.add_argument("--reference", default="Unaffected", help="label of the reference group (default: Unaffected)")
+    rq1.add_argument("--alpha", type=float, default=0.001, help="family-wise alpha per method (default: 0.001)")
+    rq1.add_argument("--correction", choices=CORRECTIONS, default="bonferroni",
+                     help="multiple-testing correction over one method's tests (default: bonferroni)")
+    rq1.add_argument("--ttest", choices=TTESTS, default="paper",
+                     help="paper = pingouin's default (Welch when group sizes differ), student, welch")
+    rq1.add_argument("--syndromes", help="comma-separated labels to compare (default: all but the reference)")
+    rq1.add_argument("--model", help="keep one model's rows (needed when several models scored the same images)")
+    rq1.add_argument("--out", type=Path, help="folder for rq1-tests.csv and rq1-table3.csv (default: the table's)")
+    rq1.set_defaults(run=command_rq1)
+
+    rq2 = commands.add_parser("rq2", help="RQ2: Spearman rho between C_i and rater HPO counts -> Table 4, Figure 4")
+    rq2.add_argument("scores", type=Path, help="score table (Parquet) of the annotated images, e.g. scores-test.parquet")
+    rq2.add_argument("--dataset", type=Path, help="dataset with metadata/hpo-annotations/ (default: the table's)")
+    rq2.add_argument("--seed", type=int, default=0, help="seed of the t-SNE of Figure 4a")
+    rq2.add_argument("--out", type=Path, help="folder for the rq2-*.csv tables (default: the table's)")
+    rq2.set_defaults(run=command_rq2)
     return parser
 
 
