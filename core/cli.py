@@ -249,6 +249,100 @@ def command_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_and_classifier(args: argparse.Namespace):
+    """The dataset (default: the demo) and the classifier (default: the dataset's first fold model)."""
+    from core.dataset import open_dataset
+    from core.paths import demo_dataset
+    from models.checkpoint import load_classifier
+
+    dataset = open_dataset(args.dataset or demo_dataset())
+    cards = sorted((dataset.root / "models").glob("classifier-fold-*.json"))
+    if args.model is None and not cards:
+        raise UserFacingError(f"no --model given and {dataset.root / 'models'} holds no classifier-fold-*.json card")
+    return dataset, load_classifier(args.model or cards[0])
+
+
+def _faces_to_check(args: argparse.Namespace, dataset, classifier):
+    """The split's image names, aligned faces, region masks, targets (None: predicted) and cache."""
+    from cache import DiskCache
+    from core.dataset import names_in
+    from core.faithfulness import dataset_faces
+    from core.regions import PAPER_REGIONS, RegionSpec
+    from models.parser import load_face_parser
+
+    fold = classifier.card.fold or (dataset.folds[0] if dataset.folds else "fold-1")
+    names = names_in(dataset, fold, args.split)
+    if args.limit is not None and args.limit < 1:
+        raise UserFacingError("--limit must be at least 1")
+    if args.limit and args.limit < len(names):
+        # Evenly spaced, so every class keeps its share (partitions.csv is usually ordered by class).
+        names = [names[i] for i in np.linspace(0, len(names) - 1, args.limit).round().astype(int)]
+    if not names:
+        raise UserFacingError(f"{dataset.root}: no {args.split} images in {fold}")
+    spec = PAPER_REGIONS if args.regions is None else RegionSpec.from_json(_read_text(args.regions, "region spec"))
+    cache = DiskCache() if args.cache else None
+    if not args.quiet:
+        print(f"aligning and parsing {len(names)} {args.split} faces of {fold} …", file=sys.stderr, flush=True)
+    faces, masks = dataset_faces(dataset, names, classifier.card.input_size, spec,
+                                 parser=None if args.parser is None else load_face_parser(args.parser), cache=cache)
+    targets = None
+    if args.target == "true":
+        labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
+        unknown = sorted({labels[n] for n in names} - set(classifier.card.classes))
+        if unknown:
+            raise UserFacingError(f"label(s) {', '.join(unknown)} are not classes of the model; use --target predicted")
+        targets = [classifier.card.classes.index(labels[n]) for n in names]
+    return names, faces, masks, targets, cache
+
+
+def _print_table(table) -> None:
+    import polars as pl
+
+    with pl.Config(tbl_rows=100, tbl_cols=20, float_precision=3, tbl_width_chars=200):
+        print(table)
+
+
+def command_faithfulness(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from core.faithfulness import region_faithfulness
+
+    dataset, classifier = _dataset_and_classifier(args)
+    names, faces, masks, targets, cache = _faces_to_check(args, dataset, classifier)
+    result = region_faithfulness(classifier, faces, masks, names, args.methods, targets=targets, blank=args.blank,
+                                 mode=args.mode, cache=cache, batch_size=args.batch_size,
+                                 progress=None if args.quiet else _progress)
+    summary = result.summary.with_columns(blank=pl.lit(args.blank))
+    out = Path(args.out or dataset.root / "results" / f"faithfulness-{args.blank}-{args.split}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_csv(out)
+    drops_path = out.with_name(f"{out.stem}-drops.csv")
+    result.drops.write_csv(drops_path)
+    _print_table(summary)
+    print(f"written to {out} and {drops_path}", file=sys.stderr)
+    return 0
+
+
+def command_sanity(args: argparse.Namespace) -> int:
+    from core.faithfulness import check_layers, randomisation_check
+
+    dataset, classifier = _dataset_and_classifier(args)
+    cascade = [layer.strip() for layer in args.cascade.split(",") if layer.strip()]
+    check_layers(classifier, cascade)  # before the faces are read
+    names, faces, _, targets, cache = _faces_to_check(args, dataset, classifier)
+    result = randomisation_check(classifier, faces, names, args.methods, cascade=cascade, targets=targets,
+                                 mode=args.mode, seed=args.seed, cache=cache, batch_size=args.batch_size,
+                                 progress=None if args.quiet else _progress)
+    out = Path(args.out or dataset.root / "results" / f"sanity-{args.split}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.summary.write_csv(out)
+    per_image_path = out.with_name(f"{out.stem}-per-image.csv")
+    result.per_image.write_csv(per_image_path)
+    _print_table(result.summary)
+    print(f"written to {out} and {per_image_path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from core.score import RELEVANCE_MODES
 
@@ -311,6 +405,40 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--cache", action="store_true", help="memoise attributions on disk")
     benchmark.add_argument("--quiet", action="store_true")
     benchmark.set_defaults(run=command_benchmark)
+
+    from core.faithfulness import BLANK_MODES, CASCADE, CHANGED_BELOW
+
+    checks = {
+        "faithfulness": commands.add_parser(
+            "faithfulness", help="blank each face region: Spearman ρ between C_i and the drop in the target's probability"),
+        "sanity": commands.add_parser(
+            "sanity", help="model randomisation (Adebayo et al. 2018): do the maps change when the top layers do?"),
+    }
+    for check in checks.values():
+        check.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo)")
+        check.add_argument("--model", type=Path, help="classifier card (default: the dataset's first fold model)")
+        check.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
+        check.add_argument("--split", choices=("train", "val", "test"), default="test",
+                           help="images of the model's fold (default: test)")
+        check.add_argument("--limit", type=int, help="use N faces, evenly spaced over the split")
+        check.add_argument("--target", choices=("predicted", "true"), default="predicted",
+                           help="class explained and measured (default: the predicted one)")
+        check.add_argument("--regions", type=Path, help="region spec JSON (default: the paper's eye, nose, mouth)")
+        check.add_argument("--parser", type=Path, help="face parser card, for datasets without stored label maps")
+        check.add_argument("--mode", choices=RELEVANCE_MODES, default="abs", help="relevance map (default: abs)")
+        check.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="faces per attribution batch")
+        check.add_argument("--out", type=Path, help="CSV of the per-method table (a second CSV is written beside it)")
+        check.add_argument("--cache", action="store_true", help="memoise attributions on disk")
+        check.add_argument("--quiet", action="store_true")
+    checks["faithfulness"].add_argument("--blank", choices=BLANK_MODES, default="mean",
+                                        help="fill a region with the face's mean colour, or blur it (default: mean)")
+    checks["faithfulness"].set_defaults(run=command_faithfulness)
+    checks["sanity"].add_argument("--cascade", default=",".join(CASCADE[:2]),
+                                  help=f"layers re-initialised, cumulatively in this order (default: fc,layer4; "
+                                       f"the full cascade is {','.join(CASCADE)}); 'changed' = mean rank "
+                                       f"correlation < {CHANGED_BELOW}")
+    checks["sanity"].add_argument("--seed", type=int, default=0, help="seed of the re-initialisation")
+    checks["sanity"].set_defaults(run=command_sanity)
 
     demo = commands.add_parser("demo", help="build the synthetic demo dataset and its models (idempotent)")
     demo.add_argument("--root", type=Path, help="where (default: data/demo, or $XAI_DATA_DIR/demo)")
