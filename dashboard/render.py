@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
+import polars as pl
 
 # One colour per LaPa label id (core.parse.LAPA_LABELS).
 LAPA_COLOURS = np.array([
@@ -83,3 +84,68 @@ def region_score_bars(scores, region_names) -> go.Figure:
         colour = "rgb({}, {}, {})".format(*REGION_COLOURS[r % len(REGION_COLOURS)])
         figure.add_bar(name=region, x=list(scores), y=[values[r] for values in scores.values()], marker_color=colour)
     return figure.update_layout(barmode="group", height=340, yaxis_title="region score C_i", margin=dict(t=10))
+
+
+def heat_table(table: pl.DataFrame, index: str, text: pl.DataFrame | None = None, zmid: float | None = None,
+               title: str = "") -> go.Figure:
+    """A wide table as a heatmap with its values written in the cells (``text``: other cell labels, same shape)."""
+    columns = [c for c in table.columns if c != index]
+    values = table.select(pl.col(columns).cast(pl.Float64)).to_numpy()
+    if text is None:
+        labels = [["" if np.isnan(v) else f"{v:.3g}" for v in row] for row in values]
+    else:
+        labels = table.select(index).join(text, on=index, how="left").select(columns).to_numpy()
+    figure = go.Figure(go.Heatmap(
+        z=values, x=columns, y=[str(v) for v in table[index]], text=labels, texttemplate="%{text}",
+        colorscale="RdBu_r" if zmid is not None else "Blues", zmid=zmid, colorbar=dict(title=title),
+        hovertemplate=f"{index} %{{y}}<br>%{{x}}: %{{text}}<extra></extra>",
+    ))
+    figure.update_yaxes(autorange="reversed")
+    return figure.update_layout(height=90 + 30 * len(table), margin=dict(l=0, r=0, t=10, b=0))
+
+
+def group_boxes(table: pl.DataFrame, reference: str) -> go.Figure:
+    """Figure 6: one box per group within each region (score table rows of one method); reference first."""
+    labels = sorted(table["label"].unique().to_list(), key=lambda label: (label != reference, label))
+    figure = go.Figure()
+    for label in labels:
+        rows = table.filter(pl.col("label") == label)
+        figure.add_box(x=rows["region"].to_list(), y=rows["score"].to_list(), name=label, boxmean=True)
+    return figure.update_layout(boxmode="group", height=360, yaxis_title="region score C_i",
+                                margin=dict(l=0, r=0, t=10, b=0), legend_title_text="group")
+
+
+def count_scatter(points: pl.DataFrame, region: str) -> go.Figure:
+    """C_i against the HPO count of the region, one colour per fold model (score-table rows joined with counts)."""
+    figure = go.Figure()
+    for model in sorted(points["model"].unique().to_list()):
+        rows = points.filter(pl.col("model") == model)
+        figure.add_scatter(x=rows["count"].to_list(), y=rows["score"].to_list(), mode="markers", name=model,
+                           text=rows["image_name"].to_list(), hovertemplate="%{text}<br>count %{x}, C_i %{y:.3f}")
+    return figure.update_layout(height=360, xaxis_title=f"HPO terms marked in the {region} region (raters summed)",
+                                yaxis_title="region score C_i", margin=dict(l=0, r=0, t=10, b=0))
+
+
+def chi2_bars(chi2: pl.DataFrame, top: int = 25) -> go.Figure:
+    """Figure 4b: the terms with the largest χ², coloured by region."""
+    rows = chi2.filter(pl.col("chi2").is_not_null()).sort("chi2", descending=True).head(top).reverse()
+    figure = go.Figure()
+    for region in rows["region"].unique(maintain_order=True).to_list():
+        part = rows.filter(pl.col("region") == region)
+        figure.add_bar(x=part["chi2"].to_list(), y=part["term"].to_list(), orientation="h", name=region,
+                       customdata=part["p"].to_list(), hovertemplate="%{y}: χ² %{x:.1f}, p %{customdata:.2g}")
+    figure.update_yaxes(categoryorder="array", categoryarray=rows["term"].to_list())
+    return figure.update_layout(height=120 + 18 * len(rows), xaxis_title="χ² (term × syndrome)",
+                                margin=dict(l=0, r=0, t=10, b=0), legend_title_text="region")
+
+
+def tsne_scatter(embedding: pl.DataFrame) -> go.Figure:
+    """Figure 4a: one point per annotated image, coloured by its label."""
+    figure = go.Figure()
+    for label in sorted(embedding["label"].unique().to_list()):
+        rows = embedding.filter(pl.col("label") == label)
+        figure.add_scatter(x=rows["x"].to_list(), y=rows["y"].to_list(), mode="markers", name=label,
+                           text=rows["image_name"].to_list(), hovertemplate="%{text}")
+    figure.update_xaxes(showticklabels=False)
+    figure.update_yaxes(showticklabels=False)
+    return figure.update_layout(height=420, margin=dict(l=0, r=0, t=10, b=0), legend_title_text="label")

@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import polars as pl
 import streamlit as st
 
 from cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, DiskCache
 from cache.spec_store import SpecStore, default_spec_dir
 from core.dataset import Dataset, open_dataset
+from core.hpo import read_annotations, region_counts
 from models.checkpoint import Classifier, load_classifier
 from models.parser import FaceParser, load_face_parser
 
@@ -70,3 +72,27 @@ def parser(card_path: str) -> FaceParser:
 
 def dataset(root: str) -> Dataset:
     return dataset_from(root, modified(Path(root) / "metadata" / "partitions.csv"))
+
+
+@st.cache_data(show_spinner="Reading the HPO annotations …", max_entries=4)
+def _annotations(root: str, version: float) -> pl.DataFrame:
+    return read_annotations(root)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _region_counts(root: str, version: float) -> pl.DataFrame:
+    return region_counts(_annotations(root, version))
+
+
+def annotations_version(dataset: Dataset) -> float:
+    folder = dataset.root / "metadata" / "hpo-annotations"
+    return max([modified(folder), *(modified(path) for path in folder.glob("*.csv"))])
+
+
+def annotations(dataset: Dataset) -> pl.DataFrame:
+    """The raters' HPO annotations (``core.hpo.read_annotations``); raises ``AnnotationError`` when there are none."""
+    return _annotations(str(dataset.root), annotations_version(dataset))
+
+
+def hpo_region_counts(dataset: Dataset) -> pl.DataFrame:
+    return _region_counts(str(dataset.root), annotations_version(dataset))

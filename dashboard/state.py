@@ -97,10 +97,12 @@ def _spec_selector() -> tuple[RegionSpec, str]:
                 if reference == requested:
                     st.sidebar.warning(f"{error}. Showing the {DEFAULT_SPEC} spec instead.")
                     st.session_state.pop("spec", None)
-    options = list(bundled) + list(stored)
+    # The default first, so no index is passed: Streamlit warns when a widget given a default is also set
+    # through the session state (as ``use_spec`` does).
+    options = [DEFAULT_SPEC, *(name for name in bundled if name != DEFAULT_SPEC), *stored]
     specs = {**bundled, **stored}
     reference = st.sidebar.selectbox(
-        "Region spec", options, index=options.index(DEFAULT_SPEC), key="spec", bind=URL,
+        "Region spec", options, key="spec", bind=URL,
         help="Bundled specs by name; your edits (Regions page) by a short content id kept on the server.",
     )
     spec = specs[reference]

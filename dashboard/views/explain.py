@@ -11,7 +11,7 @@ import streamlit as st
 from core.dataset import Dataset, image_file, landmarks_of, names_in, segmap_file
 from core.errors import UserFacingError
 from core.explain import Explanation, PreparedFace, explain, prepare_face
-from core.hpo import ontology_priors, read_annotations
+from core.hpo import ontology_priors
 from core.imageio import load_image
 from core.parse import load_label_map
 from core.reading import reading, syndrome_name
@@ -42,11 +42,6 @@ def sample_photo() -> np.ndarray:
 @st.cache_data(show_spinner=False, max_entries=16)
 def expected_terms(syndrome: str) -> pl.DataFrame:
     return ontology_priors(syndrome)
-
-
-@st.cache_data(show_spinner="Reading the HPO annotations …", max_entries=2)
-def annotations_of(root: str, modified: float) -> pl.DataFrame:
-    return read_annotations(resources.dataset(root))
 
 
 def _fold_of(dataset: Dataset, card_fold: str | None) -> str | None:
@@ -120,8 +115,7 @@ def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFr
     if photo.name is not None:
         st.markdown(f"**Terms the raters annotated on {photo.name}** (true label {photo.label})")
         try:
-            annotations = annotations_of(str(view.dataset.root),
-                                         resources.modified(view.dataset.root / "metadata" / "hpo-annotations"))
+            annotations = resources.annotations(view.dataset)
         except UserFacingError as error:
             st.caption(str(error))
         else:
@@ -129,7 +123,7 @@ def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFr
             if marked.is_empty():
                 st.caption("no annotated term (or the image is not in the annotated set)")
             else:
-                st.dataframe(marked.group_by("region", "term", "hpo_id").agg(raters=pl.col("rater").n_unique())
+                st.dataframe(marked.group_by("region", "term", "hpo_id").agg(marks=pl.col("value").sum())
                              .sort("region", "term"), hide_index=True, width="stretch", height=200)
     return priors
 

@@ -1,0 +1,146 @@
+"""Where a page's score table comes from, and the button that makes one when there is none.
+
+In order: re-scored from the relevance store under the current region spec (fast, any spec);
+else the Parquet table ``extract`` wrote (the spec it was extracted with); else nothing, and
+``offer_extraction`` runs ``core.extract.extract_scores`` in a background job (``dashboard.jobs``)
+that fills both for next time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import streamlit as st
+
+from cache import DiskCache
+from core.errors import UserFacingError
+from core.extract import extract_scores, relevance_store_dir, score_table_path, write_score_table
+from core.regions import RegionSpec
+from core.relevance_store import RelevanceStore, rescore
+from dashboard import jobs, resources, state
+
+
+@dataclass(frozen=True)
+class Scores:
+    table: pl.DataFrame
+    origin: str  # "store" (re-scored under the current spec) or "table" (the extracted Parquet)
+    note: str | None  # what the reader should know about how these scores were made
+    seconds: float  # how long getting the table took on this run
+
+
+def _version(folder: Path) -> float:
+    """Changes whenever an extraction writes into the store (its journal and manifest)."""
+    return max(resources.modified(folder / "journal.jsonl"), resources.modified(folder / "manifest.json"))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _store(folder: str, version: float) -> RelevanceStore:
+    """One store object per folder and version: it memoises each spec's masks in memory."""
+    return RelevanceStore(folder)
+
+
+@st.cache_data(show_spinner="Re-scoring from the stored relevance maps …", max_entries=16)
+def _rescored(folder: str, version: float, spec_json: str, methods: tuple[str, ...]) -> pl.DataFrame:
+    return rescore(_store(folder, version), RegionSpec.from_json(spec_json), list(methods))
+
+
+@st.cache_data(show_spinner="Reading the score table …", max_entries=4)
+def _read_table(path: str, modified: float) -> pl.DataFrame:
+    return pl.read_parquet(path)
+
+
+def score_table(view: state.View, split: str) -> Scores | None:
+    """The view's methods on ``split`` ("val": RQ1, "test": RQ2), or None when nothing was extracted."""
+    if view.dataset is None:
+        return None
+    started = time.perf_counter()
+    folder = relevance_store_dir(view.dataset.root, split)
+    store = _store(str(folder), _version(folder)) if folder.is_dir() else None
+    if store is not None and store.exists and store.complete:
+        contents = store.contents
+        methods = tuple(m for m in view.methods if m in contents.methods)
+        if methods:
+            table = _rescored(str(folder), _version(folder), view.spec.to_json(), methods)
+            notes = []
+            if contents.mode != view.mode:
+                notes.append(f"the stored maps use relevance mode {contents.mode!r}, not {view.mode!r}")
+            lacking = [m for m in view.methods if m not in contents.methods]
+            if lacking:
+                notes.append(f"not extracted yet: {', '.join(lacking)}")
+            return Scores(table, "store", "; ".join(notes) or None, time.perf_counter() - started)
+    path = score_table_path(view.dataset.root, split)
+    if path.is_file():
+        table = _read_table(str(path), resources.modified(path))
+        present = set(table["method"].unique().to_list())
+        methods = [m for m in view.methods if m in present]
+        note = (f"read from {path.name}, scored with the region spec it was extracted with (re-scoring under "
+                "another spec needs the relevance store, which the extraction below fills)")
+        lacking = [m for m in view.methods if m not in present]
+        if lacking:
+            note += f"; not extracted yet: {', '.join(lacking)}"
+        return Scores(table.filter(pl.col("method").is_in(methods)), "table", note, time.perf_counter() - started)
+    return None
+
+
+def _job_key(view: state.View, split: str) -> str:
+    return f"extract {view.dataset.root.resolve()} {split}"
+
+
+def _extraction(view: state.View, split: str):
+    """The work of one extraction, with every model loaded here, on the script thread."""
+    classifiers = {Path(card).stem: resources.classifier(card) for card in view.cards}
+    parser = resources.parser(view.parser) if view.parser else None
+    dataset, methods, spec, mode = view.dataset, list(view.methods), view.spec, view.mode
+
+    def work(job: jobs.Job) -> None:
+        store = RelevanceStore(relevance_store_dir(dataset.root, split))
+        table = extract_scores(dataset, classifiers, methods, split=split, spec=spec, mode=mode, parser=parser,
+                               cache=DiskCache(resources.result_cache().directory), store=store, progress=job.report)
+        write_score_table(table, score_table_path(dataset.root, split))
+
+    return work
+
+
+@st.fragment(run_every=1.0)
+def _follow(key: str) -> None:
+    """Redraws itself every second while the job runs; reruns the whole page once it ends."""
+    job = jobs.board().get(key)
+    if job is None or job.finished:
+        st.rerun(scope="app")
+    st.progress(job.fraction, text=job.status())
+
+
+def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
+    """The extraction button and progress for ``split``; True while a job runs (the page should wait).
+
+    ``missing``: there is no score table at all (a prominent offer) rather than only some methods."""
+    if view.dataset is None:
+        return False
+    key = _job_key(view, split)
+    job = jobs.board().get(key)
+    if job is not None and not job.finished:
+        _follow(key)
+        return True
+    if job is not None and job.error:
+        st.error(f"The extraction failed: {job.error}")
+    if not view.cards:
+        if missing:
+            st.info(f"No score table for split {split!r} and no fold models in {view.dataset.root / 'models'} to make "
+                    f"one: run `python -m core extract {view.dataset.root} --split {split} --models CARD,…`.")
+        return False
+    label = (f"Extract region scores of split {split!r}" if missing else
+             f"Extract {', '.join(view.methods)} for split {split!r} again (adds missing methods)")
+    help_text = (f"Runs {len(view.methods)} method(s) over the {split} images of {len(view.cards)} fold model(s) in the "
+                 "background (other pages stay usable; the same as `python -m core extract`), and keeps the relevance "
+                 "maps so that region edits re-score without any model.")
+    if st.button(label, key=f"extract-{split}", type="primary" if missing else "secondary", help=help_text):
+        try:
+            work = _extraction(view, split)
+        except UserFacingError as error:
+            st.error(str(error))
+            return False
+        jobs.board().start(key, f"extracting split {split}", work)
+        st.rerun()
+    return False

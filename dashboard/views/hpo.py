@@ -1,0 +1,105 @@
+"""RQ2: do region scores follow the HPO terms raters marked in that region (paper Table 4, Figure 4)?"""
+from __future__ import annotations
+
+import polars as pl
+import streamlit as st
+
+from core.errors import UserFacingError
+from core.hpo import term_syndrome_chi2, term_tsne
+from core.stats import hpo_correlation, table4_wide
+from dashboard import render, resources, scores, state
+
+SPLIT = "test"  # the HPO-annotated test images; every fold model scores them
+
+
+@st.cache_data(show_spinner="Running t-SNE on the annotations …", max_entries=4)
+def tsne_of(root: str, version: float) -> pl.DataFrame:
+    return term_tsne(resources.annotations(resources.dataset(root)))
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def chi2_of(root: str, version: float) -> pl.DataFrame:
+    return term_syndrome_chi2(resources.annotations(resources.dataset(root)))
+
+
+def correlation(view: state.View, counts: pl.DataFrame) -> None:
+    source = scores.score_table(view, SPLIT)
+    if source is None:
+        st.info(f"No region scores for split {SPLIT!r} of {view.dataset.root} yet.")
+        scores.offer_extraction(view, SPLIT, missing=True)
+        return
+    if source.note:
+        st.caption(f"Scores: {source.note}.")
+    if "not extracted yet" in (source.note or ""):
+        scores.offer_extraction(view, SPLIT, missing=False)
+    if source.table.is_empty():
+        st.info("None of the chosen methods has scores; choose methods in the sidebar or extract them.")
+        return
+    result = hpo_correlation(source.table, counts)
+    summary = result.summary
+    models = int(summary["n_models"].max()) if len(summary) else 0
+    st.subheader(f"Table 4: Spearman ρ between C_i and the region's HPO count, mean (std) over {models} fold model(s)")
+    st.plotly_chart(render.heat_table(summary.pivot(on="region", index="method", values="rho_mean",
+                                                    maintain_order=True),
+                                      "method", text=table4_wide(summary), zmid=0.0, title="mean ρ"), width="stretch")
+    with st.expander("Per fold model"):
+        st.dataframe(result.per_model, hide_index=True, width="stretch")
+    st.subheader("C_i against the HPO count")
+    left, right = st.columns(2)
+    methods = summary["method"].unique(maintain_order=True).to_list()
+    regions = summary["region"].unique(maintain_order=True).to_list()
+    method = left.selectbox("Method", methods, key="scatter_method", bind=state.URL)
+    region = right.selectbox("Region", regions, key="scatter_region", bind=state.URL)
+    points = (source.table.filter((pl.col("method") == method) & (pl.col("region") == region))
+              .join(counts.filter(pl.col("region") == region).select("image_name", "count"), on="image_name"))
+    st.plotly_chart(render.count_scatter(points, region), width="stretch")
+
+
+def figure4(view: state.View) -> None:
+    version = resources.annotations_version(view.dataset)
+    st.subheader("Figure 4: the annotations themselves")
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**χ² of each term against the syndrome label**")
+        st.plotly_chart(render.chi2_bars(chi2_of(str(view.dataset.root), version)), width="stretch")
+    with right:
+        st.markdown("**t-SNE of the per-image term vectors**")
+        st.plotly_chart(render.tsne_scatter(tsne_of(str(view.dataset.root), version)), width="stretch")
+
+
+def leaderboard(view: state.View) -> None:
+    if not (view.dataset.root / "metadata" / "ground_truth.csv").is_file():
+        return
+    st.subheader("Ground truth leaderboard (synthetic data)")
+    st.caption("How often each method puts most relevance on the region where the phenotype was planted "
+               "(single-region faces; chance 1/regions), and ρ between planted-term counts and C_i.")
+    path = view.dataset.root / "models" / "leaderboard.csv"
+    if path.is_file():
+        st.dataframe(pl.read_csv(path), hide_index=True, width="stretch")
+    else:
+        st.info(f"No leaderboard yet ({path} is missing). Make it with:")
+        st.code(f"python -m core benchmark {view.dataset.root} --methods all", language="bash")
+
+
+def main() -> None:
+    view = state.current()
+    st.title("HPO correlation (RQ2)")
+    st.caption("Do methods put more relevance on a region when raters marked more HPO terms there? Split 'test': "
+               "the annotated test images, scored by every fold model.")
+    if view.dataset is None:
+        st.info("Choose a dataset in the sidebar.")
+        return
+    try:
+        try:
+            counts = resources.hpo_region_counts(view.dataset)
+        except UserFacingError as error:
+            st.info(f"This dataset has no HPO annotations, so RQ2 cannot be computed: {error}")
+        else:
+            correlation(view, counts)
+            figure4(view)
+        leaderboard(view)
+    except UserFacingError as error:
+        st.error(str(error))
+
+
+main()

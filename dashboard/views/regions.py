@@ -1,0 +1,284 @@
+"""Edit the region spec live: parts per region, box growth, overlap order, added regions, gap splits.
+
+The page edits a draft (the spec's JSON form) in the session. Every change goes through a widget
+callback, so it is applied before the sidebar draws: the draft is validated by ``RegionSpec``,
+saved in the spec store, and its content id becomes the URL's ``spec`` for every page. An
+invalid draft is shown with its message and the last valid spec stays in use.
+"""
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+from core.dataset import image_file, landmarks_of, names_in, segmap_file
+from core.errors import UserFacingError
+from core.explain import prepare_face
+from core.imageio import load_image
+from core.parse import LAPA_LABELS, load_label_map
+from core.regions import EDGES, RegionSpec, bundled_region_specs
+from core.stats import compare_groups, hpo_correlation, significance_counts, table4_wide
+from dashboard import render, resources, scores, state
+
+DRAFT, SOURCE, GENERATION, PROBLEM = "_draft", "_draft_source", "_draft_generation", "_draft_problem"
+SIDES = ("grow_left", "grow_right", "grow_top", "grow_bottom")
+GROWTH = (-0.5, 1.5)
+
+
+def _key(*parts) -> str:
+    """Widget keys carry a generation: a structural edit (order, add, remove) starts fresh widgets."""
+    return "-".join(map(str, ("rg", st.session_state.get(GENERATION, 0), *parts)))
+
+
+def _load_draft(spec: RegionSpec, reference: str) -> None:
+    st.session_state[DRAFT] = json.loads(spec.to_json())
+    st.session_state[SOURCE] = reference
+    st.session_state[GENERATION] = st.session_state.get(GENERATION, 0) + 1
+    st.session_state.pop(PROBLEM, None)
+
+
+def _commit(structural: bool = False, note: str | None = None) -> None:
+    """Validate the draft; if valid, store it and make it the view's spec."""
+    try:
+        spec = RegionSpec.from_json(json.dumps(st.session_state[DRAFT]))
+    except UserFacingError as error:
+        st.session_state[PROBLEM] = f"Not applied: {error}"
+        return
+    reference = resources.spec_store().reference(spec)
+    state.use_spec(reference)
+    st.session_state[SOURCE] = reference
+    st.session_state[PROBLEM] = note
+    if structural:
+        st.session_state[GENERATION] = st.session_state.get(GENERATION, 0) + 1
+
+
+def _set(path: tuple, key: str) -> None:
+    """Callback: copy a widget's value into the draft at ``path`` and apply."""
+    target = st.session_state[DRAFT]
+    for step in path[:-1]:
+        target = target[step]
+    value = st.session_state[key]
+    target[path[-1]] = sorted(value) if isinstance(value, list) else value
+    _commit()
+
+
+def _move(index: int, by: int) -> None:
+    regions = st.session_state[DRAFT]["regions"]
+    regions.insert(index + by, regions.pop(index))
+    _commit(structural=True)
+
+
+def _remove_region(index: int) -> None:
+    draft = st.session_state[DRAFT]
+    name = draft["regions"].pop(index)["name"]
+    dropped = []
+    for region in draft["regions"]:
+        for edge in EDGES:
+            if region[edge] is not None and region[edge]["region"] == name:
+                region[edge] = None
+                dropped.append(f"{region['name']}'s {edge} link")
+    kept = [s for s in draft["gap_splits"] if name not in (s["upper"], s["lower"])]
+    dropped += [f"gap split {s['upper']}/{s['lower']}" for s in draft["gap_splits"] if s not in kept]
+    draft["gap_splits"] = kept
+    _commit(structural=True, note=f"Removed {name!r}" + (f" and what pointed at it: {', '.join(dropped)}." if dropped
+                                                          else "."))
+
+
+def _add_region(key: str) -> None:
+    template = next(r for r in bundled_region_specs()["extended"].regions if r.name == st.session_state[key])
+    st.session_state[DRAFT]["regions"].append(json.loads(RegionSpec((template,)).to_json())["regions"][0])
+    _commit(structural=True)
+
+
+def _add_box(index: int) -> None:
+    st.session_state[DRAFT]["regions"][index]["boxes"].append(
+        {"labels": [1], "grow_left": 0.0, "grow_right": 0.0, "grow_top": 0.0, "grow_bottom": 0.0})
+    _commit(structural=True)
+
+
+def _remove_box(index: int, box: int) -> None:
+    st.session_state[DRAFT]["regions"][index]["boxes"].pop(box)
+    _commit(structural=True)
+
+
+def _add_split(upper_key: str, lower_key: str) -> None:
+    st.session_state[DRAFT]["gap_splits"].append(
+        {"upper": st.session_state[upper_key], "lower": st.session_state[lower_key], "extend_lower_bottom": 0.5})
+    _commit(structural=True)
+
+
+def _remove_split(index: int) -> None:
+    st.session_state[DRAFT]["gap_splits"].pop(index)
+    _commit(structural=True)
+
+
+def _import(key: str) -> None:
+    upload = st.session_state.get(key)
+    if upload is None:
+        return
+    try:
+        spec = RegionSpec.from_json(upload.getvalue().decode("utf-8", errors="replace"))
+    except UserFacingError as error:
+        st.session_state[PROBLEM] = f"Not imported: {error}"
+        return
+    reference = resources.spec_store().reference(spec)
+    state.use_spec(reference)
+    _load_draft(spec, reference)
+
+
+def _label_name(label: int) -> str:
+    return f"{label} {LAPA_LABELS[label]}"
+
+
+def edit_region(index: int, region: dict, count: int) -> None:
+    with st.container(border=True):
+        title, up, down, remove = st.columns([6, 1, 1, 1], vertical_alignment="center")
+        kind = "boxes around parts" if region["boxes"] else "pixels of labels"
+        title.markdown(f"**{index + 1}. {region['name']}** · {kind}")
+        up.button("↑", key=_key("up", index), disabled=index == 0, on_click=_move, args=(index, -1),
+                  help="Earlier regions win where two overlap")
+        down.button("↓", key=_key("down", index), disabled=index == count - 1, on_click=_move, args=(index, 1))
+        remove.button("✕", key=_key("remove", index), on_click=_remove_region, args=(index,),
+                      help=f"Remove {region['name']}")
+        for b, box in enumerate(region["boxes"]):
+            columns = st.columns([3, 2, 2, 2, 2, 1], vertical_alignment="bottom")
+            key = _key("labels", index, b)
+            columns[0].multiselect(f"Box {b + 1} around", list(range(len(LAPA_LABELS))), default=box["labels"],
+                                   format_func=_label_name, key=key, on_change=_set,
+                                   args=(("regions", index, "boxes", b, "labels"), key))
+            for column, side in zip(columns[1:5], SIDES):
+                key = _key(side, index, b)
+                column.slider(side.replace("_", " "), *GROWTH, value=float(box[side]), step=0.05, key=key,
+                              on_change=_set, args=(("regions", index, "boxes", b, side), key),
+                              help="Fraction of the part's box size added on this side (negative shrinks)")
+            columns[5].button("✕", key=_key("remove-box", index, b), on_click=_remove_box, args=(index, b),
+                              disabled=len(region["boxes"]) == 1, help="Remove this box")
+        if region["boxes"]:
+            st.button("Add a box", key=_key("add-box", index), on_click=_add_box, args=(index,))
+        else:
+            key = _key("pixels", index)
+            st.multiselect("Pixels of", list(range(len(LAPA_LABELS))), default=region["labels"],
+                           format_func=_label_name, key=key, on_change=_set, args=(("regions", index, "labels"), key))
+        for edge in EDGES:
+            link = region[edge]
+            if link is not None:
+                key = _key("offset", index, edge)
+                st.number_input(f"{edge} edge at {link['region']}'s {link['edge']} edge, plus × its size",
+                                value=float(link["offset"]), step=0.05, key=key, on_change=_set,
+                                args=(("regions", index, edge, "offset"), key))
+
+
+def edit_spec(draft: dict) -> None:
+    key = _key("name")
+    st.text_input("Spec name", value=draft["name"], key=key, on_change=_set, args=(("name",), key))
+    regions = draft["regions"]
+    for index, region in enumerate(regions):
+        edit_region(index, region, len(regions))
+    present = {r["name"] for r in regions}
+    templates = [r.name for r in bundled_region_specs()["extended"].regions if r.name not in present]
+    if templates:
+        left, right = st.columns([3, 1], vertical_alignment="bottom")
+        key = _key("template")
+        left.selectbox("Add a region (templates from extended.json)", templates, key=key)
+        right.button("Add", key=_key("add-region"), on_click=_add_region, args=(key,))
+    st.markdown("**Gap splits** (the paper's nose/mouth rule: facing edges meet at the gap's midpoint)")
+    for s, split in enumerate(draft["gap_splits"]):
+        left, right = st.columns([5, 1], vertical_alignment="bottom")
+        key = _key("extend", s)
+        left.slider(f"{split['upper']} / {split['lower']}: extend {split['lower']}'s bottom by × the gap", 0.0, 2.0,
+                    value=float(split["extend_lower_bottom"]), step=0.05, key=key, on_change=_set,
+                    args=(("gap_splits", s, "extend_lower_bottom"), key))
+        right.button("✕", key=_key("remove-split", s), on_click=_remove_split, args=(s,), help="Remove this split")
+    names = [r["name"] for r in regions]
+    if len(names) >= 2:
+        upper, lower, add = st.columns([2, 2, 1], vertical_alignment="bottom")
+        upper_key, lower_key = _key("split-upper"), _key("split-lower")
+        upper.selectbox("Upper region", names, key=upper_key)
+        lower.selectbox("Lower region", names, index=1, key=lower_key)
+        add.button("Add split", key=_key("add-split"), on_click=_add_split, args=(upper_key, lower_key))
+
+
+def preview(view: state.View) -> None:
+    """The current spec's masks on a few held-out faces."""
+    dataset = view.dataset
+    count = st.slider("Faces to preview", 1, 8, 4, key="preview", bind=state.URL)
+    fold = dataset.folds[0] if dataset.folds else None
+    names = (names_in(dataset, fold, "test") if fold else dataset.table["image_name"].to_list())[:count]
+    size = resources.classifier(view.cards[0]).card.input_size if view.cards else 224
+    parser = resources.parser(view.parser) if view.parser else None
+    landmarks = landmarks_of(dataset, names)
+    columns = st.columns(len(names))
+    empty: dict[str, int] = {}
+    for column, name, points in zip(columns, names, landmarks if landmarks is not None else [None] * len(names)):
+        segmap = segmap_file(dataset, name)
+        face = prepare_face(load_image(image_file(dataset, name)), size, view.spec, landmarks=points, parser=parser,
+                            stored_map=load_label_map(segmap) if segmap is not None and parser is None else None,
+                            cache=resources.result_cache())
+        column.image(render.regions_rgb(face.aligned, face.masks), caption=name, width="stretch")
+        for region, mask in zip(face.region_names, face.masks):
+            if not mask.any():
+                empty[region] = empty.get(region, 0) + 1
+    st.markdown("Regions: " + render.region_legend([rule.name for rule in view.spec.regions]))
+    for region, n in empty.items():
+        st.warning(f"Region {region!r} is empty on {n} of {len(names)} preview faces: its scores are NaN there.")
+
+
+def rescored_tables(view: state.View) -> None:
+    """Tables 3 and 4 under the current spec, re-scored from the stored maps (no model runs)."""
+    val, test = scores.score_table(view, "val"), scores.score_table(view, "test")
+    for split, table in (("val", val), ("test", test)):
+        if table is None:
+            st.info(f"Nothing extracted for split {split!r} yet: extract it on the "
+                    f"{'Statistics' if split == 'val' else 'HPO correlation'} page, then edits re-score here.")
+        elif table.origin != "store":
+            st.info(f"Split {split!r}: {table.note}.")
+    left, right = st.columns(2)
+    if val is not None and val.origin == "store":
+        with left:
+            st.markdown(f"**Table 3** (split val, re-scored in {val.seconds * 1000:.0f} ms; paper's test settings)")
+            counts = significance_counts(compare_groups(val.table))
+            st.plotly_chart(render.heat_table(counts, "region", title="significant methods"), width="stretch")
+    if test is not None and test.origin == "store":
+        with right:
+            st.markdown(f"**Table 4** (split test, re-scored in {test.seconds * 1000:.0f} ms): mean (std) ρ over "
+                        "fold models")
+            try:
+                summary = hpo_correlation(test.table, resources.hpo_region_counts(view.dataset)).summary
+            except UserFacingError as error:
+                st.info(str(error))
+            else:
+                st.plotly_chart(render.heat_table(summary.pivot(on="region", index="method", values="rho_mean"),
+                                                  "method", text=table4_wide(summary), zmid=0.0, title="ρ"),
+                                width="stretch")
+
+
+def main() -> None:
+    view = state.current()
+    st.title("Regions")
+    st.caption("Edit which parts form each region and how its box grows; every change re-scores the stored "
+               "relevance maps and updates Tables 3 and 4. The edited spec gets a short id in the URL.")
+    if st.session_state.get(SOURCE) != view.spec_ref:
+        _load_draft(view.spec, view.spec_ref)
+    problem = st.session_state.get(PROBLEM)
+    if problem:
+        (st.error if problem.startswith("Not ") else st.info)(problem)
+    editor, results = st.columns([2, 3])
+    with editor:
+        edit_spec(st.session_state[DRAFT])
+        st.divider()
+        key = "spec_upload"
+        st.file_uploader("Import a spec (JSON)", type=["json"], key=key, on_change=_import, args=(key,))
+        st.download_button("Export this spec (JSON)", data=view.spec.to_json(), mime="application/json",
+                           file_name=f"{view.spec.name or 'regions'}-{view.spec_ref}.json".replace(" ", "-"))
+    with results:
+        if view.dataset is None:
+            st.info("Choose a dataset in the sidebar to preview the masks and re-score it.")
+            return
+        try:
+            preview(view)
+            rescored_tables(view)
+        except (UserFacingError, ValueError) as error:
+            st.error(str(error))
+
+
+main()
