@@ -27,6 +27,9 @@ ARCFACE_TEMPLATE_112 = np.array([
 # MTCNN's image pyramid is slow and memory-hungry on big photos, and faces in clinical portraits are
 # large: search a copy whose longest side is at most this.
 DETECTION_MAX_SIDE = 1024
+# MTCNN's smallest face is 20 pixels (its min_face_size): on a smaller picture its image pyramid is
+# empty and it fails inside torch instead of finding nothing.
+DETECTION_MIN_SIDE = 20
 
 NO_FACE_MESSAGE = ("No face found in the image; use a frontal, well-lit photo in which the face is clearly "
                    "visible (at least about 40 pixels wide), or give the five landmarks (x1,y1…x5,y5 in "
@@ -71,6 +74,8 @@ def detect_faces(image: np.ndarray, detector=None) -> list[DetectedFace]:
         searched = np.asarray(Image.fromarray(image).resize(small_size, Image.Resampling.LANCZOS))
     else:
         searched = image
+    if min(searched.shape[:2]) < DETECTION_MIN_SIDE:
+        return []
     boxes, probabilities, points = (detector or default_detector()).detect(searched, landmarks=True)
     if boxes is None:
         return []

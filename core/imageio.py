@@ -2,22 +2,48 @@
 
 Everything happens in memory (an upload must never touch the disk) and every way a file can be
 unusable ends in an ImageError whose message says what is wrong, never in a Pillow traceback.
+
+Memory is bounded by the pixel budget: the header is checked before decoding, JPEGs decode at a
+reduced scale, and a large photo is shrunk in the mode it was decoded in before any conversion, so
+no full-size RGB, RGBA or float copy is ever made (peak about 4-6 bytes per declared pixel, see
+tests/test_hardening_images.py).
 """
 
+import logging
+import re
+import stat
 import struct
+import zlib
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from core.errors import ImageError
 
 # Pillow raises these (besides OSError) from inside its decoders on malformed data.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error,
+                  zlib.error)
 
 # Modes whose samples exceed 8 bits, with the largest value of their nominal range.
 _HIGH_DEPTH_NOMINAL_MAX = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+EXIF_ORIENTATION = 0x0112
+# What Pillow's ImageOps.exif_transpose does for each EXIF orientation; applied here to the
+# shrunk image, so a rotated 50-megapixel photo is never copied at full size.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+# Pillow's TIFF/EXIF and PNG readers log tag values and chunk contents (descriptions, GPS
+# positions, camera serial numbers, ICC profile names) at DEBUG. A photo's metadata must not reach
+# the logs, whatever level the application logs at; a caller who really wants Pillow's debugging
+# output sets these loggers' level back explicitly.
+for _name in ("PIL.TiffImagePlugin", "PIL.PngImagePlugin"):
+    logging.getLogger(_name).setLevel(logging.INFO)
+
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 def load_image(source: bytes | str | Path, max_pixels: int = 50_000_000, max_side: int = 4096) -> np.ndarray:
@@ -33,7 +59,9 @@ def load_image(source: bytes | str | Path, max_pixels: int = 50_000_000, max_sid
     try:
         image = Image.open(BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"the declared size exceeds the limit of {max_pixels:,} pixels ({exc}); "
+        declared = _BOMB_PIXELS.search(str(exc))
+        size = f"({int(declared.group(1)):,} pixels) " if declared else ""
+        raise ImageError(f"the declared size {size}exceeds the limit of {max_pixels:,} pixels; "
                          "downscale the photo before loading it") from None
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read (unrecognised file format); "
@@ -54,56 +82,87 @@ def load_image(source: bytes | str | Path, max_pixels: int = 50_000_000, max_sid
             image.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
         try:
             image.load()  # the first frame of a multi-frame file
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            orientation = image.getexif().get(EXIF_ORIENTATION)
+            rgb = _to_rgb(image, max_side)
         except _DECODE_ERRORS as exc:
             if "truncated" in str(exc):
                 raise ImageError("the image data is truncated; the file was cut short, "
                                  "download or export it again") from None
             raise ImageError(f"the image data is corrupt ({exc}); export the photo again") from None
-    return _fit_within(rgb, max_side)
+    upright = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    if upright is not None:
+        rgb = np.asarray(Image.fromarray(rgb).transpose(upright))
+    return rgb
 
 
 def _read_bytes(source: bytes | str | Path) -> bytes:
     if isinstance(source, bytes):
         return source
     try:
+        mode = Path(source).stat().st_mode
+        if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+            raise ImageError(f"cannot read {source}: not a regular file; choose a photo file")
         return Path(source).read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read {source}: {exc.strerror or exc}; check the path") from None
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> RGB uint8: transparency composited on white, high bit depths rescaled."""
+def _to_rgb(image: Image.Image, max_side: int) -> np.ndarray:
+    """Any Pillow mode -> RGB uint8 no larger than max_side: transparency composited on white, high
+    bit depths rescaled. Shrinking comes first, in the decoded mode, so conversions touch few pixels."""
     if image.mode in _HIGH_DEPTH_NOMINAL_MAX:
-        grey = _rescale_to_uint8(np.asarray(image), _HIGH_DEPTH_NOMINAL_MAX[image.mode])
+        low, high = _value_range(image)
+        # BOX keeps every sample within the original range, so the range found above still holds.
+        grey = _rescale_to_uint8(np.asarray(_shrunk(image, max_side, Image.Resampling.BOX)), low, high)
         return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "1":
+        image = image.convert("L")  # Pillow resizes bilevel and palette images only by nearest neighbour
+    elif image.mode in ("P", "PA") or (image.has_transparency_data and image.mode not in ("RGBA", "LA")):
+        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+    image = _shrunk(image, max_side, Image.Resampling.LANCZOS)
     if image.has_transparency_data:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image.convert("RGBA"))
     try:
         return np.asarray(image.convert("RGB"))
-    except ValueError:  # e.g. LAB, which Pillow cannot convert without a colour profile
+    except ValueError:  # a mode Pillow cannot convert without a colour profile
         raise ImageError(f"colour mode {image.mode} is not supported; save the photo as RGB") from None
 
 
-def _rescale_to_uint8(values: np.ndarray, nominal_max: float) -> np.ndarray:
-    """Scale samples to 0..255 from their nominal range, or from their own range if they leave it.
+def _shrunk(image: Image.Image, max_side: int, resample: Image.Resampling) -> Image.Image:
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, resample, reducing_gap=3.0)
 
-    Proportional scaling keeps relative intensities; clipping would turn most of a 16-bit photo white.
+
+def _value_range(image: Image.Image) -> tuple[float, float]:
+    """The range mapped onto 0..255: the mode's nominal one, or the samples' own if they leave it.
+
+    Proportional scaling keeps relative intensities; clipping would turn most of a 16-bit photo
+    white. Non-finite samples count as 0 (they are drawn black-level). Measured on the full image
+    without a float copy.
     """
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = (0.0, float(nominal_max))
-    if values.min() < low or values.max() > high:
-        low, high = float(values.min()), float(values.max())
+    nominal = (0.0, float(_HIGH_DEPTH_NOMINAL_MAX[image.mode]))
+    if image.mode == "I":
+        low, high = image.getextrema()
+    elif image.mode == "F":
+        values = np.asarray(image)
+        finite = np.isfinite(values)
+        low = float(np.minimum.reduce(values, axis=None, where=finite, initial=np.inf))
+        high = float(np.maximum.reduce(values, axis=None, where=finite, initial=-np.inf))
+        if not finite.all():
+            low, high = min(low, 0.0), max(high, 0.0)
+    else:  # unsigned 16 bit: always within the nominal range
+        return nominal
+    return nominal if nominal[0] <= low and high <= nominal[1] else (float(low), float(high))
+
+
+def _rescale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     if high == low:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
-def _fit_within(rgb: np.ndarray, max_side: int) -> np.ndarray:
-    height, width = rgb.shape[:2]
-    if max(height, width) <= max_side:
-        return rgb
-    scale = max_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0))
+    scaled = (values - np.float32(low)) * np.float32(255.0 / (high - low))
+    return np.round(np.clip(scaled, 0, 255)).astype(np.uint8)
