@@ -1,0 +1,121 @@
+"""Screenshots of every page on the demo data, taken in a real headless Chromium.
+
+    .venv/bin/python dashboard/screenshots.py [--dataset data/demo] [--out docs/screenshots]
+
+Starts ``streamlit run dashboard/app.py`` on a free local port, opens each page in Debian's
+Chromium (``apt-get install chromium``) through Playwright, waits until the script has finished,
+and saves a full-page PNG. ``serve`` and ``browser`` are shared with ``tests/test_browser.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+APP = REPO / "dashboard" / "app.py"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PAGES = {"explain": "", "regions": "regions", "statistics": "statistics", "hpo": "hpo"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[str]:
+    """``streamlit run`` on 127.0.0.1 and a free port; yields the base URL, stops the server afterwards."""
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if server.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"streamlit exited with {server.returncode}: {log.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as answer:
+                    if answer.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"streamlit did not answer on {base} within {timeout:.0f} s")
+            time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@contextlib.contextmanager
+def browser(profile: Path, width: int = 1600, height: int = 1100):
+    """A fresh Chromium (empty profile folder) as a Playwright browser context."""
+    from playwright.sync_api import sync_playwright
+
+    profile.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": width, "height": height},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def settled(page, timeout: float = 180_000) -> None:
+    """Wait until the app has connected and its script has finished running."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout)
+    page.wait_for_timeout(500)  # charts and images render just after the script ends
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", type=Path, help="dataset folder (default: the demo)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
+    parser.add_argument("--query", default="", help="extra query string for every page, e.g. 'methods=Gradient'")
+    args = parser.parse_args(argv)
+    if not CHROMIUM.is_file():
+        print(f"error: {CHROMIUM} is missing; install it with `apt-get install chromium`", file=sys.stderr)
+        return 2
+    env = {"XAI_DATASET": str(args.dataset.resolve())} if args.dataset else {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with serve(env) as base, tempfile.TemporaryDirectory() as profile, browser(Path(profile)) as context:
+        page = context.new_page()
+        for name, path in PAGES.items():
+            page.goto(f"{base}/{path}?{args.query}")
+            settled(page)
+            target = args.out / f"{name}.png"
+            page.screenshot(path=str(target), full_page=True)
+            print(f"{target} ({page.locator('h1').first.inner_text()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
