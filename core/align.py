@@ -98,12 +98,38 @@ def detect_landmarks(image: np.ndarray, detector=None) -> np.ndarray:
     return faces[0].landmarks
 
 
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 224) -> AlignedFace:
-    """Warp `image` so its landmarks best match the template (least squares over all five points)."""
-    _check_rgb(image)
+def check_landmarks(landmarks: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """The 5×2 landmarks as floats, refused (NoFaceError) when they cannot be a face in this photo.
+
+    Refused: values that are not finite; eyes less than 2 pixels apart (coordinates normalised to
+    0..1, or all points equal); a point outside the photo by more than half the face's own extent
+    (coordinates of another photo, another scale, or x and y swapped). A face cut by the border
+    keeps its landmarks just outside, which is allowed.
+    """
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.shape != (5, 2):
         raise ValueError(f"landmarks must be 5×2 (x, y), got shape {landmarks.shape}")
+    if not np.isfinite(landmarks).all():
+        raise NoFaceError(f"The five landmarks must be finite numbers, got {np.round(landmarks, 1).tolist()}.")
+    eye_distance = float(np.linalg.norm(landmarks[1] - landmarks[0]))
+    if eye_distance < 2:
+        raise NoFaceError(f"The five landmarks do not define a face: the eyes are {eye_distance:.2g} pixels apart. "
+                          "Give them in the photo's pixels (not normalised to 0..1), in the order left eye, "
+                          "right eye, nose, left and right mouth corner.")
+    height, width = image_shape[:2]
+    margin = 0.5 * float(np.ptp(landmarks, axis=0).max())
+    outside = (landmarks < -margin).any(axis=1) | (landmarks > np.array([width, height]) + margin).any(axis=1)
+    if outside.any():
+        point = landmarks[np.argmax(outside)]
+        raise NoFaceError(f"The landmark ({point[0]:.1f}, {point[1]:.1f}) lies outside the {width}×{height} photo; "
+                          "landmarks must be in the pixels of this photo, x before y.")
+    return landmarks
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 224) -> AlignedFace:
+    """Warp `image` so its landmarks best match the template (least squares over all five points)."""
+    _check_rgb(image)
+    landmarks = check_landmarks(landmarks, image.shape)
     transform = SimilarityTransform.from_estimate(landmarks, template_for(size))
     if not transform:
         raise NoFaceError(f"The five landmarks do not define a face ({transform}); check that they are "

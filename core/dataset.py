@@ -10,8 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from PIL import Image
 
-from core.errors import UserFacingError
+from core.align import check_landmarks
+from core.errors import ImageError, NoFaceError, UserFacingError
+from core.imageio import load_image_and_scale
+from core.parse import load_label_map
 
 FOLDS = tuple(f"fold-{i}" for i in range(1, 6))
 SPLITS = ("train", "val", "test")
@@ -49,6 +53,15 @@ def label_from_name(image_name: str) -> str | None:
     return match.group("label") if match else None
 
 
+@dataclass(frozen=True)
+class Photo:
+    """One dataset image ready for ``core.explain.prepare_face``, everything in the same pixels."""
+
+    image: np.ndarray  # RGB uint8, upright, as core.imageio.load_image gives it
+    landmarks: np.ndarray | None  # 5×2 in the pixels of ``image`` (scaled if the photo was shrunk)
+    label_map: np.ndarray | None  # the stored LaPa map, in the pixels of ``image`` or at the aligned size
+
+
 def open_dataset(root: str | Path) -> Dataset:
     root = Path(root)
     partitions = root / "metadata" / "partitions.csv"
@@ -56,11 +69,28 @@ def open_dataset(root: str | Path) -> Dataset:
         raise DatasetError(f"dataset folder {root} does not exist")
     if not partitions.is_file():
         raise DatasetError(f"{partitions} is missing; a dataset needs metadata/partitions.csv (see README 'Data layout')")
+    with partitions.open("rb") as file:
+        if file.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            raise DatasetError(f"{partitions}: the file is UTF-16; save it as UTF-8 CSV")
     try:
         table = pl.read_csv(partitions, infer_schema_length=10_000)
     except (pl.exceptions.PolarsError, UnicodeDecodeError) as error:
         raise DatasetError(f"{partitions}: not a readable CSV ({error})") from None
-    return Dataset(root=root, table=_validated(table, partitions))
+    table = _validated(table, partitions)
+    _check_annotation_labels(root, set(table["label"].to_list()))
+    return Dataset(root=root, table=table)
+
+
+def _check_annotation_labels(root: Path, classes: set[str]) -> None:
+    """Each metadata/hpo-annotations/<label>.csv must be named after a class of partitions.csv: a
+    misspelt or extra file would otherwise be read as annotations of no image."""
+    folder = root / "metadata" / "hpo-annotations"
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.csv")):
+        if path.stem not in classes:
+            raise DatasetError(f"{path}: label {path.stem!r} is not a class of partitions.csv (classes: "
+                               f"{', '.join(sorted(classes))}); rename the file after its class, or remove it")
 
 
 def _row(table: pl.DataFrame, index: int) -> str:
@@ -70,12 +100,14 @@ def _row(table: pl.DataFrame, index: int) -> str:
 def _validated(table: pl.DataFrame, where: Path) -> pl.DataFrame:
     if "image_name" not in table.columns:
         raise DatasetError(f"{where}: no image_name column (columns: {', '.join(table.columns)})")
+    if table.is_empty():
+        raise DatasetError(f"{where}: lists no images; add one row per photo")
     table = table.with_columns(pl.col("image_name").cast(pl.Utf8))
     names = table["image_name"]
     for i, name in enumerate(names):
         if name is None or not name.strip():
             raise DatasetError(f"{where}: row {i + 2} has an empty image_name")
-        if Path(name).is_absolute() or ".." in Path(name).parts or "/" in name or "\\" in name:
+        if "/" in name or "\\" in name or name in (".", "..") or any(ord(c) < 32 for c in name):
             raise DatasetError(f"{where}: {_row(table, i)}: image names must be plain file names inside images/")
     duplicated = names.filter(names.is_duplicated()).unique().to_list()
     if duplicated:
@@ -88,6 +120,9 @@ def _validated(table: pl.DataFrame, where: Path) -> pl.DataFrame:
                                "'<label>Slide<number>'; add a label column")
         table = table.with_columns(pl.Series("label", labels))
     table = table.with_columns(pl.col("label").cast(pl.Utf8))
+    unlabelled = table.with_row_index().filter(pl.col("label").is_null() | (pl.col("label").str.strip_chars() == ""))
+    if len(unlabelled):
+        raise DatasetError(f"{where}: {_row(table, unlabelled['index'][0])} has an empty label")
     for fold in (f for f in FOLDS if f in table.columns):
         bad = table.with_row_index().filter(~pl.col(fold).is_in(SPLITS) | pl.col(fold).is_null())
         if len(bad):
@@ -101,6 +136,11 @@ def _validated(table: pl.DataFrame, where: Path) -> pl.DataFrame:
             table = table.with_columns([pl.col(c).cast(pl.Float64, strict=True) for c in present])
         except pl.exceptions.PolarsError:
             raise DatasetError(f"{where}: landmark columns must be numbers") from None
+        for column in present:
+            bad = table.with_row_index().filter(~pl.col(column).is_finite() | pl.col(column).is_null())
+            if len(bad):
+                raise DatasetError(f"{where}: {_row(table, bad['index'][0])} has {column} = {bad[column][0]}; every "
+                                   "row needs all ten landmark numbers (or drop the columns to detect faces)")
     keep = ["image_name", "label", *[f for f in FOLDS if f in table.columns], *present]
     return table.select(keep)
 
@@ -117,13 +157,71 @@ def image_file(dataset: Dataset, image_name: str) -> Path:
 
 
 def segmap_file(dataset: Dataset, image_name: str) -> Path | None:
-    """The stored label map of an image (same name, or same stem as .png), if the dataset has one."""
+    """The stored label map of an image (same name, or same stem as .png), if the dataset has one.
+
+    A map that resolves outside ``features/segmaps/`` (a symlink) is refused, not silently skipped.
+    """
     folder = (dataset.root / "features" / "segmaps").resolve()
     for candidate in (folder / image_name, folder / Path(image_name).with_suffix(".png").name):
+        if not (candidate.is_symlink() or candidate.exists()):
+            continue
         path = candidate.resolve()
-        if folder in path.parents and path.is_file():
+        if folder not in path.parents:
+            raise DatasetError(f"label map {candidate.name!r} resolves outside {folder}; refusing to read it")
+        if path.is_file():
             return path
     return None
+
+
+def read_photo(dataset: Dataset, image_name: str) -> Photo:
+    """A dataset image with its landmarks and stored label map, checked against each other.
+
+    Landmarks are scaled if the photo was shrunk on loading and must lie on the photo; a stored map
+    must have the photo's size (it is then shrunk with it) or be square (taken as aligned already).
+    Every problem is a DatasetError naming the row of partitions.csv.
+    """
+    where = _where(dataset, image_name)
+    try:
+        image, factors = load_image_and_scale(image_file(dataset, image_name))
+    except (ImageError, DatasetError) as error:
+        raise DatasetError(f"{where}: {error}") from None
+    landmarks = landmarks_of(dataset, [image_name])
+    if landmarks is not None:
+        try:
+            landmarks = check_landmarks(landmarks[0] * factors, image.shape)
+        except NoFaceError as error:
+            raise DatasetError(f"{where}: {error}") from None
+    return Photo(image, landmarks, _stored_label_map(dataset, image_name, image.shape, factors, where))
+
+
+def _where(dataset: Dataset, image_name: str) -> str:
+    index = dataset.table["image_name"].to_list().index(image_name)
+    return f"{dataset.root / 'metadata' / 'partitions.csv'}: {_row(dataset.table, index)}"
+
+
+def _stored_label_map(dataset: Dataset, image_name: str, image_shape: tuple[int, ...], factors: np.ndarray,
+                      where: str) -> np.ndarray | None:
+    path = segmap_file(dataset, image_name)
+    if path is None:
+        return None
+    photo_size = tuple(int(round(n)) for n in np.array(image_shape[1::-1]) / factors)  # the file's own width, height
+    try:
+        with Image.open(path) as header:  # sizes from the header, before decoding anything
+            map_size = header.size
+    except (OSError, Image.DecompressionBombError) as error:
+        raise DatasetError(f"{where}: cannot read the label map {path} ({error})") from None
+    if map_size != photo_size and map_size[0] != map_size[1]:
+        raise DatasetError(f"{where}: the label map {path.name} is {map_size[0]}×{map_size[1]} but the photo is "
+                           f"{photo_size[0]}×{photo_size[1]}; a label map is drawn on its photo (same size) or on "
+                           "the aligned face (square)")
+    try:
+        label_map = load_label_map(path)
+    except ImageError as error:
+        raise DatasetError(f"{where}: {error}") from None
+    if map_size == photo_size and label_map.shape != image_shape[:2]:
+        shrunk = Image.fromarray(label_map).resize(image_shape[1::-1], Image.Resampling.NEAREST)
+        label_map = np.asarray(shrunk)
+    return label_map
 
 
 def landmarks_of(dataset: Dataset, image_names: list[str]) -> np.ndarray | None:

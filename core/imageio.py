@@ -53,6 +53,16 @@ def load_image(source: bytes | str | Path, max_pixels: int = 50_000_000, max_sid
     decompression bomb costs nothing. Pillow's own global guard (2 × Image.MAX_IMAGE_PIXELS) still
     applies above that and is reported the same way; the global is never changed here.
     """
+    return load_image_and_scale(source, max_pixels, max_side)[0]
+
+
+def load_image_and_scale(source: bytes | str | Path, max_pixels: int = 50_000_000,
+                         max_side: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """``load_image``, and the (x, y) factors from the upright photo's own pixels to the returned ones.
+
+    The factors are 1 unless the photo was shrunk to ``max_side``: coordinates measured on the full
+    photo (a dataset's landmarks) times them land on the returned array.
+    """
     data = _read_bytes(source)
     if not data:
         raise ImageError("the file is empty; choose the photo again or re-export it")
@@ -92,7 +102,10 @@ def load_image(source: bytes | str | Path, max_pixels: int = 50_000_000, max_sid
     upright = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
     if upright is not None:
         rgb = np.asarray(Image.fromarray(rgb).transpose(upright))
-    return rgb
+    if upright in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                   Image.Transpose.ROTATE_90):
+        width, height = height, width
+    return rgb, np.array([rgb.shape[1] / width, rgb.shape[0] / height])
 
 
 def _read_bytes(source: bytes | str | Path) -> bytes:
