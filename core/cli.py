@@ -144,6 +144,48 @@ def command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_extract(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cache import DiskCache
+    from core.dataset import open_dataset
+    from core.extract import (default_model_cards, extract_scores, load_classifiers, relevance_store_dir,
+                              score_table_path, write_score_table)
+    from core.paths import demo_dataset
+    from core.regions import PAPER_REGIONS, RegionSpec
+    from core.relevance_store import RelevanceStore
+    from models.parser import load_face_parser
+
+    dataset = open_dataset(args.dataset or demo_dataset())
+    cards = ([Path(c.strip()) for c in args.models.split(",") if c.strip()] if args.models
+             else default_model_cards(dataset.root))
+    if not cards:
+        raise UserFacingError(f"no --models given and {dataset.root / 'models'} holds no classifier-fold-*.json card")
+    classifiers = load_classifiers(cards)
+    if args.folds:
+        folds = {f.strip() for f in args.folds.split(",") if f.strip()}
+        classifiers = {name: c for name, c in classifiers.items() if c.card.fold in folds}
+        if not classifiers:
+            raise UserFacingError(f"none of the models belongs to fold(s) {', '.join(sorted(folds))}")
+    spec = PAPER_REGIONS if args.regions is None else RegionSpec.from_json(_read_text(args.regions, "region spec"))
+    store = None if args.no_store else RelevanceStore(args.store or relevance_store_dir(dataset.root, args.split))
+    with tqdm(total=0, unit="map", desc="extract", file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
+        def progress(done: int, total: int, what: str) -> None:
+            bar.total = total
+            bar.set_postfix_str(what, refresh=False)
+            bar.update(done - bar.n)
+
+        table = extract_scores(dataset, classifiers, args.methods, split=args.split, spec=spec, mode=args.mode,
+                               parser=None if args.parser is None else load_face_parser(args.parser),
+                               cache=None if args.no_cache else DiskCache(), store=store,
+                               batch_size=args.batch_size, progress=progress, target=args.target)
+    out = write_score_table(table, args.out or score_table_path(dataset.root, args.split))
+    print(f"{table.height} rows ({table['image_name'].n_unique()} images × {len(classifiers)} model(s) × "
+          f"{len(args.methods)} method(s) × {len(spec.regions)} regions) -> {out}"
+          + ("" if store is None else f"; relevance maps in {store.root}"), file=sys.stderr)
+    return 0
+
+
 def _read_score_table(path: Path):
     import polars as pl
 
@@ -439,6 +481,30 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"correlation < {CHANGED_BELOW}")
     checks["sanity"].add_argument("--seed", type=int, default=0, help="seed of the re-initialisation")
     checks["sanity"].set_defaults(run=command_sanity)
+
+    extract = commands.add_parser("extract", help="dataset × fold models × methods -> Parquet score table "
+                                                  "(resumable through the cache, with progress)")
+    extract.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo dataset)")
+    extract.add_argument("--models", help="comma-separated classifier cards (default: <dataset>/models/classifier-fold-*.json)")
+    extract.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
+    extract.add_argument("--folds", help="comma-separated folds: keep the models whose card names one of them")
+    extract.add_argument("--split", choices=("val", "test", "all"), default="val",
+                         help="each model's own held-out val images (RQ1, default), the test set (RQ2), or all")
+    extract.add_argument("--regions", type=Path, help="region spec JSON (default: the paper's eye, nose, mouth)")
+    extract.add_argument("--mode", choices=RELEVANCE_MODES, default="abs", help="relevance map (default: abs, the paper)")
+    extract.add_argument("--target", choices=("predicted", "label"), default="predicted",
+                         help="class to explain: the predicted one (default, the paper) or the true label")
+    extract.add_argument("--parser", type=Path, help="face parser card, for images without a stored label map "
+                                                     "(default: the landmark template)")
+    extract.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="images per batch (default 16)")
+    extract.add_argument("--out", type=Path, help="Parquet path (default: <dataset>/results/scores-<split>.parquet)")
+    extract.add_argument("--store", type=Path, help="relevance store folder (default: <dataset>/results/relevance/<split>)")
+    extract.add_argument("--no-store", dest="no_store", action="store_true",
+                         help="keep no relevance maps (re-scoring another region spec then needs a new extraction)")
+    extract.add_argument("--no-cache", dest="no_cache", action="store_true",
+                         help="do not memoise attributions in XAI_CACHE_DIR (an interrupted run then starts over)")
+    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    extract.set_defaults(run=command_extract)
 
     demo = commands.add_parser("demo", help="build the synthetic demo dataset and its models (idempotent)")
     demo.add_argument("--root", type=Path, help="where (default: data/demo, or $XAI_DATA_DIR/demo)")

@@ -1,0 +1,136 @@
+"""Re-scoring a paper-sized dataset from the relevance store: the one-off masks, then ms per method.
+
+3,547 random relevance maps of 224² (the NIH-Faces size; the content does not change the cost)
+over realistic label maps (synthetic faces from ``core.synth``, aligned like the dataset's own,
+tiled), stored as five fold models like a ``val`` extraction. Reported for the paper's spec and the
+extended one: the mask computation (``region_masks`` on every map plus run-length encoding), its
+reload from the store's memo, the store's scoring per method, and side by side the same scores by
+``core.score.region_scores`` on precomputed boolean masks (the straightforward way), with the
+largest difference between the two.
+
+    .venv/bin/python bench/rescore_speed.py          # about a minute; needs ~2 GB of RAM and /tmp
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.align import align_face, warp_to_aligned  # noqa: E402
+from core.regions import bundled_region_specs, region_masks  # noqa: E402
+from core.relevance_store import RelevanceStore, StoreContents, StoredModel, rescore  # noqa: E402
+from core.score import region_scores  # noqa: E402
+from core.synth.dataset import plan_images  # noqa: E402
+from core.synth.faces import render_face  # noqa: E402
+
+METHODS = ("Gradient", "Occlusion")
+
+
+def synthetic_label_maps(distinct: int, size: int) -> np.ndarray:
+    """``distinct`` rendered faces' label maps, carried into the aligned frame as the dataset's are."""
+    maps = []
+    for image in plan_images(max(1, distinct // 12 + 1), seed=0, size=size)[:distinct]:
+        _, label_map, landmarks = render_face(image.params)
+        maps.append(warp_to_aligned(label_map, align_face(np.zeros((size, size, 3), np.uint8), landmarks,
+                                                          size=size).matrix, size, order=0))
+    return np.stack(maps)
+
+
+def build_store(root: Path, label_maps: np.ndarray, folds: int, seed: int) -> RelevanceStore:
+    n, size = len(label_maps), label_maps.shape[1]
+    bounds = np.linspace(0, n, folds + 1).astype(int)
+    models = tuple(StoredModel(f"classifier-fold-{k + 1}", f"fold-{k + 1}", ("A", "B"), f"random-{k}",
+                               tuple(range(bounds[k], bounds[k + 1]))) for k in range(folds))
+    contents = StoreContents(size=size, mode="abs", target="predicted",
+                             image_names=tuple(f"face{i:05d}.jpg" for i in range(n)), labels=("A",) * n,
+                             faces_key="bench", label_maps_key="bench", code_version="bench", models=models,
+                             methods=METHODS)
+    rng = np.random.default_rng(seed)
+    with RelevanceStore(root) as store:
+        store.begin(contents)
+        for model in models:
+            rows = list(range(len(model.images)))
+            store.write_predictions(model.name, rows, [0] * len(rows), [0] * len(rows), [1.0] * len(rows))
+            store.write_label_maps(list(model.images), label_maps[list(model.images)])
+            for method in METHODS:
+                for start in range(0, len(rows), 256):
+                    chunk = rows[start:start + 256]
+                    store.write_maps(model.name, method, chunk,
+                                     rng.random((len(chunk), size, size), dtype=np.float32).astype(np.float16))
+    return RelevanceStore(root)
+
+
+def timed(run) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = run()
+    return time.perf_counter() - start, result
+
+
+def best_of(repeats: int, run) -> float:
+    return min(timed(run)[0] for _ in range(repeats))
+
+
+def direct_scores(store: RelevanceStore, method: str, masks: np.ndarray) -> np.ndarray:
+    """``region_scores`` per model on float32 maps, 256 at a time; image i has the masks of face i mod F."""
+    out = []
+    for model in store.contents.models:
+        maps = store.maps(model.name, method)
+        images = np.asarray(model.images)
+        for start in range(0, len(images), 256):
+            out.append(region_scores(np.asarray(maps[start:start + 256], dtype=np.float32),
+                                     masks[images[start:start + 256] % len(masks)]))
+    return np.concatenate(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=3547)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--faces", type=int, default=48, help="distinct synthetic faces tiled into the label maps")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")  # empty-region notes; the cost is what is measured here
+
+    seconds, faces = timed(lambda: synthetic_label_maps(args.faces, args.size))
+    label_maps = faces[np.arange(args.images) % len(faces)]
+    print(f"{args.images} label maps of {args.size}² tiled from {args.faces} rendered faces ({seconds:.1f} s)")
+    with tempfile.TemporaryDirectory() as folder:
+        seconds, store = timed(lambda: build_store(Path(folder), label_maps, folds=5, seed=0))
+        per_method_mb = args.images * args.size ** 2 * 2 / 1e6
+        print(f"store of 5 fold models × {len(METHODS)} methods written in {seconds:.1f} s "
+              f"({per_method_mb:.0f} MB of float16 maps per method)\n")
+        header = (f"{'spec':<9} {'regions':>7} {'masks, one-off':>15} {'memo reload':>12} {'ms/method 1 thread':>19} "
+                  f"{'2 threads':>10} {'region_scores':>14} {'ratio':>6} {'max |diff|':>11}")
+        print(header)
+        print("-" * len(header))
+        for name in ("paper", "extended"):
+            spec = bundled_region_specs()[name]
+            fresh = RelevanceStore(folder)
+            mask_seconds, _ = timed(lambda: fresh.region_segments(spec))
+            reload_seconds, _ = timed(lambda: RelevanceStore(folder).region_segments(spec))
+            rescore(fresh, spec, [METHODS[0]])  # warm: chunk plans built, maps in the page cache
+            per_thread = {threads: min(best_of(args.repeats, lambda: rescore(fresh, spec, [m], threads=threads))
+                                       for m in METHODS) for threads in (1, 2)}
+            masks = region_masks(faces, spec).masks  # of the distinct faces only: independent of the store's
+            direct_scores(store, METHODS[0], masks)  # warm
+            direct = best_of(max(1, args.repeats // 2), lambda: direct_scores(store, METHODS[0], masks))
+            got = rescore(fresh, spec, [METHODS[0]])["score"].to_numpy()
+            expected = direct_scores(store, METHODS[0], masks).reshape(-1)
+            diff = np.nanmax(np.abs(got - expected))
+            print(f"{name:<9} {len(spec.regions):>7} {mask_seconds:>13.1f} s {reload_seconds * 1e3:>9.0f} ms "
+                  f"{per_thread[1] * 1e3:>16.0f} ms {per_thread[2] * 1e3:>7.0f} ms {direct * 1e3:>11.0f} ms "
+                  f"{direct / min(per_thread.values()):>5.1f}× {diff:>11.1e}")
+        print(f"\nms/method: best of {args.repeats} calls of rescore(store, spec, [method], threads=…) over all "
+              f"{args.images} maps, masks memoised (target ≤ 100 ms); region_scores: core.score.region_scores on "
+              "float32 maps and precomputed bool masks, 256 maps per call; ratio: region_scores / the faster store time.")
+
+
+if __name__ == "__main__":
+    main()

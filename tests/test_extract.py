@@ -1,0 +1,287 @@
+"""Dataset extraction on a tiny synthetic dataset: against per-photo ``explain``, resumed after a kill."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import diskcache
+import numpy as np
+import polars as pl
+import pytest
+
+import core.explain as explain_module
+from cache import DiskCache
+from core.cli import main as cli_main
+from core.dataset import image_file, landmarks_of, names_in, open_dataset, segmap_file
+from core.explain import explain, prepare_face
+from core.extract import extract_scores, load_classifiers, relevance_store_dir, score_table_path
+from core.imageio import load_image
+from core.parse import load_label_map
+from core.regions import PAPER_REGIONS, bundled_region_specs
+from core.relevance_store import SCORE_SCHEMA, RelevanceStore, StoreError, rescore
+from core.score import region_scores
+from core.synth.classes import DEFAULT_CLASSES
+from core.synth.dataset import generate_dataset
+from models.checkpoint import ModelCard, save_checkpoint
+from tests.conftest import tiny_resnet
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ("KS", "Unaffected", "WS")
+METHODS = ["Gradient", "LayerGradCam"]
+SIZE = 64
+KEY = ["model", "method", "image_name", "region"]
+
+
+def card(fold: str | None) -> ModelCard:
+    return ModelCard(kind="classifier", architecture="resnet18", classes=CLASSES, input_size=SIZE, channel_order="RGB",
+                     input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), weights="w", fold=fold)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """18 faces of 3 classes, one per person: per class 2 test persons and one val person in folds 1-4."""
+    root = tmp_path_factory.mktemp("extract") / "data"
+    generate_dataset(root, n_per_class=6, seed=0, size=96, photos_per_person=1, test_fraction=0.34, workers=1,
+                     classes=tuple(c for c in DEFAULT_CLASSES if c.label in CLASSES))
+    cards = [save_checkpoint(tiny_resnet(num_classes=3, seed=f), card(f"fold-{f}"), root / "models",
+                             f"classifier-fold-{f}") for f in (1, 2)]
+    return open_dataset(root), load_classifiers(cards)
+
+
+def sorted_table(table: pl.DataFrame) -> pl.DataFrame:
+    return table.sort(KEY)
+
+
+def test_val_split_table_schema_rows_and_one_model_per_image(tiny):
+    dataset, classifiers = tiny
+    table = extract_scores(dataset, classifiers, METHODS, split="val")
+    assert dict(table.schema) == SCORE_SCHEMA
+    val = {name: names_in(dataset, c.card.fold, "val") for name, c in classifiers.items()}
+    assert table.height == sum(len(v) for v in val.values()) * len(METHODS) * 3
+    for name, names in val.items():
+        rows = table.filter(pl.col("model") == name)
+        assert set(rows["image_name"]) == set(names) and set(rows["fold"]) == {classifiers[name].card.fold}
+    # RQ1: over the folds every val image is scored by exactly one model, once per method and region.
+    assert table.group_by("image_name", "method", "region").len()["len"].max() == 1
+    assert set(table["region"]) == {"eye", "nose", "mouth"} and not table["score"].is_nan().any()
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny, tmp_path_factory):
+    """The test split through both models, with a cache and a store (shared by the tests that read it)."""
+    dataset, classifiers = tiny
+    folder = tmp_path_factory.mktemp("extracted")
+    cache = DiskCache(folder / "cache")
+    table = extract_scores(dataset, classifiers, METHODS, split="test", batch_size=4, cache=cache,
+                           store=RelevanceStore(folder / "store"))
+    return table, RelevanceStore(folder / "store"), cache
+
+
+def test_scores_equal_explain_on_each_photo(tiny, extracted):
+    """``explain`` runs one photo at a time with its own classification: an independent path."""
+    dataset, classifiers = tiny
+    table = extracted[0]
+    classifier = classifiers["classifier-fold-2"]
+    names = names_in(dataset, "fold-2", "test")[::2]
+    for name, landmarks in zip(names, landmarks_of(dataset, names)):
+        result = explain(load_image(image_file(dataset, name)), classifier, METHODS, landmarks=landmarks,
+                         stored_map=load_label_map(segmap_file(dataset, name)))
+        rows = table.filter(pl.col("model") == "classifier-fold-2", pl.col("image_name") == name)
+        for method in METHODS:
+            got = rows.filter(pl.col("method") == method)
+            assert got["region"].to_list() == list(result.face.region_names)
+            np.testing.assert_allclose(got["score"].to_numpy(), result.scores[method], atol=1e-5)
+        assert set(rows["predicted"]) == set(rows["target"]) == {CLASSES[result.predicted]}
+        np.testing.assert_allclose(rows["target_probability"].to_numpy(), result.probabilities[result.predicted],
+                                   atol=1e-5)
+
+
+def test_true_label_target_and_every_model_on_the_test_split(tiny):
+    dataset, classifiers = tiny
+    table = extract_scores(dataset, classifiers, ["Gradient"], split="test", target="label")
+    assert (table["target"] == table["label"]).all()
+    per_model = table.group_by("model").agg(pl.col("image_name").unique().sort())
+    assert per_model["image_name"][0].to_list() == per_model["image_name"][1].to_list()
+
+
+def test_rescore_equals_extraction_and_a_new_spec_equals_region_scores(tiny, extracted):
+    dataset, classifiers = tiny
+    extracted, store, cache = extracted
+    again = rescore(store, PAPER_REGIONS)
+    assert dict(again.schema) == SCORE_SCHEMA
+    joined = sorted_table(extracted).join(again, on=KEY, suffix="_store")
+    assert joined.height == extracted.height == again.height
+    np.testing.assert_allclose(joined["score"], joined["score_store"], atol=5e-4)  # float16 maps
+    for column in ("label", "fold", "predicted", "target", "target_probability"):
+        assert (joined[column] == joined[f"{column}_store"]).all()
+
+    extended = bundled_region_specs()["extended"]
+    rescored = rescore(store, extended)
+    # Independently: masks from prepare_face (the stored segmap carried into the aligned frame) and eq. 4.
+    classifier = classifiers["classifier-fold-1"]
+    names = names_in(dataset, "fold-1", "test")
+    masks = np.stack([prepare_face(load_image(image_file(dataset, n)), SIZE, extended, points,
+                                   stored_map=load_label_map(segmap_file(dataset, n))).masks
+                      for n, points in zip(names, landmarks_of(dataset, names))])
+    maps = store.maps("classifier-fold-1", "LayerGradCam").astype(np.float32)
+    expected = region_scores(maps, masks)
+    got = rescored.filter(pl.col("model") == "classifier-fold-1", pl.col("method") == "LayerGradCam")
+    assert got["image_name"].unique(maintain_order=True).to_list() == names
+    np.testing.assert_allclose(got["score"].to_numpy().reshape(expected.shape), expected, atol=1e-6)
+    # And a fresh extraction under the new spec (all attributions from the cache) agrees.
+    fresh = extract_scores(dataset, {"classifier-fold-1": classifier}, ["LayerGradCam"], split="test", spec=extended,
+                           cache=cache)
+    joined = sorted_table(fresh).join(got, on=KEY)
+    assert joined.height == fresh.height
+    np.testing.assert_allclose(joined["score"], joined["score_right"], atol=5e-4)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def counting_attributions(monkeypatch) -> list[int]:
+    """Patch the attribution under ``attribution_sums``; the list collects each call's batch size."""
+    calls = []
+    real = explain_module.attribute
+
+    def counting(model, batch, targets, method, params):
+        calls.append(len(batch))
+        return real(model, batch, targets, method, params)
+
+    monkeypatch.setattr(explain_module, "attribute", counting)
+    return calls
+
+
+def test_an_interrupted_extraction_resumes_without_recomputing(tiny, tmp_path, monkeypatch):
+    dataset, classifiers = tiny
+    cache = DiskCache(tmp_path / "cache")
+    stopped_at = []
+
+    def interrupt(done, total, what):
+        if done >= 4 and not stopped_at:
+            stopped_at.append(done)
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        extract_scores(dataset, classifiers, METHODS, split="val", batch_size=2, cache=cache,
+                       store=RelevanceStore(tmp_path / "store"), progress=interrupt)
+    half = RelevanceStore(tmp_path / "store")
+    assert not half.complete and half.missing()
+    with pytest.raises(StoreError, match="incomplete"):
+        rescore(half, PAPER_REGIONS)
+
+    calls = counting_attributions(monkeypatch)
+    progress = []
+    resumed = extract_scores(dataset, classifiers, METHODS, split="val", batch_size=2, cache=cache,
+                             store=RelevanceStore(tmp_path / "store"), progress=lambda *p: progress.append(p))
+    total = progress[-1][1]
+    assert sum(calls) == total - stopped_at[0] > 0  # only what the interrupted run had not finished
+    calls.clear()
+    rerun = extract_scores(dataset, classifiers, METHODS, split="val", batch_size=2, cache=cache)
+    assert calls == []  # a rerun computes nothing
+
+    uninterrupted = extract_scores(dataset, classifiers, METHODS, split="val", batch_size=2)
+    assert resumed.equals(uninterrupted) and rerun.equals(uninterrupted)
+    assert RelevanceStore(tmp_path / "store").complete
+
+
+def test_unusable_photos_are_left_out_with_a_warning(tiny, tmp_path):
+    dataset, classifiers = tiny
+    copy = tmp_path / "data"
+    shutil.copytree(dataset.root, copy)
+    broken = names_in(dataset, "fold-1", "test")[1]
+    (copy / "images" / broken).write_bytes(b"not a photo")
+    with pytest.warns(UserWarning, match=f"1 photo.* left out .*{broken}"):
+        table = extract_scores(open_dataset(copy), classifiers, ["Gradient"], split="test",
+                               store=RelevanceStore(tmp_path / "store"))
+    assert broken not in set(table["image_name"])
+    store = RelevanceStore(tmp_path / "store")
+    assert store.complete
+    assert sorted_table(rescore(store, PAPER_REGIONS)).select(KEY).equals(sorted_table(table).select(KEY))
+
+
+def test_cli_writes_the_table_and_the_store(tiny, tmp_path, monkeypatch, capsys):
+    dataset, _ = tiny
+    monkeypatch.setenv("XAI_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "data"
+    shutil.copytree(dataset.root, copy)
+    assert cli_main(["extract", str(copy), "--methods", "Gradient", "--folds", "fold-2", "--batch-size", "3"]) == 0
+    table = pl.read_parquet(score_table_path(copy, "val"))
+    assert dict(table.schema) == SCORE_SCHEMA and set(table["model"]) == {"classifier-fold-2"}
+    assert RelevanceStore(relevance_store_dir(copy, "val")).complete
+    assert not [p for p in score_table_path(copy, "val").parent.iterdir() if p.name.endswith(".tmp")]
+    err = capsys.readouterr().err
+    assert "map/s" in err and f"{table.height} rows" in err
+
+
+def test_cli_errors_are_one_clear_line(tiny, tmp_path, capsys):
+    dataset, _ = tiny
+    no_fold = save_checkpoint(tiny_resnet(num_classes=3), card(None), tmp_path, "classifier-nofold")
+    assert cli_main(["extract", str(dataset.root), "--models", str(no_fold), "--no-store", "--no-cache"]) == 2
+    assert "names no fold" in capsys.readouterr().err
+    assert cli_main(["extract", str(dataset.root), "--folds", "fold-9", "--no-store"]) == 2
+    assert "fold(s) fold-9" in capsys.readouterr().err
+
+
+COUNTING_CLI = """
+import sys, time
+import core.explain as explain
+real = explain.attribute
+def counting(model, batch, targets, method, params):
+    with open(sys.argv[1], "a") as log:
+        log.write(f"{len(batch)}\\n")
+    time.sleep(float(sys.argv[2]))
+    return real(model, batch, targets, method, params)
+explain.attribute = counting
+from core.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def attribution_entries(directory: Path) -> int:
+    """Cached attributions: pairs of float32 maps (probabilities are vectors, label maps uint8)."""
+    with diskcache.Cache(str(directory)) as cache:
+        values = [cache.get(key) for key in cache]
+    return sum(isinstance(v, tuple) and len(v) == 2 and all(
+        isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 2 for a in v) for v in values)
+
+
+@pytest.mark.slow
+def test_a_killed_cli_run_resumes_with_identical_results(tiny, tmp_path):
+    dataset, classifiers = tiny
+    env = {**os.environ, "XAI_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    arguments = ["extract", str(dataset.root), "--split", "val", "--methods", ",".join(METHODS), "--batch-size", "1",
+                 "--out", str(tmp_path / "scores.parquet"), "--store", str(tmp_path / "store")]
+
+    def run(log: str, pause: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", COUNTING_CLI, str(tmp_path / log), str(pause), *arguments],
+                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    first = run("first.log", 0.15)  # slowed down, so that it is surely killed half-way
+    deadline = time.monotonic() + 120
+    while attribution_entries(tmp_path / "cache") < 3 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    assert first.returncode == -signal.SIGKILL
+    assert not (tmp_path / "scores.parquet").exists()
+    finished = attribution_entries(tmp_path / "cache")
+    assert not RelevanceStore(tmp_path / "store").complete
+
+    second = run("second.log", 0.0)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err.decode()
+    total = sum(len(names_in(dataset, c.card.fold, "val")) for c in classifiers.values()) * len(METHODS)
+    recomputed = sum(int(line) for line in (tmp_path / "second.log").read_text().split())
+    assert 0 < finished < total and recomputed == total - finished
+
+    uninterrupted = extract_scores(dataset, classifiers, METHODS, split="val", batch_size=1)
+    resumed = pl.read_parquet(tmp_path / "scores.parquet")
+    assert sorted_table(resumed).equals(sorted_table(uninterrupted))
+    store = RelevanceStore(tmp_path / "store")
+    joined = sorted_table(rescore(store, PAPER_REGIONS)).join(resumed, on=KEY)
+    np.testing.assert_allclose(joined["score"], joined["score_right"], atol=5e-4)
