@@ -109,6 +109,9 @@ def extract_scores(
     """
     _check_arguments(classifiers, methods, mode, target, batch_size)
     plan = {name: split_images(dataset, classifier, split) for name, classifier in classifiers.items()}
+    if not any(plan.values()):
+        raise UserFacingError(f"no {split} images in the fold(s) of the models "
+                              f"({', '.join(sorted({str(c.card.fold) for c in classifiers.values()}))})")
     labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
     if target == "label":
         for name, classifier in classifiers.items():
@@ -116,9 +119,9 @@ def extract_scores(
             if unknown:
                 raise UserFacingError(f"{name} cannot explain the true label of every image: it has no class "
                                       f"{', '.join(unknown)} (it knows {', '.join(classifier.card.classes)})")
-    if store is not None:
-        store.begin(_store_contents(dataset, classifiers, plan, methods, mode, target, parser))
     try:
+        if store is not None:
+            store.begin(_store_contents(dataset, classifiers, plan, methods, mode, target, parser))
         return _extract(dataset, classifiers, plan, labels, methods, spec, mode, parser, cache, store, batch_size,
                         progress, target)
     finally:

@@ -225,6 +225,9 @@ def test_cli_errors_are_one_clear_line(tiny, tmp_path, capsys):
     assert "names no fold" in capsys.readouterr().err
     assert cli_main(["extract", str(dataset.root), "--folds", "fold-9", "--no-store"]) == 2
     assert "fold(s) fold-9" in capsys.readouterr().err
+    fifth = save_checkpoint(tiny_resnet(num_classes=3), card("fold-5"), tmp_path, "classifier-fold-5")
+    assert cli_main(["extract", str(dataset.root), "--models", str(fifth), "--no-store", "--no-cache"]) == 2
+    assert "no val images in the fold(s) of the models (fold-5)" in capsys.readouterr().err
 
 
 COUNTING_CLI = """
