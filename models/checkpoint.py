@@ -259,6 +259,15 @@ def _examples(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse weights holding NaN or infinity: the network would answer NaN for every photo, and the
+    explanation would look like a result (every score 0) instead of an error."""
+    bad = [key for key, tensor in state_dict.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ModelError(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values ({_examples(bad)}); the weights "
+                         "are damaged or their training diverged")
+
+
 def _check_weights_fit(network: nn.Module, state_dict: Mapping[str, torch.Tensor], card: ModelCard,
                        weights_path: Path, head_key: str) -> None:
     """Say in the user's terms why weights do not fit the network their card describes."""
@@ -290,6 +299,7 @@ def load_weights(network: nn.Module, card: ModelCard, card_path: str | Path, hea
     weights_path = Path(card_path).parent / card.weights
     state_dict = load_state_dict_file(weights_path)
     _check_weights_fit(network, state_dict, card, weights_path, head_key)
+    check_finite(state_dict, weights_path)
     network.load_state_dict(state_dict, strict=True)
     network.eval().requires_grad_(False)
     return network, _loaded_fingerprint(network, card)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from core.errors import ModelError
-from models.checkpoint import ModelCard
+from models.checkpoint import ModelCard, check_finite
 from models.resnet import CAFFE_RESNET50, build_resnet
 
 VGGFACE2_CLASSES = 8631
@@ -38,12 +38,16 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle asks for a Python object that is not part of a numpy array."""
+
+
 class _NumpyArraysOnly(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"{module}.{name}") from None
+            raise _RefusedGlobal(f"{module}.{name}") from None
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -52,12 +56,15 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             arrays = _NumpyArraysOnly(file, encoding="latin1").load()
     except OSError as error:
         raise ModelError(f"cannot read VGGFace2 weights {path} ({error.strerror}); check the path") from None
-    except pickle.UnpicklingError as error:
+    except _RefusedGlobal as error:
         raise ModelError(
             f"refused to load {path}: it asks to unpickle {error}, but a VGGFace2 weight file holds only "
             "numpy arrays. The file is damaged or was tampered with; download resnet50_ft_weight.pkl again"
         ) from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+    except MemoryError:  # a length field larger than memory: the allocation fails before any byte is read
+        raise ModelError(f"cannot read {path} as VGGFace2 weights: it declares an object larger than memory; "
+                         "the file is damaged or was tampered with") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
         raise ModelError(f"cannot read {path} as VGGFace2 weights ({error}); the file may be truncated") from None
     if not isinstance(arrays, dict) or not all(
         isinstance(key, str) and isinstance(value, np.ndarray) and value.dtype.kind in "fiu"
@@ -94,6 +101,7 @@ def vggface2_state_dict(path: str | Path, num_classes: int | None = None) -> dic
     if problems:
         raise ModelError(f"{path} is not the VGGFace2 ResNet-50 weight file ({'; '.join(problems)})")
     state_dict = {key: torch.from_numpy(np.array(arrays[key], dtype=np.float32)) for key in wanted}
+    check_finite(state_dict, path)
     state_dict.update({key: torch.tensor(0) for key in expected if key.endswith("num_batches_tracked")})
     if num_classes is not None:
         head = nn.Linear(state_dict["fc.weight"].shape[1], num_classes)
