@@ -118,7 +118,8 @@ def regions_page(root: Path, repeats: int) -> None:
         new_spec.append(seconds)
         same_spec.append(timed(lambda: rescore(store, grown, methods))[0])
         tables.append(timed(lambda: significance_counts(compare_groups(scores)))[0])
-    print(f"  rescore, new spec (masks of every label map computed): median {statistics.median(new_spec) * 1000:.0f} ms")
+    print(f"  rescore, new spec (masks of every label map computed): "
+          f"median {statistics.median(new_spec) * 1000:.0f} ms")
     print(f"  rescore, same spec again (masks memoised): median {statistics.median(same_spec) * 1000:.0f} ms "
           f"({statistics.median(same_spec) * 1000 / len(methods):.0f} ms per method)")
     print(f"  Table 3 rebuild (compare_groups + significance_counts): median {statistics.median(tables) * 1000:.0f} ms")

@@ -80,11 +80,12 @@ def reading(explanation: Explanation, priors: pl.DataFrame | None = None, max_te
         return "; ".join(parts) + "; no region could be scored (every region is empty on this face)."
     best = max(votes.values())
     winners = [region for region in regions if votes[region] == best]
+    methods = len(explanation.scores)
     if len(winners) == 1:
-        parts.append(f"the {winners[0]} region carries most relevance under {best} of {len(explanation.scores)} methods")
+        parts.append(f"the {winners[0]} region carries most relevance under {best} of {methods} methods")
     else:
         named = ", ".join(winners[:-1]) + f" and {winners[-1]}"
-        parts.append(f"the {named} regions carry most relevance under {best} of {len(explanation.scores)} methods each")
+        parts.append(f"the {named} regions carry most relevance under {best} of {methods} methods each")
     if priors is not None:
         for region in winners:
             terms = _expected_terms(priors, region, max_terms)

@@ -14,10 +14,10 @@ st.set_page_config(page_title="Face region explanations", page_icon="🧬", layo
 
 # Page files live in views/, not pages/: AppTest runs a page in a pages/ folder as its own script.
 page = st.navigation([
-    st.Page("views/explain.py", title="Explain a face", icon="🔍", url_path="explain", default=True),
-    st.Page("views/regions.py", title="Regions", icon="🧩", url_path="regions"),
-    st.Page("views/statistics.py", title="Statistics (RQ1)", icon="📊", url_path="statistics"),
-    st.Page("views/hpo.py", title="HPO correlation (RQ2)", icon="🧬", url_path="hpo"),
+    st.Page("views/explain.py", title="Explain a face", icon=":material/face:", url_path="explain", default=True),
+    st.Page("views/regions.py", title="Regions", icon=":material/crop_free:", url_path="regions"),
+    st.Page("views/statistics.py", title="Statistics (RQ1)", icon=":material/bar_chart:", url_path="statistics"),
+    st.Page("views/hpo.py", title="HPO correlation (RQ2)", icon=":material/biotech:", url_path="hpo"),
 ])
 state.sidebar()
 link_slot = st.sidebar.empty()

@@ -97,6 +97,7 @@ def heat_table(table: pl.DataFrame, index: str, text: pl.DataFrame | None = None
         labels = table.select(index).join(text, on=index, how="left").select(columns).to_numpy()
     figure = go.Figure(go.Heatmap(
         z=values, x=columns, y=[str(v) for v in table[index]], text=labels, texttemplate="%{text}",
+        textfont=dict(size=13),
         colorscale="RdBu_r" if zmid is not None else "Blues", zmid=zmid, colorbar=dict(title=title),
         hovertemplate=f"{index} %{{y}}<br>%{{x}}: %{{text}}<extra></extra>",
     ))

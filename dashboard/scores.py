@@ -132,9 +132,9 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
         return False
     label = (f"Extract region scores of split {split!r}" if missing else
              f"Extract {', '.join(view.methods)} for split {split!r} again (adds missing methods)")
-    help_text = (f"Runs {len(view.methods)} method(s) over the {split} images of {len(view.cards)} fold model(s) in the "
-                 "background (other pages stay usable; the same as `python -m core extract`), and keeps the relevance "
-                 "maps so that region edits re-score without any model.")
+    help_text = (f"Runs {len(view.methods)} method(s) over the {split} images of {len(view.cards)} fold model(s) in "
+                 "the background (other pages stay usable; the same as `python -m core extract`), and keeps the "
+                 "relevance maps so that region edits re-score without any model.")
     if st.button(label, key=f"extract-{split}", type="primary" if missing else "secondary", help=help_text):
         try:
             work = _extraction(view, split)

@@ -178,6 +178,8 @@ def view_query(page_path: str) -> str:
 def link_hint(slot, page_path: str) -> None:
     """Show the link that reopens this view (with the browser's address when Streamlit knows it)."""
     base = (st.context.url or "").rstrip("/")
+    if page_path and base.endswith(f"/{page_path}"):  # Streamlit leaves the page's own path in the URL
+        base = base[: -len(page_path) - 1]
     link = f"{base}/{page_path}?{view_query(page_path)}"  # the default page's path is ""
     with slot.container():
         st.markdown("**Copy link to this view**")

@@ -68,7 +68,7 @@ def test_dragging_a_growth_slider_stores_the_spec_puts_its_id_in_the_url_and_res
     assert app.sidebar.selectbox(key="spec").value == "paper"
     app.slider(key=widget_key(app, "slider", "grow_left-2-0")).set_value(0.5).run()
     no_trouble(app)
-    wider = dataclasses.replace(PAPER_REGIONS, regions=(
+    wider = dataclasses.replace(PAPER_REGIONS, name="paper (edited)", regions=(
         *PAPER_REGIONS.regions[:2],
         dataclasses.replace(PAPER_REGIONS.regions[2], boxes=(BoxRule((7, 9), grow_left=0.5, grow_right=0.2),)),
     ))

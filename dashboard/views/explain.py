@@ -52,9 +52,10 @@ def _fold_of(dataset: Dataset, card_fold: str | None) -> str | None:
 
 def dataset_photo(dataset: Dataset, fold: str | None) -> Photo:
     splits = SPLITS if fold is not None else ("all",)
-    split = st.selectbox("Split", splits, key="split", bind=state.URL, on_change=lambda: st.session_state.pop("image", None),
-                         help=f"Images of {fold}'s held-out test set, validation set, training set, or all images."
-                         if fold else "The dataset has no fold columns, so every image is listed.")
+    split = st.selectbox(
+        "Split", splits, key="split", bind=state.URL, on_change=lambda: st.session_state.pop("image", None),
+        help=f"Images of {fold}'s held-out test set, validation set, training set, or all images." if fold
+        else "The dataset has no fold columns, so every image is listed.")
     names = dataset.table["image_name"].to_list() if split == "all" else names_in(dataset, fold, split)
     if not names:
         raise UserFacingError(f"{fold} has no {split} images in this dataset; choose another split")

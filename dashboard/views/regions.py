@@ -39,8 +39,14 @@ def _load_draft(spec: RegionSpec, reference: str) -> None:
 
 def _commit(structural: bool = False, note: str | None = None) -> None:
     """Validate the draft; if valid, store it and make it the view's spec."""
+    draft = st.session_state[DRAFT]
     try:
-        spec = RegionSpec.from_json(json.dumps(st.session_state[DRAFT]))
+        spec = RegionSpec.from_json(json.dumps(draft))
+        bundled = bundled_region_specs()
+        if spec.name in bundled and spec != bundled[spec.name]:  # an edited "paper" must not pass for the paper's
+            draft["name"] = f"{spec.name} (edited)"
+            spec = RegionSpec.from_json(json.dumps(draft))
+            structural = True  # the name field shows the new name
     except UserFacingError as error:
         st.session_state[PROBLEM] = f"Not applied: {error}"
         return
@@ -135,24 +141,25 @@ def edit_region(index: int, region: dict, count: int) -> None:
         title, up, down, remove = st.columns([6, 1, 1, 1], vertical_alignment="center")
         kind = "boxes around parts" if region["boxes"] else "pixels of labels"
         title.markdown(f"**{index + 1}. {region['name']}** · {kind}")
-        up.button("↑", key=_key("up", index), disabled=index == 0, on_click=_move, args=(index, -1),
-                  help="Earlier regions win where two overlap")
-        down.button("↓", key=_key("down", index), disabled=index == count - 1, on_click=_move, args=(index, 1))
-        remove.button("✕", key=_key("remove", index), on_click=_remove_region, args=(index,),
+        up.button(":material/arrow_upward:", key=_key("up", index), disabled=index == 0, on_click=_move,
+                  args=(index, -1), help="Move up: earlier regions win where two overlap")
+        down.button(":material/arrow_downward:", key=_key("down", index), disabled=index == count - 1,
+                    on_click=_move, args=(index, 1), help="Move down")
+        remove.button(":material/delete:", key=_key("remove", index), on_click=_remove_region, args=(index,),
                       help=f"Remove {region['name']}")
         for b, box in enumerate(region["boxes"]):
-            columns = st.columns([3, 2, 2, 2, 2, 1], vertical_alignment="bottom")
+            labels, remove_box = st.columns([8, 1], vertical_alignment="bottom")
             key = _key("labels", index, b)
-            columns[0].multiselect(f"Box {b + 1} around", list(range(len(LAPA_LABELS))), default=box["labels"],
-                                   format_func=_label_name, key=key, on_change=_set,
-                                   args=(("regions", index, "boxes", b, "labels"), key))
-            for column, side in zip(columns[1:5], SIDES):
+            labels.multiselect(f"Box {b + 1} around", list(range(len(LAPA_LABELS))), default=box["labels"],
+                               format_func=_label_name, key=key, on_change=_set,
+                               args=(("regions", index, "boxes", b, "labels"), key))
+            remove_box.button(":material/delete:", key=_key("remove-box", index, b), on_click=_remove_box,
+                              args=(index, b), disabled=len(region["boxes"]) == 1, help="Remove this box")
+            for column, side in zip(st.columns(4), SIDES):
                 key = _key(side, index, b)
-                column.slider(side.replace("_", " "), *GROWTH, value=float(box[side]), step=0.05, key=key,
-                              on_change=_set, args=(("regions", index, "boxes", b, side), key),
+                column.slider(f"grow {side.removeprefix('grow_')}", *GROWTH, value=float(box[side]), step=0.05,
+                              key=key, on_change=_set, args=(("regions", index, "boxes", b, side), key),
                               help="Fraction of the part's box size added on this side (negative shrinks)")
-            columns[5].button("✕", key=_key("remove-box", index, b), on_click=_remove_box, args=(index, b),
-                              disabled=len(region["boxes"]) == 1, help="Remove this box")
         if region["boxes"]:
             st.button("Add a box", key=_key("add-box", index), on_click=_add_box, args=(index,))
         else:
@@ -188,7 +195,8 @@ def edit_spec(draft: dict) -> None:
         left.slider(f"{split['upper']} / {split['lower']}: extend {split['lower']}'s bottom by × the gap", 0.0, 2.0,
                     value=float(split["extend_lower_bottom"]), step=0.05, key=key, on_change=_set,
                     args=(("gap_splits", s, "extend_lower_bottom"), key))
-        right.button("✕", key=_key("remove-split", s), on_click=_remove_split, args=(s,), help="Remove this split")
+        right.button(":material/delete:", key=_key("remove-split", s), on_click=_remove_split, args=(s,),
+                     help="Remove this split")
     names = [r["name"] for r in regions]
     if len(names) >= 2:
         upper, lower, add = st.columns([2, 2, 1], vertical_alignment="bottom")
@@ -262,7 +270,7 @@ def main() -> None:
     problem = st.session_state.get(PROBLEM)
     if problem:
         (st.error if problem.startswith("Not ") else st.info)(problem)
-    editor, results = st.columns([2, 3])
+    editor, results = st.columns([1, 1], gap="large")
     with editor:
         edit_spec(st.session_state[DRAFT])
         st.divider()
