@@ -86,9 +86,11 @@ def region_score_bars(scores, region_names) -> go.Figure:
     return figure.update_layout(barmode="group", height=340, yaxis_title="region score C_i", margin=dict(t=10))
 
 
-def heat_table(table: pl.DataFrame, index: str, text: pl.DataFrame | None = None, zmid: float | None = None,
+def heat_table(table: pl.DataFrame, index: str, value_range: tuple[float, float], text: pl.DataFrame | None = None,
                title: str = "") -> go.Figure:
-    """A wide table as a heatmap with its values written in the cells (``text``: other cell labels, same shape)."""
+    """A wide table as a heatmap with its values written in the cells (``text``: other cell labels, same shape).
+
+    A range below zero (a correlation) gets a diverging scale centred on 0; otherwise a sequential one."""
     columns = [c for c in table.columns if c != index]
     values = table.select(pl.col(columns).cast(pl.Float64)).to_numpy()
     if text is None:
@@ -98,7 +100,8 @@ def heat_table(table: pl.DataFrame, index: str, text: pl.DataFrame | None = None
     figure = go.Figure(go.Heatmap(
         z=values, x=columns, y=[str(v) for v in table[index]], text=labels, texttemplate="%{text}",
         textfont=dict(size=13),
-        colorscale="RdBu_r" if zmid is not None else "Blues", zmid=zmid, colorbar=dict(title=title),
+        colorscale="RdBu_r" if value_range[0] < 0 else "Blues", zmin=value_range[0], zmax=value_range[1],
+        colorbar=dict(title=title),
         hovertemplate=f"{index} %{{y}}<br>%{{x}}: %{{text}}<extra></extra>",
     ))
     figure.update_yaxes(autorange="reversed")

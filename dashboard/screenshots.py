@@ -111,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in PAGES.items():
             page.goto(f"{base}/{path}?{args.query}")
             settled(page)
+            # The app scrolls inside its own containers, so a "full page" shot is only the window: grow the window
+            # to the content's height instead (capped to keep the PNG reasonable).
+            height = page.evaluate("""Math.max(...['stMain', 'stSidebarContent'].map(id =>
+                document.querySelector(`[data-testid="${id}"]`)?.scrollHeight ?? 0))""")
+            page.set_viewport_size({"width": 1600, "height": min(max(height, 1100), 6000)})
+            settled(page)
             target = args.out / f"{name}.png"
-            page.screenshot(path=str(target), full_page=True)
+            page.screenshot(path=str(target))
             print(f"{target} ({page.locator('h1').first.inner_text()})")
     return 0
 

@@ -41,7 +41,7 @@ def correlation(view: state.View, counts: pl.DataFrame) -> None:
     st.subheader(f"Table 4: Spearman ρ between C_i and the region's HPO count, mean (std) over {models} fold model(s)")
     st.plotly_chart(render.heat_table(summary.pivot(on="region", index="method", values="rho_mean",
                                                     maintain_order=True),
-                                      "method", text=table4_wide(summary), zmid=0.0, title="mean ρ"), width="stretch")
+                                      "method", (-1, 1), text=table4_wide(summary), title="mean ρ"), width="stretch")
     with st.expander("Per fold model"):
         st.dataframe(result.per_model, hide_index=True, width="stretch")
     st.subheader("C_i against the HPO count")

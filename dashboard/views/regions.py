@@ -245,7 +245,8 @@ def rescored_tables(view: state.View) -> None:
         with left:
             st.markdown(f"**Table 3** (split val, re-scored in {val.seconds * 1000:.0f} ms; paper's test settings)")
             counts = significance_counts(compare_groups(val.table))
-            st.plotly_chart(render.heat_table(counts, "region", title="significant methods"), width="stretch")
+            methods = val.table["method"].n_unique()
+            st.plotly_chart(render.heat_table(counts, "region", (0, methods), title="methods"), width="stretch")
     if test is not None and test.origin == "store":
         with right:
             st.markdown(f"**Table 4** (split test, re-scored in {test.seconds * 1000:.0f} ms): mean (std) ρ over "
@@ -256,7 +257,7 @@ def rescored_tables(view: state.View) -> None:
                 st.info(str(error))
             else:
                 st.plotly_chart(render.heat_table(summary.pivot(on="region", index="method", values="rho_mean"),
-                                                  "method", text=table4_wide(summary), zmid=0.0, title="ρ"),
+                                                  "method", (-1, 1), text=table4_wide(summary), title="ρ"),
                                 width="stretch")
 
 

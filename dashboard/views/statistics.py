@@ -86,7 +86,8 @@ def main() -> None:
 def show(tests: pl.DataFrame, table: pl.DataFrame, chosen: dict) -> None:
     methods = tests["method"].unique(maintain_order=True).to_list()
     st.subheader(f"Table 3: methods with a significant difference (of {len(methods)})")
-    st.plotly_chart(render.heat_table(significance_counts(tests), "region", title="methods"), width="stretch")
+    st.plotly_chart(render.heat_table(significance_counts(tests), "region", (0, len(methods)), title="methods"),
+                    width="stretch")
     untested = tests.filter(pl.col("note").is_not_null())
     if len(untested):
         st.warning(f"{len(untested)} of {len(tests)} comparisons ran no test; their notes say why:")
