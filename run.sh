@@ -29,6 +29,17 @@ setup() {
   fi
 }
 
+browser() {
+  # The real-browser test drives Debian's Chromium; install it where we may (root, apt), else it is skipped.
+  [ -x /usr/bin/chromium ] && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing Debian's chromium for the real-browser test ..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: /usr/bin/chromium is missing and cannot be installed here; the real-browser test will be skipped." >&2
+  fi
+}
+
 command="${1:-}"
 [ $# -gt 0 ] && shift
 case "$command" in
@@ -40,6 +51,7 @@ case "$command" in
     ;;
   test)
     setup
+    browser
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   cli)

@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     explain.set_defaults(run=command_explain)
 
-    from core.train import TrainConfig
+    from core.train import PRECISIONS, TrainConfig
 
     defaults = TrainConfig()
     train = commands.add_parser("train", help="fine-tune a classifier per fold (paper recipe) and write Table 2")
@@ -424,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-flip", dest="flip", action="store_const", const=False)
     train.add_argument("--seed", type=int)
     train.add_argument("--init", help="state dict to start from (torchvision keys; the head is replaced)")
+    train.add_argument("--precision", choices=PRECISIONS, help="bfloat16 autocast: ~2× faster on CPUs with native bf16")
     train.set_defaults(run=command_train)
     train.epilog = f"defaults (the paper's): {defaults}"
 
@@ -436,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser_training.add_argument("--batch-size", dest="batch_size", type=int)
     parser_training.add_argument("--learning-rate", dest="learning_rate", type=float)
     parser_training.add_argument("--seed", type=int)
+    parser_training.add_argument("--precision", choices=PRECISIONS)
     parser_training.set_defaults(run=command_train_parser)
 
     benchmark = commands.add_parser("benchmark", help="ground-truth leaderboard of the methods on synthetic faces")

@@ -13,22 +13,24 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 from safetensors.torch import save_file
+from tqdm import tqdm
 
-from cache import DiskCache, content_hash
+from cache import DiskCache
 from core.dataset import names_in, open_dataset
-from core.explain import attribution_sums
+from core.extract import extract_scores, load_classifiers, relevance_store_dir, score_table_path, write_score_table
+from core.leaderboard import leaderboard
 from core.paths import demo_dataset
+from core.relevance_store import RelevanceStore
 from core.synth import generate_dataset
 from core.train import FoldResult, TrainConfig, aligned_faces, table2, train_fold
 from core.train_parser import ParserConfig, train_face_parser
-from models.checkpoint import classify, load_classifier, preprocess
 from models.parser import load_face_parser
 
 
@@ -41,13 +43,13 @@ class DemoPreset:
     severity_range: tuple[float, float] = (0.6, 1.0)
     seed: int = 0
     parser_n_per_class: int = 86
-    parser: ParserConfig = ParserConfig(input_size=112, epochs=8)
+    parser: ParserConfig = ParserConfig(input_size=112, epochs=8, precision="auto")
     folds: tuple[str, ...] = ("fold-1", "fold-2")
-    # Precomputed for the held-out faces and the first fold model, so the dashboard opens at once.
+    # Scored on the held-out faces by every fold model, so the dashboard's pages open at once.
     cheap_methods: tuple[str, ...] = ("Gradient", "GuidedBackprop", "LRP-EpsilonPlusFlat", "LayerGradCam")
     classifier: TrainConfig = field(default_factory=lambda: TrainConfig(
         architecture="resnet18", input_size=112, epochs=10, batch_size=32, learning_rate=0.002,
-        head_lr_factor=1.0, weight_decay=1e-4, optimizer="adamw", schedule="one-cycle", seed=0))
+        head_lr_factor=1.0, weight_decay=1e-4, optimizer="adamw", schedule="one-cycle", seed=0, precision="auto"))
 
 
 def _hash(*parts) -> str:
@@ -63,6 +65,10 @@ class _Stages:
     def done(self, stage: str, digest: str) -> bool:
         marker = self.folder / stage
         return marker.is_file() and marker.read_text() == digest
+
+    def digest_of(self, stage: str) -> str | None:
+        marker = self.folder / stage
+        return marker.read_text() if marker.is_file() else None
 
     def mark(self, stage: str, digest: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -138,39 +144,45 @@ def build_demo(root: Path | None = None, preset: DemoPreset = DemoPreset(), log=
         table.write_csv(models / "table2.csv")
         log(str(table))
     if cache is not None and preset.cheap_methods:
-        _precompute(dataset, preset, models, cache, log, report)
+        _analyse(dataset, preset, models, cache, stages, log, report)
     report["seconds"] = time.perf_counter() - started
     if not report["stages"]:
         log(f"the demo in {root} is up to date")
     return report
 
 
-def _precompute(dataset, preset: DemoPreset, models: Path, cache: DiskCache, log, report: dict) -> None:
-    """What the Explain page asks first: the predicted class of each held-out face, cheap methods."""
-    classifier = load_classifier(models / f"classifier-{preset.folds[0]}.json")
-    names = names_in(dataset, preset.folds[0], "test")
-    missing = [m for m in preset.cheap_methods if not _precomputed(cache, classifier, names, m)]
-    if not missing:
-        return
-    log(f"precomputing {', '.join(missing)} for {len(names)} held-out faces …")
-    started = time.perf_counter()
-    faces = aligned_faces(dataset, names, classifier.card.input_size)
-    predicted = np.concatenate([classify(classifier, preprocess(faces[i:i + 64], classifier.card))[1]
-                                for i in range(0, len(faces), 64)])
-    for method in missing:
-        for i in range(0, len(faces), 16):
-            attribution_sums(classifier, faces[i:i + 16], predicted[i:i + 16], method, cache=cache)
-        cache.store(_precomputed_key(classifier, names, method), True)
-    report["stages"]["attributions"] = {"methods": missing, "faces": len(names),
-                                        "seconds": time.perf_counter() - started}
+def _analyse(dataset, preset: DemoPreset, models: Path, cache: DiskCache, stages: _Stages, log,
+             report: dict) -> None:
+    """What the dashboard opens on: the cheap methods' score tables and relevance stores for RQ1 (each
+    fold model's val faces) and RQ2 (the annotated test faces), and their ground-truth leaderboard."""
+    cards = [models / f"classifier-{fold}.json" for fold in preset.folds]
+    classifiers = load_classifiers(cards)
+    digest = _hash("analysis", [stages.digest_of(f"classifier-{fold}") for fold in preset.folds],
+                   preset.cheap_methods)
+    for split in ("val", "test"):
+        if stages.done(f"scores-{split}", digest):
+            continue
+        log(f"scoring the {split} faces with {', '.join(preset.cheap_methods)} …")
+        started = time.perf_counter()
+        with tqdm(total=0, unit="map", desc=f"  {split}", file=sys.stderr, leave=False) as bar:
+            def progress(done: int, total: int, what: str) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
 
-
-def _precomputed_key(classifier, names, method) -> str:
-    return content_hash("demo-precomputed", classifier, list(names), method)
-
-
-def _precomputed(cache: DiskCache, classifier, names, method) -> bool:
-    return cache.lookup(_precomputed_key(classifier, names, method)) is True
+            table = extract_scores(dataset, classifiers, preset.cheap_methods, split=split, cache=cache,
+                                   store=RelevanceStore(relevance_store_dir(dataset.root, split)), progress=progress)
+        write_score_table(table, score_table_path(dataset.root, split))
+        report["stages"][f"scores-{split}"] = {"images": table["image_name"].n_unique(),
+                                               "seconds": time.perf_counter() - started}
+        stages.mark(f"scores-{split}", digest)
+    if not stages.done("leaderboard", digest):
+        log("ranking the cheap methods against the planted phenotypes …")
+        started = time.perf_counter()
+        first = classifiers[cards[0].stem]
+        leaderboard(dataset, first, names_in(dataset, preset.folds[0], "test"), preset.cheap_methods,
+                    cache=cache).write_csv(models / "leaderboard.csv")
+        report["stages"]["leaderboard"] = {"seconds": time.perf_counter() - started}
+        stages.mark("leaderboard", digest)
 
 
 def _store_result(result: FoldResult, models: Path) -> None:

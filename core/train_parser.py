@@ -25,6 +25,7 @@ from core.align import align_face, warp_to_aligned
 from core.dataset import Dataset, DatasetError, image_file, landmarks_of, segmap_file
 from core.imageio import load_image
 from core.parse import LAPA_LABELS, load_label_map
+from core.train import check_precision, training_autocast
 from models.checkpoint import ModelCard, normalise_pixels
 from models.parser import build_face_parser, save_face_parser
 
@@ -39,6 +40,10 @@ class ParserConfig:
     weight_decay: float = 1e-4
     held_out_fraction: float = 0.15  # images kept out of training to measure IoU
     seed: int = 0
+    precision: str = "float32"  # see core.train.TrainConfig.precision
+
+    def __post_init__(self):
+        check_precision(self.precision)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ def train_face_parser(dataset: Dataset, config: ParserConfig, out_dir: Path, nam
                      mean=tuple(pixels.mean(0)), std=tuple(pixels.std(0) + 1e-6), weights=f"{name}.safetensors",
                      notes=json.dumps(dataclasses.asdict(config)))
     x = normalise_pixels(torch.from_numpy(faces).permute(0, 3, 1, 2).float(), card)
+    x = x.contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(maps.astype(np.int64))
 
     # Eyes, brows and lips cover ~1% of the face each: weight classes by 1/sqrt(frequency)
@@ -100,7 +106,7 @@ def train_face_parser(dataset: Dataset, config: ParserConfig, out_dir: Path, nam
     weights = torch.tensor(weights / (frequency * weights).sum(), dtype=torch.float32)
 
     torch.manual_seed(config.seed)
-    network = build_face_parser(config.encoder, len(LAPA_LABELS))
+    network = build_face_parser(config.encoder, len(LAPA_LABELS)).to(memory_format=torch.channels_last)
     dice = smp.losses.DiceLoss("multiclass")
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = config.epochs * math.ceil(len(train) / config.batch_size)
@@ -116,7 +122,9 @@ def train_face_parser(dataset: Dataset, config: ParserConfig, out_dir: Path, nam
             batch = shuffled[start:start + config.batch_size]
             if len(batch) < 2:
                 continue
-            logits = network(x[batch])
+            with training_autocast(config.precision):
+                logits = network(x[batch])
+            logits = logits.float()
             loss = F.cross_entropy(logits, y[batch], weight=weights) + dice(logits, y[batch])
             optimiser.zero_grad()
             loss.backward()
@@ -124,7 +132,7 @@ def train_face_parser(dataset: Dataset, config: ParserConfig, out_dir: Path, nam
             scheduler.step()
             losses.append(loss.item())
         log(f"parser epoch {epoch:2d}: loss {np.mean(losses):.3f}")
-    network.eval().requires_grad_(False)
+    network = network.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
     with torch.no_grad():
         predicted = torch.cat([network(x[held[i:i + 64]]).argmax(1) for i in range(0, len(held), 64)]).numpy()
     iou = intersection_over_union(predicted.astype(np.int64), maps[held])

@@ -10,7 +10,9 @@ import core.leaderboard as leaderboard_module
 from cache import DiskCache
 from core.dataset import names_in, open_dataset
 from core.demo import DemoPreset, build_demo
+from core.extract import relevance_store_dir, score_table_path
 from core.leaderboard import leaderboard, planted_counts
+from core.relevance_store import RelevanceStore
 from core.train import TrainConfig
 from core.train_parser import ParserConfig, intersection_over_union
 from models.checkpoint import load_classifier
@@ -45,8 +47,15 @@ def tiny_demo(tmp_path_factory):
 @pytest.mark.slow
 def test_the_demo_builds_every_stage_and_its_models_load(tiny_demo):
     root, report, _ = tiny_demo
-    assert set(report["stages"]) == {"dataset", "parser", "classifier-fold-1", "attributions"}
-    assert report["stages"]["attributions"]["faces"] == len(names_in(open_dataset(root), "fold-1", "test"))
+    assert set(report["stages"]) == {"dataset", "parser", "classifier-fold-1", "scores-val", "scores-test",
+                                     "leaderboard"}
+    dataset = open_dataset(root)
+    for split in ("val", "test"):
+        table = pl.read_parquet(score_table_path(root, split))
+        assert set(table["image_name"]) == set(names_in(dataset, "fold-1", split))
+        assert set(table["method"]) == set(TINY.cheap_methods)
+        assert RelevanceStore(relevance_store_dir(root, split)).complete
+    assert set(pl.read_csv(root / "models" / "leaderboard.csv")["method"]) == set(TINY.cheap_methods)
     classifier = load_classifier(root / "models" / "classifier-fold-1.json")
     assert classifier.card.input_size == 32 and "Unaffected" in classifier.card.classes
     assert load_face_parser(root / "models" / "parser.json").card.kind == "face_parser"
@@ -64,8 +73,8 @@ def test_a_second_build_does_nothing_and_a_changed_preset_redoes_only_its_stage(
     assert any("up to date" in line for line in lines)
     assert (root / "models" / "classifier-fold-1.safetensors").stat().st_mtime_ns == before
     changed = dataclasses.replace(TINY, classifier=dataclasses.replace(TINY.classifier, seed=1))
-    assert set(build_demo(root, changed, log=lines.append, cache=cache)["stages"]) == {"classifier-fold-1",
-                                                                                        "attributions"}
+    assert set(build_demo(root, changed, log=lines.append, cache=cache)["stages"]) == {
+        "classifier-fold-1", "scores-val", "scores-test", "leaderboard"}
 
 
 @pytest.mark.slow
