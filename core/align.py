@@ -102,9 +102,10 @@ def check_landmarks(landmarks: np.ndarray, image_shape: tuple[int, ...]) -> np.n
     """The 5×2 landmarks as floats, refused (NoFaceError) when they cannot be a face in this photo.
 
     Refused: values that are not finite; eyes less than 2 pixels apart (coordinates normalised to
-    0..1, or all points equal); a point outside the photo by more than half the face's own extent
-    (coordinates of another photo, another scale, or x and y swapped). A face cut by the border
-    keeps its landmarks just outside, which is allowed.
+    0..1, or all points equal); no landmark on the photo, or one farther outside it than twice the
+    eye distance, which is more than a face is wide (coordinates of another photo or scale, x and y
+    swapped). A face cut by the border, as MTCNN still finds it, keeps its outer landmarks just off
+    the photo; that is allowed.
     """
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.shape != (5, 2):
@@ -117,12 +118,16 @@ def check_landmarks(landmarks: np.ndarray, image_shape: tuple[int, ...]) -> np.n
                           "Give them in the photo's pixels (not normalised to 0..1), in the order left eye, "
                           "right eye, nose, left and right mouth corner.")
     height, width = image_shape[:2]
-    margin = 0.5 * float(np.ptp(landmarks, axis=0).max())
-    outside = (landmarks < -margin).any(axis=1) | (landmarks > np.array([width, height]) + margin).any(axis=1)
-    if outside.any():
-        point = landmarks[np.argmax(outside)]
-        raise NoFaceError(f"The landmark ({point[0]:.1f}, {point[1]:.1f}) lies outside the {width}×{height} photo; "
-                          "landmarks must be in the pixels of this photo, x before y.")
+    size = np.array([width, height])
+    hint = "landmarks must be in the pixels of this photo, x before y."
+    if not ((landmarks >= 0) & (landmarks <= size)).all(axis=1).any():
+        raise NoFaceError(f"None of the five landmarks lies on the {width}×{height} photo; {hint}")
+    reach = 2 * eye_distance
+    too_far = ((landmarks < -reach) | (landmarks > size + reach)).any(axis=1)
+    if too_far.any():
+        x, y = landmarks[np.argmax(too_far)]
+        raise NoFaceError(f"The landmark ({x:.1f}, {y:.1f}) lies farther outside the {width}×{height} photo than the "
+                          f"face is wide; {hint}")
     return landmarks
 
 

@@ -182,9 +182,15 @@ def test_a_good_photo_reads_back_exactly_and_prepares(tmp_path, face):
     assert prepared.parse_source == "stored" and all(mask.any() for mask in prepared.masks)
 
 
+def _one_point_far(points):
+    points[4] = (PHOTO + 200, points[4, 1])
+    return points
+
+
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda p: p + [PHOTO, 0], r"landmark \(\d+\.\d, \d+\.\d\) lies outside the 160×160 photo"),
-    (lambda p: p * 3, "lies outside the 160×160 photo"),
+    (lambda p: p + [PHOTO, 0], "None of the five landmarks lies on the 160×160 photo"),
+    (lambda p: p * 3, "None of the five landmarks lies on the 160×160 photo"),
+    (_one_point_far, r"landmark \(360\.0, \d+\.\d\) lies farther outside the 160×160 photo than the face is wide"),
     (lambda p: p / PHOTO, "eyes are 0.\\d+ pixels apart.*not normalised to 0..1"),
 ])
 def test_landmarks_that_do_not_fit_the_photo_are_refused_naming_the_row(tmp_path, face, change, message):
@@ -198,7 +204,7 @@ def test_swapped_x_and_y_on_a_wide_photo_are_refused(tmp_path, face):
     wide[:, 3 * PHOTO:] = face.image
     points = face.landmarks + [3 * PHOTO, 0]
     dataset = one_photo_dataset(tmp_path, face, landmarks=points[:, ::-1], image=png(wide))
-    with pytest.raises(DatasetError, match=ROW + ".*lies outside the 640×160 photo"):
+    with pytest.raises(DatasetError, match=ROW + ".*None of the five landmarks lies on the 640×160 photo"):
         read_photo(dataset, "WSSlide1.png")
 
 

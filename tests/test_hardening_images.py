@@ -12,11 +12,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from core.errors import UserFacingError
 from core.explain import Explanation, explain
@@ -205,3 +207,21 @@ def test_pixel_budget_counts_declared_pixels_not_file_bytes():
     with pytest.raises(UserFacingError, match="declared size 7200×7200 exceeds the limit of 50,000,000 pixels"):
         load_image(data)
     assert load_image(data, max_pixels=52_000_000, max_side=512).shape == (512, 512, 3)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_photos_are_shrunk_before_rescaling_with_the_full_range(mode):
+    """A 600×20 ramp with one outlier shrunk to 300 wide: the range comes from the full image (the
+    outlier sets it even though shrinking averages it away), the values from 2×2 box means."""
+    values = np.tile(np.linspace(0, 30000, 600), (20, 1)) / (30000 if mode == "F" else 1)
+    # I and F: an outlier outside the nominal range (0..65535, 0..1), so the samples' own range applies.
+    top = {"I;16": 65535.0, "I": 131070.0, "F": 2.0}[mode]
+    values[0, 0] = top
+    array = values.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+    buffer = BytesIO()
+    Image.fromarray(array).save(buffer, "PNG" if mode == "I;16" else "TIFF")
+    loaded = load_image(buffer.getvalue(), max_side=300)
+    assert loaded.shape == (10, 300, 3)
+    boxes = array.astype(np.float64).reshape(10, 2, 300, 2).mean(axis=(1, 3))
+    expected = np.clip(np.round(boxes * 255 / top), 0, 255)
+    assert np.abs(loaded[:, :, 0].astype(int) - expected).max() <= 1
