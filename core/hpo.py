@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from core.dataset import Dataset
+from core.dataset import Dataset, open_dataset
 from core.errors import UserFacingError
 
 REGIONS = ("eye", "nose", "mouth", "ears", "forehead", "chin", "hair", "overall")  # specific before "overall"
@@ -153,7 +153,7 @@ ANNOTATION_SCHEMA = {"image_name": pl.Utf8, "label": pl.Utf8, "rater": pl.Utf8, 
                      "region": pl.Utf8, "value": pl.Int64}
 
 
-def _parse_file(path: Path, label: str) -> pl.DataFrame:
+def _parse_file(path: Path, label: str, labels: dict[str, str]) -> pl.DataFrame:
     try:
         table = pl.read_csv(path, infer_schema=False)
     except (pl.exceptions.PolarsError, UnicodeDecodeError) as error:
@@ -177,6 +177,12 @@ def _parse_file(path: Path, label: str) -> pl.DataFrame:
     for i, name in enumerate(names):
         if name is None or not name.strip():
             raise AnnotationError(f"{path}: row {i + 2} has an empty image_name")
+        if name not in labels:
+            raise AnnotationError(f"{path}: row {i + 2} ({name!r}) annotates an image that partitions.csv does not "
+                                  "list; add the image to partitions.csv or remove the row")
+        if labels[name] != label:
+            raise AnnotationError(f"{path}: row {i + 2} ({name!r}) annotates an image labelled {labels[name]!r} in "
+                                  f"partitions.csv under {label!r}; move the row to {labels[name]}.csv")
     cells = table.select(list(terms)).to_numpy() if terms else np.empty((len(table), 0), dtype=object)
     release = any(isinstance(v, str) and _RELEASE_VALUE.match(v.strip()) for v in cells.ravel())
     if release and "rater" in table.columns:
@@ -216,20 +222,18 @@ def read_annotations(dataset: Dataset | str | Path) -> pl.DataFrame:
     cells, or the NIH-Faces release's counts ("1X".."3X", empty = 0; ``value`` = number of raters;
     its ``image_num`` and free-text ``Other`` columns are ignored). A term without a column was not
     annotated in that file and counts as unmarked downstream. ``term`` is the paper's name.
+
+    Every annotated image must be listed in ``metadata/partitions.csv`` under the label its file
+    is named after: an annotation of an unlisted or differently labelled image would be counted
+    for the wrong syndrome (or none) without anyone noticing.
     """
-    root = dataset.root if isinstance(dataset, Dataset) else Path(dataset)
-    folder = root / "metadata" / "hpo-annotations"
+    dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
+    folder = dataset.root / "metadata" / "hpo-annotations"
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
     if not files:
         raise AnnotationError(f"no HPO annotations: {folder} has no <label>.csv files (see README 'Data layout')")
-    annotations = pl.concat([_parse_file(path, path.stem) for path in files])
-    labels = annotations.group_by("image_name").agg(pl.col("label").unique().sort())
-    both = labels.filter(pl.col("label").list.len() > 1)
-    if len(both):
-        first = both.row(0, named=True)
-        raise AnnotationError(f"image {first['image_name']!r} is annotated under several labels "
-                              f"({', '.join(first['label'])}) in {folder}")
-    return annotations
+    labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
+    return pl.concat([_parse_file(path, path.stem, labels) for path in files])
 
 
 def region_counts(annotations: pl.DataFrame) -> pl.DataFrame:

@@ -18,6 +18,8 @@ REFERENCE_TERMS = Path(__file__).resolve().parent.parent / "core" / "synth" / "h
 
 
 def write_annotations(root: Path, label: str, header: list[str], rows: list[list]) -> Path:
+    """The annotation file, and its images listed under ``label`` in partitions.csv (if not listed yet),
+    as in a real dataset: annotations are only read for images of partitions.csv, under their own label."""
     folder = root / "metadata" / "hpo-annotations"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{label}.csv"
@@ -25,6 +27,14 @@ def write_annotations(root: Path, label: str, header: list[str], rows: list[list
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
+    partitions = root / "metadata" / "partitions.csv"
+    listed = pl.read_csv(partitions)["image_name"].to_list() if partitions.is_file() else []
+    column = header.index("image_name") if "image_name" in header else 0  # a file lacking the column: its first
+    names = [row[column] for row in rows]
+    added = [f"{name},{label}" for name in dict.fromkeys(names) if name not in listed]
+    with partitions.open("a") as handle:
+        handle.write("" if listed else "image_name,label\n")
+        handle.write("".join(line + "\n" for line in added))
     return path
 
 
@@ -111,11 +121,25 @@ def test_malformed_annotation_files_are_named(tmp_path, header, rows, message):
 
 
 def test_missing_annotations_and_an_image_under_two_labels(tmp_path):
-    with pytest.raises(UserFacingError, match="no HPO annotations"):
+    with pytest.raises(UserFacingError, match="partitions.csv is missing"):
+        read_annotations(tmp_path)
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "partitions.csv").write_text("image_name,label\na.jpg,WS\n")
+    with pytest.raises(AnnotationError, match="no HPO annotations"):
         read_annotations(tmp_path)
     write_annotations(tmp_path, "WS", ["image_name", "Wide mouth"], [["a.jpg", 1]])
-    write_annotations(tmp_path, "KS", ["image_name", "Ptosis"], [["a.jpg", 1]])
-    with pytest.raises(AnnotationError, match="'a.jpg' is annotated under several labels"):
+    write_annotations(tmp_path, "KS", ["image_name", "Ptosis"], [["k.jpg", 0], ["a.jpg", 1]])
+    # a.jpg is a WS image of partitions.csv: its row in KS.csv (row 3 of the file) is refused.
+    with pytest.raises(AnnotationError, match=r"KS\.csv: row 3 \('a\.jpg'\) annotates an image labelled 'WS' "
+                                              r"in partitions\.csv under 'KS'; move the row to WS\.csv"):
+        read_annotations(tmp_path)
+
+
+def test_an_annotated_image_not_in_partitions_is_refused_naming_file_and_row(tmp_path):
+    write_annotations(tmp_path, "WS", ["image_name", "Wide mouth"], [["a.jpg", 1], ["b.jpg", 0]])
+    (tmp_path / "metadata" / "partitions.csv").write_text("image_name,label\na.jpg,WS\n")  # b.jpg not listed
+    with pytest.raises(AnnotationError, match=r"WS\.csv: row 3 \('b\.jpg'\) annotates an image that "
+                                              r"partitions\.csv does not list"):
         read_annotations(tmp_path)
 
 
