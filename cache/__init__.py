@@ -11,9 +11,12 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import os
+import sqlite3
+import time
 import types
 from collections.abc import Callable
 from importlib import metadata
@@ -94,15 +97,45 @@ def source_salt(*modules: types.ModuleType) -> str:
 MISSING = object()
 
 
+_DAMAGED_DATABASE = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # not "locked" or "busy": those are waits
+
+
+def _move_aside(directory: Path) -> Path | None:
+    """Rename a damaged cache folder to ``<dir>.damaged-<timestamp>``, kept for the user to inspect or
+    delete; None when another process opening the same cache moved it first."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in itertools.count():
+        target = directory.with_name(f"{directory.name}.damaged-{stamp}" + (f"-{attempt}" if attempt else ""))
+        if target.exists():
+            continue
+        try:
+            directory.rename(target)
+        except FileNotFoundError:
+            return None
+        return target
+
+
 class DiskCache:
-    """A size-bounded diskcache whose damaged entries are dropped and recomputed, never fatal."""
+    """A size-bounded diskcache whose damaged entries are dropped and recomputed, never fatal.
+
+    A damaged database (``cache.db`` overwritten or truncated) is moved aside whole, never deleted,
+    and a fresh cache starts in its place: results are recomputed instead of the app failing.
+    """
 
     def __init__(self, directory: str | Path | None = None, size_limit_gb: float | None = None):
         self.directory = Path(directory or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
         size_gb = size_limit_gb if size_limit_gb is not None else float(os.environ.get(CACHE_SIZE_ENV, DEFAULT_SIZE_GB))
-        self._store = diskcache.Cache(
-            str(self.directory), size_limit=int(size_gb * 2**30), eviction_policy="least-recently-used"
-        )
+        settings = {"size_limit": int(size_gb * 2**30), "eviction_policy": "least-recently-used"}
+        try:
+            self._store = diskcache.Cache(str(self.directory), **settings)
+        except sqlite3.DatabaseError as error:
+            if getattr(error, "sqlite_errorcode", None) not in _DAMAGED_DATABASE:
+                raise
+            moved = _move_aside(self.directory)
+            log.warning("the cache database in %s is damaged (%s); %s, starting a fresh cache: results will be "
+                        "recomputed", self.directory, error,
+                        f"moved the folder to {moved}" if moved else "another process moved the folder aside")
+            self._store = diskcache.Cache(str(self.directory), **settings)
 
     def lookup(self, key: str) -> Any:
         """The stored value, or ``MISSING``; a damaged entry is deleted and reported as missing."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache import DiskCache, content_hash, memoised
+from cache import MISSING, DiskCache, content_hash, memoised
 
 calls = []
 
@@ -94,6 +94,73 @@ def test_a_damaged_entry_is_recomputed(tmp_path):
         path.unlink()
     np.testing.assert_array_equal(doubled(big, cache=cache), big * 2)
     assert len(calls) == 3
+
+
+def _overwrite(path: Path) -> None:
+    path.write_bytes(b"this is not a SQLite database" * 100)
+
+
+def _truncate(path: Path) -> None:
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage", [_overwrite, _truncate])
+def test_a_damaged_database_is_moved_aside_whole_and_the_cache_starts_afresh(tmp_path, caplog, damage):
+    calls.clear()
+    x = np.arange(5)
+    cache = DiskCache(tmp_path / "c")
+    for i in range(50):  # enough rows that half the database file cuts into them
+        doubled(x + i, cache=cache)
+    big = np.arange(100_000, dtype=np.float64)
+    doubled(big, cache=cache)  # a value in a file of its own: it must be moved along, not deleted
+    cache.close()
+    damage(tmp_path / "c" / "cache.db")
+    before = {p.relative_to(tmp_path / "c"): p.read_bytes() for p in (tmp_path / "c").rglob("*") if p.is_file()}
+    calls.clear()
+    with caplog.at_level("WARNING", logger="cache"):
+        reopened = DiskCache(tmp_path / "c")
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("c.damaged-")]
+    assert len(moved) == 1
+    # Every byte of the user's old folder is still there, under the new name (next to the journal
+    # files SQLite itself may add while trying to open the damaged database).
+    after = {p.relative_to(moved[0]): p.read_bytes() for p in moved[0].rglob("*") if p.is_file()}
+    assert {k: after.get(k) for k in before} == before
+    assert {p.name for p in set(after) - set(before)} <= {"cache.db-wal", "cache.db-shm"}
+    assert f"moved the folder to {moved[0]}" in caplog.text and "damaged" in caplog.text
+    np.testing.assert_array_equal(doubled(x, cache=reopened), x * 2)
+    np.testing.assert_array_equal(doubled(x, cache=reopened), x * 2)
+    assert len(calls) == 1  # recomputed once, then served by the fresh cache
+    reopened.close()
+    assert DiskCache(tmp_path / "c").lookup("nothing") is MISSING  # the fresh one reopens without a move
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("c.damaged-")]) == 1
+
+
+def test_a_second_damaged_database_within_the_same_second_gets_its_own_name(tmp_path):
+    for _ in range(2):
+        DiskCache(tmp_path / "c").close()
+        _overwrite(tmp_path / "c" / "cache.db")
+        DiskCache(tmp_path / "c").close()
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("c.damaged-")]) == 2
+
+
+def test_a_locked_database_is_not_taken_for_a_damaged_one(tmp_path, monkeypatch):
+    """Only corruption moves the folder; another process holding the lock too long is an error to report."""
+    import sqlite3
+
+    import diskcache
+
+    DiskCache(tmp_path / "c").close()
+
+    def locked(*args, **kwargs):
+        error = sqlite3.OperationalError("database is locked")
+        error.sqlite_errorcode = sqlite3.SQLITE_BUSY
+        raise error
+
+    monkeypatch.setattr(diskcache, "Cache", locked)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        DiskCache(tmp_path / "c")
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
 
 
 def test_size_limit_evicts_and_keeps_working(tmp_path):
