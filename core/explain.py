@@ -19,7 +19,7 @@ from core import attribute as attribute_module
 from core import parse as parse_module
 from core.align import align_face, detect_faces, warp_to_aligned
 from core.attribute import METHOD_NAMES, METHODS, attribute
-from core.errors import NoFaceError
+from core.errors import NoFaceError, UserFacingError
 from core.parse import parse_face
 from core.regions import PAPER_REGIONS, RegionSpec, region_masks
 from core.score import channel_sums, region_scores, relevance_from_sums
@@ -159,7 +159,7 @@ def prepare_face(
             notes.append(f"{n_faces} faces found; the largest was explained.")
     aligned = align_face(image, landmarks, size=size)
     if stored_map is not None:
-        stored_map = _stored_map_in_aligned_frame(stored_map, image.shape, aligned.matrix, size)
+        stored_map = stored_map_in_aligned_frame(stored_map, image.shape, aligned.matrix, size)
     parsed = parsed_face(aligned.image, aligned.landmarks, parser, stored_map, cache=cache)
     masks = region_masks(parsed.label_map, spec)
     notes.extend(f"Region {name!r} is empty on this face: its scores are NaN."
@@ -177,16 +177,20 @@ def prepare_face(
     )
 
 
-def _stored_map_in_aligned_frame(label_map: np.ndarray, photo_shape: tuple[int, ...], matrix: np.ndarray,
-                                 size: int) -> np.ndarray:
+class LabelMapError(UserFacingError):
+    """A stored label map that cannot be placed on its face."""
+
+
+def stored_map_in_aligned_frame(label_map: np.ndarray, photo_shape: tuple[int, ...], matrix: np.ndarray,
+                                size: int) -> np.ndarray:
     """Stored label maps are drawn on the photo (same height and width); a map already of the
     aligned size is taken as aligned. Anything else cannot be placed and is refused."""
     if label_map.shape == tuple(photo_shape[:2]):
         return warp_to_aligned(label_map, matrix, size, order=0)
     if label_map.shape == (size, size):
         return label_map
-    raise ValueError(f"the stored label map is {label_map.shape[1]}×{label_map.shape[0]} but the photo is "
-                     f"{photo_shape[1]}×{photo_shape[0]} (and the aligned face {size}×{size}); it fits neither")
+    raise LabelMapError(f"the stored label map is {label_map.shape[1]}×{label_map.shape[0]} but the photo is "
+                        f"{photo_shape[1]}×{photo_shape[0]} (and the aligned face {size}×{size}); it fits neither")
 
 
 def explain(

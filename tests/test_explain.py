@@ -13,7 +13,8 @@ from cache import DiskCache
 from core.align import align_face
 from core.attribute import attribute
 from core.cli import main as cli_main
-from core.explain import attribution_sums, explain, prepare_face
+from core.errors import UserFacingError
+from core.explain import LabelMapError, attribution_sums, explain, prepare_face
 from core.parse import landmark_template
 from core.regions import PAPER_REGIONS, region_masks
 from core.score import region_scores, relevance_map
@@ -131,6 +132,26 @@ def test_cli_turns_bad_input_into_one_clear_line(content, expected, card_path, t
     assert cli_main(["explain", str(path), "--model", str(card_path), "--methods", "Gradient"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err.lower() and "Traceback" not in err
+
+
+def test_a_stored_label_map_that_fits_neither_photo_nor_face_is_a_user_facing_error(card_path, photo, tmp_path,
+                                                                                      capsys):
+    wrong = np.zeros((40, 50), np.uint8)  # the photo is 512×512, the aligned face 64×64
+    message = r"the stored label map is 50×40 but the photo is 512×512 \(and the aligned face 64×64\); it fits neither"
+    with pytest.raises(LabelMapError, match=message):
+        prepare_face(photo, SIZE, landmarks=ASTRONAUT_LANDMARKS, stored_map=wrong)
+    assert issubclass(LabelMapError, UserFacingError)
+    # Both frames a map may come in are accepted: the photo's (warped) and the aligned face's (as is).
+    for fitting in (np.ones(photo.shape[:2], np.uint8), np.ones((SIZE, SIZE), np.uint8)):
+        assert prepare_face(photo, SIZE, landmarks=ASTRONAUT_LANDMARKS, stored_map=fitting).parse_source == "stored"
+    path, segmap = tmp_path / "face.png", tmp_path / "map.png"
+    Image.fromarray(photo).save(path)
+    Image.fromarray(wrong).save(segmap)
+    landmarks = ",".join(f"{v:g}" for v in ASTRONAUT_LANDMARKS.ravel())
+    assert cli_main(["explain", str(path), "--model", str(card_path), "--methods", "Gradient", "--landmarks", landmarks,
+                     "--segmap", str(segmap)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the stored label map is 50×40") and "Traceback" not in err
 
 
 def test_cli_without_a_model_says_what_to_do(tmp_path, capsys, monkeypatch):
