@@ -64,7 +64,8 @@ def reading(explanation: Explanation, priors: pl.DataFrame | None = None, max_te
     methods; expected mouth terms: wide mouth, thick lower lip …".
 
     ``priors``: the ontology's facial terms for the *explained* class (``term, hpo_id, region``,
-    as ``core.hpo.ontology_priors`` gives them); without them the sentence stops after the vote.
+    as ``core.hpo.ontology_priors`` gives them); without them, or when they hold no term at all (the
+    unaffected class), the sentence stops after the vote.
     """
     classes, probabilities = explanation.classes, explanation.probabilities
     predicted, target = explanation.predicted, explanation.target
@@ -86,7 +87,7 @@ def reading(explanation: Explanation, priors: pl.DataFrame | None = None, max_te
     else:
         named = ", ".join(winners[:-1]) + f" and {winners[-1]}"
         parts.append(f"the {named} regions carry most relevance under {best} of {methods} methods each")
-    if priors is not None:
+    if priors is not None and not priors.is_empty():  # no facial term at all (unaffected): nothing to add
         for region in winners:
             terms = _expected_terms(priors, region, max_terms)
             parts.append(f"expected {region} terms: {terms}" if terms else

@@ -70,3 +70,4 @@ def test_without_priors_without_methods_and_with_empty_regions():
                                                               "on this face).")
     no_nose_terms = reading(explanation({"A": [0.2, 0.9, 0.1]}), PRIORS)
     assert no_nose_terms.endswith("the ontology expects no nose term for Williams syndrome.")
+    assert reading(explanation({"A": [0.2, 0.9, 0.1]}), PRIORS.clear()).endswith("under 1 of 1 methods.")

@@ -211,7 +211,12 @@ def preview(view: state.View) -> None:
     dataset = view.dataset
     count = st.slider("Faces to preview", 1, 8, 4, key="preview", bind=state.URL)
     fold = dataset.folds[0] if dataset.folds else None
-    names = (names_in(dataset, fold, "test") if fold else dataset.table["image_name"].to_list())[:count]
+    held_out = names_in(dataset, fold, "test") if fold else dataset.table["image_name"].to_list()
+    labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
+    first_of_each: dict[str, str] = {}  # label -> its first held-out face: show one face per class first
+    for name in held_out:
+        first_of_each.setdefault(labels[name], name)
+    names = [*first_of_each.values(), *(n for n in held_out if n not in first_of_each.values())][:count]
     size = resources.classifier(view.cards[0]).card.input_size if view.cards else 224
     parser = resources.parser(view.parser) if view.parser else None
     landmarks = landmarks_of(dataset, names)
@@ -240,15 +245,14 @@ def rescored_tables(view: state.View) -> None:
                     f"{'Statistics' if split == 'val' else 'HPO correlation'} page, then edits re-score here.")
         elif table.origin != "store":
             st.info(f"Split {split!r}: {table.note}.")
-    left, right = st.columns(2)
     if val is not None and val.origin == "store":
-        with left:
+        with st.container():
             st.markdown(f"**Table 3** (split val, re-scored in {val.seconds * 1000:.0f} ms; paper's test settings)")
             counts = significance_counts(compare_groups(val.table))
             methods = val.table["method"].n_unique()
             st.plotly_chart(render.heat_table(counts, "region", (0, methods), title="methods"), width="stretch")
     if test is not None and test.origin == "store":
-        with right:
+        with st.container():
             st.markdown(f"**Table 4** (split test, re-scored in {test.seconds * 1000:.0f} ms): mean (std) ρ over "
                         "fold models")
             try:
