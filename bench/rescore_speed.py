@@ -27,6 +27,7 @@ from core.align import align_face, warp_to_aligned  # noqa: E402
 from core.regions import bundled_region_specs, region_masks  # noqa: E402
 from core.relevance_store import RelevanceStore, StoreContents, StoredModel, rescore  # noqa: E402
 from core.score import region_scores  # noqa: E402
+from core.synth.classes import DEFAULT_CLASSES  # noqa: E402
 from core.synth.dataset import plan_images  # noqa: E402
 from core.synth.faces import render_face  # noqa: E402
 
@@ -36,7 +37,7 @@ METHODS = ("Gradient", "Occlusion")
 def synthetic_label_maps(distinct: int, size: int) -> np.ndarray:
     """``distinct`` rendered faces' label maps, carried into the aligned frame as the dataset's are."""
     maps = []
-    for image in plan_images(max(1, distinct // 12 + 1), seed=0, size=size)[:distinct]:
+    for image in plan_images(-(-distinct // len(DEFAULT_CLASSES)), seed=0, size=size)[:distinct]:
         _, label_map, landmarks = render_face(image.params)
         maps.append(warp_to_aligned(label_map, align_face(np.zeros((size, size, 3), np.uint8), landmarks,
                                                           size=size).matrix, size, order=0))
@@ -100,7 +101,7 @@ def main() -> None:
 
     seconds, faces = timed(lambda: synthetic_label_maps(args.faces, args.size))
     label_maps = faces[np.arange(args.images) % len(faces)]
-    print(f"{args.images} label maps of {args.size}² tiled from {args.faces} rendered faces ({seconds:.1f} s)")
+    print(f"{args.images} label maps of {args.size}² tiled from {len(faces)} rendered faces ({seconds:.1f} s)")
     with tempfile.TemporaryDirectory() as folder:
         seconds, store = timed(lambda: build_store(Path(folder), label_maps, folds=5, seed=0))
         per_method_mb = args.images * args.size ** 2 * 2 / 1e6

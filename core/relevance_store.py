@@ -66,6 +66,7 @@ Progress = Callable[[int, int, str], None]  # (done, total, what): the CLI's tqd
 _MANIFEST, _JOURNAL, _LOCK, _MASKS = "manifest.json", "journal.jsonl", ".lock", "region-masks"
 _CHUNK = 16  # maps per float32 chunk: 3.2 MB at 224², about what one core's L2 and L3 share keeps hot
 _PIECE = 32768  # elements per float16 -> float32 copy: torch's GRAIN_SIZE, so the copy runs on this thread
+_MERGE_GAP = 8192  # elements between two spans below which one copy reads both (a copy call costs ~3 µs)
 _DEFAULT_THREADS = min(2, os.cpu_count() or 1)  # scoring threads over chunks of maps
 _MASK_CHUNK = 64  # label maps per region_masks call: bounds the N×R×S×S bool masks in memory
 _KEPT_SEGMENTS = 4  # region specs whose encoded masks stay in memory
@@ -141,12 +142,14 @@ class StoreContents:
 @dataclass(frozen=True, eq=False)
 class RegionSegments:
     """A region spec's masks over every stored label map, as runs of equal region index along each
-    flattened map (index ``len(names)`` = no region). Regions never overlap, so this is exact."""
+    flattened map (index ``len(names)`` = no region), from its first to its last region pixel only:
+    the rest of a map is never read. Regions never overlap, so this is exact."""
 
     names: tuple[str, ...]
     starts: np.ndarray  # int32: first pixel of each run, per image, concatenated
     regions: np.ndarray  # uint8: region index of each run
     offsets: np.ndarray  # int64, N_images + 1: image i's runs are [offsets[i], offsets[i + 1])
+    spans: np.ndarray  # int32, N_images × 2: first and end pixel of the runs (first to last region pixel)
     areas: np.ndarray  # int64, N_images × R: pixels of each region
 
 
@@ -290,7 +293,9 @@ class RelevanceStore:
         label_maps = self.label_maps()
         have = np.zeros(n, dtype=bool)
         have[sorted(self._done.get(contents.label_maps_file(), set()))] = True
-        starts, regions, counts = [], [], np.ones(n, dtype=np.int64)
+        starts, regions = [], []
+        counts = np.zeros(n, dtype=np.int64)  # images without a label map (unusable photos) have no runs
+        spans = np.zeros((n, 2), dtype=np.int32)
         areas = np.zeros((n, len(names)), dtype=np.int64)
         present = np.flatnonzero(have)
         for first in range(0, len(present), _MASK_CHUNK):
@@ -302,28 +307,26 @@ class RelevanceStore:
             index = np.full((len(chunk), size * size), len(names), dtype=np.uint8)
             for r in range(len(names)):
                 index[masks[:, r].reshape(len(chunk), -1)] = r
-            change = np.ones(index.shape, dtype=bool)
-            change[:, 1:] = index[:, 1:] != index[:, :-1]
-            image, pixel = np.nonzero(change)
-            counts[chunk] = np.bincount(image, minlength=len(chunk))
-            starts.append(pixel.astype(np.int32))
-            regions.append(index[image, pixel])
+            for image, pixels in zip(chunk, index):
+                inside = np.flatnonzero(pixels != len(names))
+                if not inside.size:
+                    continue
+                span = pixels[inside[0]:inside[-1] + 1]
+                change = np.flatnonzero(np.concatenate(([True], span[1:] != span[:-1])))
+                starts.append((change + inside[0]).astype(np.int32))
+                regions.append(span[change])
+                counts[image], spans[image] = len(change), (inside[0], inside[-1] + 1)
             if progress is not None:
                 progress(min(first + _MASK_CHUNK, len(present)), len(present), "region masks")
-        # Images without a label map (unusable photos) get one run of "no region"; they are never scored.
-        run_starts = np.zeros(int(counts.sum()), dtype=np.int32)
-        run_regions = np.full(run_starts.size, len(names), dtype=np.uint8)
+        run_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int32)
+        run_regions = np.concatenate(regions) if regions else np.zeros(0, dtype=np.uint8)
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        if len(present):
-            take = _run_positions(offsets, present)
-            run_starts[take] = np.concatenate(starts)
-            run_regions[take] = np.concatenate(regions)
         empty = (areas[present] == 0)
         for r in np.flatnonzero(empty.any(axis=0)):
             which = [contents.image_names[i] for i in present[empty[:, r]]]
             warnings.warn(f"region {names[r]!r} is empty on {len(which)} of {len(present)} faces "
                           f"(e.g. {', '.join(which[:3])}): their scores are NaN", stacklevel=3)
-        return RegionSegments(names, run_starts, run_regions, offsets, areas)
+        return RegionSegments(names, run_starts, run_regions, offsets, spans, areas)
 
     def region_sums(self, model: str, method: str, spec: RegionSpec, rows: np.ndarray | None = None,
                     threads: int | None = None) -> np.ndarray:
@@ -340,10 +343,10 @@ class RelevanceStore:
         threads = min(len(plans), _DEFAULT_THREADS if threads is None else threads)
         if threads > 1:
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-                list(pool.map(lambda part: _sum_runs(source, rows, plans[part::threads], sums, len(segments.names)),
+                list(pool.map(lambda part: _sum_runs(source, plans[part::threads], sums, len(segments.names)),
                               range(threads)))
         else:
-            _sum_runs(source, rows, plans, sums, len(segments.names))
+            _sum_runs(source, plans, sums, len(segments.names))
         return sums
 
     def _chunk_plans(self, spec: RegionSpec, model: str, rows: np.ndarray) -> list:
@@ -353,8 +356,9 @@ class RelevanceStore:
             if key not in self._plans:
                 segments = self.region_segments(spec)
                 images = np.asarray(self.contents.model(model).images, dtype=np.int64)[rows]
+                pixels = self.contents.size ** 2
                 self._plans[key] = [(lo, min(lo + _CHUNK, len(rows)),
-                                     *_chunk_plan(segments, images[lo:lo + _CHUNK], self.contents.size))
+                                     *_chunk_plan(segments, rows[lo:lo + _CHUNK], images[lo:lo + _CHUNK], pixels))
                                     for lo in range(0, len(rows), _CHUNK)]
                 while len(self._plans) > _KEPT_SEGMENTS * max(1, len(self.contents.models)):
                     self._plans.popitem(last=False)
@@ -540,33 +544,59 @@ def score_block(model: str, fold: str | None, method: str, rows: pl.DataFrame, r
     ])
 
 
-def _sum_runs(source: torch.Tensor, rows: np.ndarray, plans: list, sums: np.ndarray, regions: int) -> None:
-    """Fill ``sums[lo:hi]`` for each planned chunk: float16 maps -> float32 buffer -> run sums -> region sums."""
-    buffer = torch.empty((_CHUNK, source.shape[1]), dtype=torch.float32)
-    flat = buffer.view(-1)
-    for lo, hi, bounds, labels in plans:
+def _sum_runs(source: torch.Tensor, plans: list, sums: np.ndarray, regions: int) -> None:
+    """Fill ``sums[lo:hi]`` for each planned chunk: float16 spans -> float32 buffer -> run sums -> region sums."""
+    flat = torch.empty(max((plan[-1] for plan in plans), default=0), dtype=torch.float32)
+    source = source.view(-1)
+    for lo, hi, bounds, labels, copies, used in plans:
+        # torch casts float16 -> float32 with SIMD (numpy's cast is ~20× slower) into a buffer that stays in
+        # cache, in pieces below torch's parallel grain: waking the OpenMP pool between numpy calls stalls
+        # ~10× on a busy machine (measured).
+        for first, end, at in copies:
+            for start in range(first, end, _PIECE):
+                stop = min(start + _PIECE, end)
+                flat[at + start - first:at + stop - first].copy_(source[start:stop])
         k = hi - lo
-        consecutive = rows[hi - 1] - rows[lo] == k - 1  # rows are sorted: then a slice, no gather
-        block = source[rows[lo]:rows[lo] + k] if consecutive else source[torch.from_numpy(rows[lo:hi])]
-        block = block.reshape(-1)
-        # torch casts float16 -> float32 with SIMD (numpy's cast is ~20× slower) into a buffer that stays in cache,
-        # in pieces below torch's parallel grain: waking the OpenMP pool between numpy calls stalls ~10× on a busy
-        # machine (measured).
-        size = block.numel()
-        for start in range(0, size, _PIECE):
-            flat[start:min(start + _PIECE, size)].copy_(block[start:start + _PIECE])
-        runs = np.add.reduceat(flat[:size].numpy(), bounds)
-        sums[lo:hi] = np.bincount(labels, weights=runs, minlength=k * (regions + 1)).reshape(k, regions + 1)[:, :-1]
+        totals = np.zeros(k * (regions + 1))
+        if len(bounds):
+            totals = np.bincount(labels, weights=np.add.reduceat(flat[:used].numpy(), bounds), minlength=len(totals))
+        sums[lo:hi] = totals.reshape(k, regions + 1)[:, :-1]
 
 
-def _chunk_plan(segments: RegionSegments, images: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """reduceat boundaries into the flattened chunk and each run's bincount slot (image × (R + 1) + region)."""
+def _chunk_plan(segments: RegionSegments, rows: np.ndarray, images: np.ndarray, pixels: int) -> tuple:
+    """For a chunk of maps (``rows`` of the maps file, showing ``images``): reduceat boundaries into the
+    buffer, each run's bincount slot (image × (R + 1) + region), the copies (first and end element of
+    the flattened maps file, place in the buffer) and the buffer length used.
+
+    Only the spans of the maps are copied (first to last region pixel), and neighbouring spans are
+    merged into one copy when less than ``_MERGE_GAP`` elements lie between them: skipping a gap
+    saves reading it but costs a copy call."""
     take = _run_positions(segments.offsets, images)
     counts = segments.offsets[images + 1] - segments.offsets[images]
+    first = rows * pixels + segments.spans[images, 0]
+    end = rows * pixels + segments.spans[images, 1]
+    copies, placed = [], np.zeros(len(images), dtype=np.int64)  # placed: buffer position of each span's start
+    used = 0
+    for i in np.flatnonzero(end > first):
+        if copies and first[i] - copies[-1][1] < _MERGE_GAP:
+            copies[-1][1] = int(end[i])
+        else:
+            copies.append([int(first[i]), int(end[i]), used])
+        placed[i] = copies[-1][2] + first[i] - copies[-1][0]
+        used = copies[-1][2] + copies[-1][1] - copies[-1][0]
     image = np.repeat(np.arange(len(images), dtype=np.int64), counts)
-    bounds = segments.starts[take].astype(np.int64) + image * (size * size)
+    bounds = segments.starts[take].astype(np.int64) - segments.spans[images, 0][image] + placed[image]
     labels = segments.regions[take].astype(np.int64) + image * (len(segments.names) + 1)
-    return bounds, labels
+    # Where a merged copy carries a gap after a span, a run of "no region" must start there, or the
+    # span's last run would sum the gap too.
+    spanned = np.flatnonzero(end > first)
+    span_ends = placed[spanned] + (end - first)[spanned]
+    gap = span_ends[:-1] < placed[spanned[1:]]
+    gap_bounds = span_ends[:-1][gap]
+    gap_labels = spanned[:-1][gap] * (len(segments.names) + 1) + len(segments.names)
+    order = np.argsort(np.concatenate([bounds, gap_bounds]), kind="stable")
+    return (np.concatenate([bounds, gap_bounds])[order], np.concatenate([labels, gap_labels])[order],
+            [tuple(c) for c in copies], used)
 
 
 def _run_positions(offsets: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -626,7 +656,7 @@ def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
 def _segments_bytes(segments: RegionSegments) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, names=np.array(segments.names), starts=segments.starts, regions=segments.regions,
-             offsets=segments.offsets, areas=segments.areas)
+             offsets=segments.offsets, spans=segments.spans, areas=segments.areas)
     return buffer.getvalue()
 
 
@@ -635,7 +665,7 @@ def _read_segments(path: Path, spec: RegionSpec | None) -> RegionSegments | None
     try:
         with np.load(path) as data:
             segments = RegionSegments(tuple(str(n) for n in data["names"]), data["starts"], data["regions"],
-                                      data["offsets"], data["areas"])
+                                      data["offsets"], data["spans"], data["areas"])
     except (OSError, ValueError, KeyError, EOFError):
         return None
     if spec is not None and segments.names != tuple(rule.name for rule in spec.regions):

@@ -206,3 +206,12 @@ def test_writing_needs_begin_and_reading_an_empty_folder_says_what_to_do(tmp_pat
     assert not store.exists
     with pytest.raises(StoreError, match="python -m core extract"):
         rescore(store, PAPER_REGIONS)
+
+
+@pytest.mark.filterwarnings("ignore:region")
+def test_copying_each_span_alone_or_merged_gives_the_same_sums(full_store, tmp_path, monkeypatch):
+    """Small maps merge every span into one copy; with no merging each span is copied alone."""
+    spec = bundled_region_specs()["extended"]
+    merged = rescore(full_store, spec)
+    monkeypatch.setattr(store_module, "_MERGE_GAP", 0)
+    assert rescore(RelevanceStore(tmp_path / "store"), spec).equals(merged)
