@@ -18,12 +18,11 @@ import polars as pl
 from scipy import stats
 
 from cache import DiskCache
-from core.align import align_face, warp_to_aligned
+from core.align import align_face
 from core.attribute import METHOD_NAMES
-from core.dataset import Dataset, image_file, landmarks_of, segmap_file
-from core.explain import attribution_sums
-from core.imageio import load_image
-from core.parse import load_label_map
+from core.dataset import Dataset, DatasetError, read_photo
+from core.errors import UserFacingError
+from core.explain import attribution_sums, stored_map_in_aligned_frame
 from core.regions import PAPER_REGIONS, RegionSpec, region_masks
 from core.score import region_scores, relevance_from_sums
 from models.checkpoint import Classifier
@@ -38,12 +37,16 @@ def planted_counts(dataset: Dataset, names: Sequence[str], regions: Sequence[str
 
 
 def _faces_and_masks(dataset: Dataset, names: Sequence[str], size: int, spec: RegionSpec):
-    landmarks = landmarks_of(dataset, list(names))
+    """Aligned faces and the region masks of their true label maps (photos through ``read_photo``)."""
     faces, maps = [], []
-    for name, points in zip(names, landmarks):
-        aligned = align_face(load_image(image_file(dataset, name)), points, size=size)
+    for name in names:
+        photo = read_photo(dataset, name)
+        if photo.landmarks is None or photo.label_map is None:
+            raise DatasetError(f"the leaderboard needs landmarks and a stored label map for {name}; "
+                               "a synthetic dataset (python -m core demo) has both")
+        aligned = align_face(photo.image, photo.landmarks, size=size)
         faces.append(aligned.image)
-        maps.append(warp_to_aligned(load_label_map(segmap_file(dataset, name)), aligned.matrix, size, order=0))
+        maps.append(stored_map_in_aligned_frame(photo.label_map, photo.image.shape, aligned.matrix, size))
     return np.stack(faces), region_masks(np.stack(maps), spec)
 
 
@@ -51,11 +54,17 @@ def leaderboard(dataset: Dataset, classifier: Classifier, names: Sequence[str], 
                 spec: RegionSpec = PAPER_REGIONS, batch_size: int = 16, cache: DiskCache | None = None,
                 progress=None) -> pl.DataFrame:
     """One row per method: hit rate (with interval and n) and Spearman ρ per region and on average."""
+    labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
+    classes = list(classifier.card.classes)
+    missing = sorted({labels[n] for n in names} - set(classes))
+    if missing:
+        raise UserFacingError(f"the model lacks the class(es) {', '.join(missing)} of the faces to score (the "
+                              f"model's classes: {', '.join(classes)}); the leaderboard explains each face's true "
+                              "class, so use a model trained on this dataset")
+    targets = [classes.index(labels[n]) for n in names]
     faces, masks = _faces_and_masks(dataset, names, classifier.card.input_size, spec)
     regions = masks.names
     counts = planted_counts(dataset, names, regions)
-    labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
-    targets = [list(classifier.card.classes).index(labels[n]) for n in names]
     syndromic = counts.sum(axis=1) > 0
     single = (counts > 0).sum(axis=1) == 1
     rows = []

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.align import align_face
-from core.dataset import Dataset, image_file, landmarks_of, names_in
-from core.imageio import load_image
+from core.dataset import Dataset, DatasetError, names_in, read_photo
 from models.checkpoint import ModelCard, preprocess, save_checkpoint
 from models.resnet import build_resnet
 
@@ -85,13 +84,17 @@ def training_autocast(precision: str) -> torch.autocast:
 
 def aligned_faces(dataset: Dataset, names: list[str], size: int,
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """N×size×size×3 uint8 faces aligned from the dataset's landmarks (needed for training)."""
-    landmarks = landmarks_of(dataset, names)
-    if landmarks is None:
-        raise ValueError("training needs landmarks in partitions.csv (x1,y1,…,x5,y5); run face detection first")
+    """N×size×size×3 uint8 faces aligned from the dataset's landmarks (needed for training).
+
+    Photos come through ``read_photo``, so a photo shrunk on loading is aligned with its landmarks
+    scaled alike, and landmarks that do not fit their photo are refused naming the row.
+    """
+    if not dataset.has_landmarks:
+        raise DatasetError("training needs landmarks in partitions.csv (x1,y1,…,x5,y5); run face detection first")
     faces = np.empty((len(names), size, size, 3), dtype=np.uint8)
-    for i, (name, points) in enumerate(zip(names, landmarks)):
-        faces[i] = align_face(load_image(image_file(dataset, name)), points, size=size).image
+    for i, name in enumerate(names):
+        photo = read_photo(dataset, name)
+        faces[i] = align_face(photo.image, photo.landmarks, size=size).image
         if progress is not None:
             progress(i + 1, len(names))
     return faces

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core.align import align_face, warp_to_aligned
-from core.dataset import Dataset, DatasetError, image_file, landmarks_of, segmap_file
-from core.imageio import load_image
-from core.parse import LAPA_LABELS, load_label_map
+from core.align import align_face
+from core.dataset import Dataset, DatasetError, read_photo
+from core.explain import stored_map_in_aligned_frame
+from core.parse import LAPA_LABELS
 from core.train import check_precision, training_autocast
 from models.checkpoint import ModelCard, normalise_pixels
 from models.parser import build_face_parser, save_face_parser
@@ -58,18 +58,18 @@ class ParserResult:
 
 
 def aligned_faces_and_maps(dataset: Dataset, names: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
-    landmarks = landmarks_of(dataset, names)
-    if landmarks is None:
+    """Aligned faces and their stored label maps in the same frame (photos through ``read_photo``)."""
+    if not dataset.has_landmarks:
         raise DatasetError("parser training needs landmarks in partitions.csv (x1,y1,…,x5,y5)")
     faces = np.empty((len(names), size, size, 3), np.uint8)
     maps = np.empty((len(names), size, size), np.uint8)
-    for i, (name, points) in enumerate(zip(names, landmarks)):
-        path = segmap_file(dataset, name)
-        if path is None:
+    for i, name in enumerate(names):
+        photo = read_photo(dataset, name)
+        if photo.label_map is None:
             raise DatasetError(f"no stored label map for {name} in features/segmaps/")
-        aligned = align_face(load_image(image_file(dataset, name)), points, size=size)
+        aligned = align_face(photo.image, photo.landmarks, size=size)
         faces[i] = aligned.image
-        maps[i] = warp_to_aligned(load_label_map(path), aligned.matrix, size, order=0)
+        maps[i] = stored_map_in_aligned_frame(photo.label_map, photo.image.shape, aligned.matrix, size)
     return faces, maps
 
 

@@ -15,8 +15,10 @@ from core.leaderboard import leaderboard, planted_counts
 from core.relevance_store import RelevanceStore
 from core.train import TrainConfig
 from core.train_parser import ParserConfig, intersection_over_union
-from models.checkpoint import load_classifier
+from core.errors import UserFacingError
+from models.checkpoint import ModelCard, load_classifier, save_checkpoint
 from models.parser import load_face_parser
+from tests.conftest import tiny_resnet
 
 TINY = DemoPreset(
     n_per_class=6, parser_n_per_class=3, parser=ParserConfig(input_size=32, epochs=1, batch_size=8),
@@ -110,3 +112,16 @@ def test_planted_counts_read_the_ground_truth(tmp_path):
     np.testing.assert_array_equal(planted_counts(dataset, ["a.jpg", "b.jpg"], ("eye", "nose", "mouth")),
                                   [[2, 0, 1], [0, 0, 0]])
     assert json.dumps(dataclasses.asdict(TINY.parser))  # presets are plain data
+
+
+def test_a_model_lacking_a_class_of_the_faces_is_refused_naming_both(tmp_path):
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "partitions.csv").write_text(
+        "image_name,label,fold-1\nWSSlide1.png,WS,test\nKSSlide2.png,KS,test\nUnaffectedSlide3.png,Unaffected,test\n")
+    card = ModelCard(kind="classifier", architecture="resnet18", classes=("Unaffected", "WS"), input_size=32,
+                     channel_order="RGB", input_scale=1.0, mean=(0.5,) * 3, std=(0.25,) * 3, weights="m.safetensors")
+    classifier = load_classifier(save_checkpoint(tiny_resnet(num_classes=2), card, tmp_path, "m"))
+    # Refused before any photo is read (there are none).
+    with pytest.raises(UserFacingError, match=r"the model lacks the class\(es\) KS of the faces to score "
+                                              r"\(the model's classes: Unaffected, WS\)"):
+        leaderboard(open_dataset(tmp_path), classifier, ["WSSlide1.png", "KSSlide2.png", "UnaffectedSlide3.png"])
