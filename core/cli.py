@@ -260,7 +260,7 @@ def command_rq2(args: argparse.Namespace) -> int:
 
 def command_benchmark(args: argparse.Namespace) -> int:
     from cache import DiskCache
-    from core.dataset import names_in, open_dataset
+    from core.dataset import evenly_spaced, names_in, open_dataset
     from core.leaderboard import leaderboard
     from core.paths import demo_dataset
     from models.checkpoint import load_classifier
@@ -271,10 +271,7 @@ def command_benchmark(args: argparse.Namespace) -> int:
                               "phenotypes, i.e. a synthetic dataset (python -m core demo)")
     classifier = load_classifier(_classifier_card(args.model) if args.model else sorted(
         (dataset.root / "models").glob("classifier-fold-*.json"))[0])
-    names = names_in(dataset, classifier.card.fold or dataset.folds[0], "test")
-    if args.limit and args.limit < len(names):
-        # Evenly spaced, so every class keeps its share (partitions.csv is usually ordered by class).
-        names = [names[i] for i in np.linspace(0, len(names) - 1, args.limit).round().astype(int)]
+    names = evenly_spaced(names_in(dataset, classifier.card.fold or dataset.folds[0], "test"), args.limit)
 
     def progress(method, m, total, start, n):
         print(f"[{m + 1}/{total}] {method}: {start}/{n} faces", file=sys.stderr, flush=True)
@@ -307,18 +304,13 @@ def _dataset_and_classifier(args: argparse.Namespace):
 def _faces_to_check(args: argparse.Namespace, dataset, classifier):
     """The split's image names, aligned faces, region masks, targets (None: predicted) and cache."""
     from cache import DiskCache
-    from core.dataset import names_in
+    from core.dataset import evenly_spaced, names_in
     from core.faithfulness import dataset_faces
     from core.regions import PAPER_REGIONS, RegionSpec
     from models.parser import load_face_parser
 
     fold = classifier.card.fold or (dataset.folds[0] if dataset.folds else "fold-1")
-    names = names_in(dataset, fold, args.split)
-    if args.limit is not None and args.limit < 1:
-        raise UserFacingError("--limit must be at least 1")
-    if args.limit and args.limit < len(names):
-        # Evenly spaced, so every class keeps its share (partitions.csv is usually ordered by class).
-        names = [names[i] for i in np.linspace(0, len(names) - 1, args.limit).round().astype(int)]
+    names = evenly_spaced(names_in(dataset, fold, args.split), args.limit)
     if not names:
         raise UserFacingError(f"{dataset.root}: no {args.split} images in {fold}")
     spec = PAPER_REGIONS if args.regions is None else RegionSpec.from_json(_read_text(args.regions, "region spec"))

@@ -238,3 +238,13 @@ def names_in(dataset: Dataset, fold: str, split: str) -> list[str]:
     if fold not in dataset.folds:
         raise DatasetError(f"the dataset has no {fold} column (it has {', '.join(dataset.folds) or 'no folds'})")
     return dataset.table.filter(pl.col(fold) == split)["image_name"].to_list()
+
+
+def evenly_spaced(names: list[str], limit: int | None) -> list[str]:
+    """``limit`` of ``names``, evenly spaced from the first to the last, so every class keeps its share
+    (partitions.csv is usually ordered by class); all of them when ``limit`` is None or not smaller."""
+    if limit is not None and limit < 1:
+        raise DatasetError(f"a limit of {limit} faces leaves none to use; give at least 1")
+    if limit is None or limit >= len(names):
+        return list(names)
+    return [names[i] for i in np.linspace(0, len(names) - 1, limit).round().astype(int)]
