@@ -24,11 +24,9 @@ from scipy import ndimage, stats
 from skimage.metrics import structural_similarity
 
 from cache import DiskCache
-from core.dataset import Dataset, image_file, landmarks_of, segmap_file
+from core.dataset import Dataset, read_photo
 from core.errors import UserFacingError
 from core.explain import attribution_sums, prepare_face
-from core.imageio import load_image
-from core.parse import load_label_map
 from core.regions import PAPER_REGIONS, RegionMasks, RegionSpec
 from core.score import RELEVANCE_MODES, region_scores, relevance_from_sums
 from models.checkpoint import Classifier, classify, model_fingerprint, preprocess
@@ -62,15 +60,14 @@ class RandomisationCheck:
 def dataset_faces(dataset: Dataset, names: Sequence[str], size: int, spec: RegionSpec = PAPER_REGIONS,
                   parser=None, cache: DiskCache | None = None) -> tuple[np.ndarray, RegionMasks]:
     """Aligned faces N×size×size×3 and their region masks, each through ``prepare_face``: the dataset's
-    landmarks and stored label maps where it has them, detection and the parser (or template) otherwise."""
-    names = list(names)
-    landmarks = landmarks_of(dataset, names)
+    landmarks and stored label maps where it has them, detection and the parser (or template) otherwise.
+    Photos come through ``read_photo``, so a photo shrunk on loading keeps its landmarks and map on it."""
     faces, masks = [], []
-    for i, name in enumerate(names):
-        segmap = segmap_file(dataset, name)
-        face = prepare_face(load_image(image_file(dataset, name)), size, spec,
-                            landmarks=None if landmarks is None else landmarks[i], parser=parser,
-                            stored_map=None if segmap is None else load_label_map(segmap), cache=cache)
+    for name in names:
+        photo = read_photo(dataset, name)
+        face = prepare_face(photo.image, size, spec, landmarks=photo.landmarks,
+                            parser=None if photo.label_map is not None else parser, stored_map=photo.label_map,
+                            cache=cache)
         faces.append(face.aligned)
         masks.append(face.masks)
     return np.stack(faces), RegionMasks(tuple(rule.name for rule in spec.regions), np.stack(masks))

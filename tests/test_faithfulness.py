@@ -3,6 +3,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from PIL import Image
 from scipy import ndimage, stats
 from torch import nn
 
@@ -13,6 +14,7 @@ from core.dataset import names_in, open_dataset
 from core.faithfulness import (
     CHANGED_BELOW,
     blank_regions,
+    dataset_faces,
     faithfulness_summary,
     map_similarity,
     randomisation_check,
@@ -20,7 +22,7 @@ from core.faithfulness import (
     region_faithfulness,
 )
 from core.regions import RegionMasks
-from core.synth import generate_dataset
+from core.synth import FaceParams, generate_dataset, render_face, sample_face_shape, sample_photo
 from models.checkpoint import Classifier, ModelCard, load_classifier, save_checkpoint
 from tests.conftest import tiny_resnet
 
@@ -265,3 +267,41 @@ def test_cli_refuses_an_unknown_layer_in_one_line(tiny_dataset, capsys):
                      "--cascade", "fc,layer9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "layer9" in err and "Traceback" not in err
+
+
+def _one_face_dataset(root, image: np.ndarray, label_map: np.ndarray, landmarks: np.ndarray):
+    for folder in ("images", "metadata", "features/segmaps"):
+        (root / folder).mkdir(parents=True)
+    Image.fromarray(image).save(root / "images" / "WSSlide1.png", compress_level=1)
+    Image.fromarray(label_map).save(root / "features" / "segmaps" / "WSSlide1.png", compress_level=1)
+    (root / "metadata" / "partitions.csv").write_text(
+        "image_name,label,fold-1,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n"
+        "WSSlide1.png,WS,test," + ",".join(f"{v:.4f}" for v in landmarks.ravel()) + "\n")
+    return open_dataset(root)
+
+
+def _box(mask: np.ndarray) -> np.ndarray:
+    """First and last row and column of a mask."""
+    pixels = np.argwhere(mask)
+    return np.concatenate([pixels.min(axis=0), pixels.max(axis=0)])
+
+
+def test_dataset_faces_of_a_photo_over_4096_px_match_the_face_alone(tmp_path):
+    """A rendered face at the right end of a 4400 px wide photo: loading shrinks the photo to 4096 px,
+    so its landmarks and label map (in the file's pixels) must shrink with it. Unscaled, every landmark
+    lies past the shrunk photo's right edge (a NoFaceError) and the map fits neither photo nor face."""
+    rng = np.random.default_rng(3)
+    face = render_face(FaceParams(sample_face_shape(rng), sample_photo(rng), (), 160))
+    width, left = 4400, 4100
+    photo = np.full((160, width, 3), 120, np.uint8)
+    photo[:, left:left + 160] = face.image
+    label_map = np.zeros((160, width), np.uint8)
+    label_map[:, left:left + 160] = face.label_map
+    alone = _one_face_dataset(tmp_path / "alone", face.image, face.label_map, face.landmarks)
+    wide = _one_face_dataset(tmp_path / "wide", photo, label_map, face.landmarks + [left, 0])
+    reference, reference_masks = dataset_faces(alone, ["WSSlide1.png"], 64)
+    faces, masks = dataset_faces(wide, ["WSSlide1.png"], 64)
+    assert np.abs(faces.astype(int) - reference.astype(int)).mean() < 6  # measured 1.4: resampling only
+    assert all(m.any() for m in reference_masks.masks[0])
+    for region, got, want in zip(masks.names, masks.masks[0], reference_masks.masks[0]):
+        assert np.abs(_box(got) - _box(want)).max() <= 1, region  # each edge of each region within a pixel
