@@ -8,12 +8,11 @@ import plotly.graph_objects as go
 import polars as pl
 import streamlit as st
 
-from core.dataset import Dataset, image_file, landmarks_of, names_in, segmap_file
+from core.dataset import Dataset, names_in, read_photo
 from core.errors import UserFacingError
 from core.explain import Explanation, PreparedFace, explain, prepare_face
 from core.hpo import ontology_priors
 from core.imageio import load_image
-from core.parse import load_label_map
 from core.reading import reading, syndrome_name
 from dashboard import render, resources, state
 
@@ -62,11 +61,9 @@ def dataset_photo(dataset: Dataset, fold: str | None) -> Photo:
     labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
     name = st.selectbox("Face", names, key="image", bind=state.URL)
     st.caption(f"True label: {labels[name]}")
-    segmap = segmap_file(dataset, name)
-    landmarks = landmarks_of(dataset, [name])
-    return Photo(image=load_image(image_file(dataset, name)), landmarks=None if landmarks is None else landmarks[0],
-                 stored_map=None if segmap is None else load_label_map(segmap), name=name, label=labels[name],
-                 may_cache=True)
+    photo = read_photo(dataset, name)
+    return Photo(image=photo.image, landmarks=photo.landmarks, stored_map=photo.label_map, name=name,
+                 label=labels[name], may_cache=True)
 
 
 def photo_input(view: state.View, card_fold: str | None) -> Photo | None:

@@ -11,11 +11,10 @@ import json
 
 import streamlit as st
 
-from core.dataset import image_file, landmarks_of, names_in, segmap_file
+from core.dataset import names_in, read_photo
 from core.errors import UserFacingError
 from core.explain import prepare_face
-from core.imageio import load_image
-from core.parse import LAPA_LABELS, load_label_map
+from core.parse import LAPA_LABELS
 from core.regions import EDGES, RegionSpec, bundled_region_specs
 from core.stats import compare_groups, hpo_correlation, significance_counts, table4_wide
 from dashboard import render, resources, scores, state
@@ -219,14 +218,12 @@ def preview(view: state.View) -> None:
     names = [*first_of_each.values(), *(n for n in held_out if n not in first_of_each.values())][:count]
     size = resources.classifier(view.cards[0]).card.input_size if view.cards else 224
     parser = resources.parser(view.parser) if view.parser else None
-    landmarks = landmarks_of(dataset, names)
     columns = st.columns(len(names))
     empty: dict[str, int] = {}
-    for column, name, points in zip(columns, names, landmarks if landmarks is not None else [None] * len(names)):
-        segmap = segmap_file(dataset, name)
-        face = prepare_face(load_image(image_file(dataset, name)), size, view.spec, landmarks=points, parser=parser,
-                            stored_map=load_label_map(segmap) if segmap is not None and parser is None else None,
-                            cache=resources.result_cache())
+    for column, name in zip(columns, names):
+        photo = read_photo(dataset, name)
+        face = prepare_face(photo.image, size, view.spec, landmarks=photo.landmarks, parser=parser,
+                            stored_map=photo.label_map if parser is None else None, cache=resources.result_cache())
         column.image(render.regions_rgb(face.aligned, face.masks), caption=name, width="stretch")
         for region, mask in zip(face.region_names, face.masks):
             if not mask.any():
