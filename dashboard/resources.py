@@ -75,18 +75,21 @@ def dataset(root: str) -> Dataset:
 
 
 @st.cache_data(show_spinner="Reading the HPO annotations …", max_entries=4)
-def _annotations(root: str, version: float) -> pl.DataFrame:
+def _annotations(root: str, version: tuple[float, ...]) -> pl.DataFrame:
     return read_annotations(root)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def _region_counts(root: str, version: float) -> pl.DataFrame:
+def _region_counts(root: str, version: tuple[float, ...]) -> pl.DataFrame:
     return region_counts(_annotations(root, version))
 
 
-def annotations_version(dataset: Dataset) -> float:
+def annotations_version(dataset: Dataset) -> tuple[float, ...]:
+    """What ``read_annotations`` reads: partitions.csv (it checks each annotated image's label there), the
+    annotation folder and each of its files, by modification time (a tuple: any one changing counts)."""
     folder = dataset.root / "metadata" / "hpo-annotations"
-    return max([modified(folder), *(modified(path) for path in folder.glob("*.csv"))])
+    return (modified(dataset.root / "metadata" / "partitions.csv"), modified(folder),
+            *(modified(path) for path in sorted(folder.glob("*.csv"))))
 
 
 def annotations(dataset: Dataset) -> pl.DataFrame:

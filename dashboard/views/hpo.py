@@ -13,12 +13,12 @@ SPLIT = "test"  # the HPO-annotated test images; every fold model scores them
 
 
 @st.cache_data(show_spinner="Running t-SNE on the annotations …", max_entries=4)
-def tsne_of(root: str, version: float) -> pl.DataFrame:
+def tsne_of(root: str, version: tuple[float, ...]) -> pl.DataFrame:
     return term_tsne(resources.annotations(resources.dataset(root)))
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def chi2_of(root: str, version: float) -> pl.DataFrame:
+def chi2_of(root: str, version: tuple[float, ...]) -> pl.DataFrame:
     return term_syndrome_chi2(resources.annotations(resources.dataset(root)))
 
 
