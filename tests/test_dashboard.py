@@ -168,6 +168,56 @@ def test_a_folder_that_is_not_a_dataset_is_a_message(tmp_path):
     assert any("partitions.csv is missing" in e.value for e in app.sidebar.error)
 
 
+def test_a_dataset_photo_over_4096_px_is_shown_with_its_landmarks_and_label_map(tmp_path, monkeypatch):
+    """A face at the right end of a 4400 px wide photo, landmarks and label map in the file's pixels:
+    the photo is shrunk to 4096 px on loading, so both must shrink with it (unscaled, the landmarks fall
+    off the shrunk photo and the map fits neither photo nor face: an error on both pages)."""
+    from core.synth import plan_images
+    from core.synth.faces import render_face
+
+    face = render_face(plan_images(1, seed=5, size=160)[0].params)
+    width, left = 4400, 4100
+    photo = np.full((160, width, 3), 120, np.uint8)
+    photo[:, left:left + 160] = face.image
+    label_map = np.zeros((160, width), np.uint8)
+    label_map[:, left:left + 160] = face.label_map
+    root = tmp_path / "wide"
+    for folder in ("images", "metadata", "features/segmaps"):
+        (root / folder).mkdir(parents=True)
+    (root / "images" / "WSSlide1.png").write_bytes(png_bytes(photo))
+    (root / "features" / "segmaps" / "WSSlide1.png").write_bytes(png_bytes(label_map))
+    (root / "metadata" / "partitions.csv").write_text(
+        "image_name,label,fold-1,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n"
+        "WSSlide1.png,WS,test," + ",".join(f"{v:.4f}" for v in (face.landmarks + [left, 0]).ravel()) + "\n")
+    monkeypatch.setenv("XAI_DATASET", str(root))
+    app = open_app()
+    no_trouble(app)
+    assert app.selectbox(key="image").value == "WSSlide1.png"
+    assert any(m.value == "**Face parts** (stored)" for m in app.markdown)
+    app = open_app(page="views/regions.py")
+    no_trouble(app)
+    assert [shown.caption for image in app.get("image") for shown in image.proto.imgs] == ["WSSlide1.png"]
+
+
+def test_cached_annotations_are_read_again_when_partitions_csv_changes(tmp_path):
+    """read_annotations checks each annotated image's label in partitions.csv, so relabelling an image
+    there must not be answered from the cache."""
+    import os
+
+    from core.hpo import AnnotationError
+    from dashboard import resources
+
+    (tmp_path / "metadata" / "hpo-annotations").mkdir(parents=True)
+    partitions = tmp_path / "metadata" / "partitions.csv"
+    partitions.write_text("image_name,label\na.jpg,WS\nb.jpg,WS\nk.jpg,KS\n")
+    (tmp_path / "metadata" / "hpo-annotations" / "WS.csv").write_text("image_name,Wide mouth\na.jpg,1\nb.jpg,0\n")
+    assert resources.annotations(open_dataset(tmp_path))["image_name"].to_list() == ["a.jpg", "b.jpg"]
+    partitions.write_text("image_name,label\na.jpg,KS\nb.jpg,WS\nk.jpg,KS\n")
+    os.utime(partitions, (partitions.stat().st_atime, partitions.stat().st_mtime + 10))
+    with pytest.raises(AnnotationError, match="a.jpg"):
+        resources.annotations(open_dataset(tmp_path))
+
+
 @pytest.mark.slow
 def test_explain_page_opens_on_a_demo_face_with_the_demo_models(tmp_path, monkeypatch):
     from core.demo import build_demo
