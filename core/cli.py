@@ -58,13 +58,19 @@ def _classifier_card(path: Path | None) -> Path:
 def command_explain(args: argparse.Namespace) -> int:
     from cache import DiskCache
     from core.explain import explain
-    from core.imageio import load_image
-    from core.parse import load_label_map
+    from core.imageio import load_image_and_scale
+    from core.parse import load_label_map, resize_label_map
     from core.regions import PAPER_REGIONS, RegionSpec
     from models.checkpoint import load_classifier
     from models.parser import load_face_parser
 
-    image = load_image(args.image)
+    # A photo over 4096 px is shrunk on loading: the user's landmarks and a label map of the photo's size
+    # (both in the file's pixels) shrink with it, and the landmarks printed are in the file's pixels again.
+    image, factors = load_image_and_scale(args.image)
+    stored_map = None if args.segmap is None else load_label_map(args.segmap)
+    file_shape = tuple(int(round(n)) for n in np.array(image.shape[:2]) / factors[::-1])
+    if stored_map is not None and stored_map.shape == file_shape != image.shape[:2]:
+        stored_map = resize_label_map(stored_map, image.shape[:2])
     classifier = load_classifier(_classifier_card(args.model))
     spec = PAPER_REGIONS if args.regions is None else RegionSpec.from_json(_read_text(args.regions, "region spec"))
     result = explain(
@@ -72,15 +78,16 @@ def command_explain(args: argparse.Namespace) -> int:
         classifier,
         methods=args.methods,
         spec=spec,
-        landmarks=args.landmarks,
+        landmarks=None if args.landmarks is None else args.landmarks * factors,
         parser=None if args.parser is None else load_face_parser(args.parser),
-        stored_map=None if args.segmap is None else load_label_map(args.segmap),
+        stored_map=stored_map,
         target=args.target,
         mode=args.mode,
         cache=DiskCache() if args.cache else None,
         progress=None if args.quiet else _progress,
     )
-    summary = {"image": str(args.image), "model": str(_classifier_card(args.model)), **result.summary()}
+    summary = {"image": str(args.image), "model": str(_classifier_card(args.model)), **result.summary(),
+               "landmarks": np.round(result.face.landmarks / factors, 2).tolist()}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -385,12 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="one photo -> JSON: landmarks, prediction, region scores per method")
     explain.add_argument("image", type=Path)
-    explain.add_argument("--landmarks", type=_landmarks, help="x1,y1,…,x5,y5 in the photo (skips face detection)")
+    explain.add_argument("--landmarks", type=_landmarks,
+                         help="x1,y1,…,x5,y5 in the photo file's pixels (skips face detection)")
     explain.add_argument("--model", type=Path, help="classifier model card (JSON); default: the demo's fold-1 model")
     explain.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
     explain.add_argument("--regions", type=Path, help="region spec JSON (default: the paper's eye, nose, mouth)")
     explain.add_argument("--parser", type=Path, help="face parser model card (JSON); default: landmark template")
-    explain.add_argument("--segmap", type=Path, help="stored LaPa label map of the aligned face (PNG)")
+    explain.add_argument("--segmap", type=Path,
+                         help="stored LaPa label map (PNG) of the photo (its size) or of the aligned face (square)")
     explain.add_argument("--target", help="class name or index to explain (default: the predicted class)")
     explain.add_argument("--mode", choices=RELEVANCE_MODES, default="abs", help="relevance map (default: abs, the paper)")
     explain.add_argument("--cache", action="store_true", help="memoise results on disk (XAI_CACHE_DIR); off by default")
