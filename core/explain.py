@@ -181,6 +181,10 @@ class LabelMapError(UserFacingError):
     """A stored label map that cannot be placed on its face."""
 
 
+class TargetError(UserFacingError, ValueError):
+    """A class to explain that the model does not have (also a ValueError: a bad argument value)."""
+
+
 def stored_map_in_aligned_frame(label_map: np.ndarray, photo_shape: tuple[int, ...], matrix: np.ndarray,
                                 size: int) -> np.ndarray:
     """Stored label maps are drawn on the photo (same height and width); a map already of the
@@ -245,9 +249,9 @@ def _target_index(target: int | str | None, classes: Sequence[str], probabilitie
         return int(np.argmax(probabilities))
     if isinstance(target, str) and not target.isdigit():
         if target not in classes:
-            raise ValueError(f"unknown target class {target!r}; the model knows {', '.join(classes)}")
+            raise TargetError(f"unknown target class {target!r}; the model knows {', '.join(classes)}")
         return list(classes).index(target)
     index = int(target)
     if not 0 <= index < len(classes):
-        raise ValueError(f"target index {index} is outside 0..{len(classes) - 1}")
+        raise TargetError(f"target index {index} is outside 0..{len(classes) - 1}")
     return index

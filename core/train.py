@@ -25,8 +25,13 @@ from tqdm import tqdm
 
 from core.align import align_face
 from core.dataset import Dataset, DatasetError, names_in, read_photo
+from core.errors import UserFacingError
 from models.checkpoint import ModelCard, preprocess, save_checkpoint
 from models.resnet import build_resnet
+
+
+class TrainingConfigError(UserFacingError, ValueError):
+    """A training option (``TrainConfig``, ``ParserConfig``) no trainer knows (also a ValueError: a bad value)."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +55,9 @@ class TrainConfig:
     def __post_init__(self):
         check_precision(self.precision)
         if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
+            raise TrainingConfigError(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
         if self.schedule not in ("cosine-restarts", "one-cycle"):
-            raise ValueError(f"schedule must be 'cosine-restarts' or 'one-cycle', not {self.schedule!r}")
+            raise TrainingConfigError(f"schedule must be 'cosine-restarts' or 'one-cycle', not {self.schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ PRECISIONS = ("float32", "bfloat16", "auto")
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise TrainingConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
 
 
 def training_autocast(precision: str) -> torch.autocast:
@@ -134,7 +139,7 @@ def train_fold(dataset: Dataset, fold: str, config: TrainConfig, out_dir: Path,
     table = dataset.table
     splits = {s: names_in(dataset, fold, s) for s in ("train", "val", "test")}
     if not splits["train"] or not splits["val"]:
-        raise ValueError(f"{fold} needs images in both its train and val splits")
+        raise DatasetError(f"{fold} needs images in both its train and val splits")
     label_of = dict(zip(table["image_name"], table["label"]))
     targets = {s: torch.tensor([index[label_of[n]] for n in names]) for s, names in splits.items()}
     pixels = {s: faces(names) for s, names in splits.items()}

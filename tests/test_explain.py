@@ -14,7 +14,7 @@ from core.align import align_face
 from core.attribute import attribute
 from core.cli import main as cli_main
 from core.errors import UserFacingError
-from core.explain import LabelMapError, attribution_sums, explain, prepare_face
+from core.explain import LabelMapError, TargetError, attribution_sums, explain, prepare_face
 from core.parse import landmark_template
 from core.regions import PAPER_REGIONS, region_masks
 from core.score import region_scores, relevance_map
@@ -66,8 +66,11 @@ def test_target_by_name_and_relevance_modes(classifier, photo):
     result = explain(photo, classifier, ["Gradient"], landmarks=ASTRONAUT_LANDMARKS, target="B", mode="signed")
     assert result.target == 1 and result.summary()["target"] == "B"
     assert result.maps["Gradient"].min() < 0 <= result.maps["Gradient"].max() <= 1
-    with pytest.raises(ValueError, match="unknown target class 'Z'"):
+    assert issubclass(TargetError, UserFacingError) and issubclass(TargetError, ValueError)
+    with pytest.raises(TargetError, match="unknown target class 'Z'; the model knows A, B, Unaffected"):
         explain(photo, classifier, ["Gradient"], landmarks=ASTRONAUT_LANDMARKS, target="Z")
+    with pytest.raises(TargetError, match=r"target index 3 is outside 0\.\.2"):
+        explain(photo, classifier, ["Gradient"], landmarks=ASTRONAUT_LANDMARKS, target="3")
 
 
 def test_cached_explanations_are_identical_and_skip_the_model(classifier, photo, tmp_path, monkeypatch):

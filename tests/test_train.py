@@ -4,12 +4,14 @@ import pytest
 from PIL import Image
 
 from core.align import align_face
-from core.dataset import open_dataset, read_photo
+from core.dataset import DatasetError, open_dataset, read_photo
+from core.errors import UserFacingError
 from core.leaderboard import _faces_and_masks
 from core.regions import PAPER_REGIONS, region_masks
 from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
-from core.train import FoldResult, TrainConfig, aligned_faces, classification_report, table2, train_fold
-from core.train_parser import aligned_faces_and_maps
+from core.train import (FoldResult, TrainConfig, TrainingConfigError, aligned_faces, classification_report, table2,
+                        train_fold)
+from core.train_parser import ParserConfig, aligned_faces_and_maps
 from models.checkpoint import load_classifier
 
 
@@ -43,6 +45,27 @@ def test_table2_is_mean_and_population_std_over_folds():
     # Macro precision per fold: 0.75 and 0.5.
     assert overall["precision_mean"][0] == pytest.approx(0.625) and overall["precision_std"][0] == pytest.approx(0.125)
     assert overall["accuracy_mean"][0] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize(("config", "options", "message"), [
+    (TrainConfig, {"precision": "half"}, "precision must be one of float32, bfloat16, auto, not 'half'"),
+    (ParserConfig, {"precision": "half"}, "precision must be one of float32, bfloat16, auto, not 'half'"),
+    (TrainConfig, {"optimizer": "adam"}, "optimizer must be 'sgd' or 'adamw', not 'adam'"),
+    (TrainConfig, {"schedule": "step"}, "schedule must be 'cosine-restarts' or 'one-cycle', not 'step'"),
+])
+def test_an_unknown_training_option_is_a_user_facing_error(config, options, message):
+    assert issubclass(TrainingConfigError, UserFacingError) and issubclass(TrainingConfigError, ValueError)
+    with pytest.raises(TrainingConfigError) as raised:
+        config(**options)
+    assert str(raised.value) == message
+
+
+def test_a_fold_without_val_images_is_a_dataset_error(tmp_path):
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "partitions.csv").write_text("image_name,label,fold-1\na.png,A,train\nb.png,B,test\n")
+    with pytest.raises(DatasetError, match="^fold-1 needs images in both its train and val splits$"):
+        train_fold(open_dataset(tmp_path), "fold-1", TrainConfig(), tmp_path / "models",
+                   lambda names: pytest.fail("faces asked for before the splits were checked"))
 
 
 @pytest.fixture(scope="module")
