@@ -51,6 +51,23 @@ def _read_table(path: str, modified: float) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
+def shown_score_table(view: state.View, split: str) -> Scores | None:
+    """``score_table`` with what the reader must know about it shown; None, with a way to make one, if empty."""
+    source = score_table(view, split)
+    if source is None:
+        st.info(f"No region scores for split {split!r} of {view.dataset.root} yet.")
+        offer_extraction(view, split, missing=True)
+        return None
+    if source.note:
+        st.caption(f"Scores: {source.note}.")
+    if "not extracted yet" in (source.note or ""):
+        offer_extraction(view, split, missing=False)
+    if source.table.is_empty():
+        st.info("None of the chosen methods has scores; choose methods in the sidebar or extract them.")
+        return None
+    return source
+
+
 def score_table(view: state.View, split: str) -> Scores | None:
     """The view's methods on ``split`` ("val": RQ1, "test": RQ2), or None when nothing was extracted."""
     if view.dataset is None:

@@ -23,17 +23,8 @@ def chi2_of(root: str, version: tuple[float, ...]) -> pl.DataFrame:
 
 
 def correlation(view: state.View, counts: pl.DataFrame) -> None:
-    source = scores.score_table(view, SPLIT)
+    source = scores.shown_score_table(view, SPLIT)
     if source is None:
-        st.info(f"No region scores for split {SPLIT!r} of {view.dataset.root} yet.")
-        scores.offer_extraction(view, SPLIT, missing=True)
-        return
-    if source.note:
-        st.caption(f"Scores: {source.note}.")
-    if "not extracted yet" in (source.note or ""):
-        scores.offer_extraction(view, SPLIT, missing=False)
-    if source.table.is_empty():
-        st.info("None of the chosen methods has scores; choose methods in the sidebar or extract them.")
         return
     result = hpo_correlation(source.table, counts)
     summary = result.summary

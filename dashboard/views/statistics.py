@@ -64,17 +64,8 @@ def main() -> None:
         st.info("Choose a dataset in the sidebar.")
         return
     try:
-        source = scores.score_table(view, SPLIT)
+        source = scores.shown_score_table(view, SPLIT)
         if source is None:
-            st.info(f"No region scores for split {SPLIT!r} of {view.dataset.root} yet.")
-            scores.offer_extraction(view, SPLIT, missing=True)
-            return
-        if source.note:
-            st.caption(f"Scores: {source.note}.")
-        if "not extracted yet" in (source.note or ""):
-            scores.offer_extraction(view, SPLIT, missing=False)
-        if source.table.is_empty():
-            st.info("None of the chosen methods has scores; choose methods in the sidebar or extract them.")
             return
         chosen = options(source.table)
         tests = tests_of(source.table, **chosen)
