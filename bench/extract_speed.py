@@ -3,7 +3,9 @@
 The same work both ways: every image of a synthetic dataset through one classifier and a few
 cheap methods. "one at a time" is ``core.explain.explain`` per photo (no cache), as a script around
 the single-image API would do; "extract" is ``extract_scores`` with its batches (no cache, no
-store), then with the relevance store written too, then a rerun answered from the cache.
+store), then with the relevance store written too, then a rerun answered from the cache. Last, the
+ceiling: what batching gains inside each attribution method alone (``core.attribute.attribute`` on
+the same aligned faces, batch 1 against the extraction's batch size).
 
     .venv/bin/python bench/extract_speed.py          # ResNet-18 at 112 px, random weights: a few minutes
 """
@@ -18,23 +20,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache import DiskCache  # noqa: E402
+from core.attribute import attribute  # noqa: E402
 from core.cli import quiet_library_warnings  # noqa: E402
-from core.dataset import image_file, landmarks_of, open_dataset, segmap_file  # noqa: E402
+from core.dataset import open_dataset, read_photo  # noqa: E402
 from core.explain import explain  # noqa: E402
 from core.extract import extract_scores, load_classifiers  # noqa: E402
-from core.imageio import load_image  # noqa: E402
-from core.parse import load_label_map  # noqa: E402
 from core.relevance_store import RelevanceStore  # noqa: E402
 from core.synth.classes import DEFAULT_CLASSES  # noqa: E402
 from core.synth.dataset import generate_dataset  # noqa: E402
-from models.checkpoint import ModelCard, save_checkpoint  # noqa: E402
+from core.train import aligned_faces  # noqa: E402
+from models.checkpoint import ModelCard, preprocess, save_checkpoint  # noqa: E402
 from models.resnet import build_resnet  # noqa: E402
 
 
 def one_at_a_time(dataset, classifier, names, methods) -> None:
-    for name, landmarks in zip(names, landmarks_of(dataset, names)):
-        explain(load_image(image_file(dataset, name)), classifier, methods, landmarks=landmarks,
-                stored_map=load_label_map(segmap_file(dataset, name)))
+    for name in names:
+        photo = read_photo(dataset, name)
+        explain(photo.image, classifier, methods, landmarks=photo.landmarks, stored_map=photo.label_map)
 
 
 def main() -> None:
@@ -86,6 +88,18 @@ def main() -> None:
         for label, seconds in rows:
             print(f"{label:<36} {seconds:>8.1f} {n / seconds:>9.1f} {loop / seconds:>15.1f}×")
         print(f"\nratio extract / one at a time: {loop / batched:.1f}× (target ≥ 3×)")
+
+        faces = preprocess(aligned_faces(dataset, names, args.size), classifier.card)
+        print(f"\nceiling, the attribution alone: ms per image at batch 1 and at batch {args.batch_size}")
+        one_total = batch_total = 0.0
+        for method in methods:
+            one = timed(lambda: [attribute(classifier.network, faces[i:i + 1], [0], method) for i in range(n)]) / n
+            many = timed(lambda: [attribute(classifier.network, faces[i:i + args.batch_size],
+                                            [0] * len(faces[i:i + args.batch_size]), method)
+                                  for i in range(0, n, args.batch_size)]) / n
+            one_total, batch_total = one_total + one, batch_total + many
+            print(f"{method:<22} {one * 1e3:>7.1f} {many * 1e3:>7.1f}  {one / many:>4.1f}×")
+        print(f"{'all methods':<22} {one_total * 1e3:>7.1f} {batch_total * 1e3:>7.1f}  {one_total / batch_total:>4.1f}×")
 
 
 if __name__ == "__main__":

@@ -107,8 +107,8 @@ def main() -> None:
         per_method_mb = args.images * args.size ** 2 * 2 / 1e6
         print(f"store of 5 fold models × {len(METHODS)} methods written in {seconds:.1f} s "
               f"({per_method_mb:.0f} MB of float16 maps per method)\n")
-        header = (f"{'spec':<9} {'regions':>7} {'masks, one-off':>15} {'memo reload':>12} {'ms/method 1 thread':>19} "
-                  f"{'2 threads':>10} {'region_scores':>14} {'ratio':>6} {'max |diff|':>11}")
+        header = (f"{'spec':<9} {'regions':>7} {'masks, one-off':>15} {'memo reload':>12} {'store: ms/method':>17} "
+                  f"{'region_scores: ms/method':>25} {'ratio':>6} {'max |diff|':>11}")
         print(header)
         print("-" * len(header))
         for name in ("paper", "extended"):
@@ -117,8 +117,7 @@ def main() -> None:
             mask_seconds, _ = timed(lambda: fresh.region_segments(spec))
             reload_seconds, _ = timed(lambda: RelevanceStore(folder).region_segments(spec))
             rescore(fresh, spec, [METHODS[0]])  # warm: chunk plans built, maps in the page cache
-            per_thread = {threads: min(best_of(args.repeats, lambda: rescore(fresh, spec, [m], threads=threads))
-                                       for m in METHODS) for threads in (1, 2)}
+            per_method = min(best_of(args.repeats, lambda: rescore(fresh, spec, [m])) for m in METHODS)
             masks = region_masks(faces, spec).masks  # of the distinct faces only: independent of the store's
             direct_scores(store, METHODS[0], masks)  # warm
             direct = best_of(max(1, args.repeats // 2), lambda: direct_scores(store, METHODS[0], masks))
@@ -126,11 +125,10 @@ def main() -> None:
             expected = direct_scores(store, METHODS[0], masks).reshape(-1)
             diff = np.nanmax(np.abs(got - expected))
             print(f"{name:<9} {len(spec.regions):>7} {mask_seconds:>13.1f} s {reload_seconds * 1e3:>9.0f} ms "
-                  f"{per_thread[1] * 1e3:>16.0f} ms {per_thread[2] * 1e3:>7.0f} ms {direct * 1e3:>11.0f} ms "
-                  f"{direct / min(per_thread.values()):>5.1f}× {diff:>11.1e}")
-        print(f"\nms/method: best of {args.repeats} calls of rescore(store, spec, [method], threads=…) over all "
-              f"{args.images} maps, masks memoised (target ≤ 100 ms); region_scores: core.score.region_scores on "
-              "float32 maps and precomputed bool masks, 256 maps per call; ratio: region_scores / the faster store time.")
+                  f"{per_method * 1e3:>14.0f} ms {direct * 1e3:>22.0f} ms {direct / per_method:>5.1f}× {diff:>11.1e}")
+        print(f"\nstore: best of {args.repeats} calls of rescore(store, spec, [method]) over all {args.images} maps, "
+              "masks memoised (target ≤ 100 ms); region_scores: core.score.region_scores on float32 maps and "
+              "precomputed bool masks, 256 maps per call; ratio: region_scores / store.")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ region's sum is ``np.add.reduceat`` over those runs followed by a ``bincount`` (
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import fcntl
 import functools
@@ -67,7 +66,6 @@ _MANIFEST, _JOURNAL, _LOCK, _MASKS = "manifest.json", "journal.jsonl", ".lock", 
 _CHUNK = 16  # maps per float32 chunk: 3.2 MB at 224², about what one core's L2 and L3 share keeps hot
 _PIECE = 32768  # elements per float16 -> float32 copy: torch's GRAIN_SIZE, so the copy runs on this thread
 _MERGE_GAP = 8192  # elements between two spans below which one copy reads both (a copy call costs ~3 µs)
-_DEFAULT_THREADS = min(2, os.cpu_count() or 1)  # scoring threads over chunks of maps
 _MASK_CHUNK = 64  # label maps per region_masks call: bounds the N×R×S×S bool masks in memory
 _KEPT_SEGMENTS = 4  # region specs whose encoded masks stay in memory
 
@@ -328,25 +326,18 @@ class RelevanceStore:
                           f"(e.g. {', '.join(which[:3])}): their scores are NaN", stacklevel=3)
         return RegionSegments(names, run_starts, run_regions, offsets, spans, areas)
 
-    def region_sums(self, model: str, method: str, spec: RegionSpec, rows: np.ndarray | None = None,
-                    threads: int | None = None) -> np.ndarray:
-        """rows × R sums Σ(map · mask_r) of one model and method (all usable rows by default), over
-        ``threads`` threads (default: up to 2; numpy and torch release the GIL here)."""
+    def region_sums(self, model: str, method: str, spec: RegionSpec, rows: np.ndarray | None = None) -> np.ndarray:
+        """rows × R sums Σ(map · mask_r) of one model and method (all usable rows by default).
+
+        One thread: two threads over halves of the chunks measured no faster on the 2 cores (the copy loop
+        holds the GIL between pieces), and a second session keeps its own core."""
         segments = self.region_segments(spec)
         if rows is None:
             rows = self.rows().filter(pl.col("model") == model)["row"].to_numpy()
-        rows = np.array(rows, dtype=np.int64)  # a copy: polars hands out read-only arrays, torch wants writable ones
-        plans = self._chunk_plans(spec, model, rows)
+        rows = np.array(rows, dtype=np.int64)
         maps = self.maps(model, method)
-        source = torch.from_numpy(maps.reshape(len(maps), -1))
         sums = np.empty((len(rows), len(segments.names)), dtype=np.float64)
-        threads = min(len(plans), _DEFAULT_THREADS if threads is None else threads)
-        if threads > 1:
-            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-                list(pool.map(lambda part: _sum_runs(source, plans[part::threads], sums, len(segments.names)),
-                              range(threads)))
-        else:
-            _sum_runs(source, plans, sums, len(segments.names))
+        _sum_runs(torch.from_numpy(maps.reshape(-1)), self._chunk_plans(spec, model, rows), sums, len(segments.names))
         return sums
 
     def _chunk_plans(self, spec: RegionSpec, model: str, rows: np.ndarray) -> list:
@@ -498,11 +489,11 @@ class RelevanceStore:
 
 
 def rescore(store: RelevanceStore, spec: RegionSpec, methods: Sequence[str] | None = None,
-            progress: Progress | None = None, threads: int | None = None) -> pl.DataFrame:
+            progress: Progress | None = None) -> pl.DataFrame:
     """The score table (``SCORE_SCHEMA``) of ``spec`` from the stored maps, without running any model.
 
     Equals extraction with that spec up to the float16 rounding of the stored maps. The first call
-    per spec computes its masks (``progress`` reports them); ``threads`` as in ``region_sums``."""
+    per spec computes its masks (``progress`` reports them)."""
     contents = store.contents
     methods = list(contents.methods if methods is None else methods)
     unknown = [m for m in methods if m not in contents.methods]
@@ -519,7 +510,7 @@ def rescore(store: RelevanceStore, spec: RegionSpec, methods: Sequence[str] | No
         rows = by_model.get((model.name,), index.clear())
         areas = segments.areas[rows["image"].to_numpy()].astype(np.float64)
         for method in methods:
-            sums = store.region_sums(model.name, method, spec, rows["row"].to_numpy(), threads)
+            sums = store.region_sums(model.name, method, spec, rows["row"].to_numpy())
             scores = np.divide(sums, areas, out=np.full(sums.shape, np.nan), where=areas > 0)
             blocks.append(score_block(model.name, model.fold, method, rows, segments.names, scores))
             done += len(rows)
@@ -545,9 +536,9 @@ def score_block(model: str, fold: str | None, method: str, rows: pl.DataFrame, r
 
 
 def _sum_runs(source: torch.Tensor, plans: list, sums: np.ndarray, regions: int) -> None:
-    """Fill ``sums[lo:hi]`` for each planned chunk: float16 spans -> float32 buffer -> run sums -> region sums."""
+    """Fill ``sums[lo:hi]`` for each planned chunk: float16 spans of the flattened maps file ``source``
+    -> float32 buffer -> run sums -> region sums."""
     flat = torch.empty(max((plan[-1] for plan in plans), default=0), dtype=torch.float32)
-    source = source.view(-1)
     for lo, hi, bounds, labels, copies, used in plans:
         # torch casts float16 -> float32 with SIMD (numpy's cast is ~20× slower) into a buffer that stays in
         # cache, in pieces below torch's parallel grain: waking the OpenMP pool between numpy calls stalls
