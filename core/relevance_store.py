@@ -24,10 +24,10 @@ File names carry a content key of everything that decides their content (image l
 fingerprint, target rule, method, relevance mode, the attribution code's version), so a rerun keeps
 the finished rows of unchanged files, and files nothing refers to any more are deleted.
 
-Scoring is one pass per method over the maps in float32 chunks that fit the CPU cache: masks never
-overlap, so each label map becomes runs of equal region index along its flattened pixels, and a
-region's sum is ``np.add.reduceat`` over those runs followed by a ``bincount`` (measured in
-``bench/rescore_speed.py``).
+Scoring reads each map once, from its first to its last region pixel, in float32 chunks that stay in
+the CPU cache: masks never overlap, so each label map becomes runs of equal region index along its
+flattened pixels, and a region's sum is ``np.add.reduceat`` over those runs followed by a ``bincount``
+(alternatives and timings: docs/DECISIONS.md, "Extraction and re-scoring"; ``bench/rescore_speed.py``).
 """
 from __future__ import annotations
 
@@ -329,8 +329,8 @@ class RelevanceStore:
     def region_sums(self, model: str, method: str, spec: RegionSpec, rows: np.ndarray | None = None) -> np.ndarray:
         """rows × R sums Σ(map · mask_r) of one model and method (all usable rows by default).
 
-        One thread: two threads over halves of the chunks measured no faster on the 2 cores (the copy loop
-        holds the GIL between pieces), and a second session keeps its own core."""
+        One thread: two threads over halves of the chunks gave no consistent gain on the 2 cores (the copy
+        loop holds the GIL between pieces), and a second session keeps its own core."""
         segments = self.region_segments(spec)
         if rows is None:
             rows = self.rows().filter(pl.col("model") == model)["row"].to_numpy()
