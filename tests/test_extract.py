@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 import core.explain as explain_module
-from cache import DiskCache
+from cache import MISSING, DiskCache
 from core.cli import main as cli_main
 from core.dataset import image_file, landmarks_of, names_in, open_dataset, segmap_file
 from core.explain import explain, prepare_face
@@ -287,4 +287,66 @@ def test_a_killed_cli_run_resumes_with_identical_results(tiny, tmp_path):
     assert sorted_table(resumed).equals(sorted_table(uninterrupted))
     store = RelevanceStore(tmp_path / "store")
     joined = sorted_table(rescore(store, PAPER_REGIONS)).join(resumed, on=KEY)
+    np.testing.assert_allclose(joined["score"], joined["score_right"], atol=5e-4)
+
+
+def cache_is_sound(directory: Path) -> bool:
+    """Every entry reads back: ``DiskCache.lookup`` reports (and drops) a damaged one as MISSING."""
+    with diskcache.Cache(str(directory)) as raw:
+        keys = list(raw)
+    cache = DiskCache(directory)
+    try:
+        return bool(keys) and all(cache.lookup(key) is not MISSING for key in keys)
+    finally:
+        cache.close()
+
+
+@pytest.mark.slow
+def test_five_kills_at_random_points_then_a_complete_run_equal_an_uninterrupted_run(tiny, tmp_path):
+    """Issue 6: SIGKILL five times at random moments (during start-up, attribution or writing), then finish."""
+    dataset, classifiers = tiny
+    env = {**os.environ, "XAI_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    arguments = ["extract", str(dataset.root), "--split", "val", "--methods", ",".join(METHODS), "--batch-size", "1",
+                 "--out", str(tmp_path / "scores.parquet"), "--store", str(tmp_path / "store")]
+    total = sum(len(names_in(dataset, c.card.fold, "val")) for c in classifiers.values()) * len(METHODS)
+    rng = np.random.default_rng(6)
+
+    def run(log: str, pause: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", COUNTING_CLI, str(tmp_path / log), str(pause), *arguments],
+                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def calls(log: str) -> int:
+        path = tmp_path / log
+        return sum(int(line) for line in path.read_text().split()) if path.exists() else 0
+
+    killed_mid_work = 0
+    for k in range(5):
+        finished_before = attribution_entries(tmp_path / "cache") if (tmp_path / "cache").exists() else 0
+        process = run(f"kill-{k}.log", 0.5)
+        if k == 0:  # while it starts up
+            time.sleep(rng.uniform(0.2, 1.5))
+        else:  # at a random moment of its attribution work
+            deadline = time.monotonic() + 120
+            while not calls(f"kill-{k}.log") and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5 * (total - finished_before)))
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        if process.returncode == -signal.SIGKILL and calls(f"kill-{k}.log"):
+            killed_mid_work += 1
+        # A resumed run attempts only what was not finished before it started.
+        assert calls(f"kill-{k}.log") <= total - finished_before
+    assert killed_mid_work >= 3  # the kills did land inside the work
+
+    finished_before = attribution_entries(tmp_path / "cache")
+    final = run("final.log", 0.0)
+    _, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err.decode()
+    assert calls("final.log") == total - finished_before
+    assert cache_is_sound(tmp_path / "cache")
+    uninterrupted = extract_scores(dataset, classifiers, METHODS, split="val", batch_size=1)
+    assert sorted_table(pl.read_parquet(tmp_path / "scores.parquet")).equals(sorted_table(uninterrupted))
+    store = RelevanceStore(tmp_path / "store")
+    assert store.complete
+    joined = sorted_table(rescore(store, PAPER_REGIONS)).join(uninterrupted, on=KEY)
     np.testing.assert_allclose(joined["score"], joined["score_right"], atol=5e-4)
