@@ -1,4 +1,5 @@
 """Dataset extraction on a tiny synthetic dataset: against per-photo ``explain``, resumed after a kill."""
+import functools
 import os
 import shutil
 import signal
@@ -245,6 +246,15 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+def counting_extract(dataset, folder: Path, log: str, pause: float) -> subprocess.Popen:
+    """``extract`` of the val split in a subprocess, one image per batch, logging (and slowing) each attribution."""
+    env = {**os.environ, "XAI_CACHE_DIR": str(folder / "cache"), "PYTHONPATH": str(REPO)}
+    arguments = ["extract", str(dataset.root), "--split", "val", "--methods", ",".join(METHODS), "--batch-size", "1",
+                 "--out", str(folder / "scores.parquet"), "--store", str(folder / "store")]
+    return subprocess.Popen([sys.executable, "-c", COUNTING_CLI, str(folder / log), str(pause), *arguments],
+                            env=env, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def attribution_entries(directory: Path) -> int:
     """Cached attributions: pairs of float32 maps (probabilities are vectors, label maps uint8)."""
     with diskcache.Cache(str(directory)) as cache:
@@ -256,13 +266,7 @@ def attribution_entries(directory: Path) -> int:
 @pytest.mark.slow
 def test_a_killed_cli_run_resumes_with_identical_results(tiny, tmp_path):
     dataset, classifiers = tiny
-    env = {**os.environ, "XAI_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
-    arguments = ["extract", str(dataset.root), "--split", "val", "--methods", ",".join(METHODS), "--batch-size", "1",
-                 "--out", str(tmp_path / "scores.parquet"), "--store", str(tmp_path / "store")]
-
-    def run(log: str, pause: float) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", COUNTING_CLI, str(tmp_path / log), str(pause), *arguments],
-                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = functools.partial(counting_extract, dataset, tmp_path)
 
     first = run("first.log", 0.15)  # slowed down, so that it is surely killed half-way
     deadline = time.monotonic() + 120
@@ -305,15 +309,9 @@ def cache_is_sound(directory: Path) -> bool:
 def test_five_kills_at_random_points_then_a_complete_run_equal_an_uninterrupted_run(tiny, tmp_path):
     """Issue 6: SIGKILL five times at random moments (during start-up, attribution or writing), then finish."""
     dataset, classifiers = tiny
-    env = {**os.environ, "XAI_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
-    arguments = ["extract", str(dataset.root), "--split", "val", "--methods", ",".join(METHODS), "--batch-size", "1",
-                 "--out", str(tmp_path / "scores.parquet"), "--store", str(tmp_path / "store")]
+    run = functools.partial(counting_extract, dataset, tmp_path)
     total = sum(len(names_in(dataset, c.card.fold, "val")) for c in classifiers.values()) * len(METHODS)
     rng = np.random.default_rng(6)
-
-    def run(log: str, pause: float) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", COUNTING_CLI, str(tmp_path / log), str(pause), *arguments],
-                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def calls(log: str) -> int:
         path = tmp_path / log
