@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+import core.explain as explain_module
+from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
 from models.resnet import build_resnet
 
 
@@ -46,3 +48,28 @@ def small_batch():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def counting_attributions(monkeypatch) -> list[int]:
+    """Patch the attribution under ``attribution_sums``; the list collects each call's batch size."""
+    calls = []
+    real = explain_module.attribute
+
+    def counting(model, batch, targets, method, params):
+        calls.append(len(batch))
+        return real(model, batch, targets, method, params)
+
+    monkeypatch.setattr(explain_module, "attribute", counting)
+    return calls
+
+
+def face_in_a_wide_photo(width: int = 4400, left: int = 4100, seed: int = 3):
+    """A rendered 160 px face at the right end of a photo over 4096 px wide (shrunk on loading), with its label
+    map drawn on the photo: (face, photo, photo-sized label map, the face's landmarks in the photo)."""
+    rng = np.random.default_rng(seed)
+    face = render_face(FaceParams(sample_face_shape(rng), sample_photo(rng), (), 160))
+    photo = np.full((160, width, 3), 120, np.uint8)
+    photo[:, left:left + 160] = face.image
+    label_map = np.zeros((160, width), np.uint8)
+    label_map[:, left:left + 160] = face.label_map
+    return face, photo, label_map, face.landmarks + [left, 0]

@@ -18,9 +18,8 @@ from core.explain import LabelMapError, TargetError, attribution_sums, explain, 
 from core.parse import landmark_template
 from core.regions import PAPER_REGIONS, region_masks
 from core.score import region_scores, relevance_map
-from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
 from models.checkpoint import ModelCard, load_classifier, preprocess, save_checkpoint
-from tests.conftest import tiny_resnet
+from tests.conftest import counting_attributions, face_in_a_wide_photo, tiny_resnet
 
 # MTCNN's landmarks of skimage's astronaut (see test_align); given here so most tests skip detection.
 ASTRONAUT_LANDMARKS = np.array([[204.5, 101.6], [247.2, 103.9], [224.7, 129.0], [202.1, 140.2], [245.0, 142.5]])
@@ -90,14 +89,7 @@ def test_batch_lookup_computes_only_missing_images(classifier, photo, tmp_path, 
     cache = DiskCache(tmp_path / "cache")
     faces = np.stack([align_face(photo, ASTRONAUT_LANDMARKS + shift, SIZE).image for shift in (0, 3, 6)])
     attribution_sums(classifier, faces[:2], [0, 1], "Gradient", cache=cache)
-    seen = []
-    real = explain_module.attribute
-
-    def counting(model, batch, targets, method, params):
-        seen.append(len(batch))
-        return real(model, batch, targets, method, params)
-
-    monkeypatch.setattr(explain_module, "attribute", counting)
+    seen = counting_attributions(monkeypatch)
     abs_sum, _ = attribution_sums(classifier, faces, [0, 1, 2], "Gradient", cache=cache)
     assert seen == [1]
     direct = attribute(classifier.network, preprocess(faces, classifier.card), [0, 1, 2], "Gradient")
@@ -163,16 +155,10 @@ def test_cli_explain_of_a_photo_over_4096_px_scales_the_given_landmarks_and_labe
     and photo-sized label map, given in the file's pixels, shrink with it, so the explanation is the face
     alone's up to resampling, and the landmarks printed are the file's again. (Unscaled, every landmark lay
     past the shrunk photo's edge and the map fitted neither photo nor face.)"""
-    rng = np.random.default_rng(3)
-    face = render_face(FaceParams(sample_face_shape(rng), sample_photo(rng), (), 160))
-    width, left = 4400, 4100
-    wide = np.full((160, width, 3), 120, np.uint8)
-    wide[:, left:left + 160] = face.image
-    wide_map = np.zeros((160, width), np.uint8)
-    wide_map[:, left:left + 160] = face.label_map
+    face, wide, wide_map, wide_points = face_in_a_wide_photo()
     outputs = {}
     for name, image, label_map, points in (("alone", face.image, face.label_map, face.landmarks),
-                                           ("wide", wide, wide_map, face.landmarks + [left, 0])):
+                                           ("wide", wide, wide_map, wide_points)):
         Image.fromarray(image).save(tmp_path / f"{name}.png", compress_level=1)
         Image.fromarray(label_map).save(tmp_path / f"{name}-map.png", compress_level=1)
         assert cli_main(["explain", str(tmp_path / f"{name}.png"), "--model", str(card_path), "--quiet",
@@ -180,7 +166,7 @@ def test_cli_explain_of_a_photo_over_4096_px_scales_the_given_landmarks_and_labe
                          "--landmarks", ",".join(f"{v:.4f}" for v in points.ravel())]) == 0
         outputs[name] = json.loads(capsys.readouterr().out)
     alone, shrunk = outputs["alone"], outputs["wide"]
-    np.testing.assert_allclose(shrunk["landmarks"], face.landmarks + [left, 0], atol=0.01)
+    np.testing.assert_allclose(shrunk["landmarks"], wide_points, atol=0.01)
     assert shrunk["parse_source"] == alone["parse_source"] == "stored"
     assert shrunk["prediction"]["class"] == alone["prediction"]["class"]
     # Measured: probabilities within 0.007, region scores (0..1) within 0.05 (masks move by a pixel at 64 px).

@@ -13,7 +13,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-import core.explain as explain_module
 from cache import MISSING, DiskCache
 from core.cli import main as cli_main
 from core.dataset import image_file, landmarks_of, names_in, open_dataset, segmap_file
@@ -27,7 +26,7 @@ from core.score import region_scores
 from core.synth.classes import DEFAULT_CLASSES
 from core.synth.dataset import generate_dataset
 from models.checkpoint import ModelCard, save_checkpoint
-from tests.conftest import tiny_resnet
+from tests.conftest import counting_attributions, tiny_resnet
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("KS", "Unaffected", "WS")
@@ -142,19 +141,6 @@ def test_rescore_equals_extraction_and_a_new_spec_equals_region_scores(tiny, ext
 
 class Interrupted(Exception):
     pass
-
-
-def counting_attributions(monkeypatch) -> list[int]:
-    """Patch the attribution under ``attribution_sums``; the list collects each call's batch size."""
-    calls = []
-    real = explain_module.attribute
-
-    def counting(model, batch, targets, method, params):
-        calls.append(len(batch))
-        return real(model, batch, targets, method, params)
-
-    monkeypatch.setattr(explain_module, "attribute", counting)
-    return calls
 
 
 def test_an_interrupted_extraction_resumes_without_recomputing(tiny, tmp_path, monkeypatch):

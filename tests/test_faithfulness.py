@@ -22,9 +22,9 @@ from core.faithfulness import (
     region_faithfulness,
 )
 from core.regions import RegionMasks
-from core.synth import FaceParams, generate_dataset, render_face, sample_face_shape, sample_photo
+from core.synth import generate_dataset
 from models.checkpoint import Classifier, ModelCard, load_classifier, save_checkpoint
-from tests.conftest import tiny_resnet
+from tests.conftest import face_in_a_wide_photo, tiny_resnet
 
 SIZE = 32
 REGIONS = ("eye", "nose", "mouth")
@@ -290,15 +290,9 @@ def test_dataset_faces_of_a_photo_over_4096_px_match_the_face_alone(tmp_path):
     """A rendered face at the right end of a 4400 px wide photo: loading shrinks the photo to 4096 px,
     so its landmarks and label map (in the file's pixels) must shrink with it. Unscaled, every landmark
     lies past the shrunk photo's right edge (a NoFaceError) and the map fits neither photo nor face."""
-    rng = np.random.default_rng(3)
-    face = render_face(FaceParams(sample_face_shape(rng), sample_photo(rng), (), 160))
-    width, left = 4400, 4100
-    photo = np.full((160, width, 3), 120, np.uint8)
-    photo[:, left:left + 160] = face.image
-    label_map = np.zeros((160, width), np.uint8)
-    label_map[:, left:left + 160] = face.label_map
+    face, photo, label_map, points = face_in_a_wide_photo()
     alone = _one_face_dataset(tmp_path / "alone", face.image, face.label_map, face.landmarks)
-    wide = _one_face_dataset(tmp_path / "wide", photo, label_map, face.landmarks + [left, 0])
+    wide = _one_face_dataset(tmp_path / "wide", photo, label_map, points)
     reference, reference_masks = dataset_faces(alone, ["WSSlide1.png"], 64)
     faces, masks = dataset_faces(wide, ["WSSlide1.png"], 64)
     assert np.abs(faces.astype(int) - reference.astype(int)).mean() < 6  # measured 1.4: resampling only
