@@ -58,8 +58,8 @@ def _classifier_card(path: Path | None) -> Path:
 def command_explain(args: argparse.Namespace) -> int:
     from cache import DiskCache
     from core.explain import explain
-    from core.imageio import load_image_and_scale
-    from core.parse import load_label_map, resize_label_map
+    from core.imageio import load_image_and_scale, load_label_map
+    from core.parse import resize_label_map
     from core.regions import PAPER_REGIONS, RegionSpec
     from models.checkpoint import load_classifier
     from models.parser import load_face_parser
@@ -244,7 +244,8 @@ def _annotated_dataset(scores: Path, dataset: Path | None) -> Path:
 def command_rq2(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from core.hpo import read_annotations, region_counts, term_syndrome_chi2, term_tsne
+    from core.annotations import read_annotations
+    from core.hpo import region_counts, term_syndrome_chi2, term_tsne
     from core.stats import hpo_correlation, table4_wide
 
     scores = _read_score_table(args.scores)

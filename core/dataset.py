@@ -14,8 +14,7 @@ from PIL import Image
 
 from core.align import check_landmarks
 from core.errors import ImageError, NoFaceError, UserFacingError
-from core.imageio import load_image_and_scale
-from core.parse import load_label_map
+from core.imageio import load_image_and_scale, load_label_map
 
 FOLDS = tuple(f"fold-{i}" for i in range(1, 6))
 SPLITS = ("train", "val", "test")

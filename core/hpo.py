@@ -1,25 +1,21 @@
-"""The paper's 50 HPO terms, rater annotations, and what the ontology says a syndrome looks like.
+"""The paper's 50 HPO terms in the ontology, statistics of rater marks, and what a syndrome looks like.
 
-Terms and disease annotations come from the Human Phenotype Ontology bundled in ``hpo3``
-(``pyhpo``), so nothing is fetched at run time. Annotation files follow the NIH-Faces layout:
-``<dataset>/metadata/hpo-annotations/<label>.csv`` (see ``read_annotations``).
+Pure: terms and disease annotations come from the Human Phenotype Ontology bundled in ``hpo3``
+(``pyhpo``), so nothing is fetched at run time, and the paper's Table 1 from ``core.paper_terms``.
+Reading annotation files is ``core.annotations``' job; the functions here take its long table.
 """
 from __future__ import annotations
 
-import csv
-import re
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 from scipy import stats
 
-from core.dataset import Dataset, open_dataset
+import core.paper_terms as table1
 from core.errors import UserFacingError
 
 REGIONS = ("eye", "nose", "mouth", "ears", "forehead", "chin", "hair", "overall")  # specific before "overall"
-_TERMS_CSV = Path(__file__).with_name("synth") / "hpo_terms.csv"  # the paper's Table 1, shipped with the code
 
 # The syndromes of the paper's classes as OMIM entries (hpo3 annotates diseases by OMIM id). Where
 # OMIM splits a syndrome by gene, the type 1 entry (the commonest cause; the paper's own label
@@ -75,13 +71,11 @@ HIDDEN_BRANCHES: tuple[str, ...] = (
     "HP:0001739",  # Abnormal nasopharynx morphology
 )
 
-# Columns of the NIH-Faces release's annotation files that are not terms: a row index and free text.
-_RELEASE_EXTRA_COLUMNS = ("image_num", "other")
-_RELEASE_VALUE = re.compile(r"^([1-9]\d*)X$")  # "2X": two raters marked the term
 
 
 class AnnotationError(UserFacingError):
-    """An HPO annotation file is missing or malformed."""
+    """HPO annotations are missing, malformed, or too few for a figure (defined here so both the
+    reader and the statistics raise it)."""
 
 
 @lru_cache(maxsize=1)  # building the ontology takes about a second; every caller shares one
@@ -93,26 +87,29 @@ def _ontology():
 
 
 @lru_cache(maxsize=1)
-def _paper_rows() -> tuple[dict, ...]:
-    """The paper's terms resolved in the ontology: an obsolete id becomes the term that replaces it."""
+def paper_rows() -> tuple[dict, ...]:
+    """The paper's terms resolved in the ontology: an obsolete id becomes the term that replaces it.
+
+    Dicts with the columns of ``paper_terms``, in Table 1 order; cached because every lookup of a
+    term (annotation columns, term vectors, priors) goes through them.
+    """
     ontology = _ontology()
     rows = []
-    with _TERMS_CSV.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            term = ontology.get_hpo_object(row["hpo_id"])
-            note = None
-            if term.is_obsolete:
-                replacement = term.replaced_by
-                if replacement:
-                    new = ontology.get_hpo_object(replacement)
-                    note = (f"{term.id} ({term.name}) is obsolete in HPO {ontology.version()}; "
-                            f"the ontology replaces it by {new.id} ({new.name})")
-                    term = new
-                else:
-                    note = f"{term.id} ({term.name}) is obsolete in HPO {ontology.version()} and has no replacement"
-            definition = term.toJSON(verbose=True).get("definition") or None
-            rows.append({"region": row["region"], "paper_name": row["paper_name"], "hpo_id": term.id,
-                         "hpo_name": term.name, "definition": definition, "paper_hpo_id": row["hpo_id"], "note": note})
+    for paper in table1.paper_terms():
+        term = ontology.get_hpo_object(paper.hpo_id)
+        note = None
+        if term.is_obsolete:
+            replacement = term.replaced_by
+            if replacement:
+                new = ontology.get_hpo_object(replacement)
+                note = (f"{term.id} ({term.name}) is obsolete in HPO {ontology.version()}; "
+                        f"the ontology replaces it by {new.id} ({new.name})")
+                term = new
+            else:
+                note = f"{term.id} ({term.name}) is obsolete in HPO {ontology.version()} and has no replacement"
+        definition = term.toJSON(verbose=True).get("definition") or None
+        rows.append({"region": paper.region, "paper_name": paper.name, "hpo_id": term.id, "hpo_name": term.name,
+                     "definition": definition, "paper_hpo_id": paper.hpo_id, "note": note})
     return tuple(rows)
 
 
@@ -125,115 +122,14 @@ def paper_terms() -> pl.DataFrame:
     """
     schema = {"region": pl.Utf8, "paper_name": pl.Utf8, "hpo_id": pl.Utf8, "hpo_name": pl.Utf8,
               "definition": pl.Utf8, "paper_hpo_id": pl.Utf8, "note": pl.Utf8}
-    return pl.DataFrame(list(_paper_rows()), schema=schema)
+    return pl.DataFrame(list(paper_rows()), schema=schema)
 
 
-def _normalised(name: str) -> str:
-    """Case, punctuation and spacing do not distinguish terms ("Low-set, posteriorly" = "low set posteriorly")."""
-    return " ".join(re.sub(r"[^0-9a-z:]+", " ", name.casefold()).split())
-
-
-@lru_cache(maxsize=1)
-def _column_names() -> dict[str, dict]:
-    """Every spelling an annotation column may use for a paper term: the paper's name, the ontology's
-    current and original names (without "obsolete"), and both HPO ids."""
-    ontology = _ontology()
-    lookup: dict[str, dict] = {}
-    for row in _paper_rows():
-        original = ontology.get_hpo_object(row["paper_hpo_id"]).name.removeprefix("obsolete ")
-        for name in (row["paper_name"], row["hpo_name"], original, row["hpo_id"], row["paper_hpo_id"]):
-            key = _normalised(name)
-            if lookup.get(key, row) is not row:
-                raise AssertionError(f"two paper terms share the spelling {name!r}")
-            lookup[key] = row
-    return lookup
-
-
-ANNOTATION_SCHEMA = {"image_name": pl.Utf8, "label": pl.Utf8, "rater": pl.Utf8, "term": pl.Utf8, "hpo_id": pl.Utf8,
-                     "region": pl.Utf8, "value": pl.Int64}
-
-
-def _parse_file(path: Path, label: str, labels: dict[str, str]) -> pl.DataFrame:
-    try:
-        table = pl.read_csv(path, infer_schema=False)
-    except (pl.exceptions.PolarsError, UnicodeDecodeError) as error:
-        raise AnnotationError(f"{path}: not a readable CSV ({error})") from None
-    if "image_name" not in table.columns:
-        raise AnnotationError(f"{path}: no image_name column (columns: {', '.join(table.columns)})")
-    lookup = _column_names()
-    terms: dict[str, dict] = {}
-    for column in table.columns:
-        if column in ("image_name", "rater") or column.casefold() in _RELEASE_EXTRA_COLUMNS:
-            continue
-        row = lookup.get(_normalised(column))
-        if row is None:
-            raise AnnotationError(f"{path}: column {column!r} is not one of the paper's 50 HPO terms "
-                                  "(use its name as in the paper or the ontology, or its HP id)")
-        clash = [c for c, r in terms.items() if r is row]
-        if clash:
-            raise AnnotationError(f"{path}: columns {clash[0]!r} and {column!r} are the same term")
-        terms[column] = row
-    names = table["image_name"].to_list()
-    for i, name in enumerate(names):
-        if name is None or not name.strip():
-            raise AnnotationError(f"{path}: row {i + 2} has an empty image_name")
-        if name not in labels:
-            raise AnnotationError(f"{path}: row {i + 2} ({name!r}) annotates an image that partitions.csv does not "
-                                  "list; add the image to partitions.csv or remove the row")
-        if labels[name] != label:
-            raise AnnotationError(f"{path}: row {i + 2} ({name!r}) annotates an image labelled {labels[name]!r} in "
-                                  f"partitions.csv under {label!r}; move the row to {labels[name]}.csv")
-    cells = table.select(list(terms)).to_numpy() if terms else np.empty((len(table), 0), dtype=object)
-    release = any(isinstance(v, str) and _RELEASE_VALUE.match(v.strip()) for v in cells.ravel())
-    if release and "rater" in table.columns:
-        raise AnnotationError(f"{path}: rater counts ('2X') and a rater column do not go together; "
-                              "use one row per image × rater with 0/1, or the release's counts without raters")
-    values = np.zeros(cells.shape, dtype=np.int64)
-    for (i, j), cell in np.ndenumerate(cells):
-        text = (cell or "").strip()
-        match = _RELEASE_VALUE.match(text)
-        if release and (text == "" or match):
-            values[i, j] = int(match.group(1)) if match else 0
-        elif not release and text in ("0", "1"):
-            values[i, j] = int(text)
-        else:
-            expected = "empty or a rater count such as '2X'" if release else "0 or 1"
-            raise AnnotationError(f"{path}: row {i + 2} ({names[i]!r}), column {list(terms)[j]!r}: "
-                                  f"{cell!r} is not {expected}")
-    raters = table["rater"].to_list() if "rater" in table.columns else [None] * len(table)
-    seen: dict[tuple, int] = {}
-    for i, key in enumerate(zip(names, raters)):
-        if key in seen:
-            who = f"rater {key[1]!r}" if "rater" in table.columns else "no rater column"
-            raise AnnotationError(f"{path}: rows {seen[key] + 2} and {i + 2} both annotate {key[0]!r} ({who}); "
-                                  "add a rater column for several raters")
-        seen[key] = i
-    rows = [(names[i], label, raters[i], row["paper_name"], row["hpo_id"], row["region"], int(values[i, j]))
-            for i in range(len(names)) for j, row in enumerate(terms.values())]
-    return pl.DataFrame(rows, schema=ANNOTATION_SCHEMA, orient="row")
-
-
-def read_annotations(dataset: Dataset | str | Path) -> pl.DataFrame:
-    """All rater annotations of a dataset, long: image_name, label, rater, term, hpo_id, region, value.
-
-    Each ``metadata/hpo-annotations/<label>.csv`` has ``image_name``, an optional ``rater``, and one
-    column per annotated term (the paper's name, the ontology's name or the HP id). Either one row
-    per image × rater with 0/1 cells (``value`` 0/1), or one row per image without ``rater``: 0/1
-    cells, or the NIH-Faces release's counts ("1X".."3X", empty = 0; ``value`` = number of raters;
-    its ``image_num`` and free-text ``Other`` columns are ignored). A term without a column was not
-    annotated in that file and counts as unmarked downstream. ``term`` is the paper's name.
-
-    Every annotated image must be listed in ``metadata/partitions.csv`` under the label its file
-    is named after: an annotation of an unlisted or differently labelled image would be counted
-    for the wrong syndrome (or none) without anyone noticing.
-    """
-    dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    folder = dataset.root / "metadata" / "hpo-annotations"
-    files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
-    if not files:
-        raise AnnotationError(f"no HPO annotations: {folder} has no <label>.csv files (see README 'Data layout')")
-    labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
-    return pl.concat([_parse_file(path, path.stem, labels) for path in files])
+def term_spellings(row: dict) -> tuple[str, ...]:
+    """Every name a paper term (a ``paper_rows`` row) goes by, so an annotation column may use any:
+    the paper's name, the ontology's current and original names (without "obsolete"), both HPO ids."""
+    original = _ontology().get_hpo_object(row["paper_hpo_id"]).name.removeprefix("obsolete ")
+    return row["paper_name"], row["hpo_name"], original, row["hpo_id"], row["paper_hpo_id"]
 
 
 def region_counts(annotations: pl.DataFrame) -> pl.DataFrame:
@@ -248,7 +144,7 @@ def region_counts(annotations: pl.DataFrame) -> pl.DataFrame:
 
 def term_vectors(annotations: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
     """Images (image_name, label) and their N×50 marks per paper term (raters summed), Table 1 order."""
-    order = {row["paper_name"]: j for j, row in enumerate(_paper_rows())}
+    order = {row["paper_name"]: j for j, row in enumerate(paper_rows())}
     images = annotations.select("image_name", "label").unique(subset="image_name", maintain_order=True)
     index = {name: i for i, name in enumerate(images["image_name"])}
     matrix = np.zeros((len(images), len(order)), dtype=np.float64)
@@ -273,7 +169,7 @@ def term_syndrome_chi2(annotations: pl.DataFrame) -> pl.DataFrame:
     label_index = np.array([labels.index(label) for label in images["label"]])
     present = matrix > 0
     rows = []
-    for j, term in enumerate(_paper_rows()):
+    for j, term in enumerate(paper_rows()):
         marked = np.bincount(label_index[present[:, j]], minlength=len(labels))
         unmarked = np.bincount(label_index[~present[:, j]], minlength=len(labels))
         row = {"term": term["paper_name"], "hpo_id": term["hpo_id"], "region": term["region"], "n": len(images),
@@ -316,7 +212,7 @@ def term_tsne(annotations: pl.DataFrame, seed: int = 0, perplexity: float = 30.0
 def _region_of(term) -> tuple[str, str] | None:
     """(region, why) of a term: through the paper's own terms first, then the ontology's branches."""
     lineage = {term.id} | {parent.id for parent in term.all_parents}
-    paper = [row for row in _paper_rows() if row["hpo_id"] in lineage]
+    paper = [row for row in paper_rows() if row["hpo_id"] in lineage]
     if paper:
         best = min(paper, key=lambda row: REGIONS.index(row["region"]))
         return best["region"], f"paper term {best['paper_name']} ({best['hpo_id']})"

@@ -8,6 +8,9 @@ reduced scale, and a large photo is shrunk in the mode it was decoded in before 
 no full-size RGB or float copy is ever made: the peak is at most 12 bytes per declared pixel
 (measured 2.5 for bilevel, 4.3 for 16-bit grey, 5.8 for RGB, 9.7 for RGBA, whose resize premultiplies
 alpha at full size), so at most 600 MB with the default budget (tests/test_hardening_images.py).
+
+Stored label maps (``load_label_map``) are read here too, so every image file the product opens
+goes through one module that turns Pillow's failures into ImageErrors.
 """
 
 import logging
@@ -22,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import ImageError
+from core.parse import check_labels
 
 # Pillow raises these (besides OSError) from inside its decoders on malformed data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error,
@@ -45,6 +49,9 @@ for _name in ("PIL.TiffImagePlugin", "PIL.PngImagePlugin"):
     logging.getLogger(_name).setLevel(logging.INFO)
 
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+# Pillow modes that hold one index per pixel (a palette PNG reads as its indices, not its colours).
+_INDEX_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
 
 
 def load_image(source: bytes | str | Path, max_pixels: int = 50_000_000, max_side: int = 4096) -> np.ndarray:
@@ -180,3 +187,20 @@ def _rescale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray
         return np.zeros(values.shape, dtype=np.uint8)
     scaled = (values - np.float32(low)) * np.float32(255.0 / (high - low))
     return np.round(np.clip(scaled, 0, 255)).astype(np.uint8)
+
+
+def load_label_map(source: str | Path) -> np.ndarray:
+    """Read a stored LaPa label map (an image file whose pixel values are the label ids)."""
+    try:
+        with Image.open(source) as image:
+            if image.mode not in _INDEX_MODES:
+                raise ImageError(f"{source}: a label map must be a single-channel image of LaPa ids, "
+                                 f"got colour mode {image.mode}; save it as a greyscale or palette PNG")
+            label_map = np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError and truncation are OSErrors
+        raise ImageError(f"{source}: cannot read the label map ({exc}); use a lossless PNG of LaPa ids") from None
+    try:
+        check_labels(label_map, f"the label map {source}")
+    except ValueError as exc:
+        raise ImageError(str(exc)) from None
+    return label_map.astype(np.uint8)

@@ -4,18 +4,11 @@ Preference: a face-parsing network the user supplies, then a label map stored wi
 then a template drawn from the five aligned landmarks (so the product works with nothing but a photo).
 """
 
-from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
 import numpy as np
-from PIL import Image
 from skimage.draw import polygon
 from skimage.transform import resize
-
-from core.errors import ImageError
-
-# Pillow modes that hold one index per pixel (a palette PNG reads as its indices, not its colours).
-_INDEX_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
 
 # Shapes in units of the inter-pupillary distance (IPD), from approximate adult norms in Farkas,
 # "Anthropometry of the Head and Face" (1994): IPD ≈ 62 mm, eye fissure ≈ 31 × 10 mm, eyebrow
@@ -116,23 +109,6 @@ def resize_label_map(label_map: np.ndarray, size: int | tuple[int, int]) -> np.n
     return resize(label_map, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.uint8)
 
 
-def load_label_map(source: str | Path) -> np.ndarray:
-    """Read a stored LaPa label map (an image file whose pixel values are the label ids)."""
-    try:
-        with Image.open(source) as image:
-            if image.mode not in _INDEX_MODES:
-                raise ImageError(f"{source}: a label map must be a single-channel image of LaPa ids, "
-                                 f"got colour mode {image.mode}; save it as a greyscale or palette PNG")
-            label_map = np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError and truncation are OSErrors
-        raise ImageError(f"{source}: cannot read the label map ({exc}); use a lossless PNG of LaPa ids") from None
-    try:
-        _check_labels(label_map, f"the label map {source}")
-    except ValueError as exc:
-        raise ImageError(str(exc)) from None
-    return label_map.astype(np.uint8)
-
-
 def parse_face(aligned_image: np.ndarray, parser: Callable[[np.ndarray], np.ndarray] | None = None,
                stored_map: np.ndarray | None = None, landmarks: np.ndarray | None = None) -> ParsedFace:
     """Label map of an aligned face from the best source given, and which source that was.
@@ -142,12 +118,12 @@ def parse_face(aligned_image: np.ndarray, parser: Callable[[np.ndarray], np.ndar
     height, width = aligned_image.shape[:2]
     if parser is not None:
         label_map = np.asarray(parser(aligned_image[None]))[0]
-        _check_labels(label_map, "the face parser's output")
+        check_labels(label_map, "the face parser's output")
         if label_map.shape != (height, width):
             raise ValueError(f"the face parser returned a {label_map.shape} map for a {(height, width)} image")
         return ParsedFace(label_map.astype(np.uint8), "parser")
     if stored_map is not None:
-        _check_labels(stored_map, "the stored label map")
+        check_labels(stored_map, "the stored label map")
         return ParsedFace(resize_label_map(stored_map, (height, width)), "stored")
     if landmarks is not None:
         if height != width:
@@ -157,7 +133,8 @@ def parse_face(aligned_image: np.ndarray, parser: Callable[[np.ndarray], np.ndar
                      "nothing to build a label map from; pass one of them")
 
 
-def _check_labels(label_map: np.ndarray, what: str) -> None:
+def check_labels(label_map: np.ndarray, what: str) -> None:
+    """Refuse a label map that is not 2-D integer LaPa ids: wrong ids would silently become wrong regions."""
     label_map = np.asarray(label_map)
     if label_map.ndim != 2:
         raise ValueError(f"{what} must be a 2-D label map, got shape {label_map.shape}")

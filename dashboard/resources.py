@@ -13,7 +13,8 @@ import streamlit as st
 from cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, DiskCache
 from cache.spec_store import SpecStore, default_spec_dir
 from core.dataset import Dataset, open_dataset
-from core.hpo import read_annotations, region_counts
+from core.annotations import read_annotations
+from core.hpo import region_counts
 from models.checkpoint import Classifier, load_classifier
 from models.parser import FaceParser, load_face_parser
 
@@ -93,7 +94,7 @@ def annotations_version(dataset: Dataset) -> tuple[float, ...]:
 
 
 def annotations(dataset: Dataset) -> pl.DataFrame:
-    """The raters' HPO annotations (``core.hpo.read_annotations``); raises ``AnnotationError`` when there are none."""
+    """The raters' HPO annotations (``core.annotations.read_annotations``); raises ``AnnotationError`` if none."""
     return _annotations(str(dataset.root), annotations_version(dataset))
 
 

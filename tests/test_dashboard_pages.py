@@ -12,7 +12,8 @@ import pytest
 from cache.spec_store import SpecStore
 from core.dataset import open_dataset
 from core.extract import extract_scores, load_classifiers, relevance_store_dir, score_table_path, write_score_table
-from core.hpo import read_annotations, region_counts
+from core.annotations import read_annotations
+from core.hpo import region_counts
 from core.regions import PAPER_REGIONS, BoxRule, RegionSpec, bundled_region_specs
 from core.relevance_store import RelevanceStore, rescore
 from core.stats import compare_groups, hpo_correlation

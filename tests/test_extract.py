@@ -18,8 +18,7 @@ from core.cli import main as cli_main
 from core.dataset import image_file, landmarks_of, names_in, open_dataset, segmap_file
 from core.explain import explain, prepare_face
 from core.extract import extract_scores, load_classifiers, relevance_store_dir, score_table_path
-from core.imageio import load_image
-from core.parse import load_label_map
+from core.imageio import load_image, load_label_map
 from core.regions import PAPER_REGIONS, bundled_region_specs
 from core.relevance_store import SCORE_SCHEMA, RelevanceStore, StoreError, rescore
 from core.score import region_scores

@@ -137,7 +137,8 @@ def test_an_annotation_file_of_an_unknown_label_is_refused_at_open(tmp_path):
 
 
 def test_annotation_columns_that_are_not_hpo_terms_are_refused(tmp_path):
-    from core.hpo import AnnotationError, read_annotations
+    from core.annotations import read_annotations
+    from core.hpo import AnnotationError
 
     root = annotated_dataset(tmp_path, {"WS": "image_name,Hypertelorism,Big ears\nWSSlide1.png,1,0\n"})
     with pytest.raises(AnnotationError, match="column 'Big ears' is not one of the paper's 50 HPO terms"):
@@ -148,7 +149,7 @@ def test_annotation_columns_that_are_not_hpo_terms_are_refused(tmp_path):
 
 
 def test_an_annotated_image_missing_from_partitions_is_refused(tmp_path):
-    from core.hpo import read_annotations
+    from core.annotations import read_annotations
 
     root = annotated_dataset(tmp_path, {"WS": f"{HPO_HEADER}\nWSSlide1.png,1,0\nWSSlide7.png,0,1\n"})
     with pytest.raises(UserFacingError, match="WSSlide7.png"):
@@ -156,7 +157,7 @@ def test_an_annotated_image_missing_from_partitions_is_refused(tmp_path):
 
 
 def test_an_image_annotated_under_another_label_than_its_own_is_refused(tmp_path):
-    from core.hpo import read_annotations
+    from core.annotations import read_annotations
 
     root = annotated_dataset(tmp_path, {"NS": f"{HPO_HEADER}\nWSSlide1.png,1,0\n"})
     with pytest.raises(UserFacingError, match="WSSlide1.png"):

@@ -7,14 +7,15 @@ import polars as pl
 import pytest
 from scipy import stats
 
+from core.annotations import read_annotations
 from core.cli import main
-from core.hpo import (
-    REGIONS, SYNDROME_OMIM, AnnotationError, ontology_priors, paper_terms, read_annotations, region_counts,
-    term_syndrome_chi2, term_tsne, term_vectors,
-)
 from core.errors import UserFacingError
+from core.hpo import (
+    REGIONS, SYNDROME_OMIM, AnnotationError, ontology_priors, paper_terms, region_counts, term_syndrome_chi2,
+    term_tsne, term_vectors,
+)
 
-REFERENCE_TERMS = Path(__file__).resolve().parent.parent / "core" / "synth" / "hpo_terms.csv"
+REFERENCE_TERMS = Path(__file__).resolve().parent.parent / "core" / "paper_terms.csv"
 
 
 def write_annotations(root: Path, label: str, header: list[str], rows: list[list]) -> Path:

@@ -7,7 +7,8 @@ from scipy import ndimage
 
 from core.align import template_for
 from core.errors import ImageError
-from core.parse import LAPA_LABELS, landmark_template, load_label_map, parse_face, resize_label_map
+from core.imageio import load_label_map
+from core.parse import LAPA_LABELS, landmark_template, parse_face, resize_label_map
 
 TEMPLATE_LANDMARKS = template_for(224)
 

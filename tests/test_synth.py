@@ -12,6 +12,7 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from skimage.draw import polygon as skimage_polygon
 
+from core.paper_terms import paper_terms
 from core.synth import (
     DEFAULT_CLASSES,
     FaceParams,
@@ -19,7 +20,6 @@ from core.synth import (
     RaterModel,
     drawable_phenotypes,
     generate_dataset,
-    paper_terms,
     plan_images,
     render_face,
     sample_face_shape,

@@ -7,7 +7,7 @@ from core.synth.classes import DEFAULT_CLASSES, SyndromeClass, TermFrequency, sa
 from core.synth.dataset import RaterModel, Summary, generate_dataset, plan_images
 from core.synth.faces import RenderedFace, render_face
 from core.synth.params import FaceParams, FaceShape, Photo, PlantedTerm, sample_face_shape, sample_photo
-from core.synth.phenotypes import drawable_phenotypes, paper_terms
+from core.synth.phenotypes import drawable_phenotypes
 
 __all__ = [
     "DEFAULT_CLASSES",
@@ -22,7 +22,6 @@ __all__ = [
     "TermFrequency",
     "drawable_phenotypes",
     "generate_dataset",
-    "paper_terms",
     "plan_images",
     "render_face",
     "sample_face_shape",

@@ -32,10 +32,11 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from core.paper_terms import paper_terms
 from core.synth.classes import DEFAULT_CLASSES, SyndromeClass, sample_phenotypes
 from core.synth.faces import render_face
 from core.synth.params import FaceParams, sample_face_shape, sample_photo
-from core.synth.phenotypes import drawable_phenotypes, paper_terms
+from core.synth.phenotypes import drawable_phenotypes
 
 FOLDS = 5
 _SHAPE, _TERMS, _PHOTO, _RATERS, _SPLIT = range(5)  # independent random streams

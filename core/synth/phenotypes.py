@@ -4,40 +4,21 @@ A phenotype is a list of (FaceShape field, change at severity 1); severity in (0
 it linearly. The fields a term touches belong to one region's drawing only (eye: eyes and
 brows; nose; mouth: lips, inner mouth, philtrum; overall: the face outline), which is what
 makes the planted region the only place the class can be seen.
-Names and regions come from the paper's table of 50 terms, bundled as ``hpo_terms.csv``.
+Names and regions come from the paper's table of 50 terms (``core.paper_terms``).
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from pathlib import Path
 
+from core.paper_terms import HpoTerm, paper_terms
 from core.synth.params import FaceShape, PlantedTerm
-
-_TERMS_CSV = Path(__file__).with_name("hpo_terms.csv")
-
-
-@dataclass(frozen=True)
-class HpoTerm:
-    """One row of the paper's Table 1."""
-
-    hpo_id: str
-    name: str  # the paper's spelling: the annotation CSV column
-    region: str
 
 
 @dataclass(frozen=True)
 class Phenotype:
     term: HpoTerm
     edits: tuple[tuple[str, float], ...]  # (FaceShape field, change at severity 1)
-
-
-@lru_cache(maxsize=1)  # bundled constant table, read once
-def paper_terms() -> tuple[HpoTerm, ...]:
-    """The paper's 50 HPO terms in its table order."""
-    with _TERMS_CSV.open(newline="") as handle:
-        return tuple(HpoTerm(row["hpo_id"], row["paper_name"], row["region"]) for row in csv.DictReader(handle))
 
 
 # Sizes in canonical units (pixels of a 224 px photo): big enough to see at 224 px.
