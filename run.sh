@@ -2,16 +2,20 @@
 # One entry point for newcomers and CI:
 #   ./run.sh dashboard   set up, build the demo once, then open the dashboard (http://localhost:8501)
 #   ./run.sh test        set up, then run every test (add pytest options: ./run.sh test -m "not slow")
+#   ./run.sh lint        set up, then only the static checks (ruff, ruff format, mypy, import-linter)
 #   ./run.sh cli ARGS    set up, then python -m core ARGS
 set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
+# `./run.sh test` runs the static checks before pytest when XAI_LINT=1.
+# TODO(issue 10): default to 1 once the tree is clean (after the formatting sweep).
+XAI_LINT="${XAI_LINT:-0}"
 
 setup() {
-  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-    echo "Python 3.10 or newer is needed (found: $("$PYTHON" --version 2>&1))." >&2
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "Python 3.11 or newer is needed (found: $("$PYTHON" --version 2>&1))." >&2
     exit 1
   fi
   if [ ! -x "$VENV/bin/python" ]; then
@@ -27,6 +31,29 @@ setup() {
     "$VENV/bin/python" -m pip install --quiet -r requirements.txt
     echo "$want" > "$VENV/.requirements.sha256"
   fi
+}
+
+step() {
+  # step NAME HINT COMMAND...: run one static check; on failure say which and how to fix it, and stop.
+  local name="$1" hint="$2"
+  shift 2
+  echo "==> $name"
+  if ! "$@"; then
+    echo "run.sh: $name failed: $hint (XAI_LINT=0 ./run.sh test skips the static checks)." >&2
+    exit 1
+  fi
+}
+
+lint() {
+  # The static checks, cheapest first; configured in pyproject.toml.
+  step "ruff check" "fix the lines above; many fix themselves with: $VENV/bin/ruff check --fix ." \
+    "$VENV/bin/ruff" check .
+  step "ruff format --check" "reformat with: $VENV/bin/ruff format ." \
+    "$VENV/bin/ruff" format --check .
+  step "mypy" "fix the type errors above" \
+    "$VENV/bin/mypy"
+  step "lint-imports" "a module imports a layer above its own (ARCHITECTURE.md)" \
+    "$VENV/bin/lint-imports" --no-cache
 }
 
 browser() {
@@ -51,15 +78,21 @@ case "$command" in
     ;;
   test)
     setup
+    if [ "$XAI_LINT" = 1 ]; then lint; fi
     browser
     exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  lint)
+    setup
+    lint
+    echo "All static checks passed."
     ;;
   cli)
     setup
     exec "$VENV/bin/python" -m core "$@"
     ;;
   *)
-    echo "usage: ./run.sh dashboard | test [pytest options] | cli COMMAND [options]" >&2
+    echo "usage: ./run.sh dashboard | test [pytest options] | lint | cli COMMAND [options]" >&2
     exit 2
     ;;
 esac
