@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.align import align_face, warp_to_aligned  # noqa: E402
 from core.regions import bundled_region_specs, region_masks  # noqa: E402
-from core.relevance_store import RelevanceStore, StoreContents, StoredModel, rescore  # noqa: E402
+from core.relevance_store import RelevanceStore, StoreContents, StoredModel  # noqa: E402
+from core.rescore import region_segments, rescore  # noqa: E402
 from core.score import region_scores  # noqa: E402
 from core.synth.classes import DEFAULT_CLASSES  # noqa: E402
 from core.synth.dataset import plan_images  # noqa: E402
@@ -114,8 +115,8 @@ def main() -> None:
         for name in ("paper", "extended"):
             spec = bundled_region_specs()[name]
             fresh = RelevanceStore(folder)
-            mask_seconds, _ = timed(lambda: fresh.region_segments(spec))
-            reload_seconds, _ = timed(lambda: RelevanceStore(folder).region_segments(spec))
+            mask_seconds, _ = timed(lambda: region_segments(fresh, spec))
+            reload_seconds, _ = timed(lambda: region_segments(RelevanceStore(folder), spec))
             rescore(fresh, spec, [METHODS[0]])  # warm: chunk plans built, maps in the page cache
             per_method = min(best_of(args.repeats, lambda: rescore(fresh, spec, [m])) for m in METHODS)
             masks = region_masks(faces, spec).masks  # of the distinct faces only: independent of the store's

@@ -3,7 +3,7 @@
 A store holds what ``python -m core extract`` computed for one split of a dataset: the normalised
 relevance map of every image × fold model × method (float16), the aligned label map of every image
 (uint8) and, per model and image, the predicted class, the explained class and its probability.
-``rescore(store, spec)`` turns those into the score table for any region spec. Layout::
+``core.rescore`` turns those into the score table for any region spec. Layout::
 
     manifest.json            what the store holds: map size, relevance mode, target rule, images (names,
                              labels), models (name, fold, classes, fingerprint, which images), methods
@@ -12,26 +12,21 @@ relevance map of every image × fold model × method (float16), the aligned labe
     journal.jsonl            one line per finished batch: which rows of which file are written; for the
                              predictions of a model the classes and probabilities themselves
     region-masks/<label maps>/<key>.npz   memo: a region spec's masks over those label maps, run-length encoded
+                             (``core.score.RegionSegments``; ``core.rescore`` names and fills them)
     .lock                    held (flock) while an extraction writes, so two writers never interleave
 
 Kill safety: data files are created under a temporary name and renamed into place; rows are written
 into the memory map and flushed, and only then journaled; a torn last journal line is ignored (and cut
 before the next append). A killed writer therefore leaves a store whose journal may undercount, never
 one that claims rows it lacks: the store is *detectably incomplete* (``missing()`` says what is
-missing) and ``rescore`` refuses it until an extraction finishes it.
+missing) and re-scoring refuses it until an extraction finishes it.
 
 File names carry a content key of everything that decides their content (image list and files, model
 fingerprint, target rule, method, relevance mode, the attribution code's version), so a rerun keeps
 the finished rows of unchanged files, and files nothing refers to any more are deleted.
-
-Scoring reads each map once, from its first to its last region pixel, in float32 chunks that stay in
-the CPU cache: masks never overlap, so each label map becomes runs of equal region index along its
-flattened pixels, and a region's sum is ``np.add.reduceat`` over those runs followed by a ``bincount``
-(alternatives and timings: docs/DECISIONS.md, "Extraction and re-scoring"; ``bench/rescore_speed.py``).
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import fcntl
 import functools
@@ -40,34 +35,21 @@ import json
 import os
 import shutil
 import threading
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TextIO
 
 import numpy as np
 import polars as pl
-import torch
 
-from cache import content_hash, source_salt
-from core import regions as regions_module
+from cache import content_hash
 from core.errors import UserFacingError
-from core.regions import RegionSpec, region_masks
+from core.score import RegionSegments
 
 FORMAT = 1
 SKIPPED = -1  # the predicted class stored for a photo that could not be used (unreadable, no face)
-SCORE_SCHEMA = {
-    "image_name": pl.String, "label": pl.String, "fold": pl.String, "model": pl.String, "method": pl.String,
-    "region": pl.String, "score": pl.Float64, "predicted": pl.String, "target": pl.String,
-    "target_probability": pl.Float64,
-}
-Progress = Callable[[int, int, str], None]  # (done, total, what): the CLI's tqdm bar or the dashboard's
 _MANIFEST, _JOURNAL, _LOCK, _MASKS = "manifest.json", "journal.jsonl", ".lock", "region-masks"
-_CHUNK = 16  # maps per float32 chunk: 3.2 MB at 224², about what one core's L2 and L3 share keeps hot
-_PIECE = 32768  # elements per float16 -> float32 copy: torch's GRAIN_SIZE, so the copy runs on this thread
-_MERGE_GAP = 8192  # elements between two spans below which one copy reads both (a copy call costs ~3 µs)
-_MASK_CHUNK = 64  # label maps per region_masks call: bounds the N×R×S×S bool masks in memory
-_KEPT_SEGMENTS = 4  # region specs whose encoded masks stay in memory
 
 
 class StoreError(UserFacingError):
@@ -109,7 +91,8 @@ class StoreContents:
 
     def predictions_file(self, model: StoredModel) -> str:
         names = tuple(self.image_names[i] for i in model.images)
-        return f"predictions-{_key('predictions', self.size, self.faces_key, model.fingerprint, names, self.target, self.code_version)}"
+        key = _key("predictions", self.size, self.faces_key, model.fingerprint, names, self.target, self.code_version)
+        return f"predictions-{key}"
 
     def maps_file(self, model: StoredModel, method: str) -> str:
         return f"maps-{_key('maps', self.predictions_file(model), method, self.mode)}.npy"
@@ -137,20 +120,6 @@ class StoreContents:
                       "labels": tuple(data["labels"]), "methods": tuple(data["methods"])})
 
 
-@dataclass(frozen=True, eq=False)
-class RegionSegments:
-    """A region spec's masks over every stored label map, as runs of equal region index along each
-    flattened map (index ``len(names)`` = no region), from its first to its last region pixel only:
-    the rest of a map is never read. Regions never overlap, so this is exact."""
-
-    names: tuple[str, ...]
-    starts: np.ndarray  # int32: first pixel of each run, per image, concatenated
-    regions: np.ndarray  # uint8: region index of each run
-    offsets: np.ndarray  # int64, N_images + 1: image i's runs are [offsets[i], offsets[i + 1])
-    spans: np.ndarray  # int32, N_images × 2: first and end pixel of the runs (first to last region pixel)
-    areas: np.ndarray  # int64, N_images × R: pixels of each region
-
-
 class RelevanceStore:
     """A store folder (see the module docstring). Reading needs nothing; writing happens between
     ``begin(contents)`` and ``close()`` (or as a context manager) under an exclusive lock."""
@@ -161,10 +130,8 @@ class RelevanceStore:
         self._done: dict[str, set[int]] = {}
         self._predictions: dict[str, dict[int, tuple[int, int, float]]] = {}
         self._writable: dict[str, np.memmap] = {}
-        self._journal = None
-        self._lock = None
-        self._segments: collections.OrderedDict[str, RegionSegments] = collections.OrderedDict()
-        self._plans: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        self._journal: BinaryIO | None = None
+        self._lock: TextIO | None = None
         self._rows: pl.DataFrame | None = None
         self._readable: dict[str, np.ndarray] = {}
         self._memo_lock = threading.RLock()  # one store object serves every dashboard session
@@ -220,6 +187,10 @@ class RelevanceStore:
         """N_images×S×S uint8 (memory-mapped); rows never written are zero."""
         return self._mapped(self.contents.label_maps_file())
 
+    def label_maps_written(self) -> np.ndarray:
+        """Indices of the images whose label map is written, ascending; the other rows are zero."""
+        return np.array(sorted(self._done.get(self.contents.label_maps_file(), set())), dtype=np.int64)
+
     def maps(self, model: str, method: str) -> np.ndarray:
         """N_rows×S×S float16 relevance maps of one model and method (memory-mapped)."""
         contents = self.contents
@@ -263,97 +234,29 @@ class RelevanceStore:
             }))
         return pl.concat(frames) if frames else pl.DataFrame()
 
-    def region_segments(self, spec: RegionSpec, progress: Progress | None = None) -> RegionSegments:
-        """The spec's masks over every stored label map, computed once per spec and label maps (memoised
-        in memory and in ``region-masks/``): ``region_masks`` costs milliseconds per map."""
-        key = self._segments_key(spec)
-        with self._memo_lock:  # a second session asking for the same spec waits instead of recomputing
-            if key in self._segments:
-                self._segments.move_to_end(key)
-                return self._segments[key]
-            path = self.root / _MASKS / Path(self.contents.label_maps_file()).stem / f"{key}.npz"
-            segments = _read_segments(path, spec) if path.is_file() else None
-            if segments is None:
-                segments = self._compute_segments(spec, progress)
-                _write_atomically(path, _segments_bytes(segments))
-            self._segments[key] = segments
-            while len(self._segments) > _KEPT_SEGMENTS:
-                self._segments.popitem(last=False)
-            return segments
+    def read_region_segments(self, key: str) -> RegionSegments | None:
+        """The memoised segments ``key`` over the held label maps; None when absent or unreadable
+        (then the caller computes them again)."""
+        path = self._segments_path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                return RegionSegments(tuple(str(n) for n in data["names"]), data["starts"], data["regions"],
+                                      data["offsets"], data["spans"], data["areas"])
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
 
-    def _segments_key(self, spec: RegionSpec) -> str:
-        return _key("region-segments", _spec_json(spec), self.contents.label_maps_file(), _regions_salt())
+    def write_region_segments(self, key: str, segments: RegionSegments) -> None:
+        """Memoise ``segments`` under ``key``; ``begin`` drops them with the label maps they were made of.
+        Needs no lock: the file appears whole, and two writers of one key write the same content."""
+        buffer = io.BytesIO()
+        np.savez(buffer, names=np.array(segments.names), starts=segments.starts, regions=segments.regions,
+                 offsets=segments.offsets, spans=segments.spans, areas=segments.areas)
+        _write_atomically(self._segments_path(key), buffer.getvalue())
 
-    def _compute_segments(self, spec: RegionSpec, progress: Progress | None) -> RegionSegments:
-        contents = self.contents
-        names = tuple(rule.name for rule in spec.regions)
-        n, size = len(contents.image_names), contents.size
-        label_maps = self.label_maps()
-        have = np.zeros(n, dtype=bool)
-        have[sorted(self._done.get(contents.label_maps_file(), set()))] = True
-        starts, regions = [], []
-        counts = np.zeros(n, dtype=np.int64)  # images without a label map (unusable photos) have no runs
-        spans = np.zeros((n, 2), dtype=np.int32)
-        areas = np.zeros((n, len(names)), dtype=np.int64)
-        present = np.flatnonzero(have)
-        for first in range(0, len(present), _MASK_CHUNK):
-            chunk = present[first:first + _MASK_CHUNK]
-            with warnings.catch_warnings():  # empty regions are summarised once below, by image name
-                warnings.simplefilter("ignore")
-                masks = region_masks(np.asarray(label_maps[chunk]), spec).masks
-            areas[chunk] = masks.sum(axis=(2, 3))
-            index = np.full((len(chunk), size * size), len(names), dtype=np.uint8)
-            for r in range(len(names)):
-                index[masks[:, r].reshape(len(chunk), -1)] = r
-            for image, pixels in zip(chunk, index):
-                inside = np.flatnonzero(pixels != len(names))
-                if not inside.size:
-                    continue
-                span = pixels[inside[0]:inside[-1] + 1]
-                change = np.flatnonzero(np.concatenate(([True], span[1:] != span[:-1])))
-                starts.append((change + inside[0]).astype(np.int32))
-                regions.append(span[change])
-                counts[image], spans[image] = len(change), (inside[0], inside[-1] + 1)
-            if progress is not None:
-                progress(min(first + _MASK_CHUNK, len(present)), len(present), "region masks")
-        run_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int32)
-        run_regions = np.concatenate(regions) if regions else np.zeros(0, dtype=np.uint8)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        empty = (areas[present] == 0)
-        for r in np.flatnonzero(empty.any(axis=0)):
-            which = [contents.image_names[i] for i in present[empty[:, r]]]
-            warnings.warn(f"region {names[r]!r} is empty on {len(which)} of {len(present)} faces "
-                          f"(e.g. {', '.join(which[:3])}): their scores are NaN", stacklevel=3)
-        return RegionSegments(names, run_starts, run_regions, offsets, spans, areas)
-
-    def region_sums(self, model: str, method: str, spec: RegionSpec, rows: np.ndarray | None = None) -> np.ndarray:
-        """rows × R sums Σ(map · mask_r) of one model and method (all usable rows by default).
-
-        One thread: two threads over halves of the chunks gave no consistent gain on the 2 cores (the copy
-        loop holds the GIL between pieces), and a second session keeps its own core."""
-        segments = self.region_segments(spec)
-        if rows is None:
-            rows = self.rows().filter(pl.col("model") == model)["row"].to_numpy()
-        rows = np.array(rows, dtype=np.int64)
-        maps = self.maps(model, method)
-        sums = np.empty((len(rows), len(segments.names)), dtype=np.float64)
-        _sum_runs(torch.from_numpy(maps.reshape(-1)), self._chunk_plans(spec, model, rows), sums, len(segments.names))
-        return sums
-
-    def _chunk_plans(self, spec: RegionSpec, model: str, rows: np.ndarray) -> list:
-        """Per chunk of rows: (first, end, reduceat boundaries, bincount slots); shared by every method."""
-        key = (self._segments_key(spec), model, rows.tobytes())
-        with self._memo_lock:
-            if key not in self._plans:
-                segments = self.region_segments(spec)
-                images = np.asarray(self.contents.model(model).images, dtype=np.int64)[rows]
-                pixels = self.contents.size ** 2
-                self._plans[key] = [(lo, min(lo + _CHUNK, len(rows)),
-                                     *_chunk_plan(segments, rows[lo:lo + _CHUNK], images[lo:lo + _CHUNK], pixels))
-                                    for lo in range(0, len(rows), _CHUNK)]
-                while len(self._plans) > _KEPT_SEGMENTS * max(1, len(self.contents.models)):
-                    self._plans.popitem(last=False)
-            return self._plans[key]
+    def _segments_path(self, key: str) -> Path:
+        return self.root / _MASKS / Path(self.contents.label_maps_file()).stem / f"{key}.npz"
 
     # ---------------------------------------------------------------- writing
 
@@ -365,13 +268,14 @@ class RelevanceStore:
         self._acquire_lock()
         self._reload()
         if self._contents is not None:
-            kept = tuple(m for m in self._contents.methods if m not in contents.methods
-                         and all(contents.maps_file(model, m) == self._contents.maps_file(model, m)
-                                 for model in contents.models)
-                         and {model.name for model in contents.models} == {model.name for model in self._contents.models}
+            old = self._contents
+            same_models = {model.name for model in contents.models} == {model.name for model in old.models}
+            kept = tuple(m for m in old.methods if m not in contents.methods and same_models
+                         and all(contents.maps_file(model, m) == old.maps_file(model, m) for model in contents.models)
                          and not self.missing([m]))
             contents = dataclasses.replace(contents, methods=contents.methods + kept)
-        shapes = {contents.label_maps_file(): ((len(contents.image_names), contents.size, contents.size), np.uint8)}
+        shapes: dict[str, tuple[tuple[int, ...], type[np.generic]]] = {
+            contents.label_maps_file(): ((len(contents.image_names), contents.size, contents.size), np.uint8)}
         for model in contents.models:
             for method in contents.methods:
                 shapes[contents.maps_file(model, method)] = ((len(model.images), contents.size, contents.size),
@@ -385,8 +289,8 @@ class RelevanceStore:
         keep = set(shapes) | {contents.predictions_file(m) for m in contents.models}
         entries, _ = _journal_entries(self.root / _JOURNAL)
         # Rewritten without a torn last line (which the next append would otherwise extend).
-        kept = b"".join(json.dumps(e).encode() + b"\n" for e in entries if e.get("file") in keep)
-        _write_atomically(self.root / _JOURNAL, kept)
+        journal = b"".join(json.dumps(e).encode() + b"\n" for e in entries if e.get("file") in keep)
+        _write_atomically(self.root / _JOURNAL, journal)
         _write_atomically(self.root / _MANIFEST, contents.to_json().encode())
         for path in self.root.iterdir():
             if path.is_file() and path.name not in keep | {_MANIFEST, _JOURNAL, _LOCK}:
@@ -396,7 +300,7 @@ class RelevanceStore:
                 if path.name != Path(contents.label_maps_file()).stem:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
         self._reload()
-        self._journal = open(self.root / _JOURNAL, "ab")
+        self._journal = open(self.root / _JOURNAL, "ab")  # noqa: SIM115 (appended to until close())
 
     def write_label_maps(self, images: Sequence[int], label_maps: np.ndarray) -> None:
         self._write(self.contents.label_maps_file(), images, label_maps)
@@ -456,6 +360,8 @@ class RelevanceStore:
         _apply(entry, self._done, self._predictions)
 
     def _append(self, entry: dict) -> None:
+        if self._journal is None:
+            raise StoreError("call begin() before writing into a relevance store")
         self._journal.write(json.dumps(entry).encode() + b"\n")
         self._journal.flush()
         os.fsync(self._journal.fileno())
@@ -464,7 +370,7 @@ class RelevanceStore:
         if self._lock is not None:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / _LOCK, "a")
+        handle = open(self.root / _LOCK, "a")  # noqa: SIM115 (held, with its flock, until close())
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -477,8 +383,6 @@ class RelevanceStore:
         manifest = self.root / _MANIFEST
         self._contents = StoreContents.from_json(manifest.read_text()) if manifest.is_file() else None
         self._done, self._predictions = {}, {}
-        self._segments.clear()
-        self._plans.clear()
         self._rows = None
         self._readable.clear()
         if self._contents is None:
@@ -486,115 +390,6 @@ class RelevanceStore:
         entries, _ = _journal_entries(self.root / _JOURNAL)
         for entry in entries:
             _apply(entry, self._done, self._predictions)
-
-
-def rescore(store: RelevanceStore, spec: RegionSpec, methods: Sequence[str] | None = None,
-            progress: Progress | None = None) -> pl.DataFrame:
-    """The score table (``SCORE_SCHEMA``) of ``spec`` from the stored maps, without running any model.
-
-    Equals extraction with that spec up to the float16 rounding of the stored maps. The first call
-    per spec computes its masks (``progress`` reports them)."""
-    contents = store.contents
-    methods = list(contents.methods if methods is None else methods)
-    unknown = [m for m in methods if m not in contents.methods]
-    if unknown:
-        raise StoreError(f"the relevance store has no maps of {', '.join(unknown)}; it has {', '.join(contents.methods)}"
-                         " (extract them first)")
-    store.require_complete(methods)
-    segments = store.region_segments(spec, progress)
-    index = store.rows()
-    by_model = index.partition_by("model", as_dict=True) if len(index) else {}
-    blocks = []
-    total, done = len(index) * len(methods), 0
-    for model in contents.models:
-        rows = by_model.get((model.name,), index.clear())
-        areas = segments.areas[rows["image"].to_numpy()].astype(np.float64)
-        for method in methods:
-            sums = store.region_sums(model.name, method, spec, rows["row"].to_numpy())
-            scores = np.divide(sums, areas, out=np.full(sums.shape, np.nan), where=areas > 0)
-            blocks.append(score_block(model.name, model.fold, method, rows, segments.names, scores))
-            done += len(rows)
-            if progress is not None:
-                progress(done, total, f"{model.name} · {method}")
-    return pl.concat(blocks) if blocks else pl.DataFrame(schema=SCORE_SCHEMA)
-
-
-def score_block(model: str, fold: str | None, method: str, rows: pl.DataFrame, regions: Sequence[str],
-                scores: np.ndarray) -> pl.DataFrame:
-    """Score-table rows of one model and method: ``rows`` has image_name, label, predicted, target,
-    target_probability per image; ``scores`` is images × regions. Eager gathers: no query plans."""
-    n, r = scores.shape
-    per_image = rows[np.repeat(np.arange(n, dtype=np.int64), r)]  # one gather of every per-image column
-    constants = pl.select(fold=pl.repeat(fold, n * r, dtype=pl.String), model=pl.repeat(model, n * r, dtype=pl.String),
-                          method=pl.repeat(method, n * r, dtype=pl.String))
-    return pl.DataFrame([
-        per_image["image_name"], per_image["label"], constants["fold"], constants["model"], constants["method"],
-        pl.Series("region", np.tile(np.asarray(regions, dtype=object), n), dtype=pl.String),
-        pl.Series("score", scores.reshape(-1), dtype=pl.Float64),
-        per_image["predicted"], per_image["target"], per_image["target_probability"].cast(pl.Float64),
-    ])
-
-
-def _sum_runs(source: torch.Tensor, plans: list, sums: np.ndarray, regions: int) -> None:
-    """Fill ``sums[lo:hi]`` for each planned chunk: float16 spans of the flattened maps file ``source``
-    -> float32 buffer -> run sums -> region sums."""
-    flat = torch.empty(max((plan[-1] for plan in plans), default=0), dtype=torch.float32)
-    for lo, hi, bounds, labels, copies, used in plans:
-        # torch casts float16 -> float32 with SIMD (numpy's cast is ~20× slower) into a buffer that stays in
-        # cache, in pieces below torch's parallel grain: waking the OpenMP pool between numpy calls stalls
-        # ~10× on a busy machine (measured).
-        for first, end, at in copies:
-            for start in range(first, end, _PIECE):
-                stop = min(start + _PIECE, end)
-                flat[at + start - first:at + stop - first].copy_(source[start:stop])
-        k = hi - lo
-        totals = np.zeros(k * (regions + 1))
-        if len(bounds):
-            totals = np.bincount(labels, weights=np.add.reduceat(flat[:used].numpy(), bounds), minlength=len(totals))
-        sums[lo:hi] = totals.reshape(k, regions + 1)[:, :-1]
-
-
-def _chunk_plan(segments: RegionSegments, rows: np.ndarray, images: np.ndarray, pixels: int) -> tuple:
-    """For a chunk of maps (``rows`` of the maps file, showing ``images``): reduceat boundaries into the
-    buffer, each run's bincount slot (image × (R + 1) + region), the copies (first and end element of
-    the flattened maps file, place in the buffer) and the buffer length used.
-
-    Only the spans of the maps are copied (first to last region pixel), and neighbouring spans are
-    merged into one copy when less than ``_MERGE_GAP`` elements lie between them: skipping a gap
-    saves reading it but costs a copy call."""
-    take = _run_positions(segments.offsets, images)
-    counts = segments.offsets[images + 1] - segments.offsets[images]
-    first = rows * pixels + segments.spans[images, 0]
-    end = rows * pixels + segments.spans[images, 1]
-    copies, placed = [], np.zeros(len(images), dtype=np.int64)  # placed: buffer position of each span's start
-    used = 0
-    for i in np.flatnonzero(end > first):
-        if copies and first[i] - copies[-1][1] < _MERGE_GAP:
-            copies[-1][1] = int(end[i])
-        else:
-            copies.append([int(first[i]), int(end[i]), used])
-        placed[i] = copies[-1][2] + first[i] - copies[-1][0]
-        used = copies[-1][2] + copies[-1][1] - copies[-1][0]
-    image = np.repeat(np.arange(len(images), dtype=np.int64), counts)
-    bounds = segments.starts[take].astype(np.int64) - segments.spans[images, 0][image] + placed[image]
-    labels = segments.regions[take].astype(np.int64) + image * (len(segments.names) + 1)
-    # Where a merged copy carries a gap after a span, a run of "no region" must start there, or the
-    # span's last run would sum the gap too.
-    spanned = np.flatnonzero(end > first)
-    span_ends = placed[spanned] + (end - first)[spanned]
-    gap = span_ends[:-1] < placed[spanned[1:]]
-    gap_bounds = span_ends[:-1][gap]
-    gap_labels = spanned[:-1][gap] * (len(segments.names) + 1) + len(segments.names)
-    order = np.argsort(np.concatenate([bounds, gap_bounds]), kind="stable")
-    return (np.concatenate([bounds, gap_bounds])[order], np.concatenate([labels, gap_labels])[order],
-            [tuple(c) for c in copies], used)
-
-
-def _run_positions(offsets: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """Indices of the runs of ``images`` (in that order) in the concatenated run arrays."""
-    counts = offsets[images + 1] - offsets[images]
-    firsts = np.repeat(offsets[images] - (np.cumsum(counts) - counts), counts)
-    return firsts + np.arange(int(counts.sum()), dtype=np.int64)
 
 
 def _apply(entry: dict, done: dict[str, set[int]], predictions: dict[str, dict]) -> None:
@@ -644,39 +439,8 @@ def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
     return array.shape, array.dtype
 
 
-def _segments_bytes(segments: RegionSegments) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, names=np.array(segments.names), starts=segments.starts, regions=segments.regions,
-             offsets=segments.offsets, spans=segments.spans, areas=segments.areas)
-    return buffer.getvalue()
-
-
-def _read_segments(path: Path, spec: RegionSpec | None) -> RegionSegments | None:
-    """The memo, or None when it is unreadable (then it is recomputed) or belongs to another spec."""
-    try:
-        with np.load(path) as data:
-            segments = RegionSegments(tuple(str(n) for n in data["names"]), data["starts"], data["regions"],
-                                      data["offsets"], data["spans"], data["areas"])
-    except (OSError, ValueError, KeyError, EOFError):
-        return None
-    if spec is not None and segments.names != tuple(rule.name for rule in spec.regions):
-        return None
-    return segments
-
-
 @functools.lru_cache(maxsize=256)
 def _key(*parts) -> str:
     """Content key of a store file (memoised: the image lists of a paper-sized dataset take ms to hash)."""
     return content_hash(*parts)[:20]
 
-
-@functools.lru_cache(maxsize=64)
-def _spec_json(spec: RegionSpec) -> str:
-    """A spec's canonical JSON, memoised: building it takes milliseconds, hashing the frozen spec microseconds."""
-    return spec.to_json()
-
-
-@functools.lru_cache(maxsize=1)
-def _regions_salt() -> str:
-    """Source of core/regions.py: a change to how masks are drawn invalidates the memoised masks."""
-    return source_salt(regions_module)

@@ -6,11 +6,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-import core.relevance_store as store_module
+import core.score as store_module  # the run-length kernel: where masks are drawn and spans merged
 from core.parse import landmark_template
 from core.regions import PAPER_REGIONS, RegionRule, RegionSpec, bundled_region_specs, region_masks
-from core.relevance_store import SCORE_SCHEMA, SKIPPED, RelevanceStore, StoreContents, StoredModel, StoreError, rescore
+from core.relevance_store import SKIPPED, RelevanceStore, StoreContents, StoredModel, StoreError
+from core.rescore import rescore
 from core.score import region_scores
+from core.score_table import SCORE_SCHEMA
 
 SIZE = 48
 # The ArcFace 5-point template at 112 px (DESIGN.md), scaled to SIZE.
