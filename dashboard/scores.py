@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import polars as pl
@@ -22,12 +23,30 @@ from core.relevance_store import RelevanceStore, rescore
 from dashboard import jobs, resources, state
 
 
+class ScoreSource(Enum):
+    """Where a score table came from; pages branch on this, never on the text of a note."""
+
+    STORE = "store"  # re-scored from the relevance store under the current region spec
+    TABLE = "table"  # the Parquet table ``extract`` wrote, scored with the spec it was extracted with
+
+
 @dataclass(frozen=True)
 class Scores:
     table: pl.DataFrame
-    origin: str  # "store" (re-scored under the current spec) or "table" (the extracted Parquet)
-    note: str | None  # what the reader should know about how these scores were made
+    origin: ScoreSource
+    caveats: tuple[str, ...]  # what the reader should know about how these scores were made
+    unextracted: tuple[str, ...]  # chosen methods without scores here: an extraction would add them
     seconds: float  # how long getting the table took on this run
+
+    @property
+    def note(self) -> str | None:
+        """The caveats and the methods not extracted yet, as one line for a caption."""
+        lacking = (f"not extracted yet: {', '.join(self.unextracted)}",) if self.unextracted else ()
+        return "; ".join((*self.caveats, *lacking)) or None
+
+
+def _lacking(view: state.View, present) -> tuple[str, ...]:
+    return tuple(m for m in view.methods if m not in present)
 
 
 def _version(folder: Path) -> float:
@@ -60,7 +79,7 @@ def shown_score_table(view: state.View, split: str) -> Scores | None:
         return None
     if source.note:
         st.caption(f"Scores: {source.note}.")
-    if "not extracted yet" in (source.note or ""):
+    if source.unextracted:
         offer_extraction(view, split, missing=False)
     if source.table.is_empty():
         st.info("None of the chosen methods has scores; choose methods in the sidebar or extract them.")
@@ -80,24 +99,17 @@ def score_table(view: state.View, split: str) -> Scores | None:
         methods = tuple(m for m in view.methods if m in contents.methods)
         if methods:
             table = _rescored(str(folder), _version(folder), view.spec.to_json(), methods)
-            notes = []
-            if contents.mode != view.mode:
-                notes.append(f"the stored maps use relevance mode {contents.mode!r}, not {view.mode!r}")
-            lacking = [m for m in view.methods if m not in contents.methods]
-            if lacking:
-                notes.append(f"not extracted yet: {', '.join(lacking)}")
-            return Scores(table, "store", "; ".join(notes) or None, time.perf_counter() - started)
+            caveats = () if contents.mode == view.mode else (
+                f"the stored maps use relevance mode {contents.mode!r}, not {view.mode!r}",)
+            return Scores(table, ScoreSource.STORE, caveats, _lacking(view, contents.methods),
+                          time.perf_counter() - started)
     path = score_table_path(view.dataset.root, split)
     if path.is_file():
         table = _read_table(str(path), resources.modified(path))
-        present = set(table["method"].unique().to_list())
-        methods = [m for m in view.methods if m in present]
-        note = (f"read from {path.name}, scored with the region spec it was extracted with (re-scoring under "
-                "another spec needs the relevance store, which the extraction below fills)")
-        lacking = [m for m in view.methods if m not in present]
-        if lacking:
-            note += f"; not extracted yet: {', '.join(lacking)}"
-        return Scores(table.filter(pl.col("method").is_in(methods)), "table", note, time.perf_counter() - started)
+        caveat = (f"read from {path.name}, scored with the region spec it was extracted with (re-scoring under "
+                  "another spec needs the relevance store, which the extraction below fills)")
+        return Scores(table.filter(pl.col("method").is_in(list(view.methods))), ScoreSource.TABLE, (caveat,),
+                      _lacking(view, set(table["method"].unique().to_list())), time.perf_counter() - started)
     return None
 
 

@@ -1,27 +1,36 @@
 """Edit the region spec live: parts per region, box growth, overlap order, added regions, gap splits.
 
-The page edits a draft (the spec's JSON form) in the session. Every change goes through a widget
-callback, so it is applied before the sidebar draws: the draft is validated by ``RegionSpec``,
-saved in the spec store, and its content id becomes the URL's ``spec`` for every page. An
-invalid draft is shown with its message and the last valid spec stays in use.
+The page keeps a draft (the ``RegionSpec`` in use) in the session. Every change goes through a widget
+callback, so it is applied before the sidebar draws: a ``core.region_edits`` function makes the new
+spec, which is saved in the spec store, and its content id becomes the URL's ``spec`` for every page.
+An edit the spec refuses is shown with its message and the last valid spec stays in use.
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import streamlit as st
 
+from core import region_edits
 from core.dataset import names_in, read_photo
 from core.errors import UserFacingError
 from core.explain import prepare_face
 from core.parse import LAPA_LABELS
-from core.regions import EDGES, RegionSpec, bundled_region_specs
+from core.regions import RegionRule, RegionSpec
 from core.stats import compare_groups, hpo_correlation, significance_counts, table4_wide
 from dashboard import render, resources, scores, state
 
-DRAFT, SOURCE, GENERATION, PROBLEM = "_draft", "_draft_source", "_draft_generation", "_draft_problem"
-SIDES = ("grow_left", "grow_right", "grow_top", "grow_bottom")
+DRAFT, SOURCE, GENERATION, NOTICE = "_draft", "_draft_source", "_draft_generation", "_draft_notice"
 GROWTH = (-0.5, 1.5)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What the page tells about the last edit or import; ``refused`` says it was not applied."""
+
+    text: str
+    refused: bool
 
 
 def _key(*parts) -> str:
@@ -29,92 +38,72 @@ def _key(*parts) -> str:
     return "-".join(map(str, ("rg", st.session_state.get(GENERATION, 0), *parts)))
 
 
-def _load_draft(spec: RegionSpec, reference: str) -> None:
-    st.session_state[DRAFT] = json.loads(spec.to_json())
-    st.session_state[SOURCE] = reference
+def _fresh_widgets() -> None:
+    """New keys, so every widget shows the draft again rather than the value it kept."""
     st.session_state[GENERATION] = st.session_state.get(GENERATION, 0) + 1
-    st.session_state.pop(PROBLEM, None)
 
 
-def _commit(structural: bool = False, note: str | None = None) -> None:
-    """Validate the draft; if valid, store it and make it the view's spec."""
-    draft = st.session_state[DRAFT]
-    try:
-        spec = RegionSpec.from_json(json.dumps(draft))
-        bundled = bundled_region_specs()
-        if spec.name in bundled and spec != bundled[spec.name]:  # an edited "paper" must not pass for the paper's
-            draft["name"] = f"{spec.name} (edited)"
-            spec = RegionSpec.from_json(json.dumps(draft))
-            structural = True  # the name field shows the new name
-    except UserFacingError as error:
-        st.session_state[PROBLEM] = f"Not applied: {error}"
-        return
-    reference = resources.spec_store().reference(spec)
-    state.use_spec(reference)
+def _load_draft(spec: RegionSpec, reference: str) -> None:
+    st.session_state[DRAFT] = spec
     st.session_state[SOURCE] = reference
-    st.session_state[PROBLEM] = note
-    if structural:
-        st.session_state[GENERATION] = st.session_state.get(GENERATION, 0) + 1
+    _fresh_widgets()
+    st.session_state.pop(NOTICE, None)
 
 
-def _set(path: tuple, key: str) -> None:
-    """Callback: copy a widget's value into the draft at ``path`` and apply."""
-    target = st.session_state[DRAFT]
-    for step in path[:-1]:
-        target = target[step]
-    value = st.session_state[key]
-    target[path[-1]] = sorted(value) if isinstance(value, list) else value
-    _commit()
+def _commit(spec: RegionSpec, structural: bool, note: str | None = None) -> None:
+    """Store the edited spec and make it the draft and the view's spec."""
+    named = region_edits.without_bundled_name(spec)
+    reference = resources.spec_store().reference(named)
+    state.use_spec(reference)
+    st.session_state[DRAFT] = named
+    st.session_state[SOURCE] = reference
+    st.session_state[NOTICE] = Notice(note, refused=False) if note else None
+    if structural or named.name != spec.name:  # the name field shows the new name
+        _fresh_widgets()
 
 
-def _move(index: int, by: int) -> None:
-    regions = st.session_state[DRAFT]["regions"]
-    regions.insert(index + by, regions.pop(index))
-    _commit(structural=True)
+def _edited(edit: Callable, *args):
+    """``edit(draft, *args)``, or None with the refusal shown: the last valid spec stays in use, and the
+    widgets show it again rather than the refused value."""
+    try:
+        return edit(st.session_state[DRAFT], *args)
+    except UserFacingError as error:
+        st.session_state[NOTICE] = Notice(f"Not applied: {error}", refused=True)
+        _fresh_widgets()
+        return None
+
+
+def _edit(edit: Callable[..., RegionSpec], *args) -> None:
+    """Callback of a button: a structural edit (order, add, remove) of the draft."""
+    spec = _edited(edit, *args)
+    if spec is not None:
+        _commit(spec, structural=True)
+
+
+def _set(edit: Callable[..., RegionSpec], key: str, *args) -> None:
+    """Callback of a value widget: ``edit(draft, *args, the widget's value)``; the widget already shows it."""
+    spec = _edited(edit, *args, st.session_state[key])
+    if spec is not None:
+        _commit(spec, structural=False)
 
 
 def _remove_region(index: int) -> None:
-    draft = st.session_state[DRAFT]
-    name = draft["regions"].pop(index)["name"]
-    dropped = []
-    for region in draft["regions"]:
-        for edge in EDGES:
-            if region[edge] is not None and region[edge]["region"] == name:
-                region[edge] = None
-                dropped.append(f"{region['name']}'s {edge} link")
-    kept = [s for s in draft["gap_splits"] if name not in (s["upper"], s["lower"])]
-    dropped += [f"gap split {s['upper']}/{s['lower']}" for s in draft["gap_splits"] if s not in kept]
-    draft["gap_splits"] = kept
-    _commit(structural=True, note=f"Removed {name!r}" + (f" and what pointed at it: {', '.join(dropped)}." if dropped
-                                                          else "."))
+    edited = _edited(region_edits.remove_region, index)
+    if edited is not None:
+        spec, dropped = edited
+        name = st.session_state[DRAFT].regions[index].name
+        _commit(spec, structural=True, note=f"Removed {name!r}" + (
+            f" and what pointed at it: {', '.join(dropped)}." if dropped else "."))
 
 
-def _add_region(key: str) -> None:
-    template = next(r for r in bundled_region_specs()["extended"].regions if r.name == st.session_state[key])
-    st.session_state[DRAFT]["regions"].append(json.loads(RegionSpec((template,)).to_json())["regions"][0])
-    _commit(structural=True)
-
-
-def _add_box(index: int) -> None:
-    st.session_state[DRAFT]["regions"][index]["boxes"].append(
-        {"labels": [1], "grow_left": 0.0, "grow_right": 0.0, "grow_top": 0.0, "grow_bottom": 0.0})
-    _commit(structural=True)
-
-
-def _remove_box(index: int, box: int) -> None:
-    st.session_state[DRAFT]["regions"][index]["boxes"].pop(box)
-    _commit(structural=True)
+def _add_template(key: str) -> None:
+    templates = region_edits.region_templates(st.session_state[DRAFT])
+    template = next(rule for rule in templates if rule.name == st.session_state[key])
+    _edit(region_edits.add_region, template)
 
 
 def _add_split(upper_key: str, lower_key: str) -> None:
-    st.session_state[DRAFT]["gap_splits"].append(
-        {"upper": st.session_state[upper_key], "lower": st.session_state[lower_key], "extend_lower_bottom": 0.5})
-    _commit(structural=True)
-
-
-def _remove_split(index: int) -> None:
-    st.session_state[DRAFT]["gap_splits"].pop(index)
-    _commit(structural=True)
+    _edit(region_edits.add_split, st.session_state[upper_key], st.session_state[lower_key])
 
 
 def _import(key: str) -> None:
@@ -124,7 +113,7 @@ def _import(key: str) -> None:
     try:
         spec = RegionSpec.from_json(upload.getvalue().decode("utf-8", errors="replace"))
     except UserFacingError as error:
-        st.session_state[PROBLEM] = f"Not imported: {error}"
+        st.session_state[NOTICE] = Notice(f"Not imported: {error}", refused=True)
         return
     reference = resources.spec_store().reference(spec)
     state.use_spec(reference)
@@ -135,68 +124,67 @@ def _label_name(label: int) -> str:
     return f"{label} {LAPA_LABELS[label]}"
 
 
-def edit_region(index: int, region: dict, count: int) -> None:
+def edit_region(index: int, region: RegionRule, count: int) -> None:
     with st.container(border=True):
         title, up, down, remove = st.columns([6, 1, 1, 1], vertical_alignment="center")
-        kind = "boxes around parts" if region["boxes"] else "pixels of labels"
-        title.markdown(f"**{index + 1}. {region['name']}** · {kind}")
-        up.button(":material/arrow_upward:", key=_key("up", index), disabled=index == 0, on_click=_move,
-                  args=(index, -1), help="Move up: earlier regions win where two overlap")
+        kind = "boxes around parts" if region.boxes else "pixels of labels"
+        title.markdown(f"**{index + 1}. {region.name}** · {kind}")
+        up.button(":material/arrow_upward:", key=_key("up", index), disabled=index == 0, on_click=_edit,
+                  args=(region_edits.move_region, index, -1), help="Move up: earlier regions win where two overlap")
         down.button(":material/arrow_downward:", key=_key("down", index), disabled=index == count - 1,
-                    on_click=_move, args=(index, 1), help="Move down")
+                    on_click=_edit, args=(region_edits.move_region, index, 1), help="Move down")
         remove.button(":material/delete:", key=_key("remove", index), on_click=_remove_region, args=(index,),
-                      help=f"Remove {region['name']}")
-        for b, box in enumerate(region["boxes"]):
+                      help=f"Remove {region.name}")
+        for b, box in enumerate(region.boxes):
             labels, remove_box = st.columns([8, 1], vertical_alignment="bottom")
             key = _key("labels", index, b)
-            labels.multiselect(f"Box {b + 1} around", list(range(len(LAPA_LABELS))), default=box["labels"],
+            labels.multiselect(f"Box {b + 1} around", list(range(len(LAPA_LABELS))), default=list(box.labels),
                                format_func=_label_name, key=key, on_change=_set,
-                               args=(("regions", index, "boxes", b, "labels"), key))
-            remove_box.button(":material/delete:", key=_key("remove-box", index, b), on_click=_remove_box,
-                              args=(index, b), disabled=len(region["boxes"]) == 1, help="Remove this box")
-            for column, side in zip(st.columns(4), SIDES):
+                               args=(region_edits.set_box_labels, key, index, b))
+            remove_box.button(":material/delete:", key=_key("remove-box", index, b), on_click=_edit,
+                              args=(region_edits.remove_box, index, b), disabled=len(region.boxes) == 1,
+                              help="Remove this box")
+            for column, side in zip(st.columns(4), region_edits.GROW_SIDES):
                 key = _key(side, index, b)
-                column.slider(f"grow {side.removeprefix('grow_')}", *GROWTH, value=float(box[side]), step=0.05,
-                              key=key, on_change=_set, args=(("regions", index, "boxes", b, side), key),
+                column.slider(f"grow {side.removeprefix('grow_')}", *GROWTH, value=float(getattr(box, side)),
+                              step=0.05, key=key, on_change=_set,
+                              args=(region_edits.set_box_growth, key, index, b, side),
                               help="Fraction of the part's box size added on this side (negative shrinks)")
-        if region["boxes"]:
-            st.button("Add a box", key=_key("add-box", index), on_click=_add_box, args=(index,))
+        if region.boxes:
+            st.button("Add a box", key=_key("add-box", index), on_click=_edit, args=(region_edits.add_box, index))
         else:
             key = _key("pixels", index)
-            st.multiselect("Pixels of", list(range(len(LAPA_LABELS))), default=region["labels"],
-                           format_func=_label_name, key=key, on_change=_set, args=(("regions", index, "labels"), key))
-        for edge in EDGES:
-            link = region[edge]
-            if link is not None:
-                key = _key("offset", index, edge)
-                st.number_input(f"{edge} edge at {link['region']}'s {link['edge']} edge, plus × its size",
-                                value=float(link["offset"]), step=0.05, key=key, on_change=_set,
-                                args=(("regions", index, edge, "offset"), key))
+            st.multiselect("Pixels of", list(range(len(LAPA_LABELS))), default=list(region.labels),
+                           format_func=_label_name, key=key, on_change=_set,
+                           args=(region_edits.set_pixel_labels, key, index))
+        for edge, link in region.links():
+            key = _key("offset", index, edge)
+            st.number_input(f"{edge} edge at {link.region}'s {link.edge} edge, plus × its size",
+                            value=float(link.offset), step=0.05, key=key, on_change=_set,
+                            args=(region_edits.set_link_offset, key, index, edge))
 
 
-def edit_spec(draft: dict) -> None:
+def edit_spec(draft: RegionSpec) -> None:
     key = _key("name")
-    st.text_input("Spec name", value=draft["name"], key=key, on_change=_set, args=(("name",), key))
-    regions = draft["regions"]
-    for index, region in enumerate(regions):
-        edit_region(index, region, len(regions))
-    present = {r["name"] for r in regions}
-    templates = [r.name for r in bundled_region_specs()["extended"].regions if r.name not in present]
+    st.text_input("Spec name", value=draft.name, key=key, on_change=_set, args=(region_edits.rename, key))
+    for index, region in enumerate(draft.regions):
+        edit_region(index, region, len(draft.regions))
+    templates = [rule.name for rule in region_edits.region_templates(draft)]
     if templates:
         left, right = st.columns([3, 1], vertical_alignment="bottom")
         key = _key("template")
-        left.selectbox("Add a region (templates from extended.json)", templates, key=key)
-        right.button("Add", key=_key("add-region"), on_click=_add_region, args=(key,))
+        left.selectbox(f"Add a region (templates from {region_edits.TEMPLATE_SPEC}.json)", templates, key=key)
+        right.button("Add", key=_key("add-region"), on_click=_add_template, args=(key,))
     st.markdown("**Gap splits** (the paper's nose/mouth rule: facing edges meet at the gap's midpoint)")
-    for s, split in enumerate(draft["gap_splits"]):
+    for s, split in enumerate(draft.gap_splits):
         left, right = st.columns([5, 1], vertical_alignment="bottom")
         key = _key("extend", s)
-        left.slider(f"{split['upper']} / {split['lower']}: extend {split['lower']}'s bottom by × the gap", 0.0, 2.0,
-                    value=float(split["extend_lower_bottom"]), step=0.05, key=key, on_change=_set,
-                    args=(("gap_splits", s, "extend_lower_bottom"), key))
-        right.button(":material/delete:", key=_key("remove-split", s), on_click=_remove_split, args=(s,),
-                     help="Remove this split")
-    names = [r["name"] for r in regions]
+        left.slider(f"{split.upper} / {split.lower}: extend {split.lower}'s bottom by × the gap", 0.0, 2.0,
+                    value=float(split.extend_lower_bottom), step=0.05, key=key, on_change=_set,
+                    args=(region_edits.set_split_extension, key, s))
+        right.button(":material/delete:", key=_key("remove-split", s), on_click=_edit,
+                     args=(region_edits.remove_split, s), help="Remove this split")
+    names = [rule.name for rule in draft.regions]
     if len(names) >= 2:
         upper, lower, add = st.columns([2, 2, 1], vertical_alignment="bottom")
         upper_key, lower_key = _key("split-upper"), _key("split-lower")
@@ -240,15 +228,15 @@ def rescored_tables(view: state.View) -> None:
         if table is None:
             st.info(f"Nothing extracted for split {split!r} yet: extract it on the "
                     f"{'Statistics' if split == 'val' else 'HPO correlation'} page, then edits re-score here.")
-        elif table.origin != "store":
+        elif table.origin is not scores.ScoreSource.STORE:
             st.info(f"Split {split!r}: {table.note}.")
-    if val is not None and val.origin == "store":
+    if val is not None and val.origin is scores.ScoreSource.STORE:
         with st.container():
             st.markdown(f"**Table 3** (split val, re-scored in {val.seconds * 1000:.0f} ms; paper's test settings)")
             counts = significance_counts(compare_groups(val.table))
             methods = val.table["method"].n_unique()
             st.plotly_chart(render.heat_table(counts, "region", (0, methods), title="methods"), width="stretch")
-    if test is not None and test.origin == "store":
+    if test is not None and test.origin is scores.ScoreSource.STORE:
         with st.container():
             st.markdown(f"**Table 4** (split test, re-scored in {test.seconds * 1000:.0f} ms): mean (std) ρ over "
                         "fold models")
@@ -269,9 +257,9 @@ def main() -> None:
                "relevance maps and updates Tables 3 and 4. The edited spec gets a short id in the URL.")
     if st.session_state.get(SOURCE) != view.spec_ref:
         _load_draft(view.spec, view.spec_ref)
-    problem = st.session_state.get(PROBLEM)
-    if problem:
-        (st.error if problem.startswith("Not ") else st.info)(problem)
+    notice = st.session_state.get(NOTICE)
+    if notice is not None:
+        (st.error if notice.refused else st.info)(notice.text)
     editor, results = st.columns([1, 1], gap="large")
     with editor:
         edit_spec(st.session_state[DRAFT])
