@@ -141,7 +141,7 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 224) -> Ali
                           "distinct points in the order left eye, right eye, nose, left and right mouth corner.")
     aligned = warp(image, transform.inverse, output_shape=(size, size), order=1,
                    mode="constant", cval=0, preserve_range=True)
-    return AlignedFace(image=_round_to(aligned, np.uint8), matrix=transform.params[:2].copy(),
+    return AlignedFace(image=_round_to(aligned, np.dtype(np.uint8)), matrix=transform.params[:2].copy(),
                        landmarks=transform(landmarks))
 
 
@@ -178,7 +178,7 @@ def _box_area(face: DetectedFace) -> float:
 def _round_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
         return values.astype(dtype)
-    if dtype == bool:
+    if dtype == np.dtype(bool):
         return values > 0.5
     info = np.iinfo(dtype)
     return np.clip(np.round(values), info.min, info.max).astype(dtype)

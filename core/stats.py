@@ -237,7 +237,7 @@ def hpo_correlation(scores: pl.DataFrame, counts: pl.DataFrame) -> HpoCorrelatio
         first = repeated.row(0, named=True)
         raise UserFacingError(f"image {first['image_name']!r} appears {first['len']} times for model {first['model']}, "
                               f"{first['method']}, {first['region']}; each must appear once")
-    groups = {key: frame for key, frame in joined.group_by("method", "region", "model")}
+    groups = dict(joined.group_by("method", "region", "model"))
     rows = []
     for method in joined["method"].unique(maintain_order=True):
         for region in joined["region"].unique(maintain_order=True):

@@ -29,7 +29,7 @@ def regions_rgb(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> np
     colour = np.zeros_like(image)
     for r, mask in enumerate(masks):
         colour[mask] = REGION_COLOURS[r % len(REGION_COLOURS)]
-    return blend(image, colour, alpha, where=masks.any(axis=0))
+    return blend(image, colour, alpha, where=np.asarray(masks.any(axis=0)))
 
 
 def heatmap_rgb(image: np.ndarray, relevance: np.ndarray, alpha: float = 0.6) -> np.ndarray:
@@ -93,6 +93,7 @@ def heat_table(table: pl.DataFrame, index: str, value_range: tuple[float, float]
     A range below zero (a correlation) gets a diverging scale centred on 0; otherwise a sequential one."""
     columns = [c for c in table.columns if c != index]
     values = table.select(pl.col(columns).cast(pl.Float64)).to_numpy()
+    labels: list[list[str]] | np.ndarray
     if text is None:
         labels = [["" if np.isnan(v) else f"{v:.3g}" for v in row] for row in values]
     else:

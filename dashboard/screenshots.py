@@ -38,7 +38,7 @@ def free_port() -> int:
 def serve(env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[str]:
     """``streamlit run`` on 127.0.0.1 and a free port; yields the base URL, stops the server afterwards."""
     port = free_port()
-    log = tempfile.TemporaryFile()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 -- closed in the finally below, after the server stops
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],

@@ -69,7 +69,7 @@ class ModelCard:
         is_text = isinstance(source, str) and source.lstrip().startswith("{")
         where = "model card (JSON text)" if is_text else f"model card {source}"
         try:
-            text = source if is_text else Path(source).read_text(encoding="utf-8")
+            text = str(source) if is_text else Path(source).read_text(encoding="utf-8")
         except OSError as error:
             raise ModelError(f"{where}: cannot read it ({error.strerror}); check the path") from None
         try:
@@ -105,7 +105,8 @@ def _three_numbers(name: str, value: object, positive: bool) -> tuple[float, flo
                          f"got {value!r}")
     if positive and not all(v > 0 for v in value):
         raise ModelError(f"field {name!r} must be positive, got {value!r}")
-    return tuple(float(v) for v in value)
+    first, second, third = (float(v) for v in value)
+    return first, second, third
 
 
 def _optional_text(name: str, value: object) -> None:
@@ -244,7 +245,7 @@ def model_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
         digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
@@ -319,7 +320,7 @@ class Classifier:
 
 def load_classifier(card_path: str | Path) -> Classifier:
     card = read_card(card_path, kind="classifier")
-    network = build_resnet(card.architecture, len(card.classes))
+    network: nn.Module = build_resnet(card.architecture, len(card.classes))
     network, fingerprint = load_weights(network, card, card_path, head_key="fc.weight")
     return Classifier(network=network, card=card, fingerprint=fingerprint)
 

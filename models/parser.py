@@ -16,8 +16,14 @@ from torch import nn
 
 from core.errors import ModelError
 from core.parse import LAPA_LABELS, resize_label_map
-from models.checkpoint import (PARSER_ARCHITECTURE_PREFIX, ModelCard, load_weights, normalise_pixels,
-                               read_card, save_checkpoint)
+from models.checkpoint import (
+    PARSER_ARCHITECTURE_PREFIX,
+    ModelCard,
+    load_weights,
+    normalise_pixels,
+    read_card,
+    save_checkpoint,
+)
 
 _HEAD_KEY = "segmentation_head.0.weight"
 

@@ -15,6 +15,7 @@ import codecs
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -118,5 +119,5 @@ def vggface2_card(classes: Sequence[str], weights: str, mean_bgr: Sequence[float
     """
     return ModelCard(kind="classifier", architecture=CAFFE_RESNET50, classes=tuple(classes),
                      input_size=VGGFACE2_INPUT_SIZE, channel_order="BGR", input_scale=255.0,
-                     mean=tuple(mean_bgr), std=(1.0, 1.0, 1.0), weights=weights, fold=fold,
-                     training_data_hash=training_data_hash, notes=notes)
+                     mean=cast("tuple[float, float, float]", tuple(mean_bgr)), std=(1.0, 1.0, 1.0), weights=weights,
+                     fold=fold, training_data_hash=training_data_hash, notes=notes)

@@ -9,7 +9,8 @@ that is what lets each phenotype stay inside its own region.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 
@@ -156,7 +157,7 @@ class Canvas:
         centre: tuple[float, float],
         rx: float,
         ry: float,
-        factor: tuple[float, float, float] | float,
+        factor: tuple[float, float, float] | float | np.ndarray,
         angle_deg: float = 0.0,
     ) -> None:
         """Multiply by ``factor`` at the centre, fading smoothly to exactly 1 at the ellipse edge."""
@@ -177,6 +178,7 @@ class Canvas:
     def finish(self) -> np.ndarray:
         """The float RGB image at 1x: the mean over each pixel's subpixels."""
         s, n = self.supersample, self.size
-        rows = self.rgb.reshape(n, s, n * s * 3)
-        rows = sum(rows[:, i] for i in range(s)).reshape(n, n, s, 3)  # contiguous adds: 10x faster than .mean
-        return sum(rows[:, :, j] for j in range(s)) / (s * s)
+        rows: np.ndarray = self.rgb.reshape(n, s, n * s * 3)
+        # contiguous adds: 10x faster than .mean
+        rows = cast(np.ndarray, sum(rows[:, i] for i in range(s))).reshape(n, n, s, 3)
+        return cast(np.ndarray, sum(rows[:, :, j] for j in range(s))) / (s * s)

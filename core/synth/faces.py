@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 from PIL import Image
 from scipy import ndimage
 from scipy.special import ndtri
@@ -76,7 +77,7 @@ def render_face(params: FaceParams) -> RenderedFace:
 # ---------------------------------------------------------------- helpers
 
 
-def _smooth(points: np.ndarray, closed: bool, iterations: int = 3) -> np.ndarray:
+def _smooth(points: ArrayLike, closed: bool, iterations: int = 3) -> np.ndarray:
     """Chaikin corner cutting: a few control points become a smooth outline."""
     points = np.asarray(points, dtype=float)
     for _ in range(iterations):
@@ -92,7 +93,7 @@ def _smooth(points: np.ndarray, closed: bool, iterations: int = 3) -> np.ndarray
 def _smooth_noise(rng: np.random.Generator, grid: tuple[int, int], size: int) -> np.ndarray:
     """size x size low-frequency noise in about [-1, 1]: a small random grid upsampled bicubically."""
     small = Image.fromarray(rng.standard_normal(grid).astype(np.float32), mode="F")
-    return np.asarray(small.resize((size, size), Image.BICUBIC)) / 1.5
+    return np.asarray(small.resize((size, size), Image.Resampling.BICUBIC)) / 1.5
 
 
 def _times(colour: tuple[float, float, float], factor) -> np.ndarray:
@@ -158,7 +159,7 @@ def _head_radius(shape: FaceShape, cos: np.ndarray, sin: np.ndarray) -> np.ndarr
     return (np.abs(cos / half_width) ** power + np.abs(sin / half_height) ** power) ** (-1 / power)
 
 
-def _head_outline(shape: FaceShape, angles: np.ndarray, grow: float = 0.0) -> np.ndarray:
+def _head_outline(shape: FaceShape, angles: np.ndarray, grow: float | np.ndarray = 0.0) -> np.ndarray:
     cos, sin = np.cos(angles), np.sin(angles)
     radius = _head_radius(shape, cos, sin) + grow
     return np.column_stack([radius * cos, HEAD_CENTRE_Y + radius * sin])
@@ -190,7 +191,7 @@ def _draw_ear(canvas: Canvas, shape: FaceShape, side: int) -> None:
     centre = (side * (shape.face_half_width + 1.5), (shape.ear_top + shape.ear_bottom) / 2)
     half_height = (shape.ear_bottom - shape.ear_top) / 2
     canvas.fill(ellipse(centre, 7.0, half_height, side * 10), _times(shape.skin_rgb, 0.94), SKIN)
-    rim = ellipse(centre, 5.0, half_height * 0.78, side * 10, 40)[[*range(28, 40), *range(0, 6)]]
+    rim = ellipse(centre, 5.0, half_height * 0.78, side * 10, 40)[[*range(28, 40), *range(6)]]
     canvas.fill(band(rim, 0.7), _times(shape.skin_rgb, 0.72), opacity=0.7)
     canvas.shade((centre[0] - side * 1.0, centre[1] + 2), 3.5, half_height * 0.45, 0.78)
 
@@ -315,9 +316,9 @@ def _draw_nose(canvas: Canvas, shape: FaceShape) -> np.ndarray:
     top = -3.0 - 2.0 * shape.bridge_relief
     tip, bw, aw, tr = shape.nose_length, shape.bridge_half_width, shape.alar_half_width, shape.tip_radius
     length, relief, show = tip - top, shape.bridge_relief, shape.nostril_show
-    right = [(0.85 * bw, top), (bw, top + 0.35 * length), (1.2 * bw, tip - 9), (0.8 * aw, tip - 4),
-             (aw + 0.8, tip + 0.5), (aw + 0.4, tip + 2.5), (0.6 * aw, tip + 4.5), (0.6 * tr, tip + 0.8 * tr + 0.8)]
-    right = np.array(right)
+    right = np.array([(0.85 * bw, top), (bw, top + 0.35 * length), (1.2 * bw, tip - 9), (0.8 * aw, tip - 4),
+                      (aw + 0.8, tip + 0.5), (aw + 0.4, tip + 2.5), (0.6 * aw, tip + 4.5),
+                      (0.6 * tr, tip + 0.8 * tr + 0.8)])
     left = right[::-1] * [-1, 1]
     canvas.label(_smooth(np.vstack([right, [(0, tip + 0.8 * tr + 1.0)], left]), closed=True, iterations=2), NOSE)
 

@@ -13,7 +13,9 @@ between the eye centres, x to the image right, y down.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import cast
 
 import numpy as np
 
@@ -132,18 +134,23 @@ class FaceParams:
         return replace(self, photo=replace(self.photo, blur_sigma=0.0, noise_sigma=0.0))
 
 
+def _rgb(values: Iterable[float]) -> RGB:
+    """Three channel values as Python floats (typed as the three they are)."""
+    return cast(RGB, tuple(float(c) for c in values))
+
+
 def _palette_colour(rng: np.random.Generator, palette: np.ndarray, jitter: float) -> RGB:
     position = rng.uniform(0, len(palette) - 1)
     low = int(position)
     high = min(low + 1, len(palette) - 1)
     colour = palette[low] + (position - low) * (palette[high] - palette[low])
     colour = colour * rng.uniform(1 - jitter, 1 + jitter, 3)
-    return tuple(float(c) for c in np.clip(colour, 0, 255))
+    return _rgb(np.clip(colour, 0, 255))
 
 
 def _pick_colour(rng: np.random.Generator, palette: np.ndarray, jitter: float) -> RGB:
     colour = palette[rng.integers(len(palette))] * rng.uniform(1 - jitter, 1 + jitter, 3)
-    return tuple(float(c) for c in np.clip(colour, 0, 255))
+    return _rgb(np.clip(colour, 0, 255))
 
 
 def sample_face_shape(rng: np.random.Generator) -> FaceShape:
@@ -189,11 +196,11 @@ def sample_face_shape(rng: np.random.Generator) -> FaceShape:
         hair_style=HAIR_STYLES[rng.integers(len(HAIR_STYLES))],
         ear_top=head * normal(-4.0, 2.0),
         ear_bottom=head * normal(27.0, 2.0),
-        skin_rgb=tuple(float(c) for c in skin),
-        lip_rgb=tuple(float(c) for c in lip),
+        skin_rgb=_rgb(skin),
+        lip_rgb=_rgb(lip),
         hair_rgb=_pick_colour(rng, HAIR_PALETTE, 0.08),
         iris_rgb=_pick_colour(rng, IRIS_PALETTE, 0.1),
-        clothes_rgb=tuple(float(c) for c in rng.uniform(30, 225, 3)),
+        clothes_rgb=_rgb(rng.uniform(30, 225, 3)),
     )
 
 
@@ -206,12 +213,12 @@ def sample_photo(rng: np.random.Generator) -> Photo:
         scale=float(rng.uniform(0.9, 1.1)),
         shift_x=float(rng.uniform(-8, 8)),
         shift_y=float(rng.uniform(-8, 8)),
-        background_rgb=tuple(float(c) for c in base),
-        background_rgb2=tuple(float(c) for c in second),
+        background_rgb=_rgb(base),
+        background_rgb2=_rgb(second),
         background_texture=BACKGROUND_TEXTURES[rng.integers(len(BACKGROUND_TEXTURES))],
         light_angle=float(rng.uniform(0, 2 * np.pi)),
         light_strength=float(rng.uniform(0, 0.25)),
-        white_balance=tuple(float(c) for c in rng.uniform(0.96, 1.04, 3)),
+        white_balance=_rgb(rng.uniform(0.96, 1.04, 3)),
         blur_sigma=float(rng.uniform(0, 1.0)),
         noise_sigma=float(rng.uniform(0, 5.0)),
         jpeg_quality=int(rng.integers(60, 96)),
