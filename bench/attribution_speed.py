@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.attribute import METHOD_NAMES, attribute, method_passes  # noqa: E402
-from core.cli import quiet_library_warnings  # noqa: E402
-from models.resnet import build_resnet  # noqa: E402
+from core.attribute import METHOD_NAMES, attribute, method_passes
+from core.cli import quiet_library_warnings
+from models.resnet import build_resnet
 
 
 def best_of(repeats: int, run) -> float:
@@ -71,7 +71,7 @@ def main() -> None:
         floor = n_b * t_fb + (n_f - n_b) * t_f
         repeats = args.repeats if floor * args.images < 5 else 1
         attribute(model, x[:1], targets[:1], method)  # warm-up: hook registration paths, lazy imports
-        per_image = best_of(repeats, lambda: attribute(model, x, targets, method)) / args.images
+        per_image = best_of(repeats, lambda m=method: attribute(model, x, targets, m)) / args.images
         print(f"{method:28s} {n_f:>5d}/{n_b:<4d} {per_image:9.3f} {floor:9.3f} {per_image / floor:6.2f}", flush=True)
     print(f"\nraw pass times beside the last method: forward {t_f:.4f} s/image, forward+backward {t_fb:.4f} s/image")
 

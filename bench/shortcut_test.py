@@ -21,12 +21,12 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.dataset import Dataset, open_dataset  # noqa: E402
-from core.demo import DemoPreset  # noqa: E402
-from core.paths import demo_dataset  # noqa: E402
-from core.regions import PAPER_REGIONS, region_masks  # noqa: E402
-from core.train import train_fold  # noqa: E402
-from core.train_parser import aligned_faces_and_maps  # noqa: E402
+from core.dataset import Dataset, open_dataset
+from core.demo import DemoPreset
+from core.paths import demo_dataset
+from core.regions import PAPER_REGIONS, region_masks
+from core.train import train_fold
+from core.train_parser import aligned_faces_and_maps
 
 
 def blanked_faces(dataset: Dataset, names: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +36,7 @@ def blanked_faces(dataset: Dataset, names: list[str], size: int) -> tuple[np.nda
     mouth box); one mask for every face, in the aligned frame, leaks nothing.
     """
     faces, maps = aligned_faces_and_maps(dataset, names, size)
-    union = region_masks(maps, PAPER_REGIONS).masks.any(axis=(0, 1))  # H×W
+    union = np.asarray(region_masks(maps, PAPER_REGIONS).masks.any(axis=(0, 1)))  # H×W
     mean_colour = faces.reshape(len(faces), -1, 3).mean(axis=1).astype(np.uint8)
     return np.where(union[None, ..., None], mean_colour[:, None, None, :], faces), union
 
@@ -61,6 +61,7 @@ def main() -> None:
         result = train_fold(dataset, args.fold, config, Path(out), lambda ns: faces[[position[n] for n in ns]],
                             log=lambda line: print(line, file=sys.stderr))
     n_test = int((dataset.table[args.fold] == "test").sum())
+    assert result.test_accuracy is not None, "the fold has no test images"
     hits = round(result.test_accuracy * n_test)
     interval = stats.binomtest(hits, n_test).proportion_ci()
     print(f"classes: {', '.join(classes)} (chance {1 / len(classes):.3f})")
