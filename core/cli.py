@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import warnings
+import typing
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import UserFacingError
+from core.library_warnings import quiet_library_warnings
+
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_USER_ERROR = 2
+Config = typing.TypeVar("Config", bound="DataclassInstance")
 
 
 def _landmarks(text: str) -> np.ndarray:
@@ -32,7 +40,8 @@ def _methods(text: str) -> list[str]:
     chosen = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in METHOD_NAMES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; "
+                                         f"choose from {', '.join(METHOD_NAMES)}")
     return chosen
 
 
@@ -105,7 +114,7 @@ def command_train(args: argparse.Namespace) -> int:
     from core.train import TrainConfig, aligned_faces, table2, train_fold
 
     dataset = open_dataset(args.dataset or demo_dataset())
-    config = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None})
+    config = config_from_args(TrainConfig, args)
     out = Path(args.out or dataset.root / "models")
     folds = args.folds.split(",") if args.folds else list(dataset.folds)
     names = dataset.table["image_name"].to_list()
@@ -131,8 +140,7 @@ def command_train_parser(args: argparse.Namespace) -> int:
     from core.train_parser import ParserConfig, train_face_parser
 
     dataset = open_dataset(args.dataset)
-    config = ParserConfig(**{f: getattr(args, f) for f in ParserConfig.__dataclass_fields__
-                             if getattr(args, f, None) is not None})
+    config = config_from_args(ParserConfig, args)
     result = train_face_parser(dataset, config, Path(args.out or dataset.root / "models"),
                                log=lambda line: print(line, file=sys.stderr))
     result.iou.write_csv(result.card_path.with_name("parser-iou.csv"))
@@ -385,124 +393,184 @@ def command_sanity(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from core.score import RELEVANCE_MODES
+def add_config_flags(command: argparse.ArgumentParser, config_type: type[DataclassInstance]) -> None:
+    """A flag per field of the dataclass ``config_type`` (``--input-size`` for ``input_size``), with the field's
+    ``metadata`` help and choices; an unset flag stays None, so the dataclass's own default applies."""
+    hints = typing.get_type_hints(config_type)
+    for field in dataclasses.fields(config_type):
+        if hints[field.name] is bool:
+            _add_switch(command, field)
+        else:
+            command.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
+                                 type=_flag_type(hints[field.name]), choices=field.metadata.get("choices"),
+                                 help=_field_help(field))
 
+
+def _add_switch(command: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+    """``--no-flip`` for a field that is on by default, ``--flip`` for one that is off."""
+    turn_on = not field.default
+    name = field.name.replace("_", "-")
+    what = field.metadata.get("help", name).replace("%", "%%")
+    command.add_argument(f"--{name}" if turn_on else f"--no-{name}", dest=field.name, action="store_const",
+                         const=turn_on, help=f"turn {'on' if turn_on else 'off'} {what}")
+
+
+def _flag_type(hint: object) -> type:
+    """What argparse converts a flag's text to: ``int`` for ``int``, ``str`` for ``str | None``."""
+    kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None)]
+    if len(kinds) != 1 or not isinstance(kinds[0], type):
+        raise TypeError(f"no command-line flag for a field of type {hint}")
+    return kinds[0]
+
+
+def _field_help(field: dataclasses.Field) -> str:
+    text = field.metadata.get("help", "")
+    if field.default is not None and field.default is not dataclasses.MISSING:
+        text += f" (default: {field.default})"
+    return text.replace("%", "%%")
+
+
+def config_from_args(config_type: type[Config], args: argparse.Namespace) -> Config:
+    """``config_type`` with the values of the flags given; the dataclass's defaults for the others."""
+    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(config_type)
+             if getattr(args, field.name, None) is not None}
+    return config_type(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_explain, _add_train, _add_train_parser, _add_benchmark, _add_checks, _add_extract,
+                        _add_demo, _add_rq1, _add_rq2):
+        add_command(commands)
+    return parser
 
+
+def _add_methods(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
+
+
+def _add_regions(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--regions", type=Path, help="region spec JSON (default: the paper's eye, nose, mouth)")
+
+
+def _add_mode(command: argparse.ArgumentParser) -> None:
+    from core.score import RELEVANCE_MODES
+
+    command.add_argument("--mode", choices=RELEVANCE_MODES, default="abs",
+                         help="relevance map (default: abs, the paper)")
+
+
+def _add_explain(commands: Subcommands) -> None:
     explain = commands.add_parser("explain", help="one photo -> JSON: landmarks, prediction, region scores per method")
     explain.add_argument("image", type=Path)
     explain.add_argument("--landmarks", type=_landmarks,
                          help="x1,y1,…,x5,y5 in the photo file's pixels (skips face detection)")
     explain.add_argument("--model", type=Path, help="classifier model card (JSON); default: the demo's fold-1 model")
-    explain.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
-    explain.add_argument("--regions", type=Path, help="region spec JSON (default: the paper's eye, nose, mouth)")
+    _add_methods(explain)
+    _add_regions(explain)
     explain.add_argument("--parser", type=Path, help="face parser model card (JSON); default: landmark template")
     explain.add_argument("--segmap", type=Path,
                          help="stored LaPa label map (PNG) of the photo (its size) or of the aligned face (square)")
     explain.add_argument("--target", help="class name or index to explain (default: the predicted class)")
-    explain.add_argument("--mode", choices=RELEVANCE_MODES, default="abs", help="relevance map (default: abs, the paper)")
+    _add_mode(explain)
     explain.add_argument("--cache", action="store_true", help="memoise results on disk (XAI_CACHE_DIR); off by default")
     explain.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     explain.set_defaults(run=command_explain)
 
-    from core.train import PRECISIONS, TrainConfig
 
-    defaults = TrainConfig()
-    train = commands.add_parser("train", help="fine-tune a classifier per fold (paper recipe) and write Table 2")
+def _add_train(commands: Subcommands) -> None:
+    from core.train import TrainConfig
+
+    train = commands.add_parser("train", help="fine-tune a classifier per fold (paper recipe) and write Table 2",
+                                epilog=f"defaults (the paper's): {TrainConfig()}")
     train.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo dataset)")
     train.add_argument("--out", type=Path, help="where checkpoints and cards go (default: <dataset>/models)")
     train.add_argument("--folds", help="comma-separated folds (default: all in partitions.csv)")
-    train.add_argument("--architecture", choices=("resnet18", "resnet34", "resnet50", "resnet50-caffe"))
-    train.add_argument("--input-size", dest="input_size", type=int)
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", dest="batch_size", type=int)
-    train.add_argument("--learning-rate", dest="learning_rate", type=float)
-    train.add_argument("--head-lr-factor", dest="head_lr_factor", type=float)
-    train.add_argument("--momentum", type=float)
-    train.add_argument("--weight-decay", dest="weight_decay", type=float)
-    train.add_argument("--restart-epochs", dest="restart_epochs", type=int, help="cosine warm-restart period T_0")
-    train.add_argument("--no-flip", dest="flip", action="store_const", const=False)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--init", help="state dict to start from (torchvision keys; the head is replaced)")
-    train.add_argument("--precision", choices=PRECISIONS, help="bfloat16 autocast: ~2× faster on CPUs with native bf16")
+    add_config_flags(train, TrainConfig)
     train.set_defaults(run=command_train)
-    train.epilog = f"defaults (the paper's): {defaults}"
+
+
+def _add_train_parser(commands: Subcommands) -> None:
+    from core.train_parser import ParserConfig
 
     parser_training = commands.add_parser("train-parser", help="train the SMP face parser on stored label maps")
     parser_training.add_argument("dataset", type=Path, help="dataset folder with features/segmaps/")
     parser_training.add_argument("--out", type=Path, help="where the parser goes (default: <dataset>/models)")
-    parser_training.add_argument("--encoder")
-    parser_training.add_argument("--input-size", dest="input_size", type=int)
-    parser_training.add_argument("--epochs", type=int)
-    parser_training.add_argument("--batch-size", dest="batch_size", type=int)
-    parser_training.add_argument("--learning-rate", dest="learning_rate", type=float)
-    parser_training.add_argument("--seed", type=int)
-    parser_training.add_argument("--precision", choices=PRECISIONS)
+    add_config_flags(parser_training, ParserConfig)
     parser_training.set_defaults(run=command_train_parser)
 
+
+def _add_benchmark(commands: Subcommands) -> None:
     benchmark = commands.add_parser("benchmark", help="ground-truth leaderboard of the methods on synthetic faces")
     benchmark.add_argument("dataset", nargs="?", type=Path, help="synthetic dataset (default: the demo)")
     benchmark.add_argument("--model", type=Path, help="classifier card (default: the dataset's first fold model)")
-    benchmark.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
+    _add_methods(benchmark)
     benchmark.add_argument("--limit", type=int, help="use N test faces, evenly spaced over the split")
     benchmark.add_argument("--out", type=Path, help="CSV path (default: <dataset>/models/leaderboard.csv)")
     benchmark.add_argument("--cache", action="store_true", help="memoise attributions on disk")
     benchmark.add_argument("--quiet", action="store_true")
     benchmark.set_defaults(run=command_benchmark)
 
+
+def _add_checks(commands: Subcommands) -> None:
     from core.faithfulness import BLANK_MODES, CASCADE, CHANGED_BELOW
 
-    checks = {
-        "faithfulness": commands.add_parser(
-            "faithfulness", help="blank each face region: Spearman ρ between C_i and the drop in the target's probability"),
-        "sanity": commands.add_parser(
-            "sanity", help="model randomisation (Adebayo et al. 2018): do the maps change when the top layers do?"),
-    }
-    for check in checks.values():
-        check.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo)")
-        check.add_argument("--model", type=Path, help="classifier card (default: the dataset's first fold model)")
-        check.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
-        check.add_argument("--split", choices=("train", "val", "test"), default="test",
-                           help="images of the model's fold (default: test)")
-        check.add_argument("--limit", type=int, help="use N faces, evenly spaced over the split")
-        check.add_argument("--target", choices=("predicted", "true"), default="predicted",
-                           help="class explained and measured (default: the predicted one)")
-        check.add_argument("--regions", type=Path, help="region spec JSON (default: the paper's eye, nose, mouth)")
-        check.add_argument("--parser", type=Path, help="face parser card, for datasets without stored label maps")
-        check.add_argument("--mode", choices=RELEVANCE_MODES, default="abs", help="relevance map (default: abs)")
-        check.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="faces per attribution batch")
-        check.add_argument("--out", type=Path, help="CSV of the per-method table (a second CSV is written beside it)")
-        check.add_argument("--cache", action="store_true", help="memoise attributions on disk")
-        check.add_argument("--quiet", action="store_true")
-    checks["faithfulness"].add_argument("--blank", choices=BLANK_MODES, default="mean",
-                                        help="fill a region with the face's mean colour, or blur it (default: mean)")
-    checks["faithfulness"].set_defaults(run=command_faithfulness)
-    checks["sanity"].add_argument("--cascade", default=",".join(CASCADE[:2]),
-                                  help=f"layers re-initialised, cumulatively in this order (default: fc,layer4; "
-                                       f"the full cascade is {','.join(CASCADE)}); 'changed' = mean rank "
-                                       f"correlation < {CHANGED_BELOW}")
-    checks["sanity"].add_argument("--seed", type=int, default=0, help="seed of the re-initialisation")
-    checks["sanity"].set_defaults(run=command_sanity)
+    faithfulness = commands.add_parser(
+        "faithfulness", help="blank each face region: Spearman ρ between C_i and the drop in the target's probability")
+    sanity = commands.add_parser(
+        "sanity", help="model randomisation (Adebayo et al. 2018): do the maps change when the top layers do?")
+    _add_check_flags(faithfulness)
+    _add_check_flags(sanity)
+    faithfulness.add_argument("--blank", choices=BLANK_MODES, default="mean",
+                              help="fill a region with the face's mean colour, or blur it (default: mean)")
+    faithfulness.set_defaults(run=command_faithfulness)
+    sanity.add_argument("--cascade", default=",".join(CASCADE[:2]),
+                        help=f"layers re-initialised, cumulatively in this order (default: fc,layer4; the full "
+                             f"cascade is {','.join(CASCADE)}); 'changed' = mean rank correlation < {CHANGED_BELOW}")
+    sanity.add_argument("--seed", type=int, default=0, help="seed of the re-initialisation")
+    sanity.set_defaults(run=command_sanity)
 
+
+def _add_check_flags(check: argparse.ArgumentParser) -> None:
+    """The flags ``faithfulness`` and ``sanity`` share."""
+    check.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo)")
+    check.add_argument("--model", type=Path, help="classifier card (default: the dataset's first fold model)")
+    _add_methods(check)
+    check.add_argument("--split", choices=("train", "val", "test"), default="test",
+                       help="images of the model's fold (default: test)")
+    check.add_argument("--limit", type=int, help="use N faces, evenly spaced over the split")
+    check.add_argument("--target", choices=("predicted", "true"), default="predicted",
+                       help="class explained and measured (default: the predicted one)")
+    _add_regions(check)
+    check.add_argument("--parser", type=Path, help="face parser card, for datasets without stored label maps")
+    _add_mode(check)
+    check.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="faces per attribution batch")
+    check.add_argument("--out", type=Path, help="CSV of the per-method table (a second CSV is written beside it)")
+    check.add_argument("--cache", action="store_true", help="memoise attributions on disk")
+    check.add_argument("--quiet", action="store_true")
+
+
+def _add_extract(commands: Subcommands) -> None:
     extract = commands.add_parser("extract", help="dataset × fold models × methods -> Parquet score table "
                                                   "(resumable through the cache, with progress)")
     extract.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo dataset)")
-    extract.add_argument("--models", help="comma-separated classifier cards (default: <dataset>/models/classifier-fold-*.json)")
-    extract.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
+    extract.add_argument("--models",
+                         help="comma-separated classifier cards (default: <dataset>/models/classifier-fold-*.json)")
+    _add_methods(extract)
     extract.add_argument("--folds", help="comma-separated folds: keep the models whose card names one of them")
     extract.add_argument("--split", choices=("val", "test", "all"), default="val",
                          help="each model's own held-out val images (RQ1, default), the test set (RQ2), or all")
-    extract.add_argument("--regions", type=Path, help="region spec JSON (default: the paper's eye, nose, mouth)")
-    extract.add_argument("--mode", choices=RELEVANCE_MODES, default="abs", help="relevance map (default: abs, the paper)")
+    _add_regions(extract)
+    _add_mode(extract)
     extract.add_argument("--target", choices=("predicted", "label"), default="predicted",
                          help="class to explain: the predicted one (default, the paper) or the true label")
     extract.add_argument("--parser", type=Path, help="face parser card, for images without a stored label map "
                                                      "(default: the landmark template)")
     extract.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="images per batch (default 16)")
     extract.add_argument("--out", type=Path, help="Parquet path (default: <dataset>/results/scores-<split>.parquet)")
-    extract.add_argument("--store", type=Path, help="relevance store folder (default: <dataset>/results/relevance/<split>)")
+    extract.add_argument("--store", type=Path,
+                         help="relevance store folder (default: <dataset>/results/relevance/<split>)")
     extract.add_argument("--no-store", dest="no_store", action="store_true",
                          help="keep no relevance maps (re-scoring another region spec then needs a new extraction)")
     extract.add_argument("--no-cache", dest="no_cache", action="store_true",
@@ -510,10 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(run=command_extract)
 
+
+def _add_demo(commands: Subcommands) -> None:
     demo = commands.add_parser("demo", help="build the synthetic demo dataset and its models (idempotent)")
     demo.add_argument("--root", type=Path, help="where (default: data/demo, or $XAI_DATA_DIR/demo)")
     demo.set_defaults(run=command_demo)
 
+
+def _add_rq1(commands: Subcommands) -> None:
     from core.stats import CORRECTIONS, TTESTS
 
     rq1 = commands.add_parser("rq1", help="RQ1: each syndrome vs the reference, per method and region -> Table 3")
@@ -529,19 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
     rq1.add_argument("--out", type=Path, help="folder for rq1-tests.csv and rq1-table3.csv (default: the table's)")
     rq1.set_defaults(run=command_rq1)
 
+
+def _add_rq2(commands: Subcommands) -> None:
     rq2 = commands.add_parser("rq2", help="RQ2: Spearman rho between C_i and rater HPO counts -> Table 4, Figure 4")
-    rq2.add_argument("scores", type=Path, help="score table (Parquet) of the annotated images, e.g. scores-test.parquet")
+    rq2.add_argument("scores", type=Path,
+                     help="score table (Parquet) of the annotated images, e.g. scores-test.parquet")
     rq2.add_argument("--dataset", type=Path, help="dataset with metadata/hpo-annotations/ (default: the table's)")
     rq2.add_argument("--seed", type=int, default=0, help="seed of the t-SNE of Figure 4a")
     rq2.add_argument("--out", type=Path, help="folder for the rq2-*.csv tables (default: the table's)")
     rq2.set_defaults(run=command_rq2)
-    return parser
-
-
-def quiet_library_warnings() -> None:
-    """Captum announces every hook it sets; users cannot act on that, so the edges silence it."""
-    warnings.filterwarnings("ignore", message=r"Setting (forward, )?backward hooks", category=UserWarning)
-    warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require gradients", category=UserWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

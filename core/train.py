@@ -27,37 +27,54 @@ from core.align import align_face
 from core.dataset import Dataset, DatasetError, names_in, read_photo
 from core.errors import UserFacingError
 from models.checkpoint import ModelCard, preprocess, save_checkpoint
-from models.resnet import build_resnet
+from models.resnet import ARCHITECTURES, build_resnet
 
 
 class TrainingConfigError(UserFacingError, ValueError):
     """A training option (``TrainConfig``, ``ParserConfig``) no trainer knows (also a ValueError: a bad value)."""
 
 
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine-restarts", "one-cycle")
+PRECISIONS = ("float32", "bfloat16", "auto")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    architecture: str = "resnet50"
-    input_size: int = 224
-    epochs: int = 35
-    batch_size: int = 32
-    learning_rate: float = 0.001
-    head_lr_factor: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    restart_epochs: int = 25  # CosineAnnealingWarmRestarts T_0
-    flip: bool = True
-    seed: int = 42
-    init: str | None = None  # a torchvision-keyed state dict (.safetensors/.pt) to start from; head replaced
-    optimizer: str = "sgd"  # "sgd" (paper) or "adamw"
-    schedule: str = "cosine-restarts"  # "cosine-restarts" (paper, per epoch) or "one-cycle" (per batch)
-    precision: str = "float32"  # "float32", "bfloat16" (autocast) or "auto" (bfloat16 where the CPU has it)
+    """Every knob of the fine-tuning; the defaults are the paper's. ``python -m core train`` has a flag per field,
+    with the field's ``metadata`` help (and ``choices``, where the values are a closed set)."""
+
+    architecture: str = dataclasses.field(default="resnet50", metadata={
+        "help": "classifier network (resnet50-caffe: the VGGFace2 ResNet-50 the paper fine-tunes)",
+        "choices": ARCHITECTURES})
+    input_size: int = dataclasses.field(default=224, metadata={"help": "side of the aligned face, in pixels"})
+    epochs: int = dataclasses.field(default=35, metadata={"help": "training epochs"})
+    batch_size: int = dataclasses.field(default=32, metadata={"help": "faces per training step"})
+    learning_rate: float = dataclasses.field(default=0.001, metadata={"help": "learning rate of the pretrained layers"})
+    head_lr_factor: float = dataclasses.field(default=10.0, metadata={
+        "help": "the new head learns this many times faster than the pretrained layers"})
+    momentum: float = dataclasses.field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "weight decay"})
+    restart_epochs: int = dataclasses.field(default=25, metadata={"help": "cosine warm-restart period T_0"})
+    flip: bool = dataclasses.field(default=True, metadata={"help": "random horizontal flips of the training faces"})
+    seed: int = dataclasses.field(default=42, metadata={"help": "seed of the initialisation, shuffling and flips"})
+    init: str | None = dataclasses.field(default=None, metadata={
+        "help": "state dict to start from (.safetensors/.pt, torchvision keys; the head is replaced)"})
+    optimizer: str = dataclasses.field(default="sgd", metadata={
+        "help": "sgd (the paper) or adamw", "choices": OPTIMIZERS})
+    schedule: str = dataclasses.field(default="cosine-restarts", metadata={
+        "help": "cosine-restarts (the paper, stepped per epoch) or one-cycle (stepped per batch)",
+        "choices": SCHEDULES})
+    precision: str = dataclasses.field(default="float32", metadata={
+        "help": "bfloat16 autocast: ~2× faster on CPUs with native bf16; auto: bfloat16 where the CPU has it",
+        "choices": PRECISIONS})
 
     def __post_init__(self):
         check_precision(self.precision)
-        if self.optimizer not in ("sgd", "adamw"):
-            raise TrainingConfigError(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
-        if self.schedule not in ("cosine-restarts", "one-cycle"):
-            raise TrainingConfigError(f"schedule must be 'cosine-restarts' or 'one-cycle', not {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingConfigError(f"optimizer must be {' or '.join(map(repr, OPTIMIZERS))}, not {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise TrainingConfigError(f"schedule must be {' or '.join(map(repr, SCHEDULES))}, not {self.schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -69,9 +86,6 @@ class FoldResult:
     test_accuracy: float | None
     report: pl.DataFrame  # per-class precision / recall / F1 / support on the validation split
     seconds: float
-
-
-PRECISIONS = ("float32", "bfloat16", "auto")
 
 
 def check_precision(precision: str) -> None:

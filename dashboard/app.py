@@ -6,7 +6,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
 
-from core.cli import quiet_library_warnings  # noqa: E402
+from core.library_warnings import quiet_library_warnings
 from dashboard import state  # noqa: E402
 
 quiet_library_warnings()
