@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.attribute import METHOD_NAMES, attribute, method_passes
-from core.cli import quiet_library_warnings
+from core.library_warnings import quiet_library_warnings
 from models.resnet import build_resnet
 
 

@@ -27,18 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache import DiskCache  # noqa: E402
 from core.attribute import METHOD_NAMES  # noqa: E402
-from core.cli import quiet_library_warnings  # noqa: E402
-from core.dataset import image_file, landmarks_of, names_in, open_dataset  # noqa: E402
-from core.demo import DemoPreset  # noqa: E402
+from core.library_warnings import quiet_library_warnings  # noqa: E402
+from core.attribute import QUICK_METHODS  # noqa: E402
+from core.dataset import Photo, image_file, landmarks_of, names_in, open_dataset  # noqa: E402
 from core.explain import explain  # noqa: E402
-from core.extract import (default_model_cards, extract_scores, load_classifiers, relevance_store_dir,  # noqa: E402
-                          score_table_path, write_score_table)
+from core.extract import ExtractionPlan, extract_scores, load_classifiers  # noqa: E402
 from core.hpo import ontology_priors  # noqa: E402
 from core.imageio import load_image  # noqa: E402
-from core.paths import demo_dataset  # noqa: E402
+from core.layout import DatasetLayout, demo_dataset  # noqa: E402
+from core.pipeline import ExplainSettings  # noqa: E402
 from core.reading import reading  # noqa: E402
 from core.regions import PAPER_REGIONS, BoxRule  # noqa: E402
-from core.relevance_store import RelevanceStore, rescore  # noqa: E402
+from core.relevance_store import RelevanceStore  # noqa: E402
+from core.rescore import rescore  # noqa: E402
+from core.score_table import write_score_table  # noqa: E402
 from core.stats import compare_groups, significance_counts  # noqa: E402
 from dashboard import render  # noqa: E402
 from models.checkpoint import load_classifier  # noqa: E402
@@ -55,17 +57,17 @@ def timed(run) -> tuple[float, object]:
 
 def explain_page(root: Path, repeats: int) -> None:
     dataset = open_dataset(root)
-    card = default_model_cards(root)[0]
+    card = dataset.layout.classifier_cards()[0]
     classifier = load_classifier(card)
-    parser_card = root / "models" / "parser.json"
+    parser_card = dataset.layout.parser_card
     parser = load_face_parser(parser_card) if parser_card.is_file() else None
     name = names_in(dataset, classifier.card.fold or dataset.folds[0], "test")[0]
     image, landmarks = load_image(image_file(dataset, name)), landmarks_of(dataset, [name])[0]
     cache = DiskCache()
 
     def page_compute():
-        result = explain(image, classifier, METHOD_NAMES, PAPER_REGIONS, landmarks=landmarks, parser=parser,
-                         cache=cache)
+        result = explain(Photo(image, landmarks), classifier,
+                         ExplainSettings(methods=METHOD_NAMES, spec=PAPER_REGIONS, parser=parser), cache)
         text = reading(result, ontology_priors(result.classes[result.target]))
         overlays = [render.heatmap_rgb(result.face.aligned, m) for m in result.maps.values()]
         return text, overlays
@@ -94,15 +96,14 @@ def explain_page(root: Path, repeats: int) -> None:
 
 
 def regions_page(root: Path, repeats: int) -> None:
-    folder = relevance_store_dir(root, "val")
+    folder = DatasetLayout(root).relevance_store("val")
     store = RelevanceStore(folder)
     if not store.complete:
-        methods = list(DemoPreset().cheap_methods)
+        methods = list(QUICK_METHODS)
         print(f"extracting split val ({', '.join(methods)}) into {folder} first …")
-        cards = default_model_cards(root)
-        seconds, table = timed(lambda: extract_scores(open_dataset(root), load_classifiers(cards), methods, split="val",
-                                                      cache=DiskCache(), store=RelevanceStore(folder)))
-        write_score_table(table, score_table_path(root, "val"))
+        cards = DatasetLayout(root).classifier_cards()
+        seconds, table = timed(lambda: extract_scores(ExtractionPlan(open_dataset(root), load_classifiers(cards), "val"), ExplainSettings(methods=methods), cache=DiskCache(), store=RelevanceStore(folder)))
+        write_score_table(table, DatasetLayout(root).score_table("val"))
         print(f"  {seconds:.0f} s")
         store = RelevanceStore(folder)
     methods = list(store.contents.methods)
@@ -137,7 +138,7 @@ def main() -> None:
     quiet_library_warnings()
     warnings.simplefilter("ignore")  # empty-region notes on odd faces; the timings are the point here
     root = Path(args.dataset or os.environ.get("XAI_DATASET") or demo_dataset())
-    if not default_model_cards(root):
+    if not DatasetLayout(root).classifier_cards():
         sys.exit(f"error: {root / 'models'} has no classifier-fold-*.json; build the demo first (python -m core demo)")
     if not args.skip_explain:
         explain_page(root, args.repeats)

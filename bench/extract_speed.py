@@ -21,13 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache import DiskCache  # noqa: E402
 from core.attribute import attribute  # noqa: E402
-from core.cli import quiet_library_warnings  # noqa: E402
+from core.library_warnings import quiet_library_warnings  # noqa: E402
 from core.dataset import open_dataset, read_photo  # noqa: E402
 from core.explain import explain  # noqa: E402
-from core.extract import extract_scores, load_classifiers  # noqa: E402
+from core.extract import ExtractionPlan, extract_scores, load_classifiers  # noqa: E402
+from core.pipeline import ExplainSettings  # noqa: E402
 from core.relevance_store import RelevanceStore  # noqa: E402
 from core.synth.classes import DEFAULT_CLASSES  # noqa: E402
-from core.synth.dataset import generate_dataset  # noqa: E402
+from core.synth.dataset import SyntheticSpec, generate_dataset  # noqa: E402
 from core.train import aligned_faces  # noqa: E402
 from models.checkpoint import ModelCard, preprocess, save_checkpoint  # noqa: E402
 from models.resnet import build_resnet  # noqa: E402
@@ -36,7 +37,7 @@ from models.resnet import build_resnet  # noqa: E402
 def one_at_a_time(dataset, classifier, names, methods) -> None:
     for name in names:
         photo = read_photo(dataset, name)
-        explain(photo.image, classifier, methods, landmarks=photo.landmarks, stored_map=photo.label_map)
+        explain(photo, classifier, ExplainSettings(methods=methods))
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "data"
-        generate_dataset(root, n_per_class=args.per_class, seed=0, size=224, photos_per_person=1, workers=1)
+        generate_dataset(root, SyntheticSpec(n_per_class=args.per_class, seed=0, size=224, photos_per_person=1), workers=1)
         dataset = open_dataset(root)
         classes = tuple(c.label for c in DEFAULT_CLASSES)
         card = ModelCard(kind="classifier", architecture=args.arch, classes=classes, input_size=args.size,
@@ -68,7 +69,7 @@ def main() -> None:
 
         # Warm both paths (library imports, first-call allocations) on two photos.
         one_at_a_time(dataset, classifier, names[:2], methods)
-        extract_scores(dataset, classifiers, methods, split="all", batch_size=args.batch_size)
+        extract_scores(ExtractionPlan(dataset, classifiers, "all"), ExplainSettings(methods=methods, batch_size=args.batch_size))
 
         def timed(run) -> float:
             start = time.perf_counter()
@@ -76,12 +77,10 @@ def main() -> None:
             return time.perf_counter() - start
 
         loop = timed(lambda: one_at_a_time(dataset, classifier, names, methods))
-        batched = timed(lambda: extract_scores(dataset, classifiers, methods, split="all", batch_size=args.batch_size))
+        batched = timed(lambda: extract_scores(ExtractionPlan(dataset, classifiers, "all"), ExplainSettings(methods=methods, batch_size=args.batch_size)))
         cache = DiskCache(Path(folder) / "cache")
-        stored = timed(lambda: extract_scores(dataset, classifiers, methods, split="all", batch_size=args.batch_size,
-                                              cache=cache, store=RelevanceStore(Path(folder) / "store")))
-        rerun = timed(lambda: extract_scores(dataset, classifiers, methods, split="all", batch_size=args.batch_size,
-                                             cache=cache, store=RelevanceStore(Path(folder) / "store")))
+        stored = timed(lambda: extract_scores(ExtractionPlan(dataset, classifiers, "all"), ExplainSettings(methods=methods, batch_size=args.batch_size), cache=cache, store=RelevanceStore(Path(folder) / "store")))
+        rerun = timed(lambda: extract_scores(ExtractionPlan(dataset, classifiers, "all"), ExplainSettings(methods=methods, batch_size=args.batch_size), cache=cache, store=RelevanceStore(Path(folder) / "store")))
         rows = [("explain, one photo at a time", loop), ("extract (no cache, no store)", batched),
                 ("extract + cache + relevance store", stored), ("extract rerun (all from the cache)", rerun)]
         print(f"{'way':<36} {'seconds':>8} {'images/s':>9} {'× one at a time':>16}")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.dataset import Dataset, open_dataset
 from core.demo import DemoPreset
-from core.paths import demo_dataset
+from core.layout import demo_dataset
 from core.regions import PAPER_REGIONS, region_masks
 from core.train import train_fold
 from core.train_parser import aligned_faces_and_maps
@@ -52,7 +52,7 @@ def main() -> None:
     classes = args.classes.split(",")
     dataset = Dataset(root=full.root, table=full.table.filter(pl.col("label").is_in(classes)))
     preset = DemoPreset()
-    encoder = full.root / "models" / "parser-encoder.safetensors"
+    encoder = full.layout.parser_encoder
     config = dataclasses.replace(preset.classifier, init=str(encoder) if encoder.is_file() else None)
     names = dataset.table["image_name"].to_list()
     faces, blanked = blanked_faces(dataset, names, config.input_size)

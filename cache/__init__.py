@@ -196,3 +196,17 @@ def memoised(namespace: str, depends: tuple[types.ModuleType, ...] = ()):
         return wrapper
 
     return decorate
+
+
+def memoised_rows(cache: DiskCache | None, keys: list[str], compute: Callable[[list[int]], list[Any]]) -> list[Any]:
+    """One value per key: looked up in ``cache``, the missing rows computed by ``compute(rows)`` as one
+    batch and stored. So a resumed batch computes only what is missing; without a cache all rows run."""
+    if cache is None:
+        return compute(list(range(len(keys))))
+    found = [cache.lookup(key) for key in keys]
+    todo = [i for i, value in enumerate(found) if value is MISSING]
+    if todo:
+        for i, value in zip(todo, compute(todo), strict=True):
+            found[i] = value
+            cache.store(keys[i], value)
+    return found

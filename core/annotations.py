@@ -39,7 +39,7 @@ def read_annotations(dataset: Dataset | str | Path) -> pl.DataFrame:
     for the wrong syndrome (or none) without anyone noticing.
     """
     dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    folder = dataset.root / "metadata" / "hpo-annotations"
+    folder = dataset.layout.annotations
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
     if not files:
         raise AnnotationError(f"no HPO annotations: {folder} has no <label>.csv files (see README 'Data layout')")

@@ -240,6 +240,8 @@ METHODS: Mapping[str, Method] = MappingProxyType(
     }
 )
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+# Cheap enough to score a whole dataset on a CPU in minutes: what the demo scores and the dashboard starts with.
+QUICK_METHODS: tuple[str, ...] = ("Gradient", "GuidedBackprop", "LRP-EpsilonPlusFlat", "LayerGradCam")
 
 def predicted_targets(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     with model_lock(model), torch.no_grad():

@@ -51,11 +51,11 @@ def _progress(method: str, done: int, total: int) -> None:
 
 
 def _classifier_card(path: Path | None) -> Path:
-    from core.paths import demo_model_cards
+    from core.layout import DatasetLayout, demo_dataset
 
     if path is not None:
         return path
-    cards = demo_model_cards()
+    cards = DatasetLayout(demo_dataset()).classifier_cards()
     if not cards:
         raise UserFacingError(
             "No model given and no demo model has been built yet. Pass --model path/to/card.json "
@@ -64,37 +64,44 @@ def _classifier_card(path: Path | None) -> Path:
     return cards[0]
 
 
+def _settings(args: argparse.Namespace, **fixed):
+    """The pipeline's settings from the flags a command has (methods, regions, mode, parser, target, batch size)."""
+    from core.pipeline import ExplainSettings
+    from core.regions import PAPER_REGIONS, RegionSpec
+    from models.parser import load_face_parser
+
+    regions = getattr(args, "regions", None)
+    parser = getattr(args, "parser", None)
+    chosen = {
+        "methods": tuple(args.methods),
+        "spec": PAPER_REGIONS if regions is None else RegionSpec.from_json(_read_text(regions, "region spec")),
+        "mode": getattr(args, "mode", "abs"),
+        "parser": None if parser is None else load_face_parser(parser),
+        "target": {None: "predicted", "true": "label"}.get(getattr(args, "target", None), getattr(args, "target", None)),
+        "batch_size": getattr(args, "batch_size", 16),
+    }
+    return ExplainSettings(**{**chosen, **fixed})
+
+
 def command_explain(args: argparse.Namespace) -> int:
     from cache import DiskCache
+    from core.dataset import Photo
     from core.explain import explain
     from core.imageio import load_image_and_scale, load_label_map
     from core.parse import resize_label_map
-    from core.regions import PAPER_REGIONS, RegionSpec
     from models.checkpoint import load_classifier
-    from models.parser import load_face_parser
 
     # A photo over 4096 px is shrunk on loading: the user's landmarks and a label map of the photo's size
     # (both in the file's pixels) shrink with it, and the landmarks printed are in the file's pixels again.
     image, factors = load_image_and_scale(args.image)
     stored_map = None if args.segmap is None else load_label_map(args.segmap)
-    file_shape = tuple(int(round(n)) for n in np.array(image.shape[:2]) / factors[::-1])
+    file_shape = tuple(round(n) for n in np.array(image.shape[:2]) / factors[::-1])
     if stored_map is not None and stored_map.shape == file_shape != image.shape[:2]:
         stored_map = resize_label_map(stored_map, image.shape[:2])
     classifier = load_classifier(_classifier_card(args.model))
-    spec = PAPER_REGIONS if args.regions is None else RegionSpec.from_json(_read_text(args.regions, "region spec"))
-    result = explain(
-        image,
-        classifier,
-        methods=args.methods,
-        spec=spec,
-        landmarks=None if args.landmarks is None else args.landmarks * factors,
-        parser=None if args.parser is None else load_face_parser(args.parser),
-        stored_map=stored_map,
-        target=args.target,
-        mode=args.mode,
-        cache=DiskCache() if args.cache else None,
-        progress=None if args.quiet else _progress,
-    )
+    landmarks = None if args.landmarks is None else args.landmarks * factors
+    result = explain(Photo(image, landmarks, stored_map), classifier, _settings(args),
+                     DiskCache() if args.cache else None, None if args.quiet else _progress)
     summary = {"image": str(args.image), "model": str(_classifier_card(args.model)), **result.summary(),
                "landmarks": np.round(result.face.landmarks / factors, 2).tolist()}
     print(json.dumps(summary, indent=2))
@@ -110,12 +117,12 @@ def _read_text(path: Path, what: str) -> str:
 
 def command_train(args: argparse.Namespace) -> int:
     from core.dataset import open_dataset
-    from core.paths import demo_dataset
+    from core.layout import demo_dataset
     from core.train import TrainConfig, aligned_faces, table2, train_fold
 
     dataset = open_dataset(args.dataset or demo_dataset())
     config = config_from_args(TrainConfig, args)
-    out = Path(args.out or dataset.root / "models")
+    out = Path(args.out or dataset.layout.models)
     folds = args.folds.split(",") if args.folds else list(dataset.folds)
     names = dataset.table["image_name"].to_list()
     print(f"aligning {len(names)} faces at {config.input_size} px …", file=sys.stderr)
@@ -141,7 +148,7 @@ def command_train_parser(args: argparse.Namespace) -> int:
 
     dataset = open_dataset(args.dataset)
     config = config_from_args(ParserConfig, args)
-    result = train_face_parser(dataset, config, Path(args.out or dataset.root / "models"),
+    result = train_face_parser(dataset, config, Path(args.out or dataset.layout.models),
                                log=lambda line: print(line, file=sys.stderr))
     result.iou.write_csv(result.card_path.with_name("parser-iou.csv"))
     print(result.iou)
@@ -164,41 +171,46 @@ def command_extract(args: argparse.Namespace) -> int:
 
     from cache import DiskCache
     from core.dataset import open_dataset
-    from core.extract import (default_model_cards, extract_scores, load_classifiers, relevance_store_dir,
-                              score_table_path, write_score_table)
-    from core.paths import demo_dataset
-    from core.regions import PAPER_REGIONS, RegionSpec
+    from core.extract import ExtractionPlan, extract_scores
+    from core.layout import demo_dataset
     from core.relevance_store import RelevanceStore
-    from models.parser import load_face_parser
+    from core.score_table import write_score_table
 
     dataset = open_dataset(args.dataset or demo_dataset())
-    cards = ([Path(c.strip()) for c in args.models.split(",") if c.strip()] if args.models
-             else default_model_cards(dataset.root))
-    if not cards:
-        raise UserFacingError(f"no --models given and {dataset.root / 'models'} holds no classifier-fold-*.json card")
-    classifiers = load_classifiers(cards)
-    if args.folds:
-        folds = {f.strip() for f in args.folds.split(",") if f.strip()}
-        classifiers = {name: c for name, c in classifiers.items() if c.card.fold in folds}
-        if not classifiers:
-            raise UserFacingError(f"none of the models belongs to fold(s) {', '.join(sorted(folds))}")
-    spec = PAPER_REGIONS if args.regions is None else RegionSpec.from_json(_read_text(args.regions, "region spec"))
-    store = None if args.no_store else RelevanceStore(args.store or relevance_store_dir(dataset.root, args.split))
+    cards = [Path(c.strip()) for c in args.models.split(",") if c.strip()] if args.models else None
+    classifiers = _fold_classifiers(dataset, cards, args.folds)
+    settings = _settings(args)
+    store = None if args.no_store else RelevanceStore(args.store or dataset.layout.relevance_store(args.split))
     with tqdm(total=0, unit="map", desc="extract", file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
+
         def progress(done: int, total: int, what: str) -> None:
             bar.total = total
             bar.set_postfix_str(what, refresh=False)
             bar.update(done - bar.n)
 
-        table = extract_scores(dataset, classifiers, args.methods, split=args.split, spec=spec, mode=args.mode,
-                               parser=None if args.parser is None else load_face_parser(args.parser),
-                               cache=None if args.no_cache else DiskCache(), store=store,
-                               batch_size=args.batch_size, progress=progress, target=args.target)
-    out = write_score_table(table, args.out or score_table_path(dataset.root, args.split))
+        table = extract_scores(ExtractionPlan(dataset, classifiers, args.split), settings,
+                               cache=None if args.no_cache else DiskCache(), store=store, progress=progress)
+    out = write_score_table(table, args.out or dataset.layout.score_table(args.split))
     print(f"{table.height} rows ({table['image_name'].n_unique()} images × {len(classifiers)} model(s) × "
-          f"{len(args.methods)} method(s) × {len(spec.regions)} regions) -> {out}"
+          f"{len(settings.methods)} method(s) × {len(settings.spec.regions)} regions) -> {out}"
           + ("" if store is None else f"; relevance maps in {store.root}"), file=sys.stderr)
     return 0
+
+
+def _fold_classifiers(dataset, cards: list[Path] | None, folds: str | None) -> dict:
+    """The classifiers to extract with: the cards given (default: the dataset's fold models), of ``folds``."""
+    from core.extract import load_classifiers
+
+    cards = cards or dataset.layout.classifier_cards()
+    if not cards:
+        raise UserFacingError(f"no --models given and {dataset.layout.models} holds no classifier-fold-*.json card")
+    classifiers = load_classifiers(cards)
+    if folds:
+        wanted = {f.strip() for f in folds.split(",") if f.strip()}
+        classifiers = {name: c for name, c in classifiers.items() if c.card.fold in wanted}
+        if not classifiers:
+            raise UserFacingError(f"none of the models belongs to fold(s) {', '.join(sorted(wanted))}")
+    return classifiers
 
 
 def _read_score_table(path: Path):
@@ -276,30 +288,23 @@ def command_rq2(args: argparse.Namespace) -> int:
 
 def command_benchmark(args: argparse.Namespace) -> int:
     from cache import DiskCache
-    from core.dataset import evenly_spaced, names_in, open_dataset
+    from core.dataset import evenly_spaced, names_in
     from core.leaderboard import leaderboard
-    from core.paths import demo_dataset
-    from models.checkpoint import load_classifier
 
-    dataset = open_dataset(args.dataset or demo_dataset())
-    if not (dataset.root / "metadata" / "ground_truth.csv").is_file():
+    dataset, classifier = _dataset_and_classifier(args)
+    if not dataset.layout.ground_truth.is_file():
         raise UserFacingError(f"{dataset.root} has no metadata/ground_truth.csv: the leaderboard needs planted "
                               "phenotypes, i.e. a synthetic dataset (python -m core demo)")
-    classifier = load_classifier(_classifier_card(args.model) if args.model else sorted(
-        (dataset.root / "models").glob("classifier-fold-*.json"))[0])
     names = evenly_spaced(names_in(dataset, classifier.card.fold or dataset.folds[0], "test"), args.limit)
 
-    def progress(method, m, total, start, n):
-        print(f"[{m + 1}/{total}] {method}: {start}/{n} faces", file=sys.stderr, flush=True)
+    def progress(method: str, m: int, total: int) -> None:
+        print(f"[{m + 1}/{total}] {method}: {len(names)} faces", file=sys.stderr, flush=True)
 
-    table = leaderboard(dataset, classifier, names, methods=args.methods, cache=DiskCache() if args.cache else None,
-                        progress=None if args.quiet else progress)
-    out = Path(args.out or dataset.root / "models" / "leaderboard.csv")
+    table = leaderboard(dataset, classifier, names, _settings(args), DiskCache() if args.cache else None,
+                        None if args.quiet else progress)
+    out = Path(args.out or dataset.layout.leaderboard)
     table.write_csv(out)
-    import polars as pl
-
-    with pl.Config(tbl_rows=50, tbl_cols=20, float_precision=3, tbl_width_chars=200):
-        print(table)
+    _print_table(table)
     print(f"written to {out}", file=sys.stderr)
     return 0
 
@@ -307,42 +312,36 @@ def command_benchmark(args: argparse.Namespace) -> int:
 def _dataset_and_classifier(args: argparse.Namespace):
     """The dataset (default: the demo) and the classifier (default: the dataset's first fold model)."""
     from core.dataset import open_dataset
-    from core.paths import demo_dataset
+    from core.layout import demo_dataset
     from models.checkpoint import load_classifier
 
     dataset = open_dataset(args.dataset or demo_dataset())
-    cards = sorted((dataset.root / "models").glob("classifier-fold-*.json"))
+    cards = dataset.layout.classifier_cards()
     if args.model is None and not cards:
-        raise UserFacingError(f"no --model given and {dataset.root / 'models'} holds no classifier-fold-*.json card")
+        raise UserFacingError(f"no --model given and {dataset.layout.models} holds no classifier-fold-*.json card")
     return dataset, load_classifier(args.model or cards[0])
 
 
 def _faces_to_check(args: argparse.Namespace, dataset, classifier):
-    """The split's image names, aligned faces, region masks, targets (None: predicted) and cache."""
+    """The split's faces (a ``FaceSet``), the settings and the cache of a faithfulness or sanity check."""
     from cache import DiskCache
     from core.dataset import evenly_spaced, names_in
-    from core.faithfulness import dataset_faces
-    from core.regions import PAPER_REGIONS, RegionSpec
-    from models.parser import load_face_parser
+    from core.pipeline import dataset_face_set
 
     fold = classifier.card.fold or (dataset.folds[0] if dataset.folds else "fold-1")
     names = evenly_spaced(names_in(dataset, fold, args.split), args.limit)
     if not names:
         raise UserFacingError(f"{dataset.root}: no {args.split} images in {fold}")
-    spec = PAPER_REGIONS if args.regions is None else RegionSpec.from_json(_read_text(args.regions, "region spec"))
+    settings = _settings(args)
     cache = DiskCache() if args.cache else None
     if not args.quiet:
         print(f"aligning and parsing {len(names)} {args.split} faces of {fold} …", file=sys.stderr, flush=True)
-    faces, masks = dataset_faces(dataset, names, classifier.card.input_size, spec,
-                                 parser=None if args.parser is None else load_face_parser(args.parser), cache=cache)
-    targets = None
-    if args.target == "true":
-        labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
-        unknown = sorted({labels[n] for n in names} - set(classifier.card.classes))
+    faces = dataset_face_set(dataset, names, classifier.card.input_size, settings, cache)
+    if settings.target == "label":
+        unknown = sorted(set(faces.labels or ()) - set(classifier.card.classes))
         if unknown:
             raise UserFacingError(f"label(s) {', '.join(unknown)} are not classes of the model; use --target predicted")
-        targets = [classifier.card.classes.index(labels[n]) for n in names]
-    return names, faces, masks, targets, cache
+    return faces, settings, cache
 
 
 def _print_table(table) -> None:
@@ -358,12 +357,10 @@ def command_faithfulness(args: argparse.Namespace) -> int:
     from core.faithfulness import region_faithfulness
 
     dataset, classifier = _dataset_and_classifier(args)
-    names, faces, masks, targets, cache = _faces_to_check(args, dataset, classifier)
-    result = region_faithfulness(classifier, faces, masks, names, args.methods, targets=targets, blank=args.blank,
-                                 mode=args.mode, cache=cache, batch_size=args.batch_size,
-                                 progress=None if args.quiet else _progress)
+    faces, settings, cache = _faces_to_check(args, dataset, classifier)
+    result = region_faithfulness(classifier, faces, settings, args.blank, cache, None if args.quiet else _progress)
     summary = result.summary.with_columns(blank=pl.lit(args.blank))
-    out = Path(args.out or dataset.root / "results" / f"faithfulness-{args.blank}-{args.split}.csv")
+    out = Path(args.out or dataset.layout.faithfulness_table(args.blank, args.split))
     out.parent.mkdir(parents=True, exist_ok=True)
     summary.write_csv(out)
     drops_path = out.with_name(f"{out.stem}-drops.csv")
@@ -374,16 +371,15 @@ def command_faithfulness(args: argparse.Namespace) -> int:
 
 
 def command_sanity(args: argparse.Namespace) -> int:
-    from core.faithfulness import check_layers, randomisation_check
+    from core.faithfulness import Cascade, check_layers, randomisation_check
 
     dataset, classifier = _dataset_and_classifier(args)
     cascade = [layer.strip() for layer in args.cascade.split(",") if layer.strip()]
     check_layers(classifier, cascade)  # before the faces are read
-    names, faces, _, targets, cache = _faces_to_check(args, dataset, classifier)
-    result = randomisation_check(classifier, faces, names, args.methods, cascade=cascade, targets=targets,
-                                 mode=args.mode, seed=args.seed, cache=cache, batch_size=args.batch_size,
-                                 progress=None if args.quiet else _progress)
-    out = Path(args.out or dataset.root / "results" / f"sanity-{args.split}.csv")
+    faces, settings, cache = _faces_to_check(args, dataset, classifier)
+    result = randomisation_check(classifier, faces, settings, Cascade(tuple(cascade), args.seed), cache,
+                                 None if args.quiet else _progress)
+    out = Path(args.out or dataset.layout.sanity_table(args.split))
     out.parent.mkdir(parents=True, exist_ok=True)
     result.summary.write_csv(out)
     per_image_path = out.with_name(f"{out.stem}-per-image.csv")

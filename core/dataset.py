@@ -15,6 +15,7 @@ from PIL import Image
 from core.align import check_landmarks
 from core.errors import ImageError, NoFaceError, UserFacingError
 from core.imageio import load_image_and_scale, load_label_map
+from core.layout import DatasetLayout
 
 FOLDS = tuple(f"fold-{i}" for i in range(1, 6))
 SPLITS = ("train", "val", "test")
@@ -32,6 +33,10 @@ class Dataset:
 
     root: Path
     table: pl.DataFrame  # image_name, label, fold-1..fold-5 (those present), x1..y5 (if present)
+
+    @property
+    def layout(self) -> DatasetLayout:
+        return DatasetLayout(self.root)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -54,16 +59,16 @@ def label_from_name(image_name: str) -> str | None:
 
 @dataclass(frozen=True)
 class Photo:
-    """One dataset image ready for ``core.explain.prepare_face``, everything in the same pixels."""
+    """A photo ready for ``core.pipeline.prepare_face``, everything in the same pixels."""
 
     image: np.ndarray  # RGB uint8, upright, as core.imageio.load_image gives it
-    landmarks: np.ndarray | None  # 5×2 in the pixels of ``image`` (scaled if the photo was shrunk)
-    label_map: np.ndarray | None  # the stored LaPa map, in the pixels of ``image`` or at the aligned size
+    landmarks: np.ndarray | None = None  # 5×2 in the pixels of ``image`` (scaled if the photo was shrunk)
+    label_map: np.ndarray | None = None  # a stored LaPa map, in the pixels of ``image`` or at the aligned size
 
 
 def open_dataset(root: str | Path) -> Dataset:
     root = Path(root)
-    partitions = root / "metadata" / "partitions.csv"
+    partitions = DatasetLayout(root).partitions
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
     if not partitions.is_file():
@@ -83,7 +88,7 @@ def open_dataset(root: str | Path) -> Dataset:
 def _check_annotation_labels(root: Path, classes: set[str]) -> None:
     """Each metadata/hpo-annotations/<label>.csv must be named after a class of partitions.csv: a
     misspelt or extra file would otherwise be read as annotations of no image."""
-    folder = root / "metadata" / "hpo-annotations"
+    folder = DatasetLayout(root).annotations
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*.csv")):
@@ -146,7 +151,7 @@ def _validated(table: pl.DataFrame, where: Path) -> pl.DataFrame:
 
 def image_file(dataset: Dataset, image_name: str) -> Path:
     """The photo's path, refusing names (or symlinks) that lead outside ``images/``."""
-    folder = (dataset.root / "images").resolve()
+    folder = dataset.layout.images.resolve()
     path = (folder / image_name).resolve()
     if folder not in path.parents:
         raise DatasetError(f"image {image_name!r} resolves outside {folder}; refusing to read it")
@@ -160,7 +165,7 @@ def segmap_file(dataset: Dataset, image_name: str) -> Path | None:
 
     A map that resolves outside ``features/segmaps/`` (a symlink) is refused, not silently skipped.
     """
-    folder = (dataset.root / "features" / "segmaps").resolve()
+    folder = dataset.layout.segmaps.resolve()
     for candidate in (folder / image_name, folder / Path(image_name).with_suffix(".png").name):
         if not (candidate.is_symlink() or candidate.exists()):
             continue
@@ -195,7 +200,7 @@ def read_photo(dataset: Dataset, image_name: str) -> Photo:
 
 def _where(dataset: Dataset, image_name: str) -> str:
     index = dataset.table["image_name"].to_list().index(image_name)
-    return f"{dataset.root / 'metadata' / 'partitions.csv'}: {_row(dataset.table, index)}"
+    return f"{dataset.layout.partitions}: {_row(dataset.table, index)}"
 
 
 def _stored_label_map(dataset: Dataset, image_name: str, image_shape: tuple[int, ...], factors: np.ndarray,

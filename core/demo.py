@@ -15,6 +15,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +24,15 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cache import DiskCache
-from core.dataset import names_in, open_dataset
-from core.extract import extract_scores, load_classifiers, relevance_store_dir, score_table_path, write_score_table
+from core.attribute import QUICK_METHODS
+from core.dataset import Dataset, names_in, open_dataset
+from core.extract import ExtractionPlan, extract_scores, load_classifiers
 from core.leaderboard import leaderboard
-from core.paths import demo_dataset
+from core.layout import DatasetLayout, demo_dataset
+from core.pipeline import ExplainSettings
 from core.relevance_store import RelevanceStore
-from core.synth import generate_dataset
+from core.score_table import write_score_table
+from core.synth import SyntheticSpec, generate_dataset
 from core.train import FoldResult, TrainConfig, aligned_faces, table2, train_fold
 from core.train_parser import ParserConfig, train_face_parser
 from models.parser import load_face_parser
@@ -46,7 +50,7 @@ class DemoPreset:
     parser: ParserConfig = ParserConfig(input_size=112, epochs=8, precision="auto")
     folds: tuple[str, ...] = ("fold-1", "fold-2")
     # Scored on the held-out faces by every fold model, so the dashboard's pages open at once.
-    cheap_methods: tuple[str, ...] = ("Gradient", "GuidedBackprop", "LRP-EpsilonPlusFlat", "LayerGradCam")
+    cheap_methods: tuple[str, ...] = QUICK_METHODS
     classifier: TrainConfig = field(default_factory=lambda: TrainConfig(
         architecture="resnet18", input_size=112, epochs=10, batch_size=32, learning_rate=0.002,
         head_lr_factor=1.0, weight_decay=1e-4, optimizer="adamw", schedule="one-cycle", seed=0, precision="auto"))
@@ -60,7 +64,7 @@ class _Stages:
     """Markers in ``<root>/.demo/``: a stage is done when its marker holds the current settings hash."""
 
     def __init__(self, root: Path):
-        self.folder = root / ".demo"
+        self.folder = DatasetLayout(root).build_markers
 
     def done(self, stage: str, digest: str) -> bool:
         marker = self.folder / stage
@@ -80,82 +84,102 @@ def build_demo(root: Path | None = None, preset: DemoPreset = DemoPreset(), log=
     """Build (or confirm) the demo under ``root``; returns what was done and how long it took.
 
     With a ``cache``, the cheap methods' attributions of the held-out faces are stored in it."""
-    root = Path(root or demo_dataset())
-    stages = _Stages(root)
-    report: dict = {"root": str(root), "stages": {}}
+    build = _Build(DatasetLayout(Path(root or demo_dataset())), preset, log)
     started = time.perf_counter()
+    parser_digest = build.parser(build.dataset())
+    dataset = open_dataset(build.layout.root)
+    build.classifiers(dataset, parser_digest)
+    if cache is not None and preset.cheap_methods:
+        _analyse(dataset, preset, cache, build.stages, log, build.report)
+    build.report["seconds"] = time.perf_counter() - started
+    if not build.report["stages"]:
+        log(f"the demo in {build.layout.root} is up to date")
+    return build.report
 
-    data_digest = _hash("data", preset.n_per_class, preset.photos_per_person, preset.severity_range, preset.seed)
-    if not stages.done("dataset", data_digest):
-        log(f"generating the synthetic dataset in {root} …")
-        for folder in ("images", "metadata", "features", "models", ".demo"):
-            shutil.rmtree(root / folder, ignore_errors=True)
-        summary = generate_dataset(root, n_per_class=preset.n_per_class, seed=preset.seed,
-                                   photos_per_person=preset.photos_per_person, severity_range=preset.severity_range)
-        log(f"  {summary.images} images in {summary.seconds:.0f} s ({summary.images_per_second:.0f} images/s)")
-        report["stages"]["dataset"] = {"images": summary.images, "seconds": summary.seconds,
-                                       "images_per_second": summary.images_per_second}
-        stages.mark("dataset", data_digest)
 
-    parser_root = root / "external" / "parser-faces"
-    parser_digest = _hash("parser", data_digest, preset.parser_n_per_class, dataclasses.asdict(preset.parser))
-    models = root / "models"
-    if not stages.done("parser", parser_digest):
-        shutil.rmtree(parser_root, ignore_errors=True)
-        log("generating the parser's own synthetic faces (no person shared with the demo) …")
-        generate_dataset(parser_root, n_per_class=preset.parser_n_per_class, seed=preset.seed + 1_000,
-                         photos_per_person=1, severity_range=preset.severity_range)
-        log("training the face parser …")
-        result = train_face_parser(open_dataset(parser_root), preset.parser, models, log=lambda line: log("  " + line))
-        result.iou.write_csv(models / "parser-iou.csv")
+@dataclass
+class _Build:
+    """One demo build: its stages run in order, each skipped when its marker holds the current settings."""
+
+    layout: DatasetLayout
+    preset: DemoPreset
+    log: Callable[[str], object]
+
+    def __post_init__(self) -> None:
+        self.stages = _Stages(self.layout.root)
+        self.report: dict = {"root": str(self.layout.root), "stages": {}}
+
+    def dataset(self) -> str:
+        preset, layout = self.preset, self.layout
+        digest = _hash("data", preset.n_per_class, preset.photos_per_person, preset.severity_range, preset.seed)
+        if not self.stages.done("dataset", digest):
+            self.log(f"generating the synthetic dataset in {layout.root} …")
+            for folder in (layout.images, layout.metadata, layout.segmaps.parent, layout.models, layout.build_markers):
+                shutil.rmtree(folder, ignore_errors=True)
+            summary = generate_dataset(layout.root, SyntheticSpec(n_per_class=preset.n_per_class, seed=preset.seed, photos_per_person=preset.photos_per_person, severity_range=preset.severity_range))
+            self.log(f"  {summary.images} images in {summary.seconds:.0f} s "
+                     f"({summary.images_per_second:.0f} images/s)")
+            self.report["stages"]["dataset"] = {"images": summary.images, "seconds": summary.seconds,
+                                                "images_per_second": summary.images_per_second}
+            self.stages.mark("dataset", digest)
+        return digest
+
+    def parser(self, data_digest: str) -> str:
+        preset, layout = self.preset, self.layout
+        digest = _hash("parser", data_digest, preset.parser_n_per_class, dataclasses.asdict(preset.parser))
+        if self.stages.done("parser", digest):
+            return digest
+        shutil.rmtree(layout.parser_training_faces, ignore_errors=True)
+        self.log("generating the parser's own synthetic faces (no person shared with the demo) …")
+        generate_dataset(layout.parser_training_faces, SyntheticSpec(n_per_class=preset.parser_n_per_class, seed=preset.seed + 1_000, photos_per_person=1, severity_range=preset.severity_range))
+        self.log("training the face parser …")
+        result = train_face_parser(open_dataset(layout.parser_training_faces), preset.parser, layout.models,
+                                   log=lambda line: self.log("  " + line))
+        result.iou.write_csv(layout.parser_iou)
         parser = load_face_parser(result.card_path)
         encoder = {k.removeprefix("encoder."): v.contiguous() for k, v in parser.network.state_dict().items()
                    if k.startswith("encoder.")}
-        save_file(encoder, str(models / "parser-encoder.safetensors"))
-        log(f"  mean IoU {result.mean_iou:.3f} on held-out faces ({result.seconds:.0f} s)")
-        report["stages"]["parser"] = {"mean_iou": result.mean_iou, "seconds": result.seconds}
-        stages.mark("parser", parser_digest)
+        save_file(encoder, str(layout.parser_encoder))
+        self.log(f"  mean IoU {result.mean_iou:.3f} on held-out faces ({result.seconds:.0f} s)")
+        self.report["stages"]["parser"] = {"mean_iou": result.mean_iou, "seconds": result.seconds}
+        self.stages.mark("parser", digest)
+        return digest
 
-    dataset = open_dataset(root)
-    config = dataclasses.replace(preset.classifier, init=str(models / "parser-encoder.safetensors"))
-    names = dataset.table["image_name"].to_list()
-    faces = None
-    results = []
-    for fold in preset.folds:
-        digest = _hash("classifier", parser_digest, fold, dataclasses.asdict(config))
-        if stages.done(f"classifier-{fold}", digest):
-            continue
-        if faces is None:
-            log(f"aligning {len(names)} faces at {config.input_size} px …")
-            faces = aligned_faces(dataset, names, config.input_size)
-            position = {n: i for i, n in enumerate(names)}
-        log(f"training the {fold} classifier …")
-        result = train_fold(dataset, fold, config, models, lambda subset: faces[[position[n] for n in subset]],
-                            log=lambda line: log("  " + line))
-        log(f"  {fold}: val accuracy {result.val_accuracy:.3f}, test accuracy {result.test_accuracy:.3f} "
-            f"({result.seconds:.0f} s)")
-        _store_result(result, models)
-        report["stages"][f"classifier-{fold}"] = {"val_accuracy": result.val_accuracy,
-                                                  "test_accuracy": result.test_accuracy, "seconds": result.seconds}
-        results.append(result)
-        stages.mark(f"classifier-{fold}", digest)
-    if results:
-        table = table2([_stored_result(models, fold) for fold in preset.folds])
-        table.write_csv(models / "table2.csv")
-        log(str(table))
-    if cache is not None and preset.cheap_methods:
-        _analyse(dataset, preset, models, cache, stages, log, report)
-    report["seconds"] = time.perf_counter() - started
-    if not report["stages"]:
-        log(f"the demo in {root} is up to date")
-    return report
+    def classifiers(self, dataset: Dataset, parser_digest: str) -> None:
+        config = dataclasses.replace(self.preset.classifier, init=str(self.layout.parser_encoder))
+        names = dataset.table["image_name"].to_list()
+        faces = None
+        trained = False
+        for fold in self.preset.folds:
+            digest = _hash("classifier", parser_digest, fold, dataclasses.asdict(config))
+            if self.stages.done(f"classifier-{fold}", digest):
+                continue
+            if faces is None:
+                self.log(f"aligning {len(names)} faces at {config.input_size} px …")
+                faces = aligned_faces(dataset, names, config.input_size)
+                position = {n: i for i, n in enumerate(names)}
+            self.log(f"training the {fold} classifier …")
+            result = train_fold(dataset, fold, config, self.layout.models,
+                                lambda subset: faces[[position[n] for n in subset]],
+                                log=lambda line: self.log("  " + line))
+            self.log(f"  {fold}: val accuracy {result.val_accuracy:.3f}, test accuracy {result.test_accuracy:.3f} "
+                     f"({result.seconds:.0f} s)")
+            _store_result(result, self.layout)
+            self.report["stages"][f"classifier-{fold}"] = {
+                "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "seconds": result.seconds}
+            trained = True
+            self.stages.mark(f"classifier-{fold}", digest)
+        if trained:
+            table = table2([_stored_result(self.layout, fold) for fold in self.preset.folds])
+            table.write_csv(self.layout.table2)
+            self.log(str(table))
 
 
-def _analyse(dataset, preset: DemoPreset, models: Path, cache: DiskCache, stages: _Stages, log,
-             report: dict) -> None:
+def _analyse(dataset, preset: DemoPreset, cache: DiskCache, stages: _Stages, log, report: dict) -> None:
     """What the dashboard opens on: the cheap methods' score tables and relevance stores for RQ1 (each
     fold model's val faces) and RQ2 (the annotated test faces), and their ground-truth leaderboard."""
-    cards = [models / f"classifier-{fold}.json" for fold in preset.folds]
+    cards = [dataset.layout.classifier_card(fold) for fold in preset.folds]
+    settings = ExplainSettings(methods=preset.cheap_methods)
     classifiers = load_classifiers(cards)
     digest = _hash("analysis", [stages.digest_of(f"classifier-{fold}") for fold in preset.folds],
                    preset.cheap_methods)
@@ -169,9 +193,9 @@ def _analyse(dataset, preset: DemoPreset, models: Path, cache: DiskCache, stages
                 bar.total = total
                 bar.update(done - bar.n)
 
-            table = extract_scores(dataset, classifiers, preset.cheap_methods, split=split, cache=cache,
-                                   store=RelevanceStore(relevance_store_dir(dataset.root, split)), progress=progress)
-        write_score_table(table, score_table_path(dataset.root, split))
+            table = extract_scores(ExtractionPlan(dataset, classifiers, split), settings, cache=cache,
+                                   store=RelevanceStore(dataset.layout.relevance_store(split)), progress=progress)
+        write_score_table(table, dataset.layout.score_table(split))
         report["stages"][f"scores-{split}"] = {"images": table["image_name"].n_unique(),
                                                "seconds": time.perf_counter() - started}
         stages.mark(f"scores-{split}", digest)
@@ -179,21 +203,21 @@ def _analyse(dataset, preset: DemoPreset, models: Path, cache: DiskCache, stages
         log("ranking the cheap methods against the planted phenotypes …")
         started = time.perf_counter()
         first = classifiers[cards[0].stem]
-        leaderboard(dataset, first, names_in(dataset, preset.folds[0], "test"), preset.cheap_methods,
-                    cache=cache).write_csv(models / "leaderboard.csv")
+        leaderboard(dataset, first, names_in(dataset, preset.folds[0], "test"), settings,
+                    cache=cache).write_csv(dataset.layout.leaderboard)
         report["stages"]["leaderboard"] = {"seconds": time.perf_counter() - started}
         stages.mark("leaderboard", digest)
 
 
-def _store_result(result: FoldResult, models: Path) -> None:
-    result.report.write_csv(models / f"report-{result.fold}.csv")
-    (models / f"result-{result.fold}.json").write_text(json.dumps({
+def _store_result(result: FoldResult, layout: DatasetLayout) -> None:
+    result.report.write_csv(layout.fold_report(result.fold))
+    layout.fold_result(result.fold).write_text(json.dumps({
         "fold": result.fold, "card": result.card_path.name, "best_epoch": result.best_epoch,
         "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "seconds": result.seconds}))
 
 
-def _stored_result(models: Path, fold: str) -> FoldResult:
-    saved = json.loads((models / f"result-{fold}.json").read_text())
-    return FoldResult(fold=fold, card_path=models / saved["card"], best_epoch=saved["best_epoch"],
+def _stored_result(layout: DatasetLayout, fold: str) -> FoldResult:
+    saved = json.loads(layout.fold_result(fold).read_text())
+    return FoldResult(fold=fold, card_path=layout.models / saved["card"], best_epoch=saved["best_epoch"],
                       val_accuracy=saved["val_accuracy"], test_accuracy=saved["test_accuracy"],
-                      report=pl.read_csv(models / f"report-{fold}.csv"), seconds=saved["seconds"])
+                      report=pl.read_csv(layout.fold_report(fold)), seconds=saved["seconds"])

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -24,11 +23,8 @@ from scipy import ndimage, stats
 from skimage.metrics import structural_similarity
 
 from cache import DiskCache
-from core.dataset import Dataset, read_photo
 from core.errors import UserFacingError
-from core.explain import attribution_sums, prepare_face
-from core.regions import PAPER_REGIONS, RegionMasks, RegionSpec
-from core.score import RELEVANCE_MODES, region_scores, relevance_from_sums
+from core.pipeline import ExplainSettings, FaceSet, class_probabilities, relevance_maps, score_faces, target_indices
 from models.checkpoint import Classifier, classify, model_fingerprint, preprocess
 from models.locks import model_lock
 
@@ -42,6 +38,7 @@ MIN_PAIRS = 3
 CASCADE = ("fc", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1")
 # A map "changed" under randomisation when its mean pixel rank correlation with the trained map is below this.
 CHANGED_BELOW = 0.5
+Progress = Callable[[str, int, int], None]  # (method, index, count)
 
 
 @dataclass(frozen=True)
@@ -55,22 +52,6 @@ class RegionFaithfulness:
 class RandomisationCheck:
     per_image: pl.DataFrame  # image_name, method, randomised, rank_correlation, ssim
     summary: pl.DataFrame  # one row per method × randomised, see randomisation_summary
-
-
-def dataset_faces(dataset: Dataset, names: Sequence[str], size: int, spec: RegionSpec = PAPER_REGIONS,
-                  parser=None, cache: DiskCache | None = None) -> tuple[np.ndarray, RegionMasks]:
-    """Aligned faces N×size×size×3 and their region masks, each through ``prepare_face``: the dataset's
-    landmarks and stored label maps where it has them, detection and the parser (or template) otherwise.
-    Photos come through ``read_photo``, so a photo shrunk on loading keeps its landmarks and map on it."""
-    faces, masks = [], []
-    for name in names:
-        photo = read_photo(dataset, name)
-        face = prepare_face(photo.image, size, spec, landmarks=photo.landmarks,
-                            parser=None if photo.label_map is not None else parser, stored_map=photo.label_map,
-                            cache=cache)
-        faces.append(face.aligned)
-        masks.append(face.masks)
-    return np.stack(faces), RegionMasks(tuple(rule.name for rule in spec.regions), np.stack(masks))
 
 
 def blank_regions(faces: np.ndarray, masks: np.ndarray, mode: str = "mean", blur_sigma: float = BLUR_SIGMA) -> np.ndarray:
@@ -99,37 +80,29 @@ def blank_regions(faces: np.ndarray, masks: np.ndarray, mode: str = "mean", blur
     return np.where(masks[..., None], fill[:, None], faces[:, None])
 
 
-def predicted_classes(classifier: Classifier, faces: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The classifier's predicted class index for each aligned face."""
-    return np.concatenate([classify(classifier, preprocess(faces[i:i + batch_size], classifier.card))[1]
-                           for i in range(0, len(faces), batch_size)])
-
-
-def region_drops(classifier: Classifier, faces: np.ndarray, masks: np.ndarray, region_names: Sequence[str],
-                 image_names: Sequence[str], targets: Sequence[int], blank: str = "mean",
+def region_drops(classifier: Classifier, faces: FaceSet, targets: Sequence[int], blank: str = "mean",
                  batch_size: int = 64) -> pl.DataFrame:
     """Drop in the probability of class ``targets[n]`` when each region of face n is blanked: one row per
     image × region. The N×R blanked faces go through the classifier about ``batch_size`` at a time.
     An empty region has NaN blanked probability and drop (blanking nothing says nothing).
     """
-    n, r = len(faces), len(region_names)
-    masks = np.asarray(masks, dtype=bool)
+    aligned, region_names, masks = faces.aligned, faces.masks.names, np.asarray(faces.masks.masks, dtype=bool)
+    n, r = len(aligned), len(region_names)
     targets = np.asarray(targets, dtype=np.int64)
-    baseline = np.concatenate([classify(classifier, preprocess(faces[i:i + batch_size], classifier.card))[0]
-                               for i in range(0, n, batch_size)])
+    baseline = class_probabilities(classifier, aligned)
     blanked = np.empty((n, r), dtype=np.float64)
     per_chunk = max(1, batch_size // r)
     for start in range(0, n, per_chunk):
         chunk = slice(start, start + per_chunk)
-        images = blank_regions(faces[chunk], masks[chunk], blank)
-        probabilities, _ = classify(classifier, preprocess(images.reshape(-1, *faces.shape[1:]), classifier.card))
+        images = blank_regions(aligned[chunk], masks[chunk], blank)
+        probabilities, _ = classify(classifier, preprocess(images.reshape(-1, *aligned.shape[1:]), classifier.card))
         probabilities = probabilities.reshape(len(images), r, -1)
         blanked[chunk] = np.take_along_axis(probabilities, targets[chunk, None, None], axis=2)[..., 0]
     blanked[~masks.any(axis=(2, 3))] = np.nan
     base = np.take_along_axis(baseline, targets[:, None], axis=1)[:, 0].astype(np.float64)
     classes = classifier.card.classes
     return pl.DataFrame({
-        "image_name": np.repeat(list(image_names), r).tolist(),
+        "image_name": np.repeat(list(faces.names), r).tolist(),
         "region": list(region_names) * n,
         "target": np.repeat([classes[t] for t in targets], r).tolist(),
         "baseline_probability": np.repeat(base, r),
@@ -138,32 +111,19 @@ def region_drops(classifier: Classifier, faces: np.ndarray, masks: np.ndarray, r
     }, nan_to_null=False)
 
 
-def relevance_maps(classifier: Classifier, faces: np.ndarray, targets: Sequence[int], method: str, mode: str = "abs",
-                   params: Mapping[str, Mapping[str, Any]] | None = None, cache: DiskCache | None = None,
-                   batch_size: int = 16) -> np.ndarray:
-    """N×H×W relevance maps of ``method`` for aligned faces, ``batch_size`` faces per attribution batch."""
-    return np.concatenate([
-        relevance_from_sums(*attribution_sums(classifier, faces[i:i + batch_size], targets[i:i + batch_size], method,
-                                              (params or {}).get(method), cache=cache), mode)
-        for i in range(0, len(faces), batch_size)])
-
-
-def region_method_scores(classifier: Classifier, faces: np.ndarray, masks: np.ndarray, region_names: Sequence[str],
-                         image_names: Sequence[str], methods: Sequence[str], targets: Sequence[int],
-                         mode: str = "abs", params: Mapping[str, Mapping[str, Any]] | None = None,
-                         cache: DiskCache | None = None, batch_size: int = 16,
-                         progress: Callable[[str, int, int], None] | None = None) -> pl.DataFrame:
+def region_method_scores(classifier: Classifier, faces: FaceSet, targets: Sequence[int], settings: ExplainSettings,
+                         cache: DiskCache | None = None, progress: Progress | None = None) -> pl.DataFrame:
     """C_i of every image × method × region (paper eq. 4), long: image_name, method, region, score."""
-    n, r = len(faces), len(region_names)
+    n, r = len(faces.names), len(faces.masks.names)
     tables = []
-    for m, method in enumerate(methods):
+    results = score_faces(classifier, faces.aligned, faces.masks, targets, settings, cache)
+    for m, method in enumerate(settings.methods):
         if progress is not None:
-            progress(method, m, len(methods))
-        maps = relevance_maps(classifier, faces, targets, method, mode, params, cache, batch_size)
-        scores = region_scores(maps, masks, tuple(region_names))
+            progress(method, m, len(settings.methods))
+        scores = next(results).scores
         tables.append(pl.DataFrame({
-            "image_name": np.repeat(list(image_names), r).tolist(), "method": [method] * (n * r),
-            "region": list(region_names) * n, "score": scores.astype(np.float64).ravel()}, nan_to_null=False))
+            "image_name": np.repeat(list(faces.names), r).tolist(), "method": [method] * (n * r),
+            "region": list(faces.masks.names) * n, "score": scores.astype(np.float64).ravel()}, nan_to_null=False))
     return pl.concat(tables)
 
 
@@ -218,34 +178,25 @@ def _signed_rank_p(values: np.ndarray) -> float:
     return float(stats.wilcoxon(values).pvalue)
 
 
-def region_faithfulness(classifier: Classifier, faces: np.ndarray, masks: RegionMasks, image_names: Sequence[str],
-                        methods: Sequence[str], targets: Sequence[int] | None = None, blank: str = "mean",
-                        mode: str = "abs", params: Mapping[str, Mapping[str, Any]] | None = None,
-                        cache: DiskCache | None = None, batch_size: int = 16, blank_batch_size: int = 64,
-                        progress: Callable[[str, int, int], None] | None = None) -> RegionFaithfulness:
+def explained_targets(classifier: Classifier, faces: FaceSet, settings: ExplainSettings) -> np.ndarray:
+    """The class each face is explained for (``settings.target``), from the trained model's predictions."""
+    probabilities = class_probabilities(classifier, faces.aligned)
+    return target_indices(settings.target, classifier.card.classes, probabilities, faces.labels)
+
+
+def region_faithfulness(classifier: Classifier, faces: FaceSet, settings: ExplainSettings, blank: str = "mean",
+                        cache: DiskCache | None = None, progress: Progress | None = None) -> RegionFaithfulness:
     """Blank each region of each aligned face, measure the target's probability drop, correlate it with C_i.
 
-    ``masks`` holds N×R×H×W region masks; ``targets`` are class indices (default: the predicted classes).
-    ``batch_size`` images per attribution batch, ``blank_batch_size`` blanked images per forward batch.
+    ``settings.batch_size`` images per attribution batch, four times as many blanked images per forward batch.
     """
     if blank not in BLANK_MODES:
         raise ValueError(f"blank must be one of {', '.join(BLANK_MODES)}, not {blank!r}")
-    if mode not in RELEVANCE_MODES:
-        raise ValueError(f"mode must be one of {', '.join(RELEVANCE_MODES)}, not {mode!r}")
-    _check_batch(faces, masks.masks, image_names)
-    targets = predicted_classes(classifier, faces, blank_batch_size) if targets is None else targets
-    drops = region_drops(classifier, faces, masks.masks, masks.names, image_names, targets, blank, blank_batch_size)
-    scores = region_method_scores(classifier, faces, masks.masks, masks.names, image_names, methods,
-                                  [int(t) for t in targets], mode, params, cache, batch_size, progress)
+    blank_batch_size = 4 * settings.batch_size
+    targets = explained_targets(classifier, faces, settings)
+    drops = region_drops(classifier, faces, targets, blank, blank_batch_size)
+    scores = region_method_scores(classifier, faces, targets, settings, cache, progress)
     return RegionFaithfulness(drops=drops, scores=scores, summary=faithfulness_summary(drops, scores))
-
-
-def _check_batch(faces: np.ndarray, masks: np.ndarray | None, image_names: Sequence[str]) -> None:
-    if len(faces) == 0:
-        raise UserFacingError("no faces to check: the selection is empty")
-    if len(image_names) != len(faces) or (masks is not None and len(masks) != len(faces)):
-        raise ValueError(f"{len(faces)} faces, {len(image_names)} names"
-                         + ("" if masks is None else f" and {len(masks)} mask sets") + ": they must match")
 
 
 def check_layers(classifier: Classifier, layers: Sequence[str]) -> None:
@@ -297,34 +248,38 @@ def map_similarity(trained: np.ndarray, randomised: np.ndarray, data_range: floa
     return rank_correlation, ssim
 
 
-def randomisation_check(classifier: Classifier, faces: np.ndarray, image_names: Sequence[str], methods: Sequence[str],
-                        cascade: Sequence[str] = CASCADE[:2], targets: Sequence[int] | None = None,
-                        mode: str = "abs", seed: int = 0, params: Mapping[str, Mapping[str, Any]] | None = None,
-                        cache: DiskCache | None = None, batch_size: int = 16,
-                        progress: Callable[[str, int, int], None] | None = None) -> RandomisationCheck:
-    """Adebayo et al.'s cascading model randomisation: for each step k, the layers ``cascade[:k+1]``
+@dataclass(frozen=True)
+class Cascade:
+    """The top-level layers re-initialised one after another (from the output down), and the seed."""
+
+    layers: tuple[str, ...] = CASCADE[:2]
+    seed: int = 0
+
+
+def randomisation_check(classifier: Classifier, faces: FaceSet, settings: ExplainSettings,
+                        cascade: Cascade = Cascade(), cache: DiskCache | None = None,
+                        progress: Progress | None = None) -> RandomisationCheck:
+    """Adebayo et al.'s cascading model randomisation: for each step k, the layers ``cascade.layers[:k+1]``
     re-initialised; each method's maps of the randomised copy against the trained model's.
 
-    The explained class is the trained model's (``targets``, default its predicted classes) at every
-    step, so only the model changes. Maps are relevance maps of ``mode`` (min–max leaves ranks alone).
+    The explained class is the trained model's (``settings.target``) at every step, so only the model
+    changes. Maps are relevance maps of ``settings.mode`` (min–max leaves ranks alone).
     """
-    if mode not in RELEVANCE_MODES:
-        raise ValueError(f"mode must be one of {', '.join(RELEVANCE_MODES)}, not {mode!r}")
-    check_layers(classifier, cascade)
-    _check_batch(faces, None, image_names)
-    targets = [int(t) for t in (predicted_classes(classifier, faces) if targets is None else targets)]
-    steps = [randomised_classifier(classifier, cascade[:k + 1], seed) for k in range(len(cascade))]
-    data_range = 2.0 if mode == "signed" else 1.0
+    layers = cascade.layers
+    check_layers(classifier, layers)
+    targets = [int(t) for t in explained_targets(classifier, faces, settings)]
+    steps = [randomised_classifier(classifier, layers[:k + 1], cascade.seed) for k in range(len(layers))]
+    data_range = 2.0 if settings.mode == "signed" else 1.0
     tables = []
-    for m, method in enumerate(methods):
+    for m, method in enumerate(settings.methods):
         if progress is not None:
-            progress(method, m, len(methods))
-        trained = relevance_maps(classifier, faces, targets, method, mode, params, cache, batch_size)
+            progress(method, m, len(settings.methods))
+        trained = relevance_maps(classifier, faces.aligned, targets, method, settings, cache)
         for k, randomised in enumerate(steps):
             rank_correlation, ssim = map_similarity(
-                trained, relevance_maps(randomised, faces, targets, method, mode, params, cache, batch_size), data_range)
+                trained, relevance_maps(randomised, faces.aligned, targets, method, settings, cache), data_range)
             tables.append(pl.DataFrame({
-                "image_name": list(image_names), "method": method, "randomised": "+".join(cascade[:k + 1]),
+                "image_name": list(faces.names), "method": method, "randomised": "+".join(layers[:k + 1]),
                 "rank_correlation": rank_correlation, "ssim": ssim}, nan_to_null=False))
     per_image = pl.concat(tables)
     return RandomisationCheck(per_image=per_image, summary=randomisation_summary(per_image))

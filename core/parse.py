@@ -1,7 +1,8 @@
 """Label maps in the LaPa convention, from the best source available for an aligned face.
 
-Preference: a face-parsing network the user supplies, then a label map stored with the dataset,
-then a template drawn from the five aligned landmarks (so the product works with nothing but a photo).
+Preference: a label map stored with the dataset (what its results were scored with), then a
+face-parsing network the user supplies, then a template drawn from the five aligned landmarks (so the
+product works with nothing but a photo).
 """
 
 from typing import Callable, Literal, NamedTuple
@@ -113,18 +114,20 @@ def parse_face(aligned_image: np.ndarray, parser: Callable[[np.ndarray], np.ndar
                stored_map: np.ndarray | None = None, landmarks: np.ndarray | None = None) -> ParsedFace:
     """Label map of an aligned face from the best source given, and which source that was.
 
-    `parser` is any callable mapping N×H×W×3 uint8 images to N×H×W label maps.
+    The one precedence rule: a stored map (the dataset's own: what its results were scored with), then
+    the parser, then the landmark template. `parser` is any callable mapping N×H×W×3 uint8 images to
+    N×H×W label maps.
     """
     height, width = aligned_image.shape[:2]
+    if stored_map is not None:
+        check_labels(stored_map, "the stored label map")
+        return ParsedFace(resize_label_map(stored_map, (height, width)), "stored")
     if parser is not None:
         label_map = np.asarray(parser(aligned_image[None]))[0]
         check_labels(label_map, "the face parser's output")
         if label_map.shape != (height, width):
             raise ValueError(f"the face parser returned a {label_map.shape} map for a {(height, width)} image")
         return ParsedFace(label_map.astype(np.uint8), "parser")
-    if stored_map is not None:
-        check_labels(stored_map, "the stored label map")
-        return ParsedFace(resize_label_map(stored_map, (height, width)), "stored")
     if landmarks is not None:
         if height != width:
             raise ValueError(f"aligned images are square, got {height}×{width}")

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core.align import align_face
-from core.dataset import Dataset, DatasetError, names_in, read_photo
+from core.dataset import Dataset, DatasetError, names_in
 from core.errors import UserFacingError
+from core.pipeline import aligned_dataset_photos
 from models.checkpoint import ModelCard, preprocess, save_checkpoint
 from models.resnet import ARCHITECTURES, build_resnet
 
@@ -103,17 +103,10 @@ def training_autocast(precision: str) -> torch.autocast:
 
 def aligned_faces(dataset: Dataset, names: list[str], size: int,
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """N×size×size×3 uint8 faces aligned from the dataset's landmarks (needed for training).
-
-    Photos come through ``read_photo``, so a photo shrunk on loading is aligned with its landmarks
-    scaled alike, and landmarks that do not fit their photo are refused naming the row.
-    """
-    if not dataset.has_landmarks:
-        raise DatasetError("training needs landmarks in partitions.csv (x1,y1,…,x5,y5); run face detection first")
+    """N×size×size×3 uint8 faces aligned from the dataset's landmarks (needed for training)."""
     faces = np.empty((len(names), size, size, 3), dtype=np.uint8)
-    for i, name in enumerate(names):
-        photo = read_photo(dataset, name)
-        faces[i] = align_face(photo.image, photo.landmarks, size=size).image
+    for i, (_, aligned) in enumerate(aligned_dataset_photos(dataset, names, size)):
+        faces[i] = aligned.image
         if progress is not None:
             progress(i + 1, len(names))
     return faces
@@ -149,56 +142,87 @@ def train_fold(dataset: Dataset, fold: str, config: TrainConfig, out_dir: Path,
     """Train on the fold's ``train`` split, keep the best ``val`` epoch, write its checkpoint and card."""
     started = time.perf_counter()
     classes = dataset.classes
-    index = {c: i for i, c in enumerate(classes)}
-    table = dataset.table
     splits = {s: names_in(dataset, fold, s) for s in ("train", "val", "test")}
     if not splits["train"] or not splits["val"]:
         raise DatasetError(f"{fold} needs images in both its train and val splits")
-    label_of = dict(zip(table["image_name"], table["label"]))
-    targets = {s: torch.tensor([index[label_of[n]] for n in names]) for s, names in splits.items()}
+    label_of = dict(zip(dataset.table["image_name"], dataset.table["label"], strict=True))
+    targets = {s: torch.tensor([classes.index(label_of[n]) for n in names]) for s, names in splits.items()}
     pixels = {s: faces(names) for s, names in splits.items()}
-
-    train_pixels = pixels["train"].reshape(-1, 3).astype(np.float64) / 255.0
-    mean, std = tuple(train_pixels.mean(axis=0)), tuple(train_pixels.std(axis=0) + 1e-6)
-    card = ModelCard(kind="classifier", architecture=config.architecture, classes=classes,
-                     input_size=config.input_size, channel_order="RGB", input_scale=1.0, mean=mean, std=std,
-                     weights=f"classifier-{fold}.safetensors", fold=fold,
-                     training_data_hash=_data_hash(splits["train"], [label_of[n] for n in splits["train"]]),
-                     notes=json.dumps(dataclasses.asdict(config)))
+    card = _fold_card(fold, config, classes, pixels["train"],
+                      _data_hash(splits["train"], [label_of[n] for n in splits["train"]]))
     inputs = {s: preprocess(p, card) if len(p) else torch.zeros(0) for s, p in pixels.items()}
+    inputs = {s: x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for s, x in inputs.items()}
+    network, best_epoch, val_accuracy = _train(_initial_network(config, len(classes)), inputs, targets, config,
+                                               lambda epoch, loss, accuracy: log(
+                                                   f"{fold} epoch {epoch:2d}: loss {loss:.3f}, "
+                                                   f"val accuracy {accuracy:.3f}"))
+    val_predicted = _predict(network, inputs["val"], 64)
+    test_accuracy = None
+    if len(inputs["test"]):
+        test_accuracy = float((_predict(network, inputs["test"], 64) == targets["test"].numpy()).mean())
+    card_path = save_checkpoint(network, card, out_dir, f"classifier-{fold}")
+    return FoldResult(fold=fold, card_path=card_path, best_epoch=best_epoch, val_accuracy=val_accuracy,
+                      test_accuracy=test_accuracy,
+                      report=classification_report(targets["val"].numpy(), val_predicted, classes),
+                      seconds=time.perf_counter() - started)
 
+
+def _fold_card(fold: str, config: TrainConfig, classes: tuple[str, ...], train_pixels: np.ndarray,
+               data_hash: str) -> ModelCard:
+    """The card of a fold's classifier: its input normalised by the mean and std of its training pixels."""
+    values = train_pixels.reshape(-1, 3).astype(np.float64) / 255.0
+    mean, std = tuple(values.mean(axis=0)), tuple(values.std(axis=0) + 1e-6)
+    return ModelCard(kind="classifier", architecture=config.architecture, classes=classes,
+                     input_size=config.input_size, channel_order="RGB", input_scale=1.0, mean=mean, std=std,
+                     weights=f"classifier-{fold}.safetensors", fold=fold, training_data_hash=data_hash,
+                     notes=json.dumps(dataclasses.asdict(config)))
+
+
+def _initial_network(config: TrainConfig, n_classes: int) -> torch.nn.Module:
+    """A fresh network of the config's architecture (seeded), started from ``config.init`` but for its head."""
     torch.manual_seed(config.seed)
-    network = build_resnet(config.architecture, len(classes))
+    network = build_resnet(config.architecture, n_classes)
     if config.init:
         from models.checkpoint import load_state_dict_file
 
         state = {k: v for k, v in load_state_dict_file(config.init).items() if not k.startswith("fc.")}
         network.load_state_dict(state, strict=False)
-    network = network.to(memory_format=torch.channels_last)
-    inputs = {s: x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for s, x in inputs.items()}
+    return network.to(memory_format=torch.channels_last)
+
+
+def _optimiser(network: torch.nn.Module, config: TrainConfig, steps_per_epoch: int):
+    """The optimiser (the new head at ``head_lr_factor`` × the rate) and its learning-rate schedule."""
     head = list(network.fc.parameters())
     body = [p for n, p in network.named_parameters() if not n.startswith("fc.")]
     groups = [{"params": body}, {"params": head, "lr": config.learning_rate * config.head_lr_factor}]
+    optimiser: torch.optim.Optimizer
     if config.optimizer == "sgd":
         optimiser = torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
     else:
         optimiser = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(splits["train"]) / config.batch_size)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     if config.schedule == "one-cycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimiser, max_lr=[g["lr"] for g in optimiser.param_groups], total_steps=config.epochs * steps_per_epoch)
     else:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimiser, T_0=config.restart_epochs)
-    generator = torch.Generator().manual_seed(config.seed)
-    best = (-1.0, 0, None)
+    return optimiser, scheduler
+
+
+def _train(network: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+           config: TrainConfig, log: Callable[[int, float, float], None]) -> tuple[torch.nn.Module, int, float]:
+    """Every epoch of the config; the network of the best validation epoch (eval mode), that epoch, its accuracy."""
     n_train = len(inputs["train"])
+    optimiser, scheduler = _optimiser(network, config, math.ceil(n_train / config.batch_size))
+    generator = torch.Generator().manual_seed(config.seed)
+    best: tuple[float, int, dict | None] = (-1.0, 0, None)
     for epoch in range(1, config.epochs + 1):
         network.train()
         order = torch.randperm(n_train, generator=generator)
         losses = []
         batches = range(0, n_train, config.batch_size)
-        for start in tqdm(batches, desc=f"{fold} epoch {epoch}/{config.epochs}", leave=False, file=sys.stderr):
+        for start in tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, file=sys.stderr):
             chosen = order[start:start + config.batch_size]
             if len(chosen) < 2:  # batch norm cannot train on one image
                 continue
@@ -217,20 +241,11 @@ def train_fold(dataset: Dataset, fold: str, config: TrainConfig, out_dir: Path,
         if config.schedule == "cosine-restarts":
             scheduler.step()
         val_accuracy = float((_predict(network, inputs["val"], 64) == targets["val"].numpy()).mean())
-        log(f"{fold} epoch {epoch:2d}: loss {np.mean(losses):.3f}, val accuracy {val_accuracy:.3f}")
+        log(epoch, float(np.mean(losses)), val_accuracy)
         if val_accuracy > best[0]:
             best = (val_accuracy, epoch, {k: v.detach().clone() for k, v in network.state_dict().items()})
     network.load_state_dict(best[2])
-    network = network.to(memory_format=torch.contiguous_format).eval()
-    val_predicted = _predict(network, inputs["val"], 64)
-    test_accuracy = None
-    if len(inputs["test"]):
-        test_accuracy = float((_predict(network, inputs["test"], 64) == targets["test"].numpy()).mean())
-    card_path = save_checkpoint(network, card, out_dir, f"classifier-{fold}")
-    return FoldResult(fold=fold, card_path=card_path, best_epoch=best[1], val_accuracy=best[0],
-                      test_accuracy=test_accuracy,
-                      report=classification_report(targets["val"].numpy(), val_predicted, classes),
-                      seconds=time.perf_counter() - started)
+    return network.to(memory_format=torch.contiguous_format).eval(), best[1], best[0]
 
 
 def table2(results: list[FoldResult]) -> pl.DataFrame:

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core.align import align_face
-from core.dataset import Dataset, DatasetError, read_photo
-from core.explain import stored_map_in_aligned_frame
+from core.dataset import Dataset, DatasetError
+from core.pipeline import aligned_dataset_photos, stored_map_in_aligned_frame
 from core.parse import LAPA_LABELS
 from core.train import PRECISIONS, check_precision, training_autocast
 from models.checkpoint import ModelCard, normalise_pixels
@@ -66,15 +65,11 @@ class ParserResult:
 
 def aligned_faces_and_maps(dataset: Dataset, names: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Aligned faces and their stored label maps in the same frame (photos through ``read_photo``)."""
-    if not dataset.has_landmarks:
-        raise DatasetError("parser training needs landmarks in partitions.csv (x1,y1,…,x5,y5)")
     faces = np.empty((len(names), size, size, 3), np.uint8)
     maps = np.empty((len(names), size, size), np.uint8)
-    for i, name in enumerate(names):
-        photo = read_photo(dataset, name)
+    for i, (photo, aligned) in enumerate(aligned_dataset_photos(dataset, names, size, "parser training")):
         if photo.label_map is None:
-            raise DatasetError(f"no stored label map for {name} in features/segmaps/")
-        aligned = align_face(photo.image, photo.landmarks, size=size)
+            raise DatasetError(f"no stored label map for {names[i]} in features/segmaps/")
         faces[i] = aligned.image
         maps[i] = stored_map_in_aligned_frame(photo.label_map, photo.image.shape, aligned.matrix, size)
     return faces, maps

@@ -15,6 +15,7 @@ from cache.spec_store import SpecStore, default_spec_dir
 from core.dataset import Dataset, open_dataset
 from core.annotations import read_annotations
 from core.hpo import region_counts
+from core.layout import DatasetLayout
 from models.checkpoint import Classifier, load_classifier
 from models.parser import FaceParser, load_face_parser
 
@@ -72,7 +73,7 @@ def parser(card_path: str) -> FaceParser:
 
 
 def dataset(root: str) -> Dataset:
-    return dataset_from(root, modified(Path(root) / "metadata" / "partitions.csv"))
+    return dataset_from(root, modified(DatasetLayout(Path(root)).partitions))
 
 
 @st.cache_data(show_spinner="Reading the HPO annotations …", max_entries=4)
@@ -88,8 +89,8 @@ def _region_counts(root: str, version: tuple[float, ...]) -> pl.DataFrame:
 def annotations_version(dataset: Dataset) -> tuple[float, ...]:
     """What ``read_annotations`` reads: partitions.csv (it checks each annotated image's label there), the
     annotation folder and each of its files, by modification time (a tuple: any one changing counts)."""
-    folder = dataset.root / "metadata" / "hpo-annotations"
-    return (modified(dataset.root / "metadata" / "partitions.csv"), modified(folder),
+    folder = dataset.layout.annotations
+    return (modified(dataset.layout.partitions), modified(folder),
             *(modified(path) for path in sorted(folder.glob("*.csv"))))
 
 

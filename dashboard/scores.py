@@ -17,9 +17,11 @@ import streamlit as st
 
 from cache import DiskCache
 from core.errors import UserFacingError
-from core.extract import extract_scores, relevance_store_dir, score_table_path, write_score_table
+from core.extract import ExtractionPlan, extract_scores
 from core.regions import RegionSpec
-from core.relevance_store import RelevanceStore, rescore
+from core.relevance_store import RelevanceStore
+from core.rescore import rescore
+from core.score_table import write_score_table
 from dashboard import jobs, resources, state
 
 
@@ -92,7 +94,7 @@ def score_table(view: state.View, split: str) -> Scores | None:
     if view.dataset is None:
         return None
     started = time.perf_counter()
-    folder = relevance_store_dir(view.dataset.root, split)
+    folder = view.dataset.layout.relevance_store(split)
     store = _store(str(folder), _version(folder)) if folder.is_dir() else None
     if store is not None and store.exists and store.complete:
         contents = store.contents
@@ -103,7 +105,7 @@ def score_table(view: state.View, split: str) -> Scores | None:
                 f"the stored maps use relevance mode {contents.mode!r}, not {view.mode!r}",)
             return Scores(table, ScoreSource.STORE, caveats, _lacking(view, contents.methods),
                           time.perf_counter() - started)
-    path = score_table_path(view.dataset.root, split)
+    path = view.dataset.layout.score_table(split)
     if path.is_file():
         table = _read_table(str(path), resources.modified(path))
         caveat = (f"read from {path.name}, scored with the region spec it was extracted with (re-scoring under "
@@ -120,14 +122,12 @@ def _job_key(view: state.View, split: str) -> str:
 def _extraction(view: state.View, split: str):
     """The work of one extraction, with every model loaded here, on the script thread."""
     classifiers = {Path(card).stem: resources.classifier(card) for card in view.cards}
-    parser = resources.parser(view.parser) if view.parser else None
-    dataset, methods, spec, mode = view.dataset, list(view.methods), view.spec, view.mode
+    plan, settings, layout = ExtractionPlan(view.dataset, classifiers, split), view.settings(), view.dataset.layout
 
     def work(job: jobs.Job) -> None:
-        store = RelevanceStore(relevance_store_dir(dataset.root, split))
-        table = extract_scores(dataset, classifiers, methods, split=split, spec=spec, mode=mode, parser=parser,
-                               cache=DiskCache(resources.result_cache().directory), store=store, progress=job.report)
-        write_score_table(table, score_table_path(dataset.root, split))
+        table = extract_scores(plan, settings, cache=DiskCache(resources.result_cache().directory),
+                               store=RelevanceStore(layout.relevance_store(split)), progress=job.report)
+        write_score_table(table, layout.score_table(split))
 
     return work
 

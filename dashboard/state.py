@@ -17,11 +17,11 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from cache.spec_store import UnknownSpecError
-from core.attribute import METHOD_NAMES
+from core.attribute import METHOD_NAMES, QUICK_METHODS
 from core.dataset import Dataset
-from core.demo import DemoPreset
 from core.errors import UserFacingError
-from core.paths import demo_dataset
+from core.layout import demo_dataset
+from core.pipeline import ExplainSettings
 from core.regions import RegionSpec, bundled_region_specs
 from core.score import RELEVANCE_MODES
 from dashboard import resources
@@ -31,7 +31,7 @@ URL = "query-params"
 OTHER_CARD = "other card"
 DEFAULT_SPEC = "paper"
 # The demo precomputes these for its held-out faces, so they are the opening choice.
-DEFAULT_METHODS = list(DemoPreset().cheap_methods)
+DEFAULT_METHODS = list(QUICK_METHODS)
 SIDEBAR_KEYS = ("dataset", "model", "card", "parser", "methods", "mode", "spec")
 # Page-level URL parameters, by page url path ("" is the default page, Explain); a link carries its page's.
 PAGE_KEYS = {
@@ -60,6 +60,12 @@ class View:
     spec: RegionSpec
     spec_ref: str  # bundled name or stored id, as in the URL
 
+    def settings(self, **changes) -> ExplainSettings:
+        """The pipeline's settings for this view (``changes`` override fields, e.g. a page's target)."""
+        parser = resources.parser(self.parser) if self.parser else None
+        return ExplainSettings(**{"methods": self.methods, "mode": self.mode, "spec": self.spec,
+                                  "parser": parser, **changes})
+
 
 def default_dataset() -> str:
     return os.environ.get(DATASET_ENV) or str(demo_dataset())
@@ -69,7 +75,7 @@ def fold_model_cards(dataset: Dataset | None) -> list[Path]:
     """The dataset's fold classifiers, ``models/classifier-fold-*.json``, in fold order."""
     if dataset is None:
         return []
-    return sorted((dataset.root / "models").glob("classifier-fold-*.json"))
+    return dataset.layout.classifier_cards()
 
 
 def _forget_dataset_choices() -> None:
@@ -134,7 +140,7 @@ def sidebar() -> View:
                               help="A JSON card beside its weights; see README 'Bring your own model'.").strip()
     else:
         card = str(cards[stems.index(model)])
-    default_parser = dataset.root / "models" / "parser.json" if dataset is not None else None
+    default_parser = dataset.layout.parser_card if dataset is not None else None
     parser = bar.text_input(
         "Face parser model card (JSON, optional)",
         value=str(default_parser) if default_parser is not None and default_parser.is_file() else "",

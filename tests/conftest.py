@@ -1,10 +1,24 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-import core.explain as explain_module
+import core.pipeline as pipeline_module
+from core.demo import DemoPreset
 from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
+from core.train import TrainConfig
+from core.train_parser import ParserConfig
 from models.resnet import build_resnet
+
+REPO = Path(__file__).resolve().parent.parent
+# The smallest demo build: what the demo and dashboard tests build in seconds.
+TINY = DemoPreset(
+    n_per_class=6, parser_n_per_class=3, parser=ParserConfig(input_size=32, epochs=1, batch_size=8),
+    folds=("fold-1",),
+    classifier=TrainConfig(architecture="resnet18", input_size=32, epochs=1, batch_size=8, learning_rate=0.002,
+                           head_lr_factor=1.0, optimizer="adamw", schedule="one-cycle", seed=0),
+)
 
 
 def randomised_batchnorm(model: torch.nn.Module, seed: int, zero_bias: bool) -> torch.nn.Module:
@@ -53,13 +67,13 @@ def rng():
 def counting_attributions(monkeypatch) -> list[int]:
     """Patch the attribution under ``attribution_sums``; the list collects each call's batch size."""
     calls = []
-    real = explain_module.attribute
+    real = pipeline_module.attribute
 
     def counting(model, batch, targets, method, params):
         calls.append(len(batch))
         return real(model, batch, targets, method, params)
 
-    monkeypatch.setattr(explain_module, "attribute", counting)
+    monkeypatch.setattr(pipeline_module, "attribute", counting)
     return calls
 
 

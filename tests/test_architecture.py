@@ -96,27 +96,40 @@ def test_contract_is_the_architecture_table():
     assert not differ, f"module: (layer in ARCHITECTURE.md, layer in pyproject.toml), 0 = top: {differ}"
 
 
-def _imported_modules(tree: ast.Module) -> set[str]:
-    """Absolute names a module imports, ``from tests import x`` giving ``tests.x``."""
+def _imported_modules(tree: ast.Module, package: str) -> set[str]:
+    """Absolute names a module of ``package`` imports (relative imports resolved)."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = ("tests" + ("." + node.module if node.module else "")) if node.level else (node.module or "")
+            parent = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            base = ".".join(part for part in (parent, node.module or "") if part) if node.level else (node.module or "")
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
 
 
+def _test_modules() -> dict[str, Path]:
+    return {".".join(path.relative_to(REPO).with_suffix("").parts): path for path in (REPO / "tests").rglob("*.py")}
+
+
 def test_no_test_module_imports_another():
     """Shared fixtures and helpers live in conftest.py or a helper module, never in a test module."""
-    test_modules = {f"tests.{path.stem}" for path in (REPO / "tests").glob("test_*.py")}
+    modules = _test_modules()
+    test_modules = {name for name in modules if name.rsplit(".", 1)[-1].startswith("test_")}
     offenders = {}
-    for path in sorted((REPO / "tests").glob("*.py")):
-        imported = _imported_modules(ast.parse(path.read_text(encoding="utf-8")))
-        as_tests = {name if name.startswith("tests.") else f"tests.{name}" for name in imported}  # also `import test_x`
-        wrong = sorted(as_tests & test_modules - {f"tests.{path.stem}"})
+    for name, path in sorted(modules.items()):
+        imported = _imported_modules(ast.parse(path.read_text(encoding="utf-8")), name.rsplit(".", 1)[0])
+        wrong = sorted(imported & test_modules - {name})
         if wrong:
-            offenders[path.name] = wrong
+            offenders[name] = wrong
     assert not offenders, f"test modules importing test modules: {offenders}"
+
+
+def test_tests_mirror_the_packages():
+    """tests/<package>/ holds the tests of one top-level package; only cross-package checks sit at the top."""
+    folders = {path.name for path in (REPO / "tests").iterdir() if path.is_dir() and path.name != "__pycache__"}
+    assert folders <= set(ROOT_PACKAGES), folders
+    top = {path.name for path in (REPO / "tests").glob("test_*.py")}
+    assert top == {"test_architecture.py"}, top

@@ -4,7 +4,7 @@
 ``generate_dataset`` writes a whole dataset in the NIH-Faces layout, deterministically.
 """
 from core.synth.classes import DEFAULT_CLASSES, SyndromeClass, TermFrequency, sample_phenotypes
-from core.synth.dataset import RaterModel, Summary, generate_dataset, plan_images
+from core.synth.dataset import RaterModel, Summary, SyntheticSpec, generate_dataset, plan_images
 from core.synth.faces import RenderedFace, render_face
 from core.synth.params import FaceParams, FaceShape, Photo, PlantedTerm, sample_face_shape, sample_photo
 from core.synth.phenotypes import drawable_phenotypes
@@ -18,6 +18,7 @@ __all__ = [
     "RaterModel",
     "RenderedFace",
     "Summary",
+    "SyntheticSpec",
     "SyndromeClass",
     "TermFrequency",
     "drawable_phenotypes",

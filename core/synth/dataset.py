@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from core.layout import DatasetLayout
 from core.paper_terms import paper_terms
 from core.synth.classes import DEFAULT_CLASSES, SyndromeClass, sample_phenotypes
 from core.synth.faces import render_face
@@ -141,44 +142,51 @@ def simulate_annotations(image: SyntheticImage, seed: int, raters: RaterModel) -
 def _render_and_write(job: tuple[str, str, FaceParams]) -> np.ndarray:
     root, name, params = job
     image, label_map, landmarks = render_face(params)
-    Image.fromarray(image).save(Path(root, "images", name), format="JPEG", quality=params.photo.jpeg_quality)
-    Image.fromarray(label_map).save(Path(root, "features", "segmaps", Path(name).with_suffix(".png").name))
+    layout = DatasetLayout(Path(root))
+    Image.fromarray(image).save(layout.images / name, format="JPEG", quality=params.photo.jpeg_quality)
+    Image.fromarray(label_map).save(layout.segmaps / Path(name).with_suffix(".png").name)
     return landmarks
 
 
-def generate_dataset(
-    root: Path,
-    n_per_class: int,
-    seed: int,
-    size: int = 224,
-    classes: tuple[SyndromeClass, ...] = DEFAULT_CLASSES,
-    photos_per_person: int = 3,
-    test_fraction: float = 0.2,
-    severity_range: tuple[float, float] = (0.4, 1.0),
-    raters: RaterModel = RaterModel(),
-    annotated_per_class: int | None = None,
-    workers: int = 2,
-) -> Summary:
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What a synthetic dataset holds: its classes, persons, photos, folds, severities and raters."""
+
+    n_per_class: int
+    seed: int
+    size: int = 224
+    classes: tuple[SyndromeClass, ...] = DEFAULT_CLASSES
+    photos_per_person: int = 3
+    test_fraction: float = 0.2
+    severity_range: tuple[float, float] = (0.4, 1.0)
+    raters: RaterModel = RaterModel()
+    annotated_per_class: int | None = None
+
+
+def generate_dataset(root: Path, spec: SyntheticSpec, workers: int = 2) -> Summary:
     """Render and write the dataset; ``annotated_per_class=None`` annotates every syndromic test image."""
     root = Path(root)
-    if (root / "images").exists() and any((root / "images").iterdir()):
-        raise FileExistsError(f"{root / 'images'} is not empty: choose a new folder or delete the old dataset first")
-    for folder in ("images", "features/segmaps", "metadata/hpo-annotations"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
+    layout = DatasetLayout(root)
+    if layout.images.exists() and any(layout.images.iterdir()):
+        raise FileExistsError(f"{layout.images} is not empty: choose a new folder or delete the old dataset first")
+    for folder in (layout.images, layout.segmaps, layout.annotations):
+        folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    images = plan_images(n_per_class, seed, size, classes, photos_per_person, severity_range)
+    images = plan_images(spec.n_per_class, spec.seed, spec.size, spec.classes, spec.photos_per_person,
+                         spec.severity_range)
     jobs = [(str(root), image.name, image.params) for image in images]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             landmarks = list(pool.map(_render_and_write, jobs, chunksize=max(1, math.ceil(len(jobs) / (8 * workers)))))
     else:
         landmarks = [_render_and_write(job) for job in jobs]
-    folds = assign_folds(images, seed, test_fraction)
+    folds = assign_folds(images, spec.seed, spec.test_fraction)
     _write_partitions(root, images, folds, landmarks)
     _write_ground_truth(root, images)
-    annotated = _write_annotations(root, images, folds, classes, seed, raters, annotated_per_class)
+    annotated = _write_annotations(root, images, folds, spec)
     seconds = time.perf_counter() - started
-    counts = tuple((syndrome.label, sum(image.label == syndrome.label for image in images)) for syndrome in classes)
+    counts = tuple((syndrome.label, sum(image.label == syndrome.label for image in images))
+                   for syndrome in spec.classes)
     persons = len({image.person_id for image in images})
     return Summary(root, len(images), persons, counts, annotated, seconds, workers)
 
@@ -193,7 +201,7 @@ def _write_partitions(
     for point in range(5):
         columns[f"x{point + 1}"] = points[:, point, 0].tolist()
         columns[f"y{point + 1}"] = points[:, point, 1].tolist()
-    pl.DataFrame(columns).write_csv(root / "metadata" / "partitions.csv", float_precision=2)
+    pl.DataFrame(columns).write_csv(DatasetLayout(root).partitions, float_precision=2)
 
 
 def _write_ground_truth(root: Path, images: list[SyntheticImage]) -> None:
@@ -208,30 +216,24 @@ def _write_ground_truth(root: Path, images: list[SyntheticImage]) -> None:
             rows.append(base | {"hpo_id": term.hpo_id, "term": term.name, "region": term.region, "severity": planted.severity})
     schema = {name: pl.String for name in ("image_name", "person_id", "label", "hpo_id", "term", "region")}
     table = pl.DataFrame(rows, schema=schema | {"severity": pl.Float64})
-    table.write_csv(root / "metadata" / "ground_truth.csv", float_precision=3)
+    table.write_csv(DatasetLayout(root).ground_truth, float_precision=3)
 
 
 def _write_annotations(
-    root: Path,
-    images: list[SyntheticImage],
-    folds: dict[str, tuple[str, ...]],
-    classes: tuple[SyndromeClass, ...],
-    seed: int,
-    raters: RaterModel,
-    annotated_per_class: int | None,
+    root: Path, images: list[SyntheticImage], folds: dict[str, tuple[str, ...]], spec: SyntheticSpec
 ) -> int:
     names = [term.name for term in paper_terms()]
     annotated = 0
-    for syndrome in classes:
+    for syndrome in spec.classes:
         if not syndrome.terms:
             continue
         chosen = [i for i in images if i.label == syndrome.label and folds[i.name][0] == "test"]
-        chosen = chosen[:annotated_per_class] if annotated_per_class is not None else chosen
+        chosen = chosen[: spec.annotated_per_class] if spec.annotated_per_class is not None else chosen
         rows = []
         for image in chosen:
-            for rater, marks in enumerate(simulate_annotations(image, seed, raters), start=1):
+            for rater, marks in enumerate(simulate_annotations(image, spec.seed, spec.raters), start=1):
                 rows.append([image.name, rater, *marks.tolist()])
         schema = {"image_name": pl.String, "rater": pl.Int64} | {name: pl.Int64 for name in names}
-        pl.DataFrame(rows, schema=schema, orient="row").write_csv(root / "metadata" / "hpo-annotations" / f"{syndrome.label}.csv")
+        pl.DataFrame(rows, schema=schema, orient="row").write_csv(DatasetLayout(root).annotations / f"{syndrome.label}.csv")
         annotated += len(chosen)
     return annotated

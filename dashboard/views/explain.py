@@ -9,8 +9,10 @@ import polars as pl
 import streamlit as st
 
 from core.dataset import Dataset, names_in, read_photo
+from core.dataset import Photo as SourcePhoto
 from core.errors import UserFacingError
-from core.explain import Explanation, PreparedFace, explain, prepare_face
+from core.explain import Explanation, explain
+from core.pipeline import PreparedFace, prepare_face
 from core.hpo import ontology_priors
 from core.imageio import load_image
 from core.reading import reading, syndrome_name
@@ -25,10 +27,14 @@ PREDICTED = "predicted"
 class Photo:
     image: np.ndarray
     landmarks: np.ndarray | None  # known landmarks (dataset), else detected
-    stored_map: np.ndarray | None  # the dataset's label map, used when no parser is given
+    stored_map: np.ndarray | None  # the dataset's label map: it wins over the parser
     name: str | None  # dataset image name
     label: str | None  # dataset label
     may_cache: bool  # results may go to the disk cache (never for an upload unless opted in)
+
+    @property
+    def source(self) -> SourcePhoto:
+        return SourcePhoto(self.image, self.landmarks, self.stored_map)
 
 
 @st.cache_data(show_spinner=False, max_entries=1)
@@ -158,26 +164,24 @@ def main() -> None:
             st.info("Upload a frontal face photo to explain it.")
             return
         cache = resources.result_cache() if photo.may_cache else None
-        parser = resources.parser(view.parser) if view.parser else None
-        target = None
+        target = PREDICTED
         if classifier is not None:
             options = [PREDICTED, *classifier.card.classes]
             if st.session_state.get("target") not in (None, *options):
                 st.session_state.pop("target")
             chosen = st.selectbox("Explain the class", options, key="target", bind=state.URL,
                                   help="Saliency for the predicted class (default) or any other class of the model.")
-            target = None if chosen == PREDICTED else chosen
+            target = chosen
+        settings = view.settings(target=target)
         if classifier is None:
-            face = prepare_face(photo.image, 224, view.spec, landmarks=photo.landmarks, parser=parser,
-                                stored_map=photo.stored_map if parser is None else None, cache=cache)
+            face = prepare_face(photo.source, 224, settings, cache)
             show_face(face, photo.image)
             st.warning("No classifier model card given: alignment, parts and regions are shown; predictions and "
                        "saliency maps need a model (choose a fold model or enter a card in the sidebar).")
             return
         bar = st.progress(0.0, text="Explaining …")
-        result = explain(photo.image, classifier, view.methods, view.spec, landmarks=photo.landmarks, parser=parser,
-                         stored_map=photo.stored_map if parser is None else None, target=target, mode=view.mode,
-                         cache=cache, progress=lambda m, i, n: bar.progress(i / max(n, 1), text=f"{m} ({i + 1}/{n})"))
+        result = explain(photo.source, classifier, settings, cache,
+                         progress=lambda m, i, n: bar.progress(i / max(n, 1), text=f"{m} ({i + 1}/{n})"))
         bar.empty()
         show_face(result.face, photo.image)
         show_prediction(result, photo, view)

@@ -59,12 +59,12 @@ def figure4(view: state.View) -> None:
 
 
 def leaderboard(view: state.View) -> None:
-    if not (view.dataset.root / "metadata" / "ground_truth.csv").is_file():
+    if not view.dataset.layout.ground_truth.is_file():
         return
     st.subheader("Ground truth leaderboard (synthetic data)")
     st.caption("How often each method puts most relevance on the region where the phenotype was planted "
                "(single-region faces; chance 1/regions), and ρ between planted-term counts and C_i.")
-    path = view.dataset.root / "models" / "leaderboard.csv"
+    path = view.dataset.layout.leaderboard
     if path.is_file():
         st.dataframe(pl.read_csv(path), hide_index=True, width="stretch")
     else:

@@ -15,7 +15,7 @@ import streamlit as st
 from core import region_edits
 from core.dataset import names_in, read_photo
 from core.errors import UserFacingError
-from core.explain import prepare_face
+from core.pipeline import prepare_face
 from core.parse import LAPA_LABELS
 from core.regions import RegionRule, RegionSpec
 from core.stats import compare_groups, hpo_correlation, significance_counts, table4_wide
@@ -205,13 +205,11 @@ def preview(view: state.View) -> None:
         first_of_each.setdefault(labels[name], name)
     names = [*first_of_each.values(), *(n for n in held_out if n not in first_of_each.values())][:count]
     size = resources.classifier(view.cards[0]).card.input_size if view.cards else 224
-    parser = resources.parser(view.parser) if view.parser else None
+    settings = view.settings()
     columns = st.columns(len(names))
     empty: dict[str, int] = {}
     for column, name in zip(columns, names):
-        photo = read_photo(dataset, name)
-        face = prepare_face(photo.image, size, view.spec, landmarks=photo.landmarks, parser=parser,
-                            stored_map=photo.label_map if parser is None else None, cache=resources.result_cache())
+        face = prepare_face(read_photo(dataset, name), size, settings, resources.result_cache())
         column.image(render.regions_rgb(face.aligned, face.masks), caption=name, width="stretch")
         for region, mask in zip(face.region_names, face.masks):
             if not mask.any():

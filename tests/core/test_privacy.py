@@ -31,9 +31,7 @@ from PIL import Image, PngImagePlugin
 
 from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
 from models.checkpoint import ModelCard, save_checkpoint
-from tests.conftest import tiny_resnet
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, tiny_resnet
 
 _UPLOAD = textwrap.dedent("""
     import json, logging, os, sys, warnings
@@ -63,8 +61,10 @@ _UPLOAD = textwrap.dedent("""
     logging.captureWarnings(True)
     warnings.simplefilter("always")
 
+    from core.dataset import Photo
     from core.explain import explain
     from core.imageio import load_image
+    from core.pipeline import ExplainSettings
     from models.checkpoint import load_classifier
 
     def files(folders):
@@ -76,7 +76,8 @@ _UPLOAD = textwrap.dedent("""
     ready = files(fresh)  # what importing the libraries left (matplotlib's font cache, via captum)
     logging.getLogger("privacy-test").debug("canary: DEBUG records are captured")
     sys.addaudithook(audit)
-    result = explain(load_image(upload), classifier, ["Gradient", "LRP-EpsilonPlus"], cache=None)
+    result = explain(Photo(load_image(upload)), classifier, ExplainSettings(methods=("Gradient", "LRP-EpsilonPlus")),
+                     cache=None)
     print(json.dumps({"events": events, "records": records, "ready": ready, "after": files(fresh),
                       "landmarks": len(result.face.landmarks)}))
 """)
@@ -187,7 +188,8 @@ def test_streamlit_gathers_no_usage_statistics_and_shows_no_tracebacks():
 def test_explain_defaults_to_no_cache():
     import inspect
 
-    from core.explain import explain, prepare_face
+    from core.explain import explain
+    from core.pipeline import prepare_face
 
     assert inspect.signature(explain).parameters["cache"].default is None
     assert inspect.signature(prepare_face).parameters["cache"].default is None

@@ -3,7 +3,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from core.explain import Explanation, PreparedFace
+from core.explain import Explanation
+from core.pipeline import PreparedFace
 from core.reading import reading, region_votes
 
 REGIONS = ("eye", "nose", "mouth")

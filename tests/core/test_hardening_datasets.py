@@ -20,9 +20,9 @@ from PIL import Image
 from core.align import align_face
 from core.dataset import DatasetError, open_dataset, read_photo
 from core.errors import UserFacingError
-from core.explain import prepare_face
+from core.pipeline import ExplainSettings, prepare_face
 from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
-from tests.odd_inputs import png_declaring
+from tests.core.odd_inputs import png_declaring
 
 PHOTO = 160
 LANDMARK_HEADER = "x1,y1,x2,y2,x3,y3,x4,y4,x5,y5"
@@ -173,7 +173,7 @@ def test_a_good_photo_reads_back_exactly_and_prepares(tmp_path, face):
     np.testing.assert_array_equal(photo.image, face.image)
     np.testing.assert_allclose(photo.landmarks, face.landmarks, atol=1e-3)
     np.testing.assert_array_equal(photo.label_map, face.label_map)
-    prepared = prepare_face(photo.image, 64, landmarks=photo.landmarks, stored_map=photo.label_map)
+    prepared = prepare_face(photo, 64, ExplainSettings())
     assert prepared.parse_source == "stored" and all(mask.any() for mask in prepared.masks)
 
 

@@ -10,14 +10,19 @@ import polars as pl
 import pytest
 
 from cache.spec_store import SpecStore
-from core.dataset import open_dataset
-from core.extract import extract_scores, load_classifiers, relevance_store_dir, score_table_path, write_score_table
 from core.annotations import read_annotations
+from core.dataset import open_dataset
+from core.extract import ExtractionPlan, extract_scores, load_classifiers
 from core.hpo import region_counts
+from core.layout import DatasetLayout
+from core.pipeline import ExplainSettings
 from core.regions import PAPER_REGIONS, BoxRule, RegionSpec, bundled_region_specs
-from core.relevance_store import RelevanceStore, rescore
+from core.relevance_store import RelevanceStore
+from core.rescore import rescore
+from core.score_table import write_score_table
 from core.stats import compare_groups, hpo_correlation
-from tests.test_dashboard import link_of, no_trouble, open_app, private_folders, tiny_dataset  # noqa: F401
+from tests.conftest import REPO
+from tests.dashboard.conftest import link_of, no_trouble, open_app
 
 METHODS = ["Gradient", "LayerGradCam"]
 REGIONS, STATISTICS, HPO = "views/regions.py", "views/statistics.py", "views/hpo.py"
@@ -31,9 +36,8 @@ def extracted(tiny_dataset, tmp_path_factory) -> Path:
     dataset = open_dataset(root)
     classifiers = load_classifiers(sorted((root / "models").glob("classifier-fold-*.json")))
     for split in ("val", "test"):
-        table = extract_scores(dataset, classifiers, METHODS, split=split,
-                               store=RelevanceStore(relevance_store_dir(root, split)))
-        write_score_table(table, score_table_path(root, split))
+        table = extract_scores(ExtractionPlan(dataset, classifiers, split), ExplainSettings(methods=METHODS), store=RelevanceStore(DatasetLayout(root).relevance_store(split)))
+        write_score_table(table, DatasetLayout(root).score_table(split))
     return root
 
 
@@ -82,7 +86,7 @@ def test_dragging_a_growth_slider_stores_the_spec_puts_its_id_in_the_url_and_res
     app.switch_page(STATISTICS).run()
     no_trouble(app)
     assert app.sidebar.selectbox(key="spec").value == identifier
-    expected = compare_groups(rescore(RelevanceStore(relevance_store_dir(extracted, "val")), wider, METHODS))
+    expected = compare_groups(rescore(RelevanceStore(DatasetLayout(extracted).relevance_store("val")), wider, METHODS))
     shown = frame(app.dataframe[-1])
     assert shown.select("method", "syndrome", "region", "n_syndrome", "note").equals(
         expected.select("method", "syndrome", "region", "n_syndrome", "note"))
@@ -130,7 +134,7 @@ def test_an_empty_label_list_is_refused_and_an_empty_region_is_a_warning(extract
 
 def test_import_and_export_of_a_spec(extracted):
     app = open_app(query(extracted), page=REGIONS)
-    extended = (Path(__file__).resolve().parent.parent / "core" / "region_specs" / "extended.json").read_bytes()
+    extended = (REPO / "core" / "region_specs" / "extended.json").read_bytes()
     app.file_uploader(key="spec_upload").upload("extended.json", extended, "application/json").run()
     no_trouble(app)
     assert app.sidebar.selectbox(key="spec").value == "extended"
@@ -150,7 +154,7 @@ def test_import_and_export_of_a_spec(extracted):
 def test_statistics_page_shows_the_tests_core_computes_with_the_chosen_options(extracted):
     app = open_app(query(extracted, reference="KS", alpha="0.05", correction="holm", ttest="welch"), page=STATISTICS)
     no_trouble(app)
-    expected = compare_groups(rescore(RelevanceStore(relevance_store_dir(extracted, "val")), PAPER_REGIONS, METHODS),
+    expected = compare_groups(rescore(RelevanceStore(DatasetLayout(extracted).relevance_store("val")), PAPER_REGIONS, METHODS),
                               reference="KS", alpha=0.05, correction="holm", ttest="welch")
     shown = frame(app.dataframe[-1])
     assert shown["syndrome"].to_list() == expected["syndrome"].to_list()
@@ -168,7 +172,7 @@ def test_statistics_falls_back_to_the_parquet_table_without_a_store(extracted, t
     app = open_app(query(root), page=STATISTICS)
     no_trouble(app)
     assert any("scored with the region spec it was extracted with" in c.value for c in app.caption)
-    assert len(frame(app.dataframe[-1])) == len(compare_groups(pl.read_parquet(score_table_path(root, "val"))))
+    assert len(frame(app.dataframe[-1])) == len(compare_groups(pl.read_parquet(DatasetLayout(root).score_table("val"))))
 
 
 def test_statistics_extracts_in_the_background_when_nothing_was_extracted(tiny_dataset, tmp_path):
@@ -183,7 +187,7 @@ def test_statistics_extracts_in_the_background_when_nothing_was_extracted(tiny_d
         time.sleep(1)
         app.run()
     no_trouble(app)
-    assert score_table_path(root, "val").is_file() and RelevanceStore(relevance_store_dir(root, "val")).complete
+    assert DatasetLayout(root).score_table("val").is_file() and RelevanceStore(DatasetLayout(root).relevance_store("val")).complete
     assert frame(app.dataframe[-1])["method"].unique().to_list() == ["Gradient"]
 
 
@@ -194,7 +198,7 @@ def test_hpo_page_shows_table4_as_core_computes_it_and_figure4(extracted):
     app = open_app(query(extracted, scatter_method="LayerGradCam", scatter_region="mouth"), page=HPO)
     no_trouble(app)
     counts = region_counts(read_annotations(extracted))
-    expected = hpo_correlation(rescore(RelevanceStore(relevance_store_dir(extracted, "test")), PAPER_REGIONS, METHODS),
+    expected = hpo_correlation(rescore(RelevanceStore(DatasetLayout(extracted).relevance_store("test")), PAPER_REGIONS, METHODS),
                                counts)
     per_model = frame(app.dataframe[0])
     assert per_model.select("method", "region", "model", "n").equals(

@@ -1,82 +1,14 @@
 """The dashboard through Streamlit's AppTest: pages load, compose core calls, and show bad input as messages.
 
-The fixtures here (a tiny synthetic dataset with two untrained fold models, a private cache)
-are shared by the other ``test_dashboard_*`` files.
+The shared fixtures and helpers are in ``tests/dashboard/conftest.py``.
 """
-import io
-from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 import polars as pl
 import pytest
-from PIL import Image
-from streamlit.testing.v1 import AppTest
 
 from core.dataset import names_in, open_dataset
-from core.synth import generate_dataset
-from models.checkpoint import ModelCard, save_checkpoint
-from tests.conftest import tiny_resnet
-
-APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-INPUT_SIZE = 32  # tiny classifiers: fast, and still real ResNets
-
-
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory) -> Path:
-    """42 synthetic faces (7 classes × 6) with label maps, annotations and two untrained fold models."""
-    root = tmp_path_factory.mktemp("tiny") / "dataset"
-    generate_dataset(root, n_per_class=6, seed=0, size=96, photos_per_person=1, workers=1)
-    classes = open_dataset(root).classes
-    for k, fold in enumerate(("fold-1", "fold-2")):
-        card = ModelCard(kind="classifier", architecture="resnet18", classes=classes, input_size=INPUT_SIZE,
-                         channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                         weights="w.safetensors", fold=fold)
-        save_checkpoint(tiny_resnet(num_classes=len(classes), seed=k), card, root / "models", f"classifier-{fold}")
-    return root
-
-
-@pytest.fixture(autouse=True)
-def private_folders(tmp_path, monkeypatch):
-    monkeypatch.setenv("XAI_CACHE_DIR", str(tmp_path / "cache" / "results"))
-    monkeypatch.setenv("XAI_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("XAI_DATASET", raising=False)
-
-
-@pytest.fixture
-def on_tiny(tiny_dataset, monkeypatch) -> Path:
-    monkeypatch.setenv("XAI_DATASET", str(tiny_dataset))
-    return tiny_dataset
-
-
-def open_app(query: dict | None = None, page: str | None = None) -> AppTest:
-    app = AppTest.from_file(APP, default_timeout=180)
-    app.query_params.update(query or {})
-    app.run()
-    if page is not None:
-        app.switch_page(page).run()
-    return app
-
-
-def no_trouble(app: AppTest) -> None:
-    assert not app.exception, [e.value for e in app.exception]
-    assert not app.error, [e.value for e in app.error]
-
-
-def link_of(app: AppTest) -> tuple[str, dict]:
-    """The page path and the query of the sidebar's "Copy link to this view"."""
-    link = urlsplit(app.sidebar.code[0].value)
-    query: dict = {}
-    for key, value in parse_qsl(link.query):
-        query[key] = [*query[key], value] if isinstance(query.get(key), list) else (
-            [query[key], value] if key in query else value)
-    return link.path, query
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.dashboard.conftest import no_trouble, open_app, png_bytes
 
 
 def test_explain_opens_on_a_held_out_dataset_face_with_prediction_maps_scores_and_reading(on_tiny):
@@ -221,7 +153,7 @@ def test_cached_annotations_are_read_again_when_partitions_csv_changes(tmp_path)
 @pytest.mark.slow
 def test_explain_page_opens_on_a_demo_face_with_the_demo_models(tmp_path, monkeypatch):
     from core.demo import build_demo
-    from tests.test_demo import TINY
+    from tests.conftest import TINY
 
     build_demo(tmp_path / "data" / "demo", TINY, log=lambda line: None)
     app = open_app()

@@ -20,14 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
+from core.dataset import Photo
 from core.errors import UserFacingError
 from core.explain import Explanation, explain
 from core.imageio import load_image
+from core.pipeline import ExplainSettings
 from models.checkpoint import ModelCard, load_classifier, save_checkpoint
-from tests.conftest import tiny_resnet
-from tests.odd_inputs import CORPUS, EITHER, MESSAGE, RESULT, OddInput, streamed_png
+from tests.conftest import REPO, tiny_resnet
+from tests.core.odd_inputs import CORPUS, EITHER, MESSAGE, RESULT, OddInput, streamed_png
 
-REPO = Path(__file__).resolve().parent.parent
 SIZE = 64  # the tiny classifier's input: a real ResNet, milliseconds per image
 PER_INPUT_TIMEOUT_S = 120  # generous: on a loaded 2-core machine the slowest input took about 8 s
 
@@ -76,7 +77,7 @@ def test_odd_input_ends_in_a_result_or_a_clear_message(case: OddInput, classifie
     start = time.perf_counter()
     try:
         image = load_image(source)
-        result = explain(image, classifier, ["Gradient"])
+        result = explain(Photo(image), classifier, ExplainSettings(methods=("Gradient",)))
     except UserFacingError as error:
         tally[case.name] = (MESSAGE, time.perf_counter() - start)
         message = str(error)

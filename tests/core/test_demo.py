@@ -7,25 +7,19 @@ import polars as pl
 import pytest
 
 import core.leaderboard as leaderboard_module
+import core.pipeline as pipeline_module
 from cache import DiskCache
 from core.dataset import names_in, open_dataset
-from core.demo import DemoPreset, build_demo
-from core.extract import relevance_store_dir, score_table_path
-from core.leaderboard import leaderboard, planted_counts
-from core.relevance_store import RelevanceStore
-from core.train import TrainConfig
-from core.train_parser import ParserConfig, intersection_over_union
+from core.demo import build_demo
 from core.errors import UserFacingError
+from core.layout import DatasetLayout
+from core.leaderboard import leaderboard, planted_counts
+from core.pipeline import ExplainSettings
+from core.relevance_store import RelevanceStore
+from core.train_parser import intersection_over_union
 from models.checkpoint import ModelCard, load_classifier, save_checkpoint
 from models.parser import load_face_parser
-from tests.conftest import tiny_resnet
-
-TINY = DemoPreset(
-    n_per_class=6, parser_n_per_class=3, parser=ParserConfig(input_size=32, epochs=1, batch_size=8),
-    folds=("fold-1",),
-    classifier=TrainConfig(architecture="resnet18", input_size=32, epochs=1, batch_size=8, learning_rate=0.002,
-                           head_lr_factor=1.0, optimizer="adamw", schedule="one-cycle", seed=0),
-)
+from tests.conftest import TINY, tiny_resnet
 
 
 def test_iou_against_hand_counts():
@@ -53,10 +47,10 @@ def test_the_demo_builds_every_stage_and_its_models_load(tiny_demo):
                                      "leaderboard"}
     dataset = open_dataset(root)
     for split in ("val", "test"):
-        table = pl.read_parquet(score_table_path(root, split))
+        table = pl.read_parquet(DatasetLayout(root).score_table(split))
         assert set(table["image_name"]) == set(names_in(dataset, "fold-1", split))
         assert set(table["method"]) == set(TINY.cheap_methods)
-        assert RelevanceStore(relevance_store_dir(root, split)).complete
+        assert RelevanceStore(DatasetLayout(root).relevance_store(split)).complete
     assert set(pl.read_csv(root / "models" / "leaderboard.csv")["method"]) == set(TINY.cheap_methods)
     classifier = load_classifier(root / "models" / "classifier-fold-1.json")
     assert classifier.card.input_size == 32 and "Unaffected" in classifier.card.classes
@@ -86,7 +80,8 @@ def test_leaderboard_recovers_a_planted_answer(tiny_demo, monkeypatch):
     dataset = open_dataset(root)
     classifier = load_classifier(root / "models" / "classifier-fold-1.json")
     names = names_in(dataset, "fold-1", "test")
-    faces, masks = leaderboard_module._faces_and_masks(dataset, names, 32, leaderboard_module.PAPER_REGIONS)
+    face_set = leaderboard_module.true_faces(dataset, names, 32, ExplainSettings())
+    faces, masks = face_set.aligned, face_set.masks
     counts = planted_counts(dataset, names, masks.names)
     truth_map = {n: (masks.masks[i] * counts[i][:, None, None]).sum(0).astype(np.float32) for i, n in enumerate(names)}
     face_to_name = {faces[i].tobytes(): n for i, n in enumerate(names)}
@@ -95,8 +90,8 @@ def test_leaderboard_recovers_a_planted_answer(tiny_demo, monkeypatch):
         maps = np.stack([truth_map[face_to_name[image.tobytes()]] for image in images])
         return maps, maps
 
-    monkeypatch.setattr(leaderboard_module, "attribution_sums", oracle)
-    table = leaderboard(dataset, classifier, names, methods=["Gradient"])
+    monkeypatch.setattr(pipeline_module, "attribution_sums", oracle)
+    table = leaderboard(dataset, classifier, names, ExplainSettings(methods=("Gradient",)))
     row = table.row(0, named=True)
     assert row["n_single_region"] == int(((counts > 0).sum(1) == 1).sum()) > 0
     assert row["hit_rate"] == 1.0
@@ -124,4 +119,5 @@ def test_a_model_lacking_a_class_of_the_faces_is_refused_naming_both(tmp_path):
     # Refused before any photo is read (there are none).
     with pytest.raises(UserFacingError, match=r"the model lacks the class\(es\) KS of the faces to score "
                                               r"\(the model's classes: Unaffected, WS\)"):
-        leaderboard(open_dataset(tmp_path), classifier, ["WSSlide1.png", "KSSlide2.png", "UnaffectedSlide3.png"])
+        leaderboard(open_dataset(tmp_path), classifier, ["WSSlide1.png", "KSSlide2.png", "UnaffectedSlide3.png"],
+                    ExplainSettings())

@@ -19,7 +19,6 @@ import torch
 
 from core.errors import ModelError
 from models.checkpoint import ModelCard, load_classifier, load_state_dict_file, save_checkpoint
-from models.resnet import build_resnet
 from models.vggface2 import vggface2_state_dict
 from tests.conftest import tiny_resnet
 

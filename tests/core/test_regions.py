@@ -10,8 +10,15 @@ from skimage.measure import label as skimage_label
 
 from core.errors import RegionSpecError
 from core.regions import (
-    PAPER_REGIONS, BoxRule, EdgeLink, GapSplit, RegionRule, RegionSpec, bundled_region_specs,
-    region_masks, spec_id,
+    PAPER_REGIONS,
+    BoxRule,
+    EdgeLink,
+    GapSplit,
+    RegionRule,
+    RegionSpec,
+    bundled_region_specs,
+    region_masks,
+    spec_id,
 )
 
 SIZE = 224

@@ -7,7 +7,7 @@ import pytest
 
 from cache.spec_store import SpecStore, UnknownSpecError, default_spec_dir
 from core.regions import PAPER_REGIONS, BoxRule, RegionSpec, bundled_region_specs, spec_id
-from tests.test_dashboard import link_of, no_trouble, on_tiny, open_app, private_folders, tiny_dataset  # noqa: F401
+from tests.dashboard.conftest import link_of, no_trouble, open_app
 
 WIDE_MOUTH = dataclasses.replace(PAPER_REGIONS, name="wide mouth", regions=(
     *PAPER_REGIONS.regions[:2],

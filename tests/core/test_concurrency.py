@@ -16,14 +16,15 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from cache import MISSING, DiskCache
+from core.dataset import Photo
 from core.explain import explain
+from core.pipeline import ExplainSettings
 from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
 from models.checkpoint import ModelCard, load_classifier, save_checkpoint
 from tests.conftest import tiny_resnet
@@ -49,7 +50,7 @@ def run_session(i: int, card_paths: list[str], cache: DiskCache | None) -> dict[
     photo, model, methods = session_plan(i)
     rendered = face(photo)
     classifier = load_classifier(card_paths[model]) if isinstance(card_paths[model], str) else card_paths[model]
-    result = explain(rendered.image, classifier, methods, landmarks=rendered.landmarks, cache=cache)
+    result = explain(Photo(rendered.image, rendered.landmarks), classifier, ExplainSettings(methods=tuple(methods)), cache)
     arrays = {"probabilities": result.probabilities, "masks": result.face.masks}
     for method in methods:
         arrays[f"map {method}"] = result.maps[method]

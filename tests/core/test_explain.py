@@ -8,14 +8,16 @@ import torch
 from PIL import Image
 from skimage import data
 
-import core.explain as explain_module
+import core.pipeline as pipeline_module
 from cache import DiskCache
 from core.align import align_face
 from core.attribute import attribute
 from core.cli import main as cli_main
+from core.dataset import Photo
 from core.errors import UserFacingError
-from core.explain import LabelMapError, TargetError, attribution_sums, explain, prepare_face
+from core.explain import explain
 from core.parse import landmark_template
+from core.pipeline import ExplainSettings, LabelMapError, TargetError, attribution_sums, prepare_face
 from core.regions import PAPER_REGIONS, region_masks
 from core.score import region_scores, relevance_map
 from models.checkpoint import ModelCard, load_classifier, preprocess, save_checkpoint
@@ -40,13 +42,16 @@ def classifier(card_path):
     return load_classifier(card_path)
 
 
+GRADIENT = ExplainSettings(methods=("Gradient",)).method_params("Gradient")
+
+
 @pytest.fixture(scope="module")
 def photo():
     return data.astronaut()
 
 
 def test_explain_equals_the_pipeline_composed_by_hand(classifier, photo):
-    result = explain(photo, classifier, ["Gradient", "DeepLIFT"], landmarks=ASTRONAUT_LANDMARKS)
+    result = explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("Gradient", "DeepLIFT")))
     aligned = align_face(photo, ASTRONAUT_LANDMARKS, size=SIZE)
     masks = region_masks(landmark_template(aligned.landmarks, SIZE), PAPER_REGIONS)
     batch = preprocess(aligned.image[None], classifier.card)
@@ -62,42 +67,42 @@ def test_explain_equals_the_pipeline_composed_by_hand(classifier, photo):
 
 
 def test_target_by_name_and_relevance_modes(classifier, photo):
-    result = explain(photo, classifier, ["Gradient"], landmarks=ASTRONAUT_LANDMARKS, target="B", mode="signed")
+    result = explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("Gradient",), target="B", mode="signed"))
     assert result.target == 1 and result.summary()["target"] == "B"
     assert result.maps["Gradient"].min() < 0 <= result.maps["Gradient"].max() <= 1
     assert issubclass(TargetError, UserFacingError) and issubclass(TargetError, ValueError)
     with pytest.raises(TargetError, match="unknown target class 'Z'; the model knows A, B, Unaffected"):
-        explain(photo, classifier, ["Gradient"], landmarks=ASTRONAUT_LANDMARKS, target="Z")
+        explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("Gradient",), target="Z"))
     with pytest.raises(TargetError, match=r"target index 3 is outside 0\.\.2"):
-        explain(photo, classifier, ["Gradient"], landmarks=ASTRONAUT_LANDMARKS, target="3")
+        explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("Gradient",), target="3"))
 
 
 def test_cached_explanations_are_identical_and_skip_the_model(classifier, photo, tmp_path, monkeypatch):
     cache = DiskCache(tmp_path / "cache")
-    first = explain(photo, classifier, ["LRP-EpsilonPlus", "SmoothGrad"], landmarks=ASTRONAUT_LANDMARKS, cache=cache)
+    first = explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("LRP-EpsilonPlus", "SmoothGrad")), cache)
     calls = []
-    monkeypatch.setattr(explain_module, "attribute", lambda *a, **k: calls.append(a) or pytest.fail("recomputed"))
-    second = explain(photo, classifier, ["LRP-EpsilonPlus", "SmoothGrad"], landmarks=ASTRONAUT_LANDMARKS, cache=cache)
+    monkeypatch.setattr(pipeline_module, "attribute", lambda *a, **k: calls.append(a) or pytest.fail("recomputed"))
+    second = explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("LRP-EpsilonPlus", "SmoothGrad")), cache)
     assert not calls
     for method in first.maps:
         np.testing.assert_array_equal(first.maps[method], second.maps[method])
     # Another relevance mode or region spec reuses the same cached attributions.
-    explain(photo, classifier, ["SmoothGrad"], landmarks=ASTRONAUT_LANDMARKS, cache=cache, mode="positive")
+    explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("SmoothGrad",), mode="positive"), cache)
 
 
 def test_batch_lookup_computes_only_missing_images(classifier, photo, tmp_path, monkeypatch):
     cache = DiskCache(tmp_path / "cache")
     faces = np.stack([align_face(photo, ASTRONAUT_LANDMARKS + shift, SIZE).image for shift in (0, 3, 6)])
-    attribution_sums(classifier, faces[:2], [0, 1], "Gradient", cache=cache)
+    attribution_sums(classifier, faces[:2], [0, 1], "Gradient", GRADIENT, cache)
     seen = counting_attributions(monkeypatch)
-    abs_sum, _ = attribution_sums(classifier, faces, [0, 1, 2], "Gradient", cache=cache)
+    abs_sum, _ = attribution_sums(classifier, faces, [0, 1, 2], "Gradient", GRADIENT, cache)
     assert seen == [1]
     direct = attribute(classifier.network, preprocess(faces, classifier.card), [0, 1, 2], "Gradient")
     np.testing.assert_allclose(abs_sum, direct.abs().sum(1).numpy(), atol=1e-6)
 
 
 def test_prepare_face_detects_the_face_itself(photo):
-    face = prepare_face(photo, 224)
+    face = prepare_face(Photo(photo), 224, ExplainSettings())
     assert np.abs(face.landmarks - ASTRONAUT_LANDMARKS).max() < 2.0
     assert face.masks.shape == (3, 224, 224) and all(m.any() for m in face.masks)
 
@@ -135,11 +140,11 @@ def test_a_stored_label_map_that_fits_neither_photo_nor_face_is_a_user_facing_er
     wrong = np.zeros((40, 50), np.uint8)  # the photo is 512×512, the aligned face 64×64
     message = r"the stored label map is 50×40 but the photo is 512×512 \(and the aligned face 64×64\); it fits neither"
     with pytest.raises(LabelMapError, match=message):
-        prepare_face(photo, SIZE, landmarks=ASTRONAUT_LANDMARKS, stored_map=wrong)
+        prepare_face(Photo(photo, ASTRONAUT_LANDMARKS, wrong), SIZE, ExplainSettings())
     assert issubclass(LabelMapError, UserFacingError)
     # Both frames a map may come in are accepted: the photo's (warped) and the aligned face's (as is).
     for fitting in (np.ones(photo.shape[:2], np.uint8), np.ones((SIZE, SIZE), np.uint8)):
-        assert prepare_face(photo, SIZE, landmarks=ASTRONAUT_LANDMARKS, stored_map=fitting).parse_source == "stored"
+        assert prepare_face(Photo(photo, ASTRONAUT_LANDMARKS, fitting), SIZE, ExplainSettings()).parse_source == "stored"
     path, segmap = tmp_path / "face.png", tmp_path / "map.png"
     Image.fromarray(photo).save(path)
     Image.fromarray(wrong).save(segmap)
@@ -204,6 +209,7 @@ def test_unknown_method_is_an_argument_error(capsys):
 
 def test_explain_module_has_no_torch_state_leak(classifier, photo):
     before = {k: v.clone() for k, v in classifier.network.state_dict().items()}
-    explain(photo, classifier, ["LRP-EpsilonAlpha2Beta1Flat", "GuidedGradCam"], landmarks=ASTRONAUT_LANDMARKS)
+    explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier,
+            ExplainSettings(methods=("LRP-EpsilonAlpha2Beta1Flat", "GuidedGradCam")))
     after = classifier.network.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -116,8 +116,14 @@ def constant_parser(images: np.ndarray) -> np.ndarray:
     return np.full(images.shape[:3], 3, dtype=np.uint8)
 
 
-def test_parser_is_preferred_over_everything():
+def test_stored_map_is_preferred_over_everything():
+    """The one label-map rule (issue 10): a stored map wins over the parser, the parser over the template."""
     parsed = parse_face(IMAGE, parser=constant_parser, stored_map=STORED, landmarks=TEMPLATE_LANDMARKS)
+    assert parsed.source == "stored" and (parsed.label_map == 6).all()
+
+
+def test_parser_is_preferred_over_the_template():
+    parsed = parse_face(IMAGE, parser=constant_parser, landmarks=TEMPLATE_LANDMARKS)
     assert parsed.source == "parser" and (parsed.label_map == 3).all()
 
 

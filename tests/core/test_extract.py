@@ -1,4 +1,5 @@
 """Dataset extraction on a tiny synthetic dataset: against per-photo ``explain``, resumed after a kill."""
+
 import functools
 import os
 import shutil
@@ -15,19 +16,22 @@ import pytest
 
 from cache import MISSING, DiskCache
 from core.cli import main as cli_main
-from core.dataset import image_file, landmarks_of, names_in, open_dataset, segmap_file
-from core.explain import explain, prepare_face
-from core.extract import extract_scores, load_classifiers, relevance_store_dir, score_table_path
+from core.dataset import Photo, image_file, landmarks_of, names_in, open_dataset, segmap_file
+from core.explain import explain
+from core.extract import ExtractionPlan, extract_scores, load_classifiers
 from core.imageio import load_image, load_label_map
+from core.layout import DatasetLayout
+from core.pipeline import ExplainSettings, prepare_face
 from core.regions import PAPER_REGIONS, bundled_region_specs
-from core.relevance_store import SCORE_SCHEMA, RelevanceStore, StoreError, rescore
+from core.relevance_store import RelevanceStore, StoreError
+from core.rescore import rescore
 from core.score import region_scores
+from core.score_table import SCORE_SCHEMA
 from core.synth.classes import DEFAULT_CLASSES
-from core.synth.dataset import generate_dataset
+from core.synth.dataset import SyntheticSpec, generate_dataset
 from models.checkpoint import ModelCard, save_checkpoint
-from tests.conftest import counting_attributions, tiny_resnet
+from tests.conftest import REPO, counting_attributions, tiny_resnet
 
-REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("KS", "Unaffected", "WS")
 METHODS = ["Gradient", "LayerGradCam"]
 SIZE = 64
@@ -35,18 +39,29 @@ KEY = ["model", "method", "image_name", "region"]
 
 
 def card(fold: str | None) -> ModelCard:
-    return ModelCard(kind="classifier", architecture="resnet18", classes=CLASSES, input_size=SIZE, channel_order="RGB",
-                     input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), weights="w", fold=fold)
+    return ModelCard(
+        kind="classifier",
+        architecture="resnet18",
+        classes=CLASSES,
+        input_size=SIZE,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights="w",
+        fold=fold,
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """18 faces of 3 classes, one per person: per class 2 test persons and one val person in folds 1-4."""
     root = tmp_path_factory.mktemp("extract") / "data"
-    generate_dataset(root, n_per_class=6, seed=0, size=96, photos_per_person=1, test_fraction=0.34, workers=1,
-                     classes=tuple(c for c in DEFAULT_CLASSES if c.label in CLASSES))
-    cards = [save_checkpoint(tiny_resnet(num_classes=3, seed=f), card(f"fold-{f}"), root / "models",
-                             f"classifier-fold-{f}") for f in (1, 2)]
+    generate_dataset(root, SyntheticSpec(n_per_class=6, seed=0, size=96, photos_per_person=1, test_fraction=0.34, classes=tuple(c for c in DEFAULT_CLASSES if c.label in CLASSES)), workers=1)
+    cards = [
+        save_checkpoint(tiny_resnet(num_classes=3, seed=f), card(f"fold-{f}"), root / "models", f"classifier-fold-{f}")
+        for f in (1, 2)
+    ]
     return open_dataset(root), load_classifiers(cards)
 
 
@@ -56,7 +71,7 @@ def sorted_table(table: pl.DataFrame) -> pl.DataFrame:
 
 def test_val_split_table_schema_rows_and_one_model_per_image(tiny):
     dataset, classifiers = tiny
-    table = extract_scores(dataset, classifiers, METHODS, split="val")
+    table = extract_scores(ExtractionPlan(dataset, classifiers, "val"), ExplainSettings(methods=METHODS))
     assert dict(table.schema) == SCORE_SCHEMA
     val = {name: names_in(dataset, c.card.fold, "val") for name, c in classifiers.items()}
     assert table.height == sum(len(v) for v in val.values()) * len(METHODS) * 3
@@ -74,8 +89,12 @@ def extracted(tiny, tmp_path_factory):
     dataset, classifiers = tiny
     folder = tmp_path_factory.mktemp("extracted")
     cache = DiskCache(folder / "cache")
-    table = extract_scores(dataset, classifiers, METHODS, split="test", batch_size=4, cache=cache,
-                           store=RelevanceStore(folder / "store"))
+    table = extract_scores(
+        ExtractionPlan(dataset, classifiers, "test"),
+        ExplainSettings(methods=METHODS, batch_size=4),
+        cache=cache,
+        store=RelevanceStore(folder / "store"),
+    )
     return table, RelevanceStore(folder / "store"), cache
 
 
@@ -86,21 +105,24 @@ def test_scores_equal_explain_on_each_photo(tiny, extracted):
     classifier = classifiers["classifier-fold-2"]
     names = names_in(dataset, "fold-2", "test")[::2]
     for name, landmarks in zip(names, landmarks_of(dataset, names)):
-        result = explain(load_image(image_file(dataset, name)), classifier, METHODS, landmarks=landmarks,
-                         stored_map=load_label_map(segmap_file(dataset, name)))
+        photo = Photo(load_image(image_file(dataset, name)), landmarks, load_label_map(segmap_file(dataset, name)))
+        result = explain(photo, classifier, ExplainSettings(methods=METHODS))
         rows = table.filter(pl.col("model") == "classifier-fold-2", pl.col("image_name") == name)
         for method in METHODS:
             got = rows.filter(pl.col("method") == method)
             assert got["region"].to_list() == list(result.face.region_names)
             np.testing.assert_allclose(got["score"].to_numpy(), result.scores[method], atol=1e-5)
         assert set(rows["predicted"]) == set(rows["target"]) == {CLASSES[result.predicted]}
-        np.testing.assert_allclose(rows["target_probability"].to_numpy(), result.probabilities[result.predicted],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            rows["target_probability"].to_numpy(), result.probabilities[result.predicted], atol=1e-5
+        )
 
 
 def test_true_label_target_and_every_model_on_the_test_split(tiny):
     dataset, classifiers = tiny
-    table = extract_scores(dataset, classifiers, ["Gradient"], split="test", target="label")
+    table = extract_scores(
+        ExtractionPlan(dataset, classifiers, "test"), ExplainSettings(methods=["Gradient"], target="label")
+    )
     assert (table["target"] == table["label"]).all()
     per_model = table.group_by("model").agg(pl.col("image_name").unique().sort())
     assert per_model["image_name"][0].to_list() == per_model["image_name"][1].to_list()
@@ -122,17 +144,27 @@ def test_rescore_equals_extraction_and_a_new_spec_equals_region_scores(tiny, ext
     # Independently: masks from prepare_face (the stored segmap carried into the aligned frame) and eq. 4.
     classifier = classifiers["classifier-fold-1"]
     names = names_in(dataset, "fold-1", "test")
-    masks = np.stack([prepare_face(load_image(image_file(dataset, n)), SIZE, extended, points,
-                                   stored_map=load_label_map(segmap_file(dataset, n))).masks
-                      for n, points in zip(names, landmarks_of(dataset, names))])
+    masks = np.stack(
+        [
+            prepare_face(
+                Photo(load_image(image_file(dataset, n)), points, load_label_map(segmap_file(dataset, n))),
+                SIZE,
+                ExplainSettings(spec=extended),
+            ).masks
+            for n, points in zip(names, landmarks_of(dataset, names))
+        ]
+    )
     maps = store.maps("classifier-fold-1", "LayerGradCam").astype(np.float32)
     expected = region_scores(maps, masks)
     got = rescored.filter(pl.col("model") == "classifier-fold-1", pl.col("method") == "LayerGradCam")
     assert got["image_name"].unique(maintain_order=True).to_list() == names
     np.testing.assert_allclose(got["score"].to_numpy().reshape(expected.shape), expected, atol=1e-6)
     # And a fresh extraction under the new spec (all attributions from the cache) agrees.
-    fresh = extract_scores(dataset, {"classifier-fold-1": classifier}, ["LayerGradCam"], split="test", spec=extended,
-                           cache=cache)
+    fresh = extract_scores(
+        ExtractionPlan(dataset, {"classifier-fold-1": classifier}, "test"),
+        ExplainSettings(methods=["LayerGradCam"], spec=extended),
+        cache=cache,
+    )
     joined = sorted_table(fresh).join(got, on=KEY)
     assert joined.height == fresh.height
     np.testing.assert_allclose(joined["score"], joined["score_right"], atol=5e-4)
@@ -153,8 +185,13 @@ def test_an_interrupted_extraction_resumes_without_recomputing(tiny, tmp_path, m
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        extract_scores(dataset, classifiers, METHODS, split="val", batch_size=2, cache=cache,
-                       store=RelevanceStore(tmp_path / "store"), progress=interrupt)
+        extract_scores(
+            ExtractionPlan(dataset, classifiers, "val"),
+            ExplainSettings(methods=METHODS, batch_size=2),
+            cache=cache,
+            store=RelevanceStore(tmp_path / "store"),
+            progress=interrupt,
+        )
     half = RelevanceStore(tmp_path / "store")
     assert not half.complete and half.missing()
     with pytest.raises(StoreError, match="incomplete"):
@@ -162,15 +199,24 @@ def test_an_interrupted_extraction_resumes_without_recomputing(tiny, tmp_path, m
 
     calls = counting_attributions(monkeypatch)
     progress = []
-    resumed = extract_scores(dataset, classifiers, METHODS, split="val", batch_size=2, cache=cache,
-                             store=RelevanceStore(tmp_path / "store"), progress=lambda *p: progress.append(p))
+    resumed = extract_scores(
+        ExtractionPlan(dataset, classifiers, "val"),
+        ExplainSettings(methods=METHODS, batch_size=2),
+        cache=cache,
+        store=RelevanceStore(tmp_path / "store"),
+        progress=lambda *p: progress.append(p),
+    )
     total = progress[-1][1]
     assert sum(calls) == total - stopped_at[0] > 0  # only what the interrupted run had not finished
     calls.clear()
-    rerun = extract_scores(dataset, classifiers, METHODS, split="val", batch_size=2, cache=cache)
+    rerun = extract_scores(
+        ExtractionPlan(dataset, classifiers, "val"), ExplainSettings(methods=METHODS, batch_size=2), cache=cache
+    )
     assert calls == []  # a rerun computes nothing
 
-    uninterrupted = extract_scores(dataset, classifiers, METHODS, split="val", batch_size=2)
+    uninterrupted = extract_scores(
+        ExtractionPlan(dataset, classifiers, "val"), ExplainSettings(methods=METHODS, batch_size=2)
+    )
     assert resumed.equals(uninterrupted) and rerun.equals(uninterrupted)
     assert RelevanceStore(tmp_path / "store").complete
 
@@ -182,8 +228,11 @@ def test_unusable_photos_are_left_out_with_a_warning(tiny, tmp_path):
     broken = names_in(dataset, "fold-1", "test")[1]
     (copy / "images" / broken).write_bytes(b"not a photo")
     with pytest.warns(UserWarning, match=f"1 photo.* left out .*{broken}"):
-        table = extract_scores(open_dataset(copy), classifiers, ["Gradient"], split="test",
-                               store=RelevanceStore(tmp_path / "store"))
+        table = extract_scores(
+            ExtractionPlan(open_dataset(copy), classifiers, "test"),
+            ExplainSettings(methods=["Gradient"]),
+            store=RelevanceStore(tmp_path / "store"),
+        )
     assert broken not in set(table["image_name"])
     store = RelevanceStore(tmp_path / "store")
     assert store.complete
@@ -196,10 +245,10 @@ def test_cli_writes_the_table_and_the_store(tiny, tmp_path, monkeypatch, capsys)
     copy = tmp_path / "data"
     shutil.copytree(dataset.root, copy)
     assert cli_main(["extract", str(copy), "--methods", "Gradient", "--folds", "fold-2", "--batch-size", "3"]) == 0
-    table = pl.read_parquet(score_table_path(copy, "val"))
+    table = pl.read_parquet(DatasetLayout(copy).score_table("val"))
     assert dict(table.schema) == SCORE_SCHEMA and set(table["model"]) == {"classifier-fold-2"}
-    assert RelevanceStore(relevance_store_dir(copy, "val")).complete
-    assert not [p for p in score_table_path(copy, "val").parent.iterdir() if p.name.endswith(".tmp")]
+    assert RelevanceStore(DatasetLayout(copy).relevance_store("val")).complete
+    assert not [p for p in DatasetLayout(copy).score_table("val").parent.iterdir() if p.name.endswith(".tmp")]
     err = capsys.readouterr().err
     assert "map/s" in err and f"{table.height} rows" in err
 
@@ -218,7 +267,7 @@ def test_cli_errors_are_one_clear_line(tiny, tmp_path, capsys):
 
 COUNTING_CLI = """
 import sys, time
-import core.explain as explain
+import core.pipeline as explain
 real = explain.attribute
 def counting(model, batch, targets, method, params):
     with open(sys.argv[1], "a") as log:
@@ -234,18 +283,39 @@ sys.exit(main(sys.argv[3:]))
 def counting_extract(dataset, folder: Path, log: str, pause: float) -> subprocess.Popen:
     """``extract`` of the val split in a subprocess, one image per batch, logging (and slowing) each attribution."""
     env = {**os.environ, "XAI_CACHE_DIR": str(folder / "cache"), "PYTHONPATH": str(REPO)}
-    arguments = ["extract", str(dataset.root), "--split", "val", "--methods", ",".join(METHODS), "--batch-size", "1",
-                 "--out", str(folder / "scores.parquet"), "--store", str(folder / "store")]
-    return subprocess.Popen([sys.executable, "-c", COUNTING_CLI, str(folder / log), str(pause), *arguments],
-                            env=env, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    arguments = [
+        "extract",
+        str(dataset.root),
+        "--split",
+        "val",
+        "--methods",
+        ",".join(METHODS),
+        "--batch-size",
+        "1",
+        "--out",
+        str(folder / "scores.parquet"),
+        "--store",
+        str(folder / "store"),
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-c", COUNTING_CLI, str(folder / log), str(pause), *arguments],
+        env=env,
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def attribution_entries(directory: Path) -> int:
     """Cached attributions: pairs of float32 maps (probabilities are vectors, label maps uint8)."""
     with diskcache.Cache(str(directory)) as cache:
         values = [cache.get(key) for key in cache]
-    return sum(isinstance(v, tuple) and len(v) == 2 and all(
-        isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 2 for a in v) for v in values)
+    return sum(
+        isinstance(v, tuple)
+        and len(v) == 2
+        and all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 2 for a in v)
+        for v in values
+    )
 
 
 @pytest.mark.slow
@@ -271,7 +341,9 @@ def test_a_killed_cli_run_resumes_with_identical_results(tiny, tmp_path):
     recomputed = sum(int(line) for line in (tmp_path / "second.log").read_text().split())
     assert 0 < finished < total and recomputed == total - finished
 
-    uninterrupted = extract_scores(dataset, classifiers, METHODS, split="val", batch_size=1)
+    uninterrupted = extract_scores(
+        ExtractionPlan(dataset, classifiers, "val"), ExplainSettings(methods=METHODS, batch_size=1)
+    )
     resumed = pl.read_parquet(tmp_path / "scores.parquet")
     assert sorted_table(resumed).equals(sorted_table(uninterrupted))
     store = RelevanceStore(tmp_path / "store")
@@ -327,7 +399,9 @@ def test_five_kills_at_random_points_then_a_complete_run_equal_an_uninterrupted_
     assert final.returncode == 0, err.decode()
     assert calls("final.log") == total - finished_before
     assert cache_is_sound(tmp_path / "cache")
-    uninterrupted = extract_scores(dataset, classifiers, METHODS, split="val", batch_size=1)
+    uninterrupted = extract_scores(
+        ExtractionPlan(dataset, classifiers, "val"), ExplainSettings(methods=METHODS, batch_size=1)
+    )
     assert sorted_table(pl.read_parquet(tmp_path / "scores.parquet")).equals(sorted_table(uninterrupted))
     store = RelevanceStore(tmp_path / "store")
     assert store.complete

@@ -6,11 +6,19 @@ from PIL import Image
 from core.align import align_face
 from core.dataset import DatasetError, open_dataset, read_photo
 from core.errors import UserFacingError
-from core.leaderboard import _faces_and_masks
+from core.leaderboard import true_faces
+from core.pipeline import ExplainSettings
 from core.regions import PAPER_REGIONS, region_masks
 from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
-from core.train import (FoldResult, TrainConfig, TrainingConfigError, aligned_faces, classification_report, table2,
-                        train_fold)
+from core.train import (
+    FoldResult,
+    TrainConfig,
+    TrainingConfigError,
+    aligned_faces,
+    classification_report,
+    table2,
+    train_fold,
+)
 from core.train_parser import ParserConfig, aligned_faces_and_maps
 from models.checkpoint import load_classifier
 
@@ -156,7 +164,8 @@ def test_trainers_align_a_photo_over_4096_px_with_its_landmarks_and_map(small_an
     assert (large_maps == small_maps).mean() > 0.99  # labels differ only along some edges
     assert set(np.unique(large_maps)) == set(np.unique(small_maps))
 
-    faces, masks = _faces_and_masks(large, ["WSSlide1.png"], size, PAPER_REGIONS)
+    face_set = true_faces(large, ["WSSlide1.png"], size, ExplainSettings(spec=PAPER_REGIONS))
+    faces, masks = face_set.aligned, face_set.masks
     np.testing.assert_array_equal(faces[0], enlarged.astype(np.uint8))
     expected = region_masks(small_maps, PAPER_REGIONS).masks[0]
     for region, got, want in zip(masks.names, masks.masks[0], expected):

@@ -7,8 +7,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.draw import disk
 
-from core.align import (ARCFACE_TEMPLATE_112, align_face, detect_faces, detect_landmarks, template_for,
-                        warp_to_original)
+from core.align import ARCFACE_TEMPLATE_112, align_face, detect_faces, detect_landmarks, template_for, warp_to_original
 from core.errors import NoFaceError
 
 

@@ -18,6 +18,7 @@ from core.synth import (
     FaceParams,
     PlantedTerm,
     RaterModel,
+    SyntheticSpec,
     drawable_phenotypes,
     generate_dataset,
     plan_images,
@@ -219,23 +220,23 @@ def _hashes(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "a"
-    summary = generate_dataset(root, n_per_class=10, seed=11, size=96, photos_per_person=2, workers=1)
+    summary = generate_dataset(root, SyntheticSpec(n_per_class=10, seed=11, size=96, photos_per_person=2), workers=1)
     assert summary.images == 70 and summary.persons == 35 and summary.images_per_second > 0
     return root
 
 
 def test_same_seed_gives_identical_files(tiny_dataset, tmp_path):
     again = tmp_path / "b"
-    generate_dataset(again, n_per_class=10, seed=11, size=96, photos_per_person=2, workers=2)
+    generate_dataset(again, SyntheticSpec(n_per_class=10, seed=11, size=96, photos_per_person=2), workers=2)
     assert _hashes(tiny_dataset) == _hashes(again)
     other = tmp_path / "c"
-    generate_dataset(other, n_per_class=10, seed=12, size=96, photos_per_person=2, workers=1)
+    generate_dataset(other, SyntheticSpec(n_per_class=10, seed=12, size=96, photos_per_person=2), workers=1)
     assert _hashes(tiny_dataset)["images/WSSlide1.jpg"] != _hashes(other)["images/WSSlide1.jpg"]
 
 
 def test_refuses_to_overwrite(tiny_dataset):
     with pytest.raises(FileExistsError):
-        generate_dataset(tiny_dataset, n_per_class=1, seed=0, size=64, workers=1)
+        generate_dataset(tiny_dataset, SyntheticSpec(n_per_class=1, seed=0, size=64), workers=1)
 
 
 def test_files_follow_the_nih_faces_layout(tiny_dataset):

@@ -10,10 +10,16 @@ import torch.nn.functional as F
 import torchvision
 
 from core.errors import ModelError
-from models.checkpoint import (ModelCard, classify, load_classifier,
-                               load_state_dict_file, model_fingerprint, preprocess, save_checkpoint)
-from models.parser import (LAPA_LABELS, build_face_parser, load_face_parser, predict_label_maps,
-                           save_face_parser)
+from models.checkpoint import (
+    ModelCard,
+    classify,
+    load_classifier,
+    load_state_dict_file,
+    model_fingerprint,
+    preprocess,
+    save_checkpoint,
+)
+from models.parser import LAPA_LABELS, build_face_parser, load_face_parser, predict_label_maps, save_face_parser
 from models.resnet import CAFFE_RESNET50, build_resnet
 from models.vggface2 import VGGFACE2_MEAN_BGR, vggface2_card, vggface2_state_dict
 

@@ -7,27 +7,35 @@ from PIL import Image
 from scipy import ndimage, stats
 from torch import nn
 
-import core.faithfulness as faithfulness_module
+import core.pipeline as pipeline_module
 from cache import DiskCache
 from core.cli import main as cli_main
 from core.dataset import names_in, open_dataset
 from core.faithfulness import (
     CHANGED_BELOW,
+    Cascade,
     blank_regions,
-    dataset_faces,
     faithfulness_summary,
     map_similarity,
     randomisation_check,
     randomised_classifier,
     region_faithfulness,
 )
+from core.pipeline import ExplainSettings, FaceSet, dataset_face_set
 from core.regions import RegionMasks
-from core.synth import generate_dataset
-from models.checkpoint import Classifier, ModelCard, load_classifier, save_checkpoint
+from core.synth import SyntheticSpec, generate_dataset
+from models.checkpoint import Classifier, ModelCard, save_checkpoint
 from tests.conftest import face_in_a_wide_photo, tiny_resnet
 
 SIZE = 32
 REGIONS = ("eye", "nose", "mouth")
+
+GRADIENT = ExplainSettings(methods=("Gradient",))
+
+
+def unmasked(faces: np.ndarray, names: list[str]) -> FaceSet:
+    """Faces for the randomisation check, which needs no regions."""
+    return FaceSet(names, faces, RegionMasks((), np.zeros((len(faces), 0, *faces.shape[1:3]), bool)))
 
 
 def _card(classes=("A", "B"), size=SIZE, **overrides) -> ModelCard:
@@ -98,7 +106,7 @@ def test_blanking_refuses_an_unknown_mode(planted):
 
 def test_planted_region_takes_the_whole_drop_and_gradient_ranks_it_first(planted):
     classifier, faces, masks, names = planted
-    result = region_faithfulness(classifier, faces, RegionMasks(REGIONS, masks), names, ["Gradient"], blank="mean")
+    result = region_faithfulness(classifier, FaceSet(names, faces, RegionMasks(REGIONS, masks)), GRADIENT, blank="mean")
     drops = result.drops
     assert drops.columns == ["image_name", "region", "target", "baseline_probability", "blanked_probability", "drop"]
     assert drops.height == 8 * 3 and set(drops["target"]) == {"A"}
@@ -129,7 +137,7 @@ def test_an_empty_region_has_no_drop_and_no_score_and_is_left_out(planted):
     masks = masks.copy()
     masks[0, 2] = False  # face0 has no mouth
     with pytest.warns(RuntimeWarning, match="empty region"):
-        result = region_faithfulness(classifier, faces, RegionMasks(REGIONS, masks), names, ["Gradient"])
+        result = region_faithfulness(classifier, FaceSet(names, faces, RegionMasks(REGIONS, masks)), GRADIENT)
     missing = result.drops.filter((pl.col("image_name") == "face0.png") & (pl.col("region") == "mouth"))
     assert np.isnan(missing["blanked_probability"][0]) and np.isnan(missing["drop"][0])
     row = result.summary.row(0, named=True)
@@ -177,8 +185,8 @@ def test_randomising_top_layers_copies_the_model_and_changes_gradient_maps(resne
     names = [f"f{i}" for i in range(len(textured_faces))]
     # Through a cache: were the randomised copy's fingerprint the trained one's, its maps would be served
     # from the trained model's entries and correlate perfectly.
-    result = randomisation_check(resnet_classifier, textured_faces, names, ["Gradient"], cascade=("fc", "layer4"),
-                                 cache=DiskCache(tmp_path / "cache"))
+    result = randomisation_check(resnet_classifier, unmasked(textured_faces, names), GRADIENT,
+                                 cascade=Cascade(("fc", "layer4")), cache=DiskCache(tmp_path / "cache"))
     after = resnet_classifier.network.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
     summary = result.summary
@@ -210,9 +218,9 @@ def test_a_model_independent_map_scores_correlation_one(resnet_classifier, textu
         magnitude = np.hypot(ndimage.sobel(grey, axis=1), ndimage.sobel(grey, axis=2))
         return magnitude, magnitude
 
-    monkeypatch.setattr(faithfulness_module, "attribution_sums", edges)
+    monkeypatch.setattr(pipeline_module, "attribution_sums", edges)
     names = [f"f{i}" for i in range(len(textured_faces))]
-    result = randomisation_check(resnet_classifier, textured_faces, names, ["Gradient"], cascade=("fc", "layer4"))
+    result = randomisation_check(resnet_classifier, unmasked(textured_faces, names), GRADIENT, cascade=Cascade(("fc", "layer4")))
     np.testing.assert_allclose(result.per_image["rank_correlation"], 1.0)
     np.testing.assert_allclose(result.per_image["ssim"], 1.0)
     assert not result.summary["changed"].any()
@@ -232,7 +240,7 @@ def test_map_similarity_matches_scipy_and_marks_constant_maps(rng):
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("faithfulness") / "data"
-    generate_dataset(root, n_per_class=4, seed=3, size=64, photos_per_person=1, workers=1)
+    generate_dataset(root, SyntheticSpec(n_per_class=4, seed=3, size=64, photos_per_person=1), workers=1)
     dataset = open_dataset(root)
     card = _card(classes=dataset.classes, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), fold="fold-1")
     card_path = save_checkpoint(tiny_resnet(num_classes=len(dataset.classes), seed=1), card, root / "models",
@@ -293,8 +301,9 @@ def test_dataset_faces_of_a_photo_over_4096_px_match_the_face_alone(tmp_path):
     face, photo, label_map, points = face_in_a_wide_photo()
     alone = _one_face_dataset(tmp_path / "alone", face.image, face.label_map, face.landmarks)
     wide = _one_face_dataset(tmp_path / "wide", photo, label_map, points)
-    reference, reference_masks = dataset_faces(alone, ["WSSlide1.png"], 64)
-    faces, masks = dataset_faces(wide, ["WSSlide1.png"], 64)
+    reference_set, face_set = dataset_face_set(alone, ["WSSlide1.png"], 64), dataset_face_set(wide, ["WSSlide1.png"], 64)
+    reference, reference_masks = reference_set.aligned, reference_set.masks
+    faces, masks = face_set.aligned, face_set.masks
     assert np.abs(faces.astype(int) - reference.astype(int)).mean() < 6  # measured 1.4: resampling only
     assert all(m.any() for m in reference_masks.masks[0])
     for region, got, want in zip(masks.names, masks.masks[0], reference_masks.masks[0]):

@@ -11,11 +11,19 @@ from core.annotations import read_annotations
 from core.cli import main
 from core.errors import UserFacingError
 from core.hpo import (
-    REGIONS, SYNDROME_OMIM, AnnotationError, ontology_priors, paper_terms, region_counts, term_syndrome_chi2,
-    term_tsne, term_vectors,
+    REGIONS,
+    SYNDROME_OMIM,
+    AnnotationError,
+    ontology_priors,
+    paper_terms,
+    region_counts,
+    term_syndrome_chi2,
+    term_tsne,
+    term_vectors,
 )
+from tests.conftest import REPO
 
-REFERENCE_TERMS = Path(__file__).resolve().parent.parent / "core" / "paper_terms.csv"
+REFERENCE_TERMS = REPO / "core" / "paper_terms.csv"
 
 
 def write_annotations(root: Path, label: str, header: list[str], rows: list[list]) -> Path:
@@ -224,10 +232,10 @@ def test_every_prior_has_a_known_region_and_unknown_syndromes_are_refused():
 
 
 def test_synthetic_dataset_annotations_read_as_written(tmp_path):
-    from core.synth.dataset import generate_dataset
+    from core.synth.dataset import SyntheticSpec, generate_dataset
 
     root = tmp_path / "synth"
-    generate_dataset(root, n_per_class=4, seed=5, size=48, photos_per_person=1, workers=1)
+    generate_dataset(root, SyntheticSpec(n_per_class=4, seed=5, size=48, photos_per_person=1), workers=1)
     annotations = read_annotations(root)
     files = sorted((root / "metadata" / "hpo-annotations").glob("*.csv"))
     assert set(annotations["label"]) == {f.stem for f in files}

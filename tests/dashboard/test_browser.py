@@ -4,19 +4,20 @@ Needs Debian's Chromium at /usr/bin/chromium (``apt-get install chromium``); ski
 """
 import io
 import shutil
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from PIL import Image
 
 from core.dataset import open_dataset
-from core.extract import extract_scores, load_classifiers, relevance_store_dir, score_table_path, write_score_table
+from core.extract import ExtractionPlan, extract_scores, load_classifiers
+from core.layout import DatasetLayout
+from core.pipeline import ExplainSettings
 from core.relevance_store import RelevanceStore
+from core.score_table import write_score_table
 from core.synth import plan_images
 from core.synth.faces import render_face
 from dashboard.screenshots import CHROMIUM, PAGES, browser, serve, settled
-from tests.test_dashboard import tiny_dataset  # noqa: F401
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,9 +34,8 @@ def server(tiny_dataset, tmp_path_factory):
     shutil.copytree(tiny_dataset, root)
     classifiers = load_classifiers(sorted((root / "models").glob("classifier-fold-*.json")))
     for split in ("val", "test"):
-        table = extract_scores(open_dataset(root), classifiers, ["Gradient", "LayerGradCam"], split=split,
-                               store=RelevanceStore(relevance_store_dir(root, split)))
-        write_score_table(table, score_table_path(root, split))
+        table = extract_scores(ExtractionPlan(open_dataset(root), classifiers, split), ExplainSettings(methods=["Gradient", "LayerGradCam"]), store=RelevanceStore(DatasetLayout(root).relevance_store(split)))
+        write_score_table(table, DatasetLayout(root).score_table(split))
     env = {"XAI_DATASET": str(root), "XAI_CACHE_DIR": str(folder / "cache" / "results"),
            "XAI_DATA_DIR": str(folder / "data")}
     with serve(env) as base:
