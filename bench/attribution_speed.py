@@ -7,6 +7,7 @@ means the wrapper, hooks and library add nothing beyond the passes the method ne
     .venv/bin/python bench/attribution_speed.py                     # ResNet-50, 224 px, 4 images
     .venv/bin/python bench/attribution_speed.py --arch resnet18 --methods Gradient,Occlusion
 """
+
 from __future__ import annotations
 
 import argparse

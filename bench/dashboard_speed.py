@@ -12,6 +12,7 @@
     .venv/bin/python bench/dashboard_speed.py                 # the demo (python -m core demo)
     .venv/bin/python bench/dashboard_speed.py --dataset DIR --repeats 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,26 +26,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cache import DiskCache  # noqa: E402
-from core.attribute import METHOD_NAMES  # noqa: E402
-from core.library_warnings import quiet_library_warnings  # noqa: E402
-from core.attribute import QUICK_METHODS  # noqa: E402
-from core.dataset import Photo, image_file, landmarks_of, names_in, open_dataset  # noqa: E402
-from core.explain import explain  # noqa: E402
-from core.extract import ExtractionPlan, extract_scores, load_classifiers  # noqa: E402
-from core.hpo import ontology_priors  # noqa: E402
-from core.imageio import load_image  # noqa: E402
-from core.layout import DatasetLayout, demo_dataset  # noqa: E402
-from core.pipeline import ExplainSettings  # noqa: E402
-from core.reading import reading  # noqa: E402
-from core.regions import PAPER_REGIONS, BoxRule  # noqa: E402
-from core.relevance_store import RelevanceStore  # noqa: E402
-from core.rescore import rescore  # noqa: E402
-from core.score_table import write_score_table  # noqa: E402
-from core.stats import compare_groups, significance_counts  # noqa: E402
-from dashboard import render  # noqa: E402
-from models.checkpoint import load_classifier  # noqa: E402
-from models.parser import load_face_parser  # noqa: E402
+from cache import DiskCache
+from core.attribute import (
+    METHOD_NAMES,
+    QUICK_METHODS,
+)
+from core.dataset import Photo, image_file, landmarks_of, names_in, open_dataset
+from core.explain import explain
+from core.extract import ExtractionPlan, extract_scores, load_classifiers
+from core.hpo import ontology_priors
+from core.imageio import load_image
+from core.layout import DatasetLayout, demo_dataset
+from core.library_warnings import quiet_library_warnings
+from core.pipeline import ExplainSettings
+from core.reading import reading
+from core.regions import PAPER_REGIONS, BoxRule
+from core.relevance_store import RelevanceStore
+from core.rescore import rescore
+from core.score_table import write_score_table
+from core.stats import compare_groups, significance_counts
+from dashboard import render
+from models.checkpoint import load_classifier
+from models.parser import load_face_parser
 
 APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
 
@@ -66,33 +69,44 @@ def explain_page(root: Path, repeats: int) -> None:
     cache = DiskCache()
 
     def page_compute():
-        result = explain(Photo(image, landmarks), classifier,
-                         ExplainSettings(methods=METHOD_NAMES, spec=PAPER_REGIONS, parser=parser), cache)
+        result = explain(
+            Photo(image, landmarks),
+            classifier,
+            ExplainSettings(methods=METHOD_NAMES, spec=PAPER_REGIONS, parser=parser),
+            cache,
+        )
         text = reading(result, ontology_priors(result.classes[result.target]))
         overlays = [render.heatmap_rgb(result.face.aligned, m) for m in result.maps.values()]
         return text, overlays
 
     cold, (text, _) = timed(page_compute)
     warm = [timed(page_compute)[0] for _ in range(repeats)]
-    print(f"Explain page, {name} with {classifier.card.architecture} at {classifier.card.input_size} px, "
-          f"{len(METHOD_NAMES)} methods")
+    print(
+        f"Explain page, {name} with {classifier.card.architecture} at {classifier.card.input_size} px, "
+        f"{len(METHOD_NAMES)} methods"
+    )
     print(f"  first run (fills the cache where empty): {cold:.2f} s")
-    print(f"  warm core calls (explain + reading + overlays): median {statistics.median(warm):.3f} s, "
-          f"min {min(warm):.3f} s over {repeats} (target 0.3 s: ratio {statistics.median(warm) / 0.3:.2f})")
+    print(
+        f"  warm core calls (explain + reading + overlays): median {statistics.median(warm):.3f} s, "
+        f"min {min(warm):.3f} s over {repeats} (target 0.3 s: ratio {statistics.median(warm) / 0.3:.2f})"
+    )
     print(f"  reading: {text}")
 
     from streamlit.testing.v1 import AppTest
 
     app = AppTest.from_file(str(APP), default_timeout=600)
-    app.query_params.update({"dataset": str(root), "model": card.stem, "methods": list(METHOD_NAMES),
-                             "split": "test", "image": name})
+    app.query_params.update(
+        {"dataset": str(root), "model": card.stem, "methods": list(METHOD_NAMES), "split": "test", "image": name}
+    )
     first, _ = timed(app.run)
     if app.exception:
         print(f"  AppTest failed: {[e.value for e in app.exception]}")
         return
     reruns = [timed(app.run)[0] for _ in range(repeats)]
-    print(f"  AppTest: first run {first:.2f} s (loads models), warm rerun median {statistics.median(reruns):.3f} s, "
-          f"min {min(reruns):.3f} s")
+    print(
+        f"  AppTest: first run {first:.2f} s (loads models), warm rerun median {statistics.median(reruns):.3f} s, "
+        f"min {min(reruns):.3f} s"
+    )
 
 
 def regions_page(root: Path, repeats: int) -> None:
@@ -102,30 +116,49 @@ def regions_page(root: Path, repeats: int) -> None:
         methods = list(QUICK_METHODS)
         print(f"extracting split val ({', '.join(methods)}) into {folder} first …")
         cards = DatasetLayout(root).classifier_cards()
-        seconds, table = timed(lambda: extract_scores(ExtractionPlan(open_dataset(root), load_classifiers(cards), "val"), ExplainSettings(methods=methods), cache=DiskCache(), store=RelevanceStore(folder)))
+        seconds, table = timed(
+            lambda: extract_scores(
+                ExtractionPlan(open_dataset(root), load_classifiers(cards), "val"),
+                ExplainSettings(methods=methods),
+                cache=DiskCache(),
+                store=RelevanceStore(folder),
+            )
+        )
         write_score_table(table, DatasetLayout(root).score_table("val"))
         print(f"  {seconds:.0f} s")
         store = RelevanceStore(folder)
     methods = list(store.contents.methods)
     images = sum(len(m.images) for m in store.contents.models)
-    print(f"Regions page, split val: {images} maps of {store.contents.size}² × {len(methods)} methods "
-          f"({', '.join(methods)})")
+    print(
+        f"Regions page, split val: {images} maps of {store.contents.size}² × {len(methods)} methods "
+        f"({', '.join(methods)})"
+    )
     mouth = PAPER_REGIONS.regions[2]
     new_spec, same_spec, tables = [], [], []
     for step in range(repeats):
-        grown = dataclasses.replace(PAPER_REGIONS, regions=(*PAPER_REGIONS.regions[:2], dataclasses.replace(
-            mouth, boxes=(BoxRule((7, 9), grow_left=0.25 + 0.05 * step, grow_right=0.2),))))
+        grown = dataclasses.replace(
+            PAPER_REGIONS,
+            regions=(
+                *PAPER_REGIONS.regions[:2],
+                dataclasses.replace(mouth, boxes=(BoxRule((7, 9), grow_left=0.25 + 0.05 * step, grow_right=0.2),)),
+            ),
+        )
         seconds, scores = timed(lambda: rescore(store, grown, methods))
         new_spec.append(seconds)
         same_spec.append(timed(lambda: rescore(store, grown, methods))[0])
         tables.append(timed(lambda: significance_counts(compare_groups(scores)))[0])
-    print(f"  rescore, new spec (masks of every label map computed): "
-          f"median {statistics.median(new_spec) * 1000:.0f} ms")
-    print(f"  rescore, same spec again (masks memoised): median {statistics.median(same_spec) * 1000:.0f} ms "
-          f"({statistics.median(same_spec) * 1000 / len(methods):.0f} ms per method)")
+    print(
+        f"  rescore, new spec (masks of every label map computed): median {statistics.median(new_spec) * 1000:.0f} ms"
+    )
+    print(
+        f"  rescore, same spec again (masks memoised): median {statistics.median(same_spec) * 1000:.0f} ms "
+        f"({statistics.median(same_spec) * 1000 / len(methods):.0f} ms per method)"
+    )
     print(f"  Table 3 rebuild (compare_groups + significance_counts): median {statistics.median(tables) * 1000:.0f} ms")
-    print(f"  one slider move (new spec + Table 3): median "
-          f"{(statistics.median(new_spec) + statistics.median(tables)) * 1000:.0f} ms")
+    print(
+        f"  one slider move (new spec + Table 3): median "
+        f"{(statistics.median(new_spec) + statistics.median(tables)) * 1000:.0f} ms"
+    )
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ largest difference between the two.
 
     .venv/bin/python bench/rescore_speed.py          # about a minute; needs ~2 GB of RAM and /tmp
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,14 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.align import align_face, warp_to_aligned  # noqa: E402
-from core.regions import bundled_region_specs, region_masks  # noqa: E402
-from core.relevance_store import RelevanceStore, StoreContents, StoredModel  # noqa: E402
-from core.rescore import region_segments, rescore  # noqa: E402
-from core.score import region_scores  # noqa: E402
-from core.synth.classes import DEFAULT_CLASSES  # noqa: E402
-from core.synth.dataset import plan_images  # noqa: E402
-from core.synth.faces import render_face  # noqa: E402
+from core.align import align_face, warp_to_aligned
+from core.regions import bundled_region_specs, region_masks
+from core.relevance_store import RelevanceStore, StoreContents, StoredModel
+from core.rescore import region_segments, rescore
+from core.score import region_scores
+from core.synth.classes import DEFAULT_CLASSES
+from core.synth.dataset import plan_images
+from core.synth.faces import render_face
 
 METHODS = ("Gradient", "Occlusion")
 
@@ -40,20 +41,39 @@ def synthetic_label_maps(distinct: int, size: int) -> np.ndarray:
     maps = []
     for image in plan_images(-(-distinct // len(DEFAULT_CLASSES)), seed=0, size=size)[:distinct]:
         _, label_map, landmarks = render_face(image.params)
-        maps.append(warp_to_aligned(label_map, align_face(np.zeros((size, size, 3), np.uint8), landmarks,
-                                                          size=size).matrix, size, order=0))
+        maps.append(
+            warp_to_aligned(
+                label_map, align_face(np.zeros((size, size, 3), np.uint8), landmarks, size=size).matrix, size, order=0
+            )
+        )
     return np.stack(maps)
 
 
 def build_store(root: Path, label_maps: np.ndarray, folds: int, seed: int) -> RelevanceStore:
     n, size = len(label_maps), label_maps.shape[1]
     bounds = np.linspace(0, n, folds + 1).astype(int)
-    models = tuple(StoredModel(f"classifier-fold-{k + 1}", f"fold-{k + 1}", ("A", "B"), f"random-{k}",
-                               tuple(range(bounds[k], bounds[k + 1]))) for k in range(folds))
-    contents = StoreContents(size=size, mode="abs", target="predicted",
-                             image_names=tuple(f"face{i:05d}.jpg" for i in range(n)), labels=("A",) * n,
-                             faces_key="bench", label_maps_key="bench", code_version="bench", models=models,
-                             methods=METHODS)
+    models = tuple(
+        StoredModel(
+            f"classifier-fold-{k + 1}",
+            f"fold-{k + 1}",
+            ("A", "B"),
+            f"random-{k}",
+            tuple(range(bounds[k], bounds[k + 1])),
+        )
+        for k in range(folds)
+    )
+    contents = StoreContents(
+        size=size,
+        mode="abs",
+        target="predicted",
+        image_names=tuple(f"face{i:05d}.jpg" for i in range(n)),
+        labels=("A",) * n,
+        faces_key="bench",
+        label_maps_key="bench",
+        code_version="bench",
+        models=models,
+        methods=METHODS,
+    )
     rng = np.random.default_rng(seed)
     with RelevanceStore(root) as store:
         store.begin(contents)
@@ -63,9 +83,13 @@ def build_store(root: Path, label_maps: np.ndarray, folds: int, seed: int) -> Re
             store.write_label_maps(list(model.images), label_maps[list(model.images)])
             for method in METHODS:
                 for start in range(0, len(rows), 256):
-                    chunk = rows[start:start + 256]
-                    store.write_maps(model.name, method, chunk,
-                                     rng.random((len(chunk), size, size), dtype=np.float32).astype(np.float16))
+                    chunk = rows[start : start + 256]
+                    store.write_maps(
+                        model.name,
+                        method,
+                        chunk,
+                        rng.random((len(chunk), size, size), dtype=np.float32).astype(np.float16),
+                    )
     return RelevanceStore(root)
 
 
@@ -86,8 +110,12 @@ def direct_scores(store: RelevanceStore, method: str, masks: np.ndarray) -> np.n
         maps = store.maps(model.name, method)
         images = np.asarray(model.images)
         for start in range(0, len(images), 256):
-            out.append(region_scores(np.asarray(maps[start:start + 256], dtype=np.float32),
-                                     masks[images[start:start + 256] % len(masks)]))
+            out.append(
+                region_scores(
+                    np.asarray(maps[start : start + 256], dtype=np.float32),
+                    masks[images[start : start + 256] % len(masks)],
+                )
+            )
     return np.concatenate(out)
 
 
@@ -105,11 +133,15 @@ def main() -> None:
     print(f"{args.images} label maps of {args.size}² tiled from {len(faces)} rendered faces ({seconds:.1f} s)")
     with tempfile.TemporaryDirectory() as folder:
         seconds, store = timed(lambda: build_store(Path(folder), label_maps, folds=5, seed=0))
-        per_method_mb = args.images * args.size ** 2 * 2 / 1e6
-        print(f"store of 5 fold models × {len(METHODS)} methods written in {seconds:.1f} s "
-              f"({per_method_mb:.0f} MB of float16 maps per method)\n")
-        header = (f"{'spec':<9} {'regions':>7} {'masks, one-off':>15} {'memo reload':>12} {'store: ms/method':>17} "
-                  f"{'region_scores: ms/method':>25} {'ratio':>6} {'max |diff|':>11}")
+        per_method_mb = args.images * args.size**2 * 2 / 1e6
+        print(
+            f"store of 5 fold models × {len(METHODS)} methods written in {seconds:.1f} s "
+            f"({per_method_mb:.0f} MB of float16 maps per method)\n"
+        )
+        header = (
+            f"{'spec':<9} {'regions':>7} {'masks, one-off':>15} {'memo reload':>12} {'store: ms/method':>17} "
+            f"{'region_scores: ms/method':>25} {'ratio':>6} {'max |diff|':>11}"
+        )
         print(header)
         print("-" * len(header))
         for name in ("paper", "extended"):
@@ -125,11 +157,15 @@ def main() -> None:
             got = rescore(fresh, spec, [METHODS[0]])["score"].to_numpy()
             expected = direct_scores(store, METHODS[0], masks).reshape(-1)
             diff = np.nanmax(np.abs(got - expected))
-            print(f"{name:<9} {len(spec.regions):>7} {mask_seconds:>13.1f} s {reload_seconds * 1e3:>9.0f} ms "
-                  f"{per_method * 1e3:>14.0f} ms {direct * 1e3:>22.0f} ms {direct / per_method:>5.1f}× {diff:>11.1e}")
-        print(f"\nstore: best of {args.repeats} calls of rescore(store, spec, [method]) over all {args.images} maps, "
-              "masks memoised (target ≤ 100 ms); region_scores: core.score.region_scores on float32 maps and "
-              "precomputed bool masks, 256 maps per call; ratio: region_scores / store.")
+            print(
+                f"{name:<9} {len(spec.regions):>7} {mask_seconds:>13.1f} s {reload_seconds * 1e3:>9.0f} ms "
+                f"{per_method * 1e3:>14.0f} ms {direct * 1e3:>22.0f} ms {direct / per_method:>5.1f}× {diff:>11.1e}"
+            )
+        print(
+            f"\nstore: best of {args.repeats} calls of rescore(store, spec, [method]) over all {args.images} maps, "
+            "masks memoised (target ≤ 100 ms); region_scores: core.score.region_scores on float32 maps and "
+            "precomputed bool masks, 256 maps per call; ratio: region_scores / store."
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ near chance. Prints its test accuracy with a 95% Clopper–Pearson interval besi
 
     .venv/bin/python bench/shortcut_test.py            # the demo dataset, fold-1, demo preset
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,16 +59,24 @@ def main() -> None:
     faces, blanked = blanked_faces(dataset, names, config.input_size)
     position = {n: i for i, n in enumerate(names)}
     with tempfile.TemporaryDirectory() as out:
-        result = train_fold(dataset, args.fold, config, Path(out), lambda ns: faces[[position[n] for n in ns]],
-                            log=lambda line: print(line, file=sys.stderr))
+        result = train_fold(
+            dataset,
+            args.fold,
+            config,
+            Path(out),
+            lambda ns: faces[[position[n] for n in ns]],
+            log=lambda line: print(line, file=sys.stderr),
+        )
     n_test = int((dataset.table[args.fold] == "test").sum())
     assert result.test_accuracy is not None, "the fold has no test images"
     hits = round(result.test_accuracy * n_test)
     interval = stats.binomtest(hits, n_test).proportion_ci()
     print(f"classes: {', '.join(classes)} (chance {1 / len(classes):.3f})")
     print(f"blanked: {blanked.mean():.0%} of the aligned frame (the union of every face's eyes, nose and mouth)")
-    print(f"eyes, nose and mouth blanked: test accuracy {result.test_accuracy:.3f} "
-          f"[{interval.low:.3f}, {interval.high:.3f}] on {n_test} faces; validation {result.val_accuracy:.3f}")
+    print(
+        f"eyes, nose and mouth blanked: test accuracy {result.test_accuracy:.3f} "
+        f"[{interval.low:.3f}, {interval.high:.3f}] on {n_test} faces; validation {result.val_accuracy:.3f}"
+    )
 
 
 if __name__ == "__main__":

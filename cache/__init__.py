@@ -5,6 +5,7 @@ spec's JSON), of the function's name, and of the source of the modules it depend
 versions of the numeric libraries: editing the science invalidates exactly what it touches.
 Nothing is cached unless a ``DiskCache`` is passed: uploaded photos stay in memory by default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,13 +46,13 @@ def _library_versions() -> str:
     return ",".join(versions)
 
 
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
+def _feed(h: hashlib._Hash, obj: Any) -> None:
     """Feed a canonical, type-tagged encoding of ``obj`` into ``h``."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
         h.update(b"J" + json.dumps(obj).encode())
     elif isinstance(obj, bytes):
         h.update(b"B%d:" % len(obj) + obj)
-    elif isinstance(obj, np.ndarray) or type(obj).__module__ == "torch" and type(obj).__name__ == "Tensor":
+    elif isinstance(obj, np.ndarray) or (type(obj).__module__ == "torch" and type(obj).__name__ == "Tensor"):
         array = np.ascontiguousarray(obj.detach().cpu().numpy() if hasattr(obj, "detach") else obj)
         h.update(f"A{array.dtype.str}{array.shape}".encode())
         h.update(memoryview(array).cast("B"))
@@ -75,7 +76,9 @@ def _feed(h: "hashlib._Hash", obj: Any) -> None:
             _feed(h, key)
             _feed(h, obj[key])
     else:
-        raise TypeError(f"cannot build a content key from a {type(obj).__name__}; pass arrays, specs or fingerprinted models")
+        raise TypeError(
+            f"cannot build a content key from a {type(obj).__name__}; pass arrays, specs or fingerprinted models"
+        )
 
 
 def content_hash(*parts: Any) -> str:
@@ -132,9 +135,12 @@ class DiskCache:
             if getattr(error, "sqlite_errorcode", None) not in _DAMAGED_DATABASE:
                 raise
             moved = _move_aside(self.directory)
-            log.warning("the cache database in %s is damaged (%s); %s, starting a fresh cache: results will be "
-                        "recomputed", self.directory, error,
-                        f"moved the folder to {moved}" if moved else "another process moved the folder aside")
+            log.warning(
+                "the cache database in %s is damaged (%s); %s, starting a fresh cache: results will be recomputed",
+                self.directory,
+                error,
+                f"moved the folder to {moved}" if moved else "another process moved the folder aside",
+            )
             self._store = diskcache.Cache(str(self.directory), **settings)
 
     def lookup(self, key: str) -> Any:

@@ -6,6 +6,7 @@ long as the folder is kept. Writes go to a temporary file and are renamed into p
 sessions saving at once, or a crash halfway, never leave a torn file behind. Bundled specs
 (``core/region_specs/*.json``) are addressable by their name as well.
 """
+
 from __future__ import annotations
 
 import os

@@ -16,13 +16,15 @@ from core.errors import NoFaceError
 
 # ArcFace (insightface) template for a 112×112 crop, in the landmark order used everywhere:
 # image-left eye, image-right eye, nose tip, image-left mouth corner, image-right mouth corner.
-ARCFACE_TEMPLATE_112 = np.array([
-    [38.2946, 51.6963],
-    [73.5318, 51.5014],
-    [56.0252, 71.7366],
-    [41.5493, 92.3655],
-    [70.7299, 92.2041],
-])
+ARCFACE_TEMPLATE_112 = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ]
+)
 
 # MTCNN's image pyramid is slow and memory-hungry on big photos, and faces in clinical portraits are
 # large: search a copy whose longest side is at most this.
@@ -31,21 +33,23 @@ DETECTION_MAX_SIDE = 1024
 # empty and it fails inside torch instead of finding nothing.
 DETECTION_MIN_SIDE = 20
 
-NO_FACE_MESSAGE = ("No face found in the image; use a frontal, well-lit photo in which the face is clearly "
-                   "visible (at least about 40 pixels wide), or give the five landmarks (x1,y1…x5,y5 in "
-                   "partitions.csv).")
+NO_FACE_MESSAGE = (
+    "No face found in the image; use a frontal, well-lit photo in which the face is clearly "
+    "visible (at least about 40 pixels wide), or give the five landmarks (x1,y1…x5,y5 in "
+    "partitions.csv)."
+)
 
 
 class DetectedFace(NamedTuple):
-    box: np.ndarray         # (x1, y1, x2, y2) in image pixels
+    box: np.ndarray  # (x1, y1, x2, y2) in image pixels
     probability: float
-    landmarks: np.ndarray   # 5×2 (x, y) in image pixels, the order above
+    landmarks: np.ndarray  # 5×2 (x, y) in image pixels, the order above
 
 
 class AlignedFace(NamedTuple):
-    image: np.ndarray       # size×size×3 uint8
-    matrix: np.ndarray      # 2×3 float64: original pixel (x, y, 1) -> aligned pixel (x, y)
-    landmarks: np.ndarray   # 5×2 in the aligned frame
+    image: np.ndarray  # size×size×3 uint8
+    matrix: np.ndarray  # 2×3 float64: original pixel (x, y, 1) -> aligned pixel (x, y)
+    landmarks: np.ndarray  # 5×2 in the aligned frame
 
 
 def template_for(size: int) -> np.ndarray:
@@ -83,8 +87,10 @@ def detect_faces(image: np.ndarray, detector=None) -> list[DetectedFace]:
     factors = np.array([width / searched.shape[1], height / searched.shape[0]])
     boxes = (np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2) + 0.5) * factors - 0.5
     points = (np.asarray(points, dtype=np.float64) + 0.5) * factors - 0.5
-    faces = [DetectedFace(box.reshape(4), float(probability), landmarks)
-             for box, probability, landmarks in zip(boxes, probabilities, points)]
+    faces = [
+        DetectedFace(box.reshape(4), float(probability), landmarks)
+        for box, probability, landmarks in zip(boxes, probabilities, points)
+    ]
     return sorted(faces, key=_box_area, reverse=True)
 
 
@@ -114,9 +120,11 @@ def check_landmarks(landmarks: np.ndarray, image_shape: tuple[int, ...]) -> np.n
         raise NoFaceError(f"The five landmarks must be finite numbers, got {np.round(landmarks, 1).tolist()}.")
     eye_distance = float(np.linalg.norm(landmarks[1] - landmarks[0]))
     if eye_distance < 2:
-        raise NoFaceError(f"The five landmarks do not define a face: the eyes are {eye_distance:.2g} pixels apart. "
-                          "Give them in the photo's pixels (not normalised to 0..1), in the order left eye, "
-                          "right eye, nose, left and right mouth corner.")
+        raise NoFaceError(
+            f"The five landmarks do not define a face: the eyes are {eye_distance:.2g} pixels apart. "
+            "Give them in the photo's pixels (not normalised to 0..1), in the order left eye, "
+            "right eye, nose, left and right mouth corner."
+        )
     height, width = image_shape[:2]
     size = np.array([width, height])
     hint = "landmarks must be in the pixels of this photo, x before y."
@@ -126,8 +134,10 @@ def check_landmarks(landmarks: np.ndarray, image_shape: tuple[int, ...]) -> np.n
     too_far = ((landmarks < -reach) | (landmarks > size + reach)).any(axis=1)
     if too_far.any():
         x, y = landmarks[np.argmax(too_far)]
-        raise NoFaceError(f"The landmark ({x:.1f}, {y:.1f}) lies farther outside the {width}×{height} photo than the "
-                          f"face is wide; {hint}")
+        raise NoFaceError(
+            f"The landmark ({x:.1f}, {y:.1f}) lies farther outside the {width}×{height} photo than the "
+            f"face is wide; {hint}"
+        )
     return landmarks
 
 
@@ -137,12 +147,16 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 224) -> Ali
     landmarks = check_landmarks(landmarks, image.shape)
     transform = SimilarityTransform.from_estimate(landmarks, template_for(size))
     if not transform:
-        raise NoFaceError(f"The five landmarks do not define a face ({transform}); check that they are "
-                          "distinct points in the order left eye, right eye, nose, left and right mouth corner.")
-    aligned = warp(image, transform.inverse, output_shape=(size, size), order=1,
-                   mode="constant", cval=0, preserve_range=True)
-    return AlignedFace(image=_round_to(aligned, np.dtype(np.uint8)), matrix=transform.params[:2].copy(),
-                       landmarks=transform(landmarks))
+        raise NoFaceError(
+            f"The five landmarks do not define a face ({transform}); check that they are "
+            "distinct points in the order left eye, right eye, nose, left and right mouth corner."
+        )
+    aligned = warp(
+        image, transform.inverse, output_shape=(size, size), order=1, mode="constant", cval=0, preserve_range=True
+    )
+    return AlignedFace(
+        image=_round_to(aligned, np.dtype(np.uint8)), matrix=transform.params[:2].copy(), landmarks=transform(landmarks)
+    )
 
 
 def warp_to_aligned(array: np.ndarray, matrix: np.ndarray, size: int, order: int) -> np.ndarray:
@@ -152,8 +166,15 @@ def warp_to_aligned(array: np.ndarray, matrix: np.ndarray, size: int, order: int
     """
     original_to_aligned = AffineTransform(matrix=np.vstack([matrix, [0.0, 0.0, 1.0]]))
     values = array.astype(np.uint8) if array.dtype == bool else array
-    aligned = warp(values, original_to_aligned.inverse, output_shape=(size, size), order=order,
-                   mode="constant", cval=0, preserve_range=True)
+    aligned = warp(
+        values,
+        original_to_aligned.inverse,
+        output_shape=(size, size),
+        order=order,
+        mode="constant",
+        cval=0,
+        preserve_range=True,
+    )
     return _round_to(aligned, array.dtype)
 
 
@@ -165,8 +186,15 @@ def warp_to_original(array: np.ndarray, matrix: np.ndarray, original_shape: tupl
     """
     original_to_aligned = AffineTransform(matrix=np.vstack([matrix, [0.0, 0.0, 1.0]]))
     values = array.astype(np.uint8) if array.dtype == bool else array
-    back = warp(values, original_to_aligned, output_shape=tuple(original_shape[:2]), order=order,
-                mode="constant", cval=0, preserve_range=True)
+    back = warp(
+        values,
+        original_to_aligned,
+        output_shape=tuple(original_shape[:2]),
+        order=order,
+        mode="constant",
+        cval=0,
+        preserve_range=True,
+    )
     return _round_to(back, array.dtype)
 
 

@@ -4,6 +4,7 @@ Files follow the NIH-Faces layout, ``<dataset>/metadata/hpo-annotations/<label>.
 ``read_annotations``). This is the only module that reads them, so the file format and its error
 messages live in one place and the statistics stay free of disk.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,15 @@ from core.hpo import AnnotationError, paper_rows, term_spellings
 _RELEASE_EXTRA_COLUMNS = ("image_num", "other")
 _RELEASE_VALUE = re.compile(r"^([1-9]\d*)X$")  # "2X": two raters marked the term
 
-ANNOTATION_SCHEMA = {"image_name": pl.Utf8, "label": pl.Utf8, "rater": pl.Utf8, "term": pl.Utf8, "hpo_id": pl.Utf8,
-                     "region": pl.Utf8, "value": pl.Int64}
+ANNOTATION_SCHEMA = {
+    "image_name": pl.Utf8,
+    "label": pl.Utf8,
+    "rater": pl.Utf8,
+    "term": pl.Utf8,
+    "hpo_id": pl.Utf8,
+    "region": pl.Utf8,
+    "value": pl.Int64,
+}
 
 
 def read_annotations(dataset: Dataset | str | Path) -> pl.DataFrame:
@@ -80,8 +88,11 @@ def _parse_file(path: Path, label: str, labels: dict[str, str]) -> pl.DataFrame:
     values = _cell_values(path, table, terms, names)
     raters = table["rater"].to_list() if "rater" in table.columns else [None] * len(table)
     _check_unique(path, names, raters, "rater" in table.columns)
-    rows = [(names[i], label, raters[i], row["paper_name"], row["hpo_id"], row["region"], int(values[i, j]))
-            for i in range(len(names)) for j, row in enumerate(terms.values())]
+    rows = [
+        (names[i], label, raters[i], row["paper_name"], row["hpo_id"], row["region"], int(values[i, j]))
+        for i in range(len(names))
+        for j, row in enumerate(terms.values())
+    ]
     return pl.DataFrame(rows, schema=ANNOTATION_SCHEMA, orient="row")
 
 
@@ -94,8 +105,10 @@ def _term_columns(path: Path, columns: list[str]) -> dict[str, dict]:
             continue
         row = lookup.get(_normalised(column))
         if row is None:
-            raise AnnotationError(f"{path}: column {column!r} is not one of the paper's 50 HPO terms "
-                                  "(use its name as in the paper or the ontology, or its HP id)")
+            raise AnnotationError(
+                f"{path}: column {column!r} is not one of the paper's 50 HPO terms "
+                "(use its name as in the paper or the ontology, or its HP id)"
+            )
         clash = [c for c, r in terms.items() if r is row]
         if clash:
             raise AnnotationError(f"{path}: columns {clash[0]!r} and {column!r} are the same term")
@@ -109,11 +122,15 @@ def _check_images(path: Path, names: list, label: str, labels: dict[str, str]) -
         if name is None or not name.strip():
             raise AnnotationError(f"{path}: row {i + 2} has an empty image_name")
         if name not in labels:
-            raise AnnotationError(f"{path}: row {i + 2} ({name!r}) annotates an image that partitions.csv does not "
-                                  "list; add the image to partitions.csv or remove the row")
+            raise AnnotationError(
+                f"{path}: row {i + 2} ({name!r}) annotates an image that partitions.csv does not "
+                "list; add the image to partitions.csv or remove the row"
+            )
         if labels[name] != label:
-            raise AnnotationError(f"{path}: row {i + 2} ({name!r}) annotates an image labelled {labels[name]!r} in "
-                                  f"partitions.csv under {label!r}; move the row to {labels[name]}.csv")
+            raise AnnotationError(
+                f"{path}: row {i + 2} ({name!r}) annotates an image labelled {labels[name]!r} in "
+                f"partitions.csv under {label!r}; move the row to {labels[name]}.csv"
+            )
 
 
 def _cell_values(path: Path, table: pl.DataFrame, terms: dict[str, dict], names: list) -> np.ndarray:
@@ -121,8 +138,10 @@ def _cell_values(path: Path, table: pl.DataFrame, terms: dict[str, dict], names:
     cells = table.select(list(terms)).to_numpy() if terms else np.empty((len(table), 0), dtype=object)
     release = any(isinstance(v, str) and _RELEASE_VALUE.match(v.strip()) for v in cells.ravel())
     if release and "rater" in table.columns:
-        raise AnnotationError(f"{path}: rater counts ('2X') and a rater column do not go together; "
-                              "use one row per image × rater with 0/1, or the release's counts without raters")
+        raise AnnotationError(
+            f"{path}: rater counts ('2X') and a rater column do not go together; "
+            "use one row per image × rater with 0/1, or the release's counts without raters"
+        )
     values = np.zeros(cells.shape, dtype=np.int64)
     for (i, j), cell in np.ndenumerate(cells):
         text = (cell or "").strip()
@@ -133,8 +152,9 @@ def _cell_values(path: Path, table: pl.DataFrame, terms: dict[str, dict], names:
             values[i, j] = int(text)
         else:
             expected = "empty or a rater count such as '2X'" if release else "0 or 1"
-            raise AnnotationError(f"{path}: row {i + 2} ({names[i]!r}), column {list(terms)[j]!r}: "
-                                  f"{cell!r} is not {expected}")
+            raise AnnotationError(
+                f"{path}: row {i + 2} ({names[i]!r}), column {list(terms)[j]!r}: {cell!r} is not {expected}"
+            )
     return values
 
 
@@ -144,6 +164,8 @@ def _check_unique(path: Path, names: list, raters: list, has_raters: bool) -> No
     for i, key in enumerate(zip(names, raters)):
         if key in seen:
             who = f"rater {key[1]!r}" if has_raters else "no rater column"
-            raise AnnotationError(f"{path}: rows {seen[key] + 2} and {i + 2} both annotate {key[0]!r} ({who}); "
-                                  "add a rater column for several raters")
+            raise AnnotationError(
+                f"{path}: rows {seen[key] + 2} and {i + 2} both annotate {key[0]!r} ({who}); "
+                "add a rater column for several raters"
+            )
         seen[key] = i

@@ -4,6 +4,7 @@ Zennit composites and Captum hooks mutate the model while they run (hooks, merge
 norms, overridden forwards), so every call holds that model's lock (``models.locks``):
 concurrent callers on one shared model are serialised instead of corrupting each other.
 """
+
 from __future__ import annotations
 
 import math
@@ -178,7 +179,13 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 _zennit(lambda model, **p: IntegratedGradients(model, **p)),
                 lambda p, size: (p["n_iter"], p["n_iter"]),
             ),
-            Method("GuidedBackprop", "zennit", dict(_GRAD), _zennit(_composite(zc.GuidedBackprop, False)), lambda p, size: (1, 1)),
+            Method(
+                "GuidedBackprop",
+                "zennit",
+                dict(_GRAD),
+                _zennit(_composite(zc.GuidedBackprop, False)),
+                lambda p, size: (1, 1),
+            ),
             # Zennit evaluates each hooked layer again in the backward pass, once per input/weight
             # sign combination of its rule: z+ twice (3 forward, 2 backward in all), alpha-beta four
             # times (5 forward, 4 backward). Excitation backprop uses z+ on every conv and dense layer.
@@ -189,10 +196,16 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 _zennit(_composite(zc.ExcitationBackprop, False)),
                 _z_plus_passes,
             ),
-            Method("DeconvNet", "zennit", dict(_GRAD), _zennit(_composite(zc.DeconvNet, False)), lambda p, size: (1, 1)),
+            Method(
+                "DeconvNet", "zennit", dict(_GRAD), _zennit(_composite(zc.DeconvNet, False)), lambda p, size: (1, 1)
+            ),
             Method("LRP-EpsilonPlus", "zennit", dict(_LRP), _zennit(_composite(zc.EpsilonPlus, True)), _z_plus_passes),
             Method(
-                "LRP-EpsilonPlusFlat", "zennit", dict(_LRP), _zennit(_composite(zc.EpsilonPlusFlat, True)), _z_plus_passes
+                "LRP-EpsilonPlusFlat",
+                "zennit",
+                dict(_LRP),
+                _zennit(_composite(zc.EpsilonPlusFlat, True)),
+                _z_plus_passes,
             ),
             Method(
                 "LRP-EpsilonAlpha2Beta1",
@@ -212,7 +225,10 @@ METHODS: Mapping[str, Method] = MappingProxyType(
             Method("DeepLIFT", "captum", {"multiply_by_inputs": True}, _deeplift, lambda p, size: (2, 2)),
             # Guided backprop and Grad-CAM each need their own forward and backward pass.
             Method(
-                "GuidedGradCam", "captum", {"layer": "layer4", "interpolate_mode": "nearest"}, _guided_gradcam,
+                "GuidedGradCam",
+                "captum",
+                {"layer": "layer4", "interpolate_mode": "nearest"},
+                _guided_gradcam,
                 lambda p, size: (2, 2),
             ),
             Method(
@@ -242,6 +258,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 # Cheap enough to score a whole dataset on a CPU in minutes: what the demo scores and the dashboard starts with.
 QUICK_METHODS: tuple[str, ...] = ("Gradient", "GuidedBackprop", "LRP-EpsilonPlusFlat", "LayerGradCam")
+
 
 def predicted_targets(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     with model_lock(model), torch.no_grad():

@@ -1,4 +1,5 @@
 """``python -m core <command>``: the same functions the dashboard calls, over files."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def _methods(text: str) -> list[str]:
     chosen = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in METHOD_NAMES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; "
-                                         f"choose from {', '.join(METHOD_NAMES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}"
+        )
     return chosen
 
 
@@ -77,7 +79,9 @@ def _settings(args: argparse.Namespace, **fixed):
         "spec": PAPER_REGIONS if regions is None else RegionSpec.from_json(_read_text(regions, "region spec")),
         "mode": getattr(args, "mode", "abs"),
         "parser": None if parser is None else load_face_parser(parser),
-        "target": {None: "predicted", "true": "label"}.get(getattr(args, "target", None), getattr(args, "target", None)),
+        "target": {None: "predicted", "true": "label"}.get(
+            getattr(args, "target", None), getattr(args, "target", None)
+        ),
         "batch_size": getattr(args, "batch_size", 16),
     }
     return ExplainSettings(**{**chosen, **fixed})
@@ -100,10 +104,19 @@ def command_explain(args: argparse.Namespace) -> int:
         stored_map = resize_label_map(stored_map, image.shape[:2])
     classifier = load_classifier(_classifier_card(args.model))
     landmarks = None if args.landmarks is None else args.landmarks * factors
-    result = explain(Photo(image, landmarks, stored_map), classifier, _settings(args),
-                     DiskCache() if args.cache else None, None if args.quiet else _progress)
-    summary = {"image": str(args.image), "model": str(_classifier_card(args.model)), **result.summary(),
-               "landmarks": np.round(result.face.landmarks / factors, 2).tolist()}
+    result = explain(
+        Photo(image, landmarks, stored_map),
+        classifier,
+        _settings(args),
+        DiskCache() if args.cache else None,
+        None if args.quiet else _progress,
+    )
+    summary = {
+        "image": str(args.image),
+        "model": str(_classifier_card(args.model)),
+        **result.summary(),
+        "landmarks": np.round(result.face.landmarks / factors, 2).tolist(),
+    }
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -130,11 +143,20 @@ def command_train(args: argparse.Namespace) -> int:
     position = {n: i for i, n in enumerate(names)}
     results = []
     for fold in folds:
-        result = train_fold(dataset, fold, config, out, lambda subset: faces[[position[n] for n in subset]],
-                            log=lambda line: print(line, file=sys.stderr))
-        print(f"{fold}: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.3f}"
-              + (f", test accuracy {result.test_accuracy:.3f}" if result.test_accuracy is not None else "")
-              + f" ({result.seconds:.0f} s) -> {result.card_path}", file=sys.stderr)
+        result = train_fold(
+            dataset,
+            fold,
+            config,
+            out,
+            lambda subset: faces[[position[n] for n in subset]],
+            log=lambda line: print(line, file=sys.stderr),
+        )
+        print(
+            f"{fold}: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.3f}"
+            + (f", test accuracy {result.test_accuracy:.3f}" if result.test_accuracy is not None else "")
+            + f" ({result.seconds:.0f} s) -> {result.card_path}",
+            file=sys.stderr,
+        )
         results.append(result)
     table = table2(results)
     table.write_csv(out / "table2.csv")
@@ -148,8 +170,9 @@ def command_train_parser(args: argparse.Namespace) -> int:
 
     dataset = open_dataset(args.dataset)
     config = config_from_args(ParserConfig, args)
-    result = train_face_parser(dataset, config, Path(args.out or dataset.layout.models),
-                               log=lambda line: print(line, file=sys.stderr))
+    result = train_face_parser(
+        dataset, config, Path(args.out or dataset.layout.models), log=lambda line: print(line, file=sys.stderr)
+    )
     result.iou.write_csv(result.card_path.with_name("parser-iou.csv"))
     print(result.iou)
     print(f"mean IoU {result.mean_iou:.3f} on {config.held_out_fraction:.0%} held-out faces -> {result.card_path}")
@@ -188,12 +211,20 @@ def command_extract(args: argparse.Namespace) -> int:
             bar.set_postfix_str(what, refresh=False)
             bar.update(done - bar.n)
 
-        table = extract_scores(ExtractionPlan(dataset, classifiers, args.split), settings,
-                               cache=None if args.no_cache else DiskCache(), store=store, progress=progress)
+        table = extract_scores(
+            ExtractionPlan(dataset, classifiers, args.split),
+            settings,
+            cache=None if args.no_cache else DiskCache(),
+            store=store,
+            progress=progress,
+        )
     out = write_score_table(table, args.out or dataset.layout.score_table(args.split))
-    print(f"{table.height} rows ({table['image_name'].n_unique()} images × {len(classifiers)} model(s) × "
-          f"{len(settings.methods)} method(s) × {len(settings.spec.regions)} regions) -> {out}"
-          + ("" if store is None else f"; relevance maps in {store.root}"), file=sys.stderr)
+    print(
+        f"{table.height} rows ({table['image_name'].n_unique()} images × {len(classifiers)} model(s) × "
+        f"{len(settings.methods)} method(s) × {len(settings.spec.regions)} regions) -> {out}"
+        + ("" if store is None else f"; relevance maps in {store.root}"),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -237,14 +268,36 @@ def command_rq1(args: argparse.Namespace) -> int:
     from core.stats import compare_groups, significance_counts
 
     syndromes = [s.strip() for s in args.syndromes.split(",") if s.strip()] if args.syndromes else None
-    tests = compare_groups(_read_score_table(args.scores), reference=args.reference, alpha=args.alpha,
-                           correction=args.correction, ttest=args.ttest, syndromes=syndromes, model=args.model)
+    tests = compare_groups(
+        _read_score_table(args.scores),
+        reference=args.reference,
+        alpha=args.alpha,
+        correction=args.correction,
+        ttest=args.ttest,
+        syndromes=syndromes,
+        model=args.model,
+    )
     table3 = significance_counts(tests)
     with pl.Config(tbl_rows=200, tbl_cols=20, float_precision=4, tbl_width_chars=200, fmt_str_lengths=60):
-        print(tests.select("method", "syndrome", "region", "n_syndrome", "n_reference", "test", "p", "p_corrected",
-                           "significant", "cohens_d", "note"))
-        print(f"Table 3: significant methods per region and syndrome ({args.correction}, alpha {args.alpha}, "
-              f"vs {args.reference})")
+        print(
+            tests.select(
+                "method",
+                "syndrome",
+                "region",
+                "n_syndrome",
+                "n_reference",
+                "test",
+                "p",
+                "p_corrected",
+                "significant",
+                "cohens_d",
+                "note",
+            )
+        )
+        print(
+            f"Table 3: significant methods per region and syndrome ({args.correction}, alpha {args.alpha}, "
+            f"vs {args.reference})"
+        )
         print(table3)
     _write_tables(args.out or args.scores.parent, {"rq1-tests.csv": tests, "rq1-table3.csv": table3})
     return 0
@@ -257,8 +310,10 @@ def _annotated_dataset(scores: Path, dataset: Path | None) -> Path:
     guess = scores.resolve().parent.parent
     if (guess / "metadata" / "hpo-annotations").is_dir():
         return guess
-    raise UserFacingError(f"{scores} does not lie in <dataset>/results/; pass --dataset, the folder whose "
-                          "metadata/hpo-annotations/ annotates the scored images")
+    raise UserFacingError(
+        f"{scores} does not lie in <dataset>/results/; pass --dataset, the folder whose "
+        "metadata/hpo-annotations/ annotates the scored images"
+    )
 
 
 def command_rq2(args: argparse.Namespace) -> int:
@@ -277,12 +332,20 @@ def command_rq2(args: argparse.Namespace) -> int:
         print("Table 4: Spearman rho between C_i and the HPO count of the region, mean (std) over models")
         print(table4_wide(result.summary))
         tested = chi2.filter(pl.col("chi2").is_not_null()).sort("chi2", descending=True)
-        print(f"Figure 4b: chi2 of each HPO term against the syndrome ({len(chi2) - len(tested)} terms never or "
-              "always marked: no test)")
+        print(
+            f"Figure 4b: chi2 of each HPO term against the syndrome ({len(chi2) - len(tested)} terms never or "
+            "always marked: no test)"
+        )
         print(tested)
-    _write_tables(args.out or args.scores.parent, {
-        "rq2-per-model.csv": result.per_model, "rq2-table4.csv": result.summary,
-        "rq2-figure4b-chi2.csv": chi2, "rq2-figure4a-tsne.csv": term_tsne(annotations, seed=args.seed)})
+    _write_tables(
+        args.out or args.scores.parent,
+        {
+            "rq2-per-model.csv": result.per_model,
+            "rq2-table4.csv": result.summary,
+            "rq2-figure4b-chi2.csv": chi2,
+            "rq2-figure4a-tsne.csv": term_tsne(annotations, seed=args.seed),
+        },
+    )
     return 0
 
 
@@ -293,15 +356,23 @@ def command_benchmark(args: argparse.Namespace) -> int:
 
     dataset, classifier = _dataset_and_classifier(args)
     if not dataset.layout.ground_truth.is_file():
-        raise UserFacingError(f"{dataset.root} has no metadata/ground_truth.csv: the leaderboard needs planted "
-                              "phenotypes, i.e. a synthetic dataset (python -m core demo)")
+        raise UserFacingError(
+            f"{dataset.root} has no metadata/ground_truth.csv: the leaderboard needs planted "
+            "phenotypes, i.e. a synthetic dataset (python -m core demo)"
+        )
     names = evenly_spaced(names_in(dataset, classifier.card.fold or dataset.folds[0], "test"), args.limit)
 
     def progress(method: str, m: int, total: int) -> None:
         print(f"[{m + 1}/{total}] {method}: {len(names)} faces", file=sys.stderr, flush=True)
 
-    table = leaderboard(dataset, classifier, names, _settings(args), DiskCache() if args.cache else None,
-                        None if args.quiet else progress)
+    table = leaderboard(
+        dataset,
+        classifier,
+        names,
+        _settings(args),
+        DiskCache() if args.cache else None,
+        None if args.quiet else progress,
+    )
     out = Path(args.out or dataset.layout.leaderboard)
     table.write_csv(out)
     _print_table(table)
@@ -377,8 +448,9 @@ def command_sanity(args: argparse.Namespace) -> int:
     cascade = [layer.strip() for layer in args.cascade.split(",") if layer.strip()]
     check_layers(classifier, cascade)  # before the faces are read
     faces, settings, cache = _faces_to_check(args, dataset, classifier)
-    result = randomisation_check(classifier, faces, settings, Cascade(tuple(cascade), args.seed), cache,
-                                 None if args.quiet else _progress)
+    result = randomisation_check(
+        classifier, faces, settings, Cascade(tuple(cascade), args.seed), cache, None if args.quiet else _progress
+    )
     out = Path(args.out or dataset.layout.sanity_table(args.split))
     out.parent.mkdir(parents=True, exist_ok=True)
     result.summary.write_csv(out)
@@ -397,9 +469,13 @@ def add_config_flags(command: argparse.ArgumentParser, config_type: type[Datacla
         if hints[field.name] is bool:
             _add_switch(command, field)
         else:
-            command.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
-                                 type=_flag_type(hints[field.name]), choices=field.metadata.get("choices"),
-                                 help=_field_help(field))
+            command.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                dest=field.name,
+                type=_flag_type(hints[field.name]),
+                choices=field.metadata.get("choices"),
+                help=_field_help(field),
+            )
 
 
 def _add_switch(command: argparse.ArgumentParser, field: dataclasses.Field) -> None:
@@ -407,8 +483,13 @@ def _add_switch(command: argparse.ArgumentParser, field: dataclasses.Field) -> N
     turn_on = not field.default
     name = field.name.replace("_", "-")
     what = field.metadata.get("help", name).replace("%", "%%")
-    command.add_argument(f"--{name}" if turn_on else f"--no-{name}", dest=field.name, action="store_const",
-                         const=turn_on, help=f"turn {'on' if turn_on else 'off'} {what}")
+    command.add_argument(
+        f"--{name}" if turn_on else f"--no-{name}",
+        dest=field.name,
+        action="store_const",
+        const=turn_on,
+        help=f"turn {'on' if turn_on else 'off'} {what}",
+    )
 
 
 def _flag_type(hint: object) -> type:
@@ -428,16 +509,28 @@ def _field_help(field: dataclasses.Field) -> str:
 
 def config_from_args(config_type: type[Config], args: argparse.Namespace) -> Config:
     """``config_type`` with the values of the flags given; the dataclass's defaults for the others."""
-    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(config_type)
-             if getattr(args, field.name, None) is not None}
+    given = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(config_type)
+        if getattr(args, field.name, None) is not None
+    }
     return config_type(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for add_command in (_add_explain, _add_train, _add_train_parser, _add_benchmark, _add_checks, _add_extract,
-                        _add_demo, _add_rq1, _add_rq2):
+    for add_command in (
+        _add_explain,
+        _add_train,
+        _add_train_parser,
+        _add_benchmark,
+        _add_checks,
+        _add_extract,
+        _add_demo,
+        _add_rq1,
+        _add_rq2,
+    ):
         add_command(commands)
     return parser
 
@@ -453,21 +546,26 @@ def _add_regions(command: argparse.ArgumentParser) -> None:
 def _add_mode(command: argparse.ArgumentParser) -> None:
     from core.score import RELEVANCE_MODES
 
-    command.add_argument("--mode", choices=RELEVANCE_MODES, default="abs",
-                         help="relevance map (default: abs, the paper)")
+    command.add_argument(
+        "--mode", choices=RELEVANCE_MODES, default="abs", help="relevance map (default: abs, the paper)"
+    )
 
 
 def _add_explain(commands: Subcommands) -> None:
     explain = commands.add_parser("explain", help="one photo -> JSON: landmarks, prediction, region scores per method")
     explain.add_argument("image", type=Path)
-    explain.add_argument("--landmarks", type=_landmarks,
-                         help="x1,y1,…,x5,y5 in the photo file's pixels (skips face detection)")
+    explain.add_argument(
+        "--landmarks", type=_landmarks, help="x1,y1,…,x5,y5 in the photo file's pixels (skips face detection)"
+    )
     explain.add_argument("--model", type=Path, help="classifier model card (JSON); default: the demo's fold-1 model")
     _add_methods(explain)
     _add_regions(explain)
     explain.add_argument("--parser", type=Path, help="face parser model card (JSON); default: landmark template")
-    explain.add_argument("--segmap", type=Path,
-                         help="stored LaPa label map (PNG) of the photo (its size) or of the aligned face (square)")
+    explain.add_argument(
+        "--segmap",
+        type=Path,
+        help="stored LaPa label map (PNG) of the photo (its size) or of the aligned face (square)",
+    )
     explain.add_argument("--target", help="class name or index to explain (default: the predicted class)")
     _add_mode(explain)
     explain.add_argument("--cache", action="store_true", help="memoise results on disk (XAI_CACHE_DIR); off by default")
@@ -478,8 +576,11 @@ def _add_explain(commands: Subcommands) -> None:
 def _add_train(commands: Subcommands) -> None:
     from core.train import TrainConfig
 
-    train = commands.add_parser("train", help="fine-tune a classifier per fold (paper recipe) and write Table 2",
-                                epilog=f"defaults (the paper's): {TrainConfig()}")
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a classifier per fold (paper recipe) and write Table 2",
+        epilog=f"defaults (the paper's): {TrainConfig()}",
+    )
     train.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo dataset)")
     train.add_argument("--out", type=Path, help="where checkpoints and cards go (default: <dataset>/models)")
     train.add_argument("--folds", help="comma-separated folds (default: all in partitions.csv)")
@@ -513,17 +614,26 @@ def _add_checks(commands: Subcommands) -> None:
     from core.faithfulness import BLANK_MODES, CASCADE, CHANGED_BELOW
 
     faithfulness = commands.add_parser(
-        "faithfulness", help="blank each face region: Spearman ρ between C_i and the drop in the target's probability")
+        "faithfulness", help="blank each face region: Spearman ρ between C_i and the drop in the target's probability"
+    )
     sanity = commands.add_parser(
-        "sanity", help="model randomisation (Adebayo et al. 2018): do the maps change when the top layers do?")
+        "sanity", help="model randomisation (Adebayo et al. 2018): do the maps change when the top layers do?"
+    )
     _add_check_flags(faithfulness)
     _add_check_flags(sanity)
-    faithfulness.add_argument("--blank", choices=BLANK_MODES, default="mean",
-                              help="fill a region with the face's mean colour, or blur it (default: mean)")
+    faithfulness.add_argument(
+        "--blank",
+        choices=BLANK_MODES,
+        default="mean",
+        help="fill a region with the face's mean colour, or blur it (default: mean)",
+    )
     faithfulness.set_defaults(run=command_faithfulness)
-    sanity.add_argument("--cascade", default=",".join(CASCADE[:2]),
-                        help=f"layers re-initialised, cumulatively in this order (default: fc,layer4; the full "
-                             f"cascade is {','.join(CASCADE)}); 'changed' = mean rank correlation < {CHANGED_BELOW}")
+    sanity.add_argument(
+        "--cascade",
+        default=",".join(CASCADE[:2]),
+        help=f"layers re-initialised, cumulatively in this order (default: fc,layer4; the full "
+        f"cascade is {','.join(CASCADE)}); 'changed' = mean rank correlation < {CHANGED_BELOW}",
+    )
     sanity.add_argument("--seed", type=int, default=0, help="seed of the re-initialisation")
     sanity.set_defaults(run=command_sanity)
 
@@ -533,11 +643,16 @@ def _add_check_flags(check: argparse.ArgumentParser) -> None:
     check.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo)")
     check.add_argument("--model", type=Path, help="classifier card (default: the dataset's first fold model)")
     _add_methods(check)
-    check.add_argument("--split", choices=("train", "val", "test"), default="test",
-                       help="images of the model's fold (default: test)")
+    check.add_argument(
+        "--split", choices=("train", "val", "test"), default="test", help="images of the model's fold (default: test)"
+    )
     check.add_argument("--limit", type=int, help="use N faces, evenly spaced over the split")
-    check.add_argument("--target", choices=("predicted", "true"), default="predicted",
-                       help="class explained and measured (default: the predicted one)")
+    check.add_argument(
+        "--target",
+        choices=("predicted", "true"),
+        default="predicted",
+        help="class explained and measured (default: the predicted one)",
+    )
     _add_regions(check)
     check.add_argument("--parser", type=Path, help="face parser card, for datasets without stored label maps")
     _add_mode(check)
@@ -548,29 +663,52 @@ def _add_check_flags(check: argparse.ArgumentParser) -> None:
 
 
 def _add_extract(commands: Subcommands) -> None:
-    extract = commands.add_parser("extract", help="dataset × fold models × methods -> Parquet score table "
-                                                  "(resumable through the cache, with progress)")
+    extract = commands.add_parser(
+        "extract",
+        help="dataset × fold models × methods -> Parquet score table (resumable through the cache, with progress)",
+    )
     extract.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo dataset)")
-    extract.add_argument("--models",
-                         help="comma-separated classifier cards (default: <dataset>/models/classifier-fold-*.json)")
+    extract.add_argument(
+        "--models", help="comma-separated classifier cards (default: <dataset>/models/classifier-fold-*.json)"
+    )
     _add_methods(extract)
     extract.add_argument("--folds", help="comma-separated folds: keep the models whose card names one of them")
-    extract.add_argument("--split", choices=("val", "test", "all"), default="val",
-                         help="each model's own held-out val images (RQ1, default), the test set (RQ2), or all")
+    extract.add_argument(
+        "--split",
+        choices=("val", "test", "all"),
+        default="val",
+        help="each model's own held-out val images (RQ1, default), the test set (RQ2), or all",
+    )
     _add_regions(extract)
     _add_mode(extract)
-    extract.add_argument("--target", choices=("predicted", "label"), default="predicted",
-                         help="class to explain: the predicted one (default, the paper) or the true label")
-    extract.add_argument("--parser", type=Path, help="face parser card, for images without a stored label map "
-                                                     "(default: the landmark template)")
+    extract.add_argument(
+        "--target",
+        choices=("predicted", "label"),
+        default="predicted",
+        help="class to explain: the predicted one (default, the paper) or the true label",
+    )
+    extract.add_argument(
+        "--parser",
+        type=Path,
+        help="face parser card, for images without a stored label map (default: the landmark template)",
+    )
     extract.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="images per batch (default 16)")
     extract.add_argument("--out", type=Path, help="Parquet path (default: <dataset>/results/scores-<split>.parquet)")
-    extract.add_argument("--store", type=Path,
-                         help="relevance store folder (default: <dataset>/results/relevance/<split>)")
-    extract.add_argument("--no-store", dest="no_store", action="store_true",
-                         help="keep no relevance maps (re-scoring another region spec then needs a new extraction)")
-    extract.add_argument("--no-cache", dest="no_cache", action="store_true",
-                         help="do not memoise attributions in XAI_CACHE_DIR (an interrupted run then starts over)")
+    extract.add_argument(
+        "--store", type=Path, help="relevance store folder (default: <dataset>/results/relevance/<split>)"
+    )
+    extract.add_argument(
+        "--no-store",
+        dest="no_store",
+        action="store_true",
+        help="keep no relevance maps (re-scoring another region spec then needs a new extraction)",
+    )
+    extract.add_argument(
+        "--no-cache",
+        dest="no_cache",
+        action="store_true",
+        help="do not memoise attributions in XAI_CACHE_DIR (an interrupted run then starts over)",
+    )
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(run=command_extract)
 
@@ -588,10 +726,18 @@ def _add_rq1(commands: Subcommands) -> None:
     rq1.add_argument("scores", type=Path, help="score table (Parquet), e.g. <dataset>/results/scores-val.parquet")
     rq1.add_argument("--reference", default="Unaffected", help="label of the reference group (default: Unaffected)")
     rq1.add_argument("--alpha", type=float, default=0.001, help="family-wise alpha per method (default: 0.001)")
-    rq1.add_argument("--correction", choices=CORRECTIONS, default="bonferroni",
-                     help="multiple-testing correction over one method's tests (default: bonferroni)")
-    rq1.add_argument("--ttest", choices=TTESTS, default="paper",
-                     help="paper = pingouin's default (Welch when group sizes differ), student, welch")
+    rq1.add_argument(
+        "--correction",
+        choices=CORRECTIONS,
+        default="bonferroni",
+        help="multiple-testing correction over one method's tests (default: bonferroni)",
+    )
+    rq1.add_argument(
+        "--ttest",
+        choices=TTESTS,
+        default="paper",
+        help="paper = pingouin's default (Welch when group sizes differ), student, welch",
+    )
     rq1.add_argument("--syndromes", help="comma-separated labels to compare (default: all but the reference)")
     rq1.add_argument("--model", help="keep one model's rows (needed when several models scored the same images)")
     rq1.add_argument("--out", type=Path, help="folder for rq1-tests.csv and rq1-table3.csv (default: the table's)")
@@ -600,8 +746,9 @@ def _add_rq1(commands: Subcommands) -> None:
 
 def _add_rq2(commands: Subcommands) -> None:
     rq2 = commands.add_parser("rq2", help="RQ2: Spearman rho between C_i and rater HPO counts -> Table 4, Figure 4")
-    rq2.add_argument("scores", type=Path,
-                     help="score table (Parquet) of the annotated images, e.g. scores-test.parquet")
+    rq2.add_argument(
+        "scores", type=Path, help="score table (Parquet) of the annotated images, e.g. scores-test.parquet"
+    )
     rq2.add_argument("--dataset", type=Path, help="dataset with metadata/hpo-annotations/ (default: the table's)")
     rq2.add_argument("--seed", type=int, default=0, help="seed of the t-SNE of Figure 4a")
     rq2.add_argument("--out", type=Path, help="folder for the rq2-*.csv tables (default: the table's)")

@@ -2,6 +2,7 @@
 
 Every problem names the file and the row, so a user can fix their CSV instead of guessing.
 """
+
 from __future__ import annotations
 
 import re
@@ -72,7 +73,9 @@ def open_dataset(root: str | Path) -> Dataset:
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
     if not partitions.is_file():
-        raise DatasetError(f"{partitions} is missing; a dataset needs metadata/partitions.csv (see README 'Data layout')")
+        raise DatasetError(
+            f"{partitions} is missing; a dataset needs metadata/partitions.csv (see README 'Data layout')"
+        )
     with partitions.open("rb") as file:
         if file.read(2) in (b"\xff\xfe", b"\xfe\xff"):
             raise DatasetError(f"{partitions}: the file is UTF-16; save it as UTF-8 CSV")
@@ -93,8 +96,10 @@ def _check_annotation_labels(root: Path, classes: set[str]) -> None:
         return
     for path in sorted(folder.glob("*.csv")):
         if path.stem not in classes:
-            raise DatasetError(f"{path}: label {path.stem!r} is not a class of partitions.csv (classes: "
-                               f"{', '.join(sorted(classes))}); rename the file after its class, or remove it")
+            raise DatasetError(
+                f"{path}: label {path.stem!r} is not a class of partitions.csv (classes: "
+                f"{', '.join(sorted(classes))}); rename the file after its class, or remove it"
+            )
 
 
 def _row(table: pl.DataFrame, index: int) -> str:
@@ -120,8 +125,10 @@ def _validated(table: pl.DataFrame, where: Path) -> pl.DataFrame:
         labels = [label_from_name(n) for n in names]
         missing = [i for i, label in enumerate(labels) if label is None]
         if missing:
-            raise DatasetError(f"{where}: no label column, and {_row(table, missing[0])} does not start with "
-                               "'<label>Slide<number>'; add a label column")
+            raise DatasetError(
+                f"{where}: no label column, and {_row(table, missing[0])} does not start with "
+                "'<label>Slide<number>'; add a label column"
+            )
         table = table.with_columns(pl.Series("label", labels))
     table = table.with_columns(pl.col("label").cast(pl.Utf8))
     unlabelled = table.with_row_index().filter(pl.col("label").is_null() | (pl.col("label").str.strip_chars() == ""))
@@ -130,8 +137,9 @@ def _validated(table: pl.DataFrame, where: Path) -> pl.DataFrame:
     for fold in (f for f in FOLDS if f in table.columns):
         bad = table.with_row_index().filter(~pl.col(fold).is_in(SPLITS) | pl.col(fold).is_null())
         if len(bad):
-            raise DatasetError(f"{where}: {_row(table, bad['index'][0])} has {fold} = {bad[fold][0]!r}; "
-                               f"use one of {', '.join(SPLITS)}")
+            raise DatasetError(
+                f"{where}: {_row(table, bad['index'][0])} has {fold} = {bad[fold][0]!r}; use one of {', '.join(SPLITS)}"
+            )
     present = [c for c in LANDMARK_COLUMNS if c in table.columns]
     if present and len(present) != len(LANDMARK_COLUMNS):
         raise DatasetError(f"{where}: landmark columns incomplete: need all of {', '.join(LANDMARK_COLUMNS)}")
@@ -143,8 +151,10 @@ def _validated(table: pl.DataFrame, where: Path) -> pl.DataFrame:
         for column in present:
             bad = table.with_row_index().filter(~pl.col(column).is_finite() | pl.col(column).is_null())
             if len(bad):
-                raise DatasetError(f"{where}: {_row(table, bad['index'][0])} has {column} = {bad[column][0]}; every "
-                                   "row needs all ten landmark numbers (or drop the columns to detect faces)")
+                raise DatasetError(
+                    f"{where}: {_row(table, bad['index'][0])} has {column} = {bad[column][0]}; every "
+                    "row needs all ten landmark numbers (or drop the columns to detect faces)"
+                )
     keep = ["image_name", "label", *[f for f in FOLDS if f in table.columns], *present]
     return table.select(keep)
 
@@ -203,8 +213,9 @@ def _where(dataset: Dataset, image_name: str) -> str:
     return f"{dataset.layout.partitions}: {_row(dataset.table, index)}"
 
 
-def _stored_label_map(dataset: Dataset, image_name: str, image_shape: tuple[int, ...], factors: np.ndarray,
-                      where: str) -> np.ndarray | None:
+def _stored_label_map(
+    dataset: Dataset, image_name: str, image_shape: tuple[int, ...], factors: np.ndarray, where: str
+) -> np.ndarray | None:
     path = segmap_file(dataset, image_name)
     if path is None:
         return None
@@ -215,9 +226,11 @@ def _stored_label_map(dataset: Dataset, image_name: str, image_shape: tuple[int,
     except (OSError, Image.DecompressionBombError) as error:
         raise DatasetError(f"{where}: cannot read the label map {path} ({error})") from None
     if map_size != photo_size and map_size[0] != map_size[1]:
-        raise DatasetError(f"{where}: the label map {path.name} is {map_size[0]}×{map_size[1]} but the photo is "
-                           f"{photo_size[0]}×{photo_size[1]}; a label map is drawn on its photo (same size) or on "
-                           "the aligned face (square)")
+        raise DatasetError(
+            f"{where}: the label map {path.name} is {map_size[0]}×{map_size[1]} but the photo is "
+            f"{photo_size[0]}×{photo_size[1]}; a label map is drawn on its photo (same size) or on "
+            "the aligned face (square)"
+        )
     try:
         label_map = load_label_map(path)
     except ImageError as error:

@@ -7,6 +7,7 @@ pretraining: from scratch, a CPU-sized budget does not learn the phenotypes, see
 docs/DECISIONS.md). Each finished stage leaves a marker holding the hash of its settings, so a
 second call does nothing and a changed preset redoes only what it changes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,8 @@ from cache import DiskCache
 from core.attribute import QUICK_METHODS
 from core.dataset import Dataset, names_in, open_dataset
 from core.extract import ExtractionPlan, extract_scores, load_classifiers
-from core.leaderboard import leaderboard
 from core.layout import DatasetLayout, demo_dataset
+from core.leaderboard import leaderboard
 from core.pipeline import ExplainSettings
 from core.relevance_store import RelevanceStore
 from core.score_table import write_score_table
@@ -47,13 +48,25 @@ class DemoPreset:
     severity_range: tuple[float, float] = (0.6, 1.0)
     seed: int = 0
     parser_n_per_class: int = 86
-    parser: ParserConfig = ParserConfig(input_size=112, epochs=8, precision="auto")
+    parser: ParserConfig = field(default_factory=lambda: ParserConfig(input_size=112, epochs=8, precision="auto"))
     folds: tuple[str, ...] = ("fold-1", "fold-2")
     # Scored on the held-out faces by every fold model, so the dashboard's pages open at once.
     cheap_methods: tuple[str, ...] = QUICK_METHODS
-    classifier: TrainConfig = field(default_factory=lambda: TrainConfig(
-        architecture="resnet18", input_size=112, epochs=10, batch_size=32, learning_rate=0.002,
-        head_lr_factor=1.0, weight_decay=1e-4, optimizer="adamw", schedule="one-cycle", seed=0, precision="auto"))
+    classifier: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            architecture="resnet18",
+            input_size=112,
+            epochs=10,
+            batch_size=32,
+            learning_rate=0.002,
+            head_lr_factor=1.0,
+            weight_decay=1e-4,
+            optimizer="adamw",
+            schedule="one-cycle",
+            seed=0,
+            precision="auto",
+        )
+    )
 
 
 def _hash(*parts) -> str:
@@ -79,8 +92,9 @@ class _Stages:
         (self.folder / stage).write_text(digest)
 
 
-def build_demo(root: Path | None = None, preset: DemoPreset = DemoPreset(), log=print,
-               cache: DiskCache | None = None) -> dict:
+def build_demo(
+    root: Path | None = None, preset: DemoPreset = DemoPreset(), log=print, cache: DiskCache | None = None
+) -> dict:
     """Build (or confirm) the demo under ``root``; returns what was done and how long it took.
 
     With a ``cache``, the cheap methods' attributions of the held-out faces are stored in it."""
@@ -116,11 +130,21 @@ class _Build:
             self.log(f"generating the synthetic dataset in {layout.root} …")
             for folder in (layout.images, layout.metadata, layout.segmaps.parent, layout.models, layout.build_markers):
                 shutil.rmtree(folder, ignore_errors=True)
-            summary = generate_dataset(layout.root, SyntheticSpec(n_per_class=preset.n_per_class, seed=preset.seed, photos_per_person=preset.photos_per_person, severity_range=preset.severity_range))
-            self.log(f"  {summary.images} images in {summary.seconds:.0f} s "
-                     f"({summary.images_per_second:.0f} images/s)")
-            self.report["stages"]["dataset"] = {"images": summary.images, "seconds": summary.seconds,
-                                                "images_per_second": summary.images_per_second}
+            summary = generate_dataset(
+                layout.root,
+                SyntheticSpec(
+                    n_per_class=preset.n_per_class,
+                    seed=preset.seed,
+                    photos_per_person=preset.photos_per_person,
+                    severity_range=preset.severity_range,
+                ),
+            )
+            self.log(f"  {summary.images} images in {summary.seconds:.0f} s ({summary.images_per_second:.0f} images/s)")
+            self.report["stages"]["dataset"] = {
+                "images": summary.images,
+                "seconds": summary.seconds,
+                "images_per_second": summary.images_per_second,
+            }
             self.stages.mark("dataset", digest)
         return digest
 
@@ -131,14 +155,29 @@ class _Build:
             return digest
         shutil.rmtree(layout.parser_training_faces, ignore_errors=True)
         self.log("generating the parser's own synthetic faces (no person shared with the demo) …")
-        generate_dataset(layout.parser_training_faces, SyntheticSpec(n_per_class=preset.parser_n_per_class, seed=preset.seed + 1_000, photos_per_person=1, severity_range=preset.severity_range))
+        generate_dataset(
+            layout.parser_training_faces,
+            SyntheticSpec(
+                n_per_class=preset.parser_n_per_class,
+                seed=preset.seed + 1_000,
+                photos_per_person=1,
+                severity_range=preset.severity_range,
+            ),
+        )
         self.log("training the face parser …")
-        result = train_face_parser(open_dataset(layout.parser_training_faces), preset.parser, layout.models,
-                                   log=lambda line: self.log("  " + line))
+        result = train_face_parser(
+            open_dataset(layout.parser_training_faces),
+            preset.parser,
+            layout.models,
+            log=lambda line: self.log("  " + line),
+        )
         result.iou.write_csv(layout.parser_iou)
         parser = load_face_parser(result.card_path)
-        encoder = {k.removeprefix("encoder."): v.contiguous() for k, v in parser.network.state_dict().items()
-                   if k.startswith("encoder.")}
+        encoder = {
+            k.removeprefix("encoder."): v.contiguous()
+            for k, v in parser.network.state_dict().items()
+            if k.startswith("encoder.")
+        }
         save_file(encoder, str(layout.parser_encoder))
         self.log(f"  mean IoU {result.mean_iou:.3f} on held-out faces ({result.seconds:.0f} s)")
         self.report["stages"]["parser"] = {"mean_iou": result.mean_iou, "seconds": result.seconds}
@@ -159,14 +198,24 @@ class _Build:
                 faces = aligned_faces(dataset, names, config.input_size)
                 position = {n: i for i, n in enumerate(names)}
             self.log(f"training the {fold} classifier …")
-            result = train_fold(dataset, fold, config, self.layout.models,
-                                lambda subset: faces[[position[n] for n in subset]],
-                                log=lambda line: self.log("  " + line))
-            self.log(f"  {fold}: val accuracy {result.val_accuracy:.3f}, test accuracy {result.test_accuracy:.3f} "
-                     f"({result.seconds:.0f} s)")
+            result = train_fold(
+                dataset,
+                fold,
+                config,
+                self.layout.models,
+                lambda subset: faces[[position[n] for n in subset]],  # noqa: B023 (used in this iteration only)
+                log=lambda line: self.log("  " + line),
+            )
+            self.log(
+                f"  {fold}: val accuracy {result.val_accuracy:.3f}, test accuracy {result.test_accuracy:.3f} "
+                f"({result.seconds:.0f} s)"
+            )
             _store_result(result, self.layout)
             self.report["stages"][f"classifier-{fold}"] = {
-                "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "seconds": result.seconds}
+                "val_accuracy": result.val_accuracy,
+                "test_accuracy": result.test_accuracy,
+                "seconds": result.seconds,
+            }
             trained = True
             self.stages.mark(f"classifier-{fold}", digest)
         if trained:
@@ -181,43 +230,66 @@ def _analyse(dataset, preset: DemoPreset, cache: DiskCache, stages: _Stages, log
     cards = [dataset.layout.classifier_card(fold) for fold in preset.folds]
     settings = ExplainSettings(methods=preset.cheap_methods)
     classifiers = load_classifiers(cards)
-    digest = _hash("analysis", [stages.digest_of(f"classifier-{fold}") for fold in preset.folds],
-                   preset.cheap_methods)
+    digest = _hash("analysis", [stages.digest_of(f"classifier-{fold}") for fold in preset.folds], preset.cheap_methods)
     for split in ("val", "test"):
         if stages.done(f"scores-{split}", digest):
             continue
         log(f"scoring the {split} faces with {', '.join(preset.cheap_methods)} …")
         started = time.perf_counter()
         with tqdm(total=0, unit="map", desc=f"  {split}", file=sys.stderr, leave=False) as bar:
+
             def progress(done: int, total: int, what: str) -> None:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            table = extract_scores(ExtractionPlan(dataset, classifiers, split), settings, cache=cache,
-                                   store=RelevanceStore(dataset.layout.relevance_store(split)), progress=progress)
+            table = extract_scores(
+                ExtractionPlan(dataset, classifiers, split),
+                settings,
+                cache=cache,
+                store=RelevanceStore(dataset.layout.relevance_store(split)),
+                progress=progress,
+            )
         write_score_table(table, dataset.layout.score_table(split))
-        report["stages"][f"scores-{split}"] = {"images": table["image_name"].n_unique(),
-                                               "seconds": time.perf_counter() - started}
+        report["stages"][f"scores-{split}"] = {
+            "images": table["image_name"].n_unique(),
+            "seconds": time.perf_counter() - started,
+        }
         stages.mark(f"scores-{split}", digest)
     if not stages.done("leaderboard", digest):
         log("ranking the cheap methods against the planted phenotypes …")
         started = time.perf_counter()
         first = classifiers[cards[0].stem]
-        leaderboard(dataset, first, names_in(dataset, preset.folds[0], "test"), settings,
-                    cache=cache).write_csv(dataset.layout.leaderboard)
+        leaderboard(dataset, first, names_in(dataset, preset.folds[0], "test"), settings, cache=cache).write_csv(
+            dataset.layout.leaderboard
+        )
         report["stages"]["leaderboard"] = {"seconds": time.perf_counter() - started}
         stages.mark("leaderboard", digest)
 
 
 def _store_result(result: FoldResult, layout: DatasetLayout) -> None:
     result.report.write_csv(layout.fold_report(result.fold))
-    layout.fold_result(result.fold).write_text(json.dumps({
-        "fold": result.fold, "card": result.card_path.name, "best_epoch": result.best_epoch,
-        "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy, "seconds": result.seconds}))
+    layout.fold_result(result.fold).write_text(
+        json.dumps(
+            {
+                "fold": result.fold,
+                "card": result.card_path.name,
+                "best_epoch": result.best_epoch,
+                "val_accuracy": result.val_accuracy,
+                "test_accuracy": result.test_accuracy,
+                "seconds": result.seconds,
+            }
+        )
+    )
 
 
 def _stored_result(layout: DatasetLayout, fold: str) -> FoldResult:
     saved = json.loads(layout.fold_result(fold).read_text())
-    return FoldResult(fold=fold, card_path=layout.models / saved["card"], best_epoch=saved["best_epoch"],
-                      val_accuracy=saved["val_accuracy"], test_accuracy=saved["test_accuracy"],
-                      report=pl.read_csv(layout.fold_report(fold)), seconds=saved["seconds"])
+    return FoldResult(
+        fold=fold,
+        card_path=layout.models / saved["card"],
+        best_epoch=saved["best_epoch"],
+        val_accuracy=saved["val_accuracy"],
+        test_accuracy=saved["test_accuracy"],
+        report=pl.read_csv(layout.fold_report(fold)),
+        seconds=saved["seconds"],
+    )

@@ -4,6 +4,7 @@ Every expensive step is memoised by content when a ``cache`` is given (landmarks
 probabilities, and each method's attribution); without one nothing touches the disk, which
 is the default for uploaded photos.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -14,8 +15,7 @@ import numpy as np
 
 from cache import DiskCache
 from core.dataset import Photo
-from core.pipeline import (ExplainSettings, PreparedFace, class_probabilities, prepare_face, score_faces,
-                           target_indices)
+from core.pipeline import ExplainSettings, PreparedFace, class_probabilities, prepare_face, score_faces, target_indices
 from core.regions import RegionMasks
 from models.checkpoint import Classifier
 
@@ -50,15 +50,22 @@ class Explanation:
             "relevance_mode": self.mode,
             "regions": list(self.face.region_names),
             "region_scores": {
-                method: {r: (None if np.isnan(s) else round(float(s), 5)) for r, s in zip(self.face.region_names, scores)}
+                method: {
+                    r: (None if np.isnan(s) else round(float(s), 5)) for r, s in zip(self.face.region_names, scores)
+                }
                 for method, scores in self.scores.items()
             },
             "notes": list(self.face.notes),
         }
 
 
-def explain(photo: Photo, classifier: Classifier, settings: ExplainSettings | None = None,
-            cache: DiskCache | None = None, progress: Callable[[str, int, int], None] | None = None) -> Explanation:
+def explain(
+    photo: Photo,
+    classifier: Classifier,
+    settings: ExplainSettings | None = None,
+    cache: DiskCache | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Explanation:
     """Align, parse, classify and explain one RGB photo with each of ``settings.methods``.
 
     The photo's ``landmarks`` (5×2, its pixels) skip detection, its ``label_map`` wins over the parser.
@@ -75,5 +82,12 @@ def explain(photo: Photo, classifier: Classifier, settings: ExplainSettings | No
             progress(settings.methods[i], i, len(settings.methods))
     if progress is not None:
         progress("done", len(settings.methods), len(settings.methods))
-    return Explanation(face=face, classes=tuple(classifier.card.classes), probabilities=probabilities[0],
-                       target=target, mode=settings.mode, maps=maps, scores=scores)
+    return Explanation(
+        face=face,
+        classes=tuple(classifier.card.classes),
+        probabilities=probabilities[0],
+        target=target,
+        mode=settings.mode,
+        maps=maps,
+        scores=scores,
+    )

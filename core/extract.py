@@ -28,8 +28,15 @@ from core import score as score_module
 from core.attribute import METHODS
 from core.dataset import Dataset, DatasetError, image_file, names_in, segmap_file
 from core.errors import UserFacingError
-from core.pipeline import (ExplainSettings, PreparedFace, class_probabilities, prepare_dataset_faces, score_faces,
-                           stacked, target_indices)
+from core.pipeline import (
+    ExplainSettings,
+    PreparedFace,
+    class_probabilities,
+    prepare_dataset_faces,
+    score_faces,
+    stacked,
+    target_indices,
+)
 from core.relevance_store import SKIPPED, RelevanceStore, StoreContents, StoredModel, StoreError
 from core.rescore import Progress
 from core.score_table import SCORE_SCHEMA, score_block
@@ -46,8 +53,10 @@ def load_classifiers(card_paths: Sequence[str | Path]) -> dict[str, Classifier]:
     for path in card_paths:
         name = Path(path).stem
         if name in classifiers:
-            raise UserFacingError(f"two model cards are named {name!r}; the score table tells models apart by "
-                                  "their card's file name, so rename one")
+            raise UserFacingError(
+                f"two model cards are named {name!r}; the score table tells models apart by "
+                "their card's file name, so rename one"
+            )
         classifiers[name] = load_classifier(path)
     return classifiers
 
@@ -60,8 +69,10 @@ def split_images(dataset: Dataset, classifier: Classifier, split: str) -> list[s
         return dataset.table["image_name"].to_list()
     fold = classifier.card.fold
     if fold is None:
-        raise UserFacingError(f"the model card of classes {', '.join(classifier.card.classes)} names no fold, so its "
-                              f"{split} images are unknown; add \"fold\" to the card or use --split all")
+        raise UserFacingError(
+            f"the model card of classes {', '.join(classifier.card.classes)} names no fold, so its "
+            f'{split} images are unknown; add "fold" to the card or use --split all'
+        )
     return names_in(dataset, fold, split)
 
 
@@ -99,8 +110,13 @@ class ExtractionPlan:
         return rows
 
 
-def extract_scores(plan: ExtractionPlan, settings: ExplainSettings, cache: DiskCache | None = None,
-                   store: RelevanceStore | None = None, progress: Progress | None = None) -> pl.DataFrame:
+def extract_scores(
+    plan: ExtractionPlan,
+    settings: ExplainSettings,
+    cache: DiskCache | None = None,
+    store: RelevanceStore | None = None,
+    progress: Progress | None = None,
+) -> pl.DataFrame:
     """The score table (``core.score_table.SCORE_SCHEMA``) of the plan's models under ``settings``.
 
     Photos that cannot be used (unreadable, no face, landmarks or label map that do not fit) are left
@@ -121,7 +137,7 @@ def extract_scores(plan: ExtractionPlan, settings: ExplainSettings, cache: DiskC
             store.begin(_store_contents(plan, settings))
         for name, classifier in plan.classifiers.items():
             for start in range(0, len(images[name]), settings.batch_size):
-                run.score_batch(name, classifier, images[name][start:start + settings.batch_size], start)
+                run.score_batch(name, classifier, images[name][start : start + settings.batch_size], start)
     finally:
         if store is not None:
             store.close()
@@ -156,15 +172,18 @@ class _Run:
         outputs = self._score_usable(model, classifier, [faces[n] for n in usable], usable, rows) if usable else {}
         if self.store is not None:
             self.store.write_predictions(
-                model, list(rows.values()), *zip(*(outputs.get(n, (SKIPPED, SKIPPED, float("nan"))) for n in batch),
-                                                  strict=True))
+                model,
+                list(rows.values()),
+                *zip(*(outputs.get(n, (SKIPPED, SKIPPED, float("nan"))) for n in batch), strict=True),
+            )
         for method in self.settings.methods:
             self.done += len(batch)
             if self.progress is not None:
                 self.progress(self.done, self.total, f"{model} · {method}")
 
-    def _score_usable(self, model: str, classifier: Classifier, faces: list[PreparedFace], names: list[str],
-                      rows: dict[str, int]) -> dict[str, tuple[int, int, float]]:
+    def _score_usable(
+        self, model: str, classifier: Classifier, faces: list[PreparedFace], names: list[str], rows: dict[str, int]
+    ) -> dict[str, tuple[int, int, float]]:
         """Score blocks of every method; per image its predicted and target class and the target's probability."""
         aligned, masks = stacked(faces)
         probabilities = class_probabilities(classifier, aligned, self.cache)
@@ -172,38 +191,55 @@ class _Run:
         targets = target_indices(self.settings.target, classes, probabilities, [self.labels[n] for n in names])
         predicted = probabilities.argmax(axis=1)
         target_probability = probabilities[np.arange(len(names)), targets].astype(np.float64)
-        per_image = pl.DataFrame({
-            "image_name": names, "label": [self.labels[n] for n in names],
-            "predicted": [classes[p] for p in predicted], "target": [classes[t] for t in targets],
-            "target_probability": target_probability,
-        }, schema={c: SCORE_SCHEMA[c] for c in ("image_name", "label", "predicted", "target", "target_probability")})
+        per_image = pl.DataFrame(
+            {
+                "image_name": names,
+                "label": [self.labels[n] for n in names],
+                "predicted": [classes[p] for p in predicted],
+                "target": [classes[t] for t in targets],
+                "target_probability": target_probability,
+            },
+            schema={c: SCORE_SCHEMA[c] for c in ("image_name", "label", "predicted", "target", "target_probability")},
+        )
         if self.store is not None:
             self.store.write_label_maps([self.store_rows[n] for n in names], np.stack([f.label_map for f in faces]))
         for result in score_faces(classifier, aligned, masks, targets, self.settings, self.cache):
             self.blocks.setdefault((model, result.method), []).append(
-                score_block(model, classifier.card.fold, result.method, per_image, masks.names, result.scores))
+                score_block(model, classifier.card.fold, result.method, per_image, masks.names, result.scores)
+            )
             if self.store is not None:
                 self.store.write_maps(model, result.method, [rows[n] for n in names], result.maps)
-        return {n: (int(p), int(t), float(q))
-                for n, p, t, q in zip(names, predicted, targets, target_probability, strict=True)}
+        return {
+            n: (int(p), int(t), float(q))
+            for n, p, t, q in zip(names, predicted, targets, target_probability, strict=True)
+        }
 
     def table(self) -> pl.DataFrame:
         if self.skipped and not self.blocks:
             raise DatasetError(f"no photo could be used: {next(iter(self.skipped.values()))}")
         if self.skipped:
             shown = "; ".join(f"{n} ({error})" for n, error in list(self.skipped.items())[:5])
-            warnings.warn(f"{len(self.skipped)} photo(s) left out of the score table: {shown}"
-                          + (" …" if len(self.skipped) > 5 else ""), stacklevel=3)
-        ordered = [frame for name in self.plan.classifiers for method in self.settings.methods
-                   for frame in self.blocks.get((name, method), [])]
+            warnings.warn(
+                f"{len(self.skipped)} photo(s) left out of the score table: {shown}"
+                + (" …" if len(self.skipped) > 5 else ""),
+                stacklevel=3,
+            )
+        ordered = [
+            frame
+            for name in self.plan.classifiers
+            for method in self.settings.methods
+            for frame in self.blocks.get((name, method), [])
+        ]
         return pl.concat(ordered) if ordered else pl.DataFrame(schema=SCORE_SCHEMA)
 
 
 def _store_contents(plan: ExtractionPlan, settings: ExplainSettings) -> StoreContents:
     sizes = {c.card.input_size for c in plan.classifiers.values()}
     if len(sizes) > 1:
-        raise StoreError(f"the models take faces of different sizes ({', '.join(map(str, sorted(sizes)))} px) but a "
-                         "relevance store holds one size; extract them separately, each with its own --store")
+        raise StoreError(
+            f"the models take faces of different sizes ({', '.join(map(str, sorted(sizes)))} px) but a "
+            "relevance store holds one size; extract them separately, each with its own --store"
+        )
     size = sizes.pop()
     rows = plan.store_rows()
     images = list(rows)
@@ -215,12 +251,22 @@ def _store_contents(plan: ExtractionPlan, settings: ExplainSettings) -> StoreCon
     segmaps = [_file_identity(segmap_file(dataset, n)) for n in images]
     label_maps_key = content_hash("label-maps", faces_key, settings.parser, segmaps)
     plan_images = plan.images()
-    models = tuple(StoredModel(name, c.card.fold, tuple(c.card.classes), c.fingerprint,
-                               tuple(rows[n] for n in plan_images[name])) for name, c in plan.classifiers.items())
-    return StoreContents(size=size, mode=settings.mode, target=str(settings.target), image_names=tuple(images),
-                         labels=tuple(labels[n] for n in images), faces_key=faces_key, label_maps_key=label_maps_key,
-                         code_version=source_salt(attribute_module, score_module, checkpoint_module, resnet_module),
-                         models=models, methods=settings.methods)
+    models = tuple(
+        StoredModel(name, c.card.fold, tuple(c.card.classes), c.fingerprint, tuple(rows[n] for n in plan_images[name]))
+        for name, c in plan.classifiers.items()
+    )
+    return StoreContents(
+        size=size,
+        mode=settings.mode,
+        target=str(settings.target),
+        image_names=tuple(images),
+        labels=tuple(labels[n] for n in images),
+        faces_key=faces_key,
+        label_maps_key=label_maps_key,
+        code_version=source_salt(attribute_module, score_module, checkpoint_module, resnet_module),
+        models=models,
+        methods=settings.methods,
+    )
 
 
 def _file_identity(path: Path | None) -> list | None:

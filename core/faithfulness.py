@@ -1,4 +1,5 @@
-"""Two checks beyond the paper: do region scores follow what the classifier needs, and do they follow the classifier at all?
+"""Two checks beyond the paper: do region scores follow what the classifier needs, and do they follow the
+classifier at all?
 
 *Region faithfulness*: blank one region of a face (its pixels replaced by the face's mean
 colour, or by a strong blur of themselves) and measure how much the probability of the
@@ -9,6 +10,7 @@ hurts most: Spearman ρ between C_i and the drop, per method.
 the classifier's top layers, cascading downwards, and recompute the maps. A method whose maps
 barely change explains the image (edges, contrast), not the model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,7 +56,9 @@ class RandomisationCheck:
     summary: pl.DataFrame  # one row per method × randomised, see randomisation_summary
 
 
-def blank_regions(faces: np.ndarray, masks: np.ndarray, mode: str = "mean", blur_sigma: float = BLUR_SIGMA) -> np.ndarray:
+def blank_regions(
+    faces: np.ndarray, masks: np.ndarray, mode: str = "mean", blur_sigma: float = BLUR_SIGMA
+) -> np.ndarray:
     """N×R×H×W×3 uint8: face n with region r blanked; every pixel outside region r keeps its bytes.
 
     ``mean``: the region takes the face's mean colour (per channel, over the whole aligned image).
@@ -80,8 +84,9 @@ def blank_regions(faces: np.ndarray, masks: np.ndarray, mode: str = "mean", blur
     return np.where(masks[..., None], fill[:, None], faces[:, None])
 
 
-def region_drops(classifier: Classifier, faces: FaceSet, targets: Sequence[int], blank: str = "mean",
-                 batch_size: int = 64) -> pl.DataFrame:
+def region_drops(
+    classifier: Classifier, faces: FaceSet, targets: Sequence[int], blank: str = "mean", batch_size: int = 64
+) -> pl.DataFrame:
     """Drop in the probability of class ``targets[n]`` when each region of face n is blanked: one row per
     image × region. The N×R blanked faces go through the classifier about ``batch_size`` at a time.
     An empty region has NaN blanked probability and drop (blanking nothing says nothing).
@@ -101,18 +106,27 @@ def region_drops(classifier: Classifier, faces: FaceSet, targets: Sequence[int],
     blanked[~masks.any(axis=(2, 3))] = np.nan
     base = np.take_along_axis(baseline, targets[:, None], axis=1)[:, 0].astype(np.float64)
     classes = classifier.card.classes
-    return pl.DataFrame({
-        "image_name": np.repeat(list(faces.names), r).tolist(),
-        "region": list(region_names) * n,
-        "target": np.repeat([classes[t] for t in targets], r).tolist(),
-        "baseline_probability": np.repeat(base, r),
-        "blanked_probability": blanked.ravel(),
-        "drop": (base[:, None] - blanked).ravel(),
-    }, nan_to_null=False)
+    return pl.DataFrame(
+        {
+            "image_name": np.repeat(list(faces.names), r).tolist(),
+            "region": list(region_names) * n,
+            "target": np.repeat([classes[t] for t in targets], r).tolist(),
+            "baseline_probability": np.repeat(base, r),
+            "blanked_probability": blanked.ravel(),
+            "drop": (base[:, None] - blanked).ravel(),
+        },
+        nan_to_null=False,
+    )
 
 
-def region_method_scores(classifier: Classifier, faces: FaceSet, targets: Sequence[int], settings: ExplainSettings,
-                         cache: DiskCache | None = None, progress: Progress | None = None) -> pl.DataFrame:
+def region_method_scores(
+    classifier: Classifier,
+    faces: FaceSet,
+    targets: Sequence[int],
+    settings: ExplainSettings,
+    cache: DiskCache | None = None,
+    progress: Progress | None = None,
+) -> pl.DataFrame:
     """C_i of every image × method × region (paper eq. 4), long: image_name, method, region, score."""
     n, r = len(faces.names), len(faces.masks.names)
     tables = []
@@ -121,9 +135,17 @@ def region_method_scores(classifier: Classifier, faces: FaceSet, targets: Sequen
         if progress is not None:
             progress(method, m, len(settings.methods))
         scores = next(results).scores
-        tables.append(pl.DataFrame({
-            "image_name": np.repeat(list(faces.names), r).tolist(), "method": [method] * (n * r),
-            "region": list(faces.masks.names) * n, "score": scores.astype(np.float64).ravel()}, nan_to_null=False))
+        tables.append(
+            pl.DataFrame(
+                {
+                    "image_name": np.repeat(list(faces.names), r).tolist(),
+                    "method": [method] * (n * r),
+                    "region": list(faces.masks.names) * n,
+                    "score": scores.astype(np.float64).ravel(),
+                },
+                nan_to_null=False,
+            )
+        )
     return pl.concat(tables)
 
 
@@ -142,23 +164,40 @@ def faithfulness_summary(drops: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFr
     rows = []
     for method in dict.fromkeys(scores["method"].to_list()):
         table = joined.filter(pl.col("method") == method)
-        per_image = np.array([_spearman(group["score"].to_numpy(), group["drop"].to_numpy())[0]
-                              for _, group in table.group_by("image_name", maintain_order=True)])
+        per_image = np.array(
+            [
+                _spearman(group["score"].to_numpy(), group["drop"].to_numpy())[0]
+                for _, group in table.group_by("image_name", maintain_order=True)
+            ]
+        )
         per_image = per_image[np.isfinite(per_image)]
         rho_pooled, p_pooled = _spearman(table["score"].to_numpy(), table["drop"].to_numpy())
-        rows.append({
-            "method": method,
-            "rho": float(per_image.mean()) if len(per_image) else float("nan"),
-            "rho_std": float(per_image.std(ddof=1)) if len(per_image) > 1 else float("nan"),
-            "p": _signed_rank_p(per_image),
-            "n": len(per_image),
-            "rho_pooled": rho_pooled,
-            "p_pooled": p_pooled,
-            "n_pooled": table.height,
-        })
-    return pl.DataFrame(rows, schema={"method": pl.Utf8, "rho": pl.Float64, "rho_std": pl.Float64, "p": pl.Float64,
-                                      "n": pl.Int64, "rho_pooled": pl.Float64, "p_pooled": pl.Float64,
-                                      "n_pooled": pl.Int64}, nan_to_null=False)
+        rows.append(
+            {
+                "method": method,
+                "rho": float(per_image.mean()) if len(per_image) else float("nan"),
+                "rho_std": float(per_image.std(ddof=1)) if len(per_image) > 1 else float("nan"),
+                "p": _signed_rank_p(per_image),
+                "n": len(per_image),
+                "rho_pooled": rho_pooled,
+                "p_pooled": p_pooled,
+                "n_pooled": table.height,
+            }
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "method": pl.Utf8,
+            "rho": pl.Float64,
+            "rho_std": pl.Float64,
+            "p": pl.Float64,
+            "n": pl.Int64,
+            "rho_pooled": pl.Float64,
+            "p_pooled": pl.Float64,
+            "n_pooled": pl.Int64,
+        },
+        nan_to_null=False,
+    )
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -184,8 +223,14 @@ def explained_targets(classifier: Classifier, faces: FaceSet, settings: ExplainS
     return target_indices(settings.target, classifier.card.classes, probabilities, faces.labels)
 
 
-def region_faithfulness(classifier: Classifier, faces: FaceSet, settings: ExplainSettings, blank: str = "mean",
-                        cache: DiskCache | None = None, progress: Progress | None = None) -> RegionFaithfulness:
+def region_faithfulness(
+    classifier: Classifier,
+    faces: FaceSet,
+    settings: ExplainSettings,
+    blank: str = "mean",
+    cache: DiskCache | None = None,
+    progress: Progress | None = None,
+) -> RegionFaithfulness:
     """Blank each region of each aligned face, measure the target's probability drop, correlate it with C_i.
 
     ``settings.batch_size`` images per attribution batch, four times as many blanked images per forward batch.
@@ -204,8 +249,10 @@ def check_layers(classifier: Classifier, layers: Sequence[str]) -> None:
     children = dict(classifier.network.named_children())
     unknown = [name for name in layers if name not in children]
     if not layers or unknown:
-        raise UserFacingError(f"the classifier has no layer(s) {', '.join(unknown) or '(none named)'}; "
-                              f"name some of {', '.join(children)} (e.g. fc,layer4)")
+        raise UserFacingError(
+            f"the classifier has no layer(s) {', '.join(unknown) or '(none named)'}; "
+            f"name some of {', '.join(children)} (e.g. fc,layer4)"
+        )
 
 
 def randomised_classifier(classifier: Classifier, layers: Sequence[str], seed: int = 0) -> Classifier:
@@ -228,11 +275,14 @@ def randomised_classifier(classifier: Classifier, layers: Sequence[str], seed: i
     network.eval().requires_grad_(False)
     fingerprint = hashlib.sha256(
         f"{classifier.fingerprint}\0randomised {','.join(layers)} seed {seed}\0"
-        f"{model_fingerprint(network.state_dict())}".encode()).hexdigest()
+        f"{model_fingerprint(network.state_dict())}".encode()
+    ).hexdigest()
     return Classifier(network=network, card=classifier.card, fingerprint=fingerprint)
 
 
-def map_similarity(trained: np.ndarray, randomised: np.ndarray, data_range: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def map_similarity(
+    trained: np.ndarray, randomised: np.ndarray, data_range: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Per image (N×H×W pairs): Spearman rank correlation over pixels, and SSIM. A constant map gives NaN
     correlation (ranks carry nothing)."""
     if trained.shape != randomised.shape or trained.ndim != 3:
@@ -243,8 +293,12 @@ def map_similarity(trained: np.ndarray, randomised: np.ndarray, data_range: floa
     numerator = (centred[0] * centred[1]).sum(axis=1)
     denominator = np.sqrt((centred[0] ** 2).sum(axis=1) * (centred[1] ** 2).sum(axis=1))
     rank_correlation = np.divide(numerator, denominator, out=np.full(n, np.nan), where=denominator > 0)
-    ssim = np.array([structural_similarity(a, b, data_range=data_range)
-                     for a, b in zip(trained.astype(np.float64), randomised.astype(np.float64))])
+    ssim = np.array(
+        [
+            structural_similarity(a, b, data_range=data_range)
+            for a, b in zip(trained.astype(np.float64), randomised.astype(np.float64))
+        ]
+    )
     return rank_correlation, ssim
 
 
@@ -256,9 +310,14 @@ class Cascade:
     seed: int = 0
 
 
-def randomisation_check(classifier: Classifier, faces: FaceSet, settings: ExplainSettings,
-                        cascade: Cascade = Cascade(), cache: DiskCache | None = None,
-                        progress: Progress | None = None) -> RandomisationCheck:
+def randomisation_check(
+    classifier: Classifier,
+    faces: FaceSet,
+    settings: ExplainSettings,
+    cascade: Cascade = Cascade(),
+    cache: DiskCache | None = None,
+    progress: Progress | None = None,
+) -> RandomisationCheck:
     """Adebayo et al.'s cascading model randomisation: for each step k, the layers ``cascade.layers[:k+1]``
     re-initialised; each method's maps of the randomised copy against the trained model's.
 
@@ -268,7 +327,7 @@ def randomisation_check(classifier: Classifier, faces: FaceSet, settings: Explai
     layers = cascade.layers
     check_layers(classifier, layers)
     targets = [int(t) for t in explained_targets(classifier, faces, settings)]
-    steps = [randomised_classifier(classifier, layers[:k + 1], cascade.seed) for k in range(len(layers))]
+    steps = [randomised_classifier(classifier, layers[: k + 1], cascade.seed) for k in range(len(layers))]
     data_range = 2.0 if settings.mode == "signed" else 1.0
     tables = []
     for m, method in enumerate(settings.methods):
@@ -277,10 +336,20 @@ def randomisation_check(classifier: Classifier, faces: FaceSet, settings: Explai
         trained = relevance_maps(classifier, faces.aligned, targets, method, settings, cache)
         for k, randomised in enumerate(steps):
             rank_correlation, ssim = map_similarity(
-                trained, relevance_maps(randomised, faces.aligned, targets, method, settings, cache), data_range)
-            tables.append(pl.DataFrame({
-                "image_name": list(faces.names), "method": method, "randomised": "+".join(layers[:k + 1]),
-                "rank_correlation": rank_correlation, "ssim": ssim}, nan_to_null=False))
+                trained, relevance_maps(randomised, faces.aligned, targets, method, settings, cache), data_range
+            )
+            tables.append(
+                pl.DataFrame(
+                    {
+                        "image_name": list(faces.names),
+                        "method": method,
+                        "randomised": "+".join(layers[: k + 1]),
+                        "rank_correlation": rank_correlation,
+                        "ssim": ssim,
+                    },
+                    nan_to_null=False,
+                )
+            )
     per_image = pl.concat(tables)
     return RandomisationCheck(per_image=per_image, summary=randomisation_summary(per_image))
 
@@ -288,10 +357,15 @@ def randomisation_check(classifier: Classifier, faces: FaceSet, settings: Explai
 def randomisation_summary(per_image: pl.DataFrame) -> pl.DataFrame:
     """Per method × randomised layers: mean and std over images of the rank correlation and SSIM, ``n``
     images with a defined correlation, and ``changed`` = mean rank correlation < ``CHANGED_BELOW``."""
-    return (per_image.with_columns(pl.col("rank_correlation").fill_nan(None))
-            .group_by("method", "randomised", maintain_order=True)
-            .agg(rank_correlation_mean=pl.col("rank_correlation").mean(),
-                 rank_correlation_std=pl.col("rank_correlation").std(),
-                 ssim_mean=pl.col("ssim").mean(), ssim_std=pl.col("ssim").std(),
-                 n=pl.col("rank_correlation").count().cast(pl.Int64))
-            .with_columns(changed=pl.col("rank_correlation_mean") < CHANGED_BELOW))
+    return (
+        per_image.with_columns(pl.col("rank_correlation").fill_nan(None))
+        .group_by("method", "randomised", maintain_order=True)
+        .agg(
+            rank_correlation_mean=pl.col("rank_correlation").mean(),
+            rank_correlation_std=pl.col("rank_correlation").std(),
+            ssim_mean=pl.col("ssim").mean(),
+            ssim_std=pl.col("ssim").std(),
+            n=pl.col("rank_correlation").count().cast(pl.Int64),
+        )
+        .with_columns(changed=pl.col("rank_correlation_mean") < CHANGED_BELOW)
+    )

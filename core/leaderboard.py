@@ -9,6 +9,7 @@ not blur the comparison) and the true class as target:
 - *Spearman ρ* per region between the number of planted terms there and C_i, over all
   syndromic test faces: the paper's RQ2 with the truth in place of the raters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,22 +39,31 @@ def true_faces(dataset: Dataset, names: Sequence[str], size: int, settings: Expl
     """The faces with the region masks of their true label maps: stored maps win (the one rule), so a
     face whose map came from elsewhere, or that had to be detected, has no truth to score against."""
     if not dataset.has_landmarks:
-        raise DatasetError("the leaderboard needs landmarks and stored label maps; a synthetic dataset "
-                           "(python -m core demo) has both")
+        raise DatasetError(
+            "the leaderboard needs landmarks and stored label maps; a synthetic dataset (python -m core demo) has both"
+        )
     faces, skipped = prepare_dataset_faces(dataset, names, size, settings)
     if skipped:
         raise next(iter(skipped.values()))
     for name in names:
         if faces[name].parse_source != "stored":
-            raise DatasetError(f"the leaderboard needs landmarks and a stored label map for {name}; "
-                               "a synthetic dataset (python -m core demo) has both")
+            raise DatasetError(
+                f"the leaderboard needs landmarks and a stored label map for {name}; "
+                "a synthetic dataset (python -m core demo) has both"
+            )
     aligned, masks = stacked([faces[n] for n in names])
     labels = dict(zip(dataset.table["image_name"], dataset.table["label"], strict=True))
     return FaceSet(tuple(names), aligned, masks, tuple(labels[n] for n in names))
 
 
-def leaderboard(dataset: Dataset, classifier: Classifier, names: Sequence[str], settings: ExplainSettings,
-                cache: DiskCache | None = None, progress: Callable[[str, int, int], None] | None = None) -> pl.DataFrame:
+def leaderboard(
+    dataset: Dataset,
+    classifier: Classifier,
+    names: Sequence[str],
+    settings: ExplainSettings,
+    cache: DiskCache | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> pl.DataFrame:
     """One row per method of ``settings``: hit rate (with interval and n) and Spearman ρ per region and on
     average. Each face is explained for its true class, whatever ``settings.target`` says."""
     settings = dataclasses.replace(settings, target="label", parser=None)
@@ -61,9 +71,11 @@ def leaderboard(dataset: Dataset, classifier: Classifier, names: Sequence[str], 
     labels = dict(zip(dataset.table["image_name"], dataset.table["label"], strict=True))
     missing = sorted({labels[n] for n in names} - set(classes))
     if missing:
-        raise UserFacingError(f"the model lacks the class(es) {', '.join(missing)} of the faces to score (the "
-                              f"model's classes: {', '.join(classes)}); the leaderboard explains each face's true "
-                              "class, so use a model trained on this dataset")
+        raise UserFacingError(
+            f"the model lacks the class(es) {', '.join(missing)} of the faces to score (the "
+            f"model's classes: {', '.join(classes)}); the leaderboard explains each face's true "
+            "class, so use a model trained on this dataset"
+        )
     faces = true_faces(dataset, names, classifier.card.input_size, settings)
     targets = [classes.index(label) for label in faces.labels]
     counts = planted_counts(dataset, names, faces.masks.names)
@@ -87,7 +99,9 @@ def _recovery(scores: np.ndarray, counts: np.ndarray, regions: Sequence[str]) ->
     row: dict[str, float | int] = {
         "hit_rate": n_hits / n_single if n_single else float("nan"),
         "hit_ci_low": interval.low if interval else float("nan"),
-        "hit_ci_high": interval.high if interval else float("nan"), "n_single_region": n_single}
+        "hit_ci_high": interval.high if interval else float("nan"),
+        "n_single_region": n_single,
+    }
     rhos = []
     for r, region in enumerate(regions):
         rho = stats.spearmanr(counts[syndromic, r], scores[syndromic, r], nan_policy="omit").statistic

@@ -5,6 +5,7 @@ the ontology code (``core.hpo``) and the synthetic renderer (``core.synth``) sha
 one order. ``hpo_name`` and ``note`` record what the ontology said of each id when the table was
 made; ``core.hpo`` resolves the ids in the bundled ontology itself.
 """
+
 from __future__ import annotations
 
 import csv

@@ -5,7 +5,8 @@ face-parsing network the user supplies, then a template drawn from the five alig
 product works with nothing but a photo).
 """
 
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import numpy as np
 from skimage.draw import polygon
@@ -26,8 +27,17 @@ _HAIR_SCALE, _HAIR_LOWER_EDGE = 1.2, -0.45  # hair = face ellipse × scale, abov
 
 # The LaPa convention of the FaRL/facer parser; "right" is the person's right (image-left).
 LAPA_LABELS = (
-    "background", "face skin", "right brow", "left brow", "right eye", "left eye",
-    "nose", "upper lip", "inner mouth", "lower lip", "hair",
+    "background",
+    "face skin",
+    "right brow",
+    "left brow",
+    "right eye",
+    "left eye",
+    "nose",
+    "upper lip",
+    "inner mouth",
+    "lower lip",
+    "hair",
 )
 
 
@@ -78,11 +88,19 @@ def landmark_template(landmarks_aligned: np.ndarray, size: int = 224) -> np.ndar
     hair_semi_axes = (face_semi_axes[0] * _HAIR_SCALE, face_semi_axes[1] * _HAIR_SCALE)
     fill(_ellipse(face_centre, across, hair_semi_axes), 10, where=above_brows)
     fill(_ellipse(face_centre, across, face_semi_axes), 1)
-    fill(np.array([at(-_NOSE_BRIDGE_HALF_WIDTH, _NOSE_BRIDGE_TOP), at(_NOSE_BRIDGE_HALF_WIDTH, _NOSE_BRIDGE_TOP),
-                   at(nose_x + _NOSE_ALA_HALF_WIDTH, nose_y),
-                   at(nose_x + _NOSE_BASE_HALF_WIDTH, nose_y + _NOSE_BOTTOM_BELOW_TIP),
-                   at(nose_x - _NOSE_BASE_HALF_WIDTH, nose_y + _NOSE_BOTTOM_BELOW_TIP),
-                   at(nose_x - _NOSE_ALA_HALF_WIDTH, nose_y)]), 6)
+    fill(
+        np.array(
+            [
+                at(-_NOSE_BRIDGE_HALF_WIDTH, _NOSE_BRIDGE_TOP),
+                at(_NOSE_BRIDGE_HALF_WIDTH, _NOSE_BRIDGE_TOP),
+                at(nose_x + _NOSE_ALA_HALF_WIDTH, nose_y),
+                at(nose_x + _NOSE_BASE_HALF_WIDTH, nose_y + _NOSE_BOTTOM_BELOW_TIP),
+                at(nose_x - _NOSE_BASE_HALF_WIDTH, nose_y + _NOSE_BOTTOM_BELOW_TIP),
+                at(nose_x - _NOSE_ALA_HALF_WIDTH, nose_y),
+            ]
+        ),
+        6,
+    )
     for eye, side, brow_label, eye_label in ((left_eye, -1, 2, 4), (right_eye, 1, 3, 5)):
         brow_centre = eye + ipd * (side * _BROW_OUTWARD * across - _BROW_RAISE * down)
         fill(_ellipse(brow_centre, across, np.multiply(_BROW_SEMI_AXES, ipd)), brow_label)
@@ -94,14 +112,16 @@ def landmark_template(landmarks_aligned: np.ndarray, size: int = 224) -> np.ndar
     return label_map
 
 
-def _ellipse(centre: np.ndarray, along: np.ndarray, semi_axes,
-             half: Literal["upper", "lower"] | None = None) -> np.ndarray:
+def _ellipse(
+    centre: np.ndarray, along: np.ndarray, semi_axes, half: Literal["upper", "lower"] | None = None
+) -> np.ndarray:
     """Outline (x, y) of an ellipse whose first axis points along `along`; "upper" is away from the chin."""
     start, stop = {"upper": (np.pi, 2 * np.pi), "lower": (0.0, np.pi), None: (0.0, 2 * np.pi)}[half]
     angles = np.linspace(start, stop, 65)
     perpendicular = np.array([-along[1], along[0]])
-    return (centre + np.outer(np.cos(angles) * semi_axes[0], along)
-            + np.outer(np.sin(angles) * semi_axes[1], perpendicular))
+    return (
+        centre + np.outer(np.cos(angles) * semi_axes[0], along) + np.outer(np.sin(angles) * semi_axes[1], perpendicular)
+    )
 
 
 def resize_label_map(label_map: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -110,8 +130,12 @@ def resize_label_map(label_map: np.ndarray, size: int | tuple[int, int]) -> np.n
     return resize(label_map, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.uint8)
 
 
-def parse_face(aligned_image: np.ndarray, parser: Callable[[np.ndarray], np.ndarray] | None = None,
-               stored_map: np.ndarray | None = None, landmarks: np.ndarray | None = None) -> ParsedFace:
+def parse_face(
+    aligned_image: np.ndarray,
+    parser: Callable[[np.ndarray], np.ndarray] | None = None,
+    stored_map: np.ndarray | None = None,
+    landmarks: np.ndarray | None = None,
+) -> ParsedFace:
     """Label map of an aligned face from the best source given, and which source that was.
 
     The one precedence rule: a stored map (the dataset's own: what its results were scored with), then
@@ -132,8 +156,10 @@ def parse_face(aligned_image: np.ndarray, parser: Callable[[np.ndarray], np.ndar
         if height != width:
             raise ValueError(f"aligned images are square, got {height}×{width}")
         return ParsedFace(landmark_template(landmarks, size=height), "template")
-    raise ValueError("no face parser, stored label map or aligned landmarks was given, so there is "
-                     "nothing to build a label map from; pass one of them")
+    raise ValueError(
+        "no face parser, stored label map or aligned landmarks was given, so there is "
+        "nothing to build a label map from; pass one of them"
+    )
 
 
 def check_labels(label_map: np.ndarray, what: str) -> None:
@@ -145,5 +171,7 @@ def check_labels(label_map: np.ndarray, what: str) -> None:
         raise ValueError(f"{what} must hold integer LaPa ids, got dtype {label_map.dtype}")
     outside = np.unique(label_map[(label_map < 0) | (label_map >= len(LAPA_LABELS))])
     if outside.size:
-        raise ValueError(f"{what} has values outside the LaPa labels 0..{len(LAPA_LABELS) - 1} "
-                         f"(found {outside[:5].tolist()}); it must use LaPa indices")
+        raise ValueError(
+            f"{what} has values outside the LaPa labels 0..{len(LAPA_LABELS) - 1} "
+            f"(found {outside[:5].tolist()}); it must use LaPa indices"
+        )

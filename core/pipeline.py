@@ -110,8 +110,9 @@ def found_faces(image: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 @memoised("parse", depends=(parse_module, parser_module))
-def parsed_face(aligned: np.ndarray, aligned_landmarks: np.ndarray, parser: FaceParser | None,
-                stored_map: np.ndarray | None) -> ParsedFace:
+def parsed_face(
+    aligned: np.ndarray, aligned_landmarks: np.ndarray, parser: FaceParser | None, stored_map: np.ndarray | None
+) -> ParsedFace:
     network = None if parser is None else functools.partial(predict_label_maps, parser)
     return parse_face(aligned, parser=network, stored_map=stored_map, landmarks=aligned_landmarks)
 
@@ -140,27 +141,42 @@ def prepare_face(photo: Photo, size: int, settings: ExplainSettings, cache: Disk
         stored = stored_map_in_aligned_frame(photo.label_map, photo.image.shape, aligned.matrix, size)
     parsed = parsed_face(aligned.image, aligned.landmarks, settings.parser, stored, cache=cache)
     masks = region_masks(parsed.label_map, settings.spec)
-    notes.extend(f"Region {name!r} is empty on this face: its scores are NaN."
-                 for name, mask in zip(masks.names, masks.masks, strict=True) if not mask.any())
-    return PreparedFace(landmarks=landmarks, matrix=aligned.matrix, aligned=aligned.image,
-                        aligned_landmarks=aligned.landmarks, label_map=parsed.label_map,
-                        parse_source=parsed.source, region_names=masks.names, masks=masks.masks, notes=tuple(notes))
+    notes.extend(
+        f"Region {name!r} is empty on this face: its scores are NaN."
+        for name, mask in zip(masks.names, masks.masks, strict=True)
+        if not mask.any()
+    )
+    return PreparedFace(
+        landmarks=landmarks,
+        matrix=aligned.matrix,
+        aligned=aligned.image,
+        aligned_landmarks=aligned.landmarks,
+        label_map=parsed.label_map,
+        parse_source=parsed.source,
+        region_names=masks.names,
+        masks=masks.masks,
+        notes=tuple(notes),
+    )
 
 
-def stored_map_in_aligned_frame(label_map: np.ndarray, photo_shape: tuple[int, ...], matrix: np.ndarray,
-                                size: int) -> np.ndarray:
+def stored_map_in_aligned_frame(
+    label_map: np.ndarray, photo_shape: tuple[int, ...], matrix: np.ndarray, size: int
+) -> np.ndarray:
     """Stored label maps are drawn on the photo (same height and width); a map already of the
     aligned size is taken as aligned. Anything else cannot be placed and is refused."""
     if label_map.shape == tuple(photo_shape[:2]):
         return warp_to_aligned(label_map, matrix, size, order=0)
     if label_map.shape == (size, size):
         return label_map
-    raise LabelMapError(f"the stored label map is {label_map.shape[1]}×{label_map.shape[0]} but the photo is "
-                        f"{photo_shape[1]}×{photo_shape[0]} (and the aligned face {size}×{size}); it fits neither")
+    raise LabelMapError(
+        f"the stored label map is {label_map.shape[1]}×{label_map.shape[0]} but the photo is "
+        f"{photo_shape[1]}×{photo_shape[0]} (and the aligned face {size}×{size}); it fits neither"
+    )
 
 
-def aligned_dataset_photos(dataset: Dataset, names: Sequence[str], size: int,
-                           purpose: str = "training") -> Iterator[tuple[Photo, AlignedFace]]:
+def aligned_dataset_photos(
+    dataset: Dataset, names: Sequence[str], size: int, purpose: str = "training"
+) -> Iterator[tuple[Photo, AlignedFace]]:
     """The training path: each dataset photo (``read_photo``) and its face aligned from the dataset's
     landmarks, with no detection and no parsing (trainers must not learn from a detector's guesses)."""
     if not dataset.has_landmarks:
@@ -170,8 +186,9 @@ def aligned_dataset_photos(dataset: Dataset, names: Sequence[str], size: int,
         yield photo, align_face(photo.image, photo.landmarks, size=size)
 
 
-def prepare_dataset_faces(dataset: Dataset, names: Sequence[str], size: int, settings: ExplainSettings,
-                          cache: DiskCache | None = None) -> tuple[dict[str, PreparedFace], dict[str, UserFacingError]]:
+def prepare_dataset_faces(
+    dataset: Dataset, names: Sequence[str], size: int, settings: ExplainSettings, cache: DiskCache | None = None
+) -> tuple[dict[str, PreparedFace], dict[str, UserFacingError]]:
     """Each dataset image read (``read_photo``: landmarks and stored map follow a shrunk photo) and
     prepared; photos that cannot be used come back apart, name -> the error, for the caller to decide."""
     faces: dict[str, PreparedFace] = {}
@@ -203,14 +220,22 @@ class FaceSet:
         if len(self.aligned) == 0:
             raise UserFacingError("no faces to check: the selection is empty")
         counts = {len(self.names), len(self.aligned), len(self.masks.masks)} | (
-            set() if self.labels is None else {len(self.labels)})
+            set() if self.labels is None else {len(self.labels)}
+        )
         if len(counts) > 1:
-            raise ValueError(f"{len(self.aligned)} faces, {len(self.names)} names and {len(self.masks.masks)} mask "
-                             "sets: they must match")
+            raise ValueError(
+                f"{len(self.aligned)} faces, {len(self.names)} names and {len(self.masks.masks)} mask "
+                "sets: they must match"
+            )
 
 
-def dataset_face_set(dataset: Dataset, names: Sequence[str], size: int, settings: ExplainSettings | None = None,
-                     cache: DiskCache | None = None) -> FaceSet:
+def dataset_face_set(
+    dataset: Dataset,
+    names: Sequence[str],
+    size: int,
+    settings: ExplainSettings | None = None,
+    cache: DiskCache | None = None,
+) -> FaceSet:
     """Every named face prepared (``prepare_dataset_faces``), or the first photo's problem raised."""
     faces, skipped = prepare_dataset_faces(dataset, names, size, settings or ExplainSettings(), cache)
     if skipped:
@@ -225,6 +250,7 @@ def dataset_face_set(dataset: Dataset, names: Sequence[str], size: int, settings
 
 def class_probabilities(classifier: Classifier, aligned: np.ndarray, cache: DiskCache | None = None) -> np.ndarray:
     """N×K class probabilities of aligned uint8 faces, looked up per face, the missing ones as one batch."""
+
     def compute(rows: list[int]) -> list[np.ndarray]:
         return list(classify(classifier, preprocess(aligned[rows], classifier.card))[0])
 
@@ -232,8 +258,9 @@ def class_probabilities(classifier: Classifier, aligned: np.ndarray, cache: Disk
     return np.stack(memoised_rows(cache, keys, compute))
 
 
-def target_indices(target: str | int, classes: Sequence[str], probabilities: np.ndarray,
-                   labels: Sequence[str] | None = None) -> np.ndarray:
+def target_indices(
+    target: str | int, classes: Sequence[str], probabilities: np.ndarray, labels: Sequence[str] | None = None
+) -> np.ndarray:
     """The class each face is explained for, under ``ExplainSettings.target``."""
     if target == "predicted":
         return probabilities.argmax(axis=1)
@@ -242,8 +269,10 @@ def target_indices(target: str | int, classes: Sequence[str], probabilities: np.
             raise TargetError("target 'label' needs the faces' true classes; a single photo has none")
         unknown = sorted(set(labels) - set(classes))
         if unknown:
-            raise TargetError(f"the model cannot explain the true label of every image: it has no class "
-                              f"{', '.join(unknown)} (it knows {', '.join(classes)})")
+            raise TargetError(
+                f"the model cannot explain the true label of every image: it has no class "
+                f"{', '.join(unknown)} (it knows {', '.join(classes)})"
+            )
         return np.array([list(classes).index(label) for label in labels], dtype=int)
     return np.full(len(probabilities), _class_index(target, classes), dtype=int)
 
@@ -259,8 +288,14 @@ def _class_index(target: str | int, classes: Sequence[str]) -> int:
     return index
 
 
-def attribution_sums(classifier: Classifier, images: np.ndarray, targets: Sequence[int], method: str,
-                     params: Mapping[str, Any], cache: DiskCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+def attribution_sums(
+    classifier: Classifier,
+    images: np.ndarray,
+    targets: Sequence[int],
+    method: str,
+    params: Mapping[str, Any],
+    cache: DiskCache | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Channel sums (Σ|a|, Σa), each N×H×W, of ``method`` for aligned uint8 images N×H×W×3.
 
     Looked up per image, so a resumed batch computes only what is missing, as one batch.
@@ -270,24 +305,45 @@ def attribution_sums(classifier: Classifier, images: np.ndarray, targets: Sequen
 
     def compute(rows: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         batch = preprocess(images[rows], classifier.card)
-        abs_sum, signed_sum = channel_sums(attribute(classifier.network, batch, [targets[i] for i in rows], method,
-                                                     params))
+        abs_sum, signed_sum = channel_sums(
+            attribute(classifier.network, batch, [targets[i] for i in rows], method, params)
+        )
         return list(zip(abs_sum, signed_sum, strict=True))
 
-    keys = [memo_key("attribution", _attribution_salt(), classifier, image, t, method, params)
-            for image, t in zip(images, targets, strict=True)]
+    keys = [
+        memo_key("attribution", _attribution_salt(), classifier, image, t, method, params)
+        for image, t in zip(images, targets, strict=True)
+    ]
     found = memoised_rows(cache, keys, compute)
     return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
 
 
-def relevance_maps(classifier: Classifier, aligned: np.ndarray, targets: Sequence[int], method: str,
-                   settings: ExplainSettings, cache: DiskCache | None = None) -> np.ndarray:
+def relevance_maps(
+    classifier: Classifier,
+    aligned: np.ndarray,
+    targets: Sequence[int],
+    method: str,
+    settings: ExplainSettings,
+    cache: DiskCache | None = None,
+) -> np.ndarray:
     """N×H×W relevance maps (``settings.mode``) of ``method``, ``settings.batch_size`` faces per attribution."""
     step = settings.batch_size
-    return np.concatenate([
-        relevance_from_sums(*attribution_sums(classifier, aligned[i:i + step], targets[i:i + step], method,
-                                              settings.method_params(method), cache), settings.mode)
-        for i in range(0, len(aligned), step)])
+    return np.concatenate(
+        [
+            relevance_from_sums(
+                *attribution_sums(
+                    classifier,
+                    aligned[i : i + step],
+                    targets[i : i + step],
+                    method,
+                    settings.method_params(method),
+                    cache,
+                ),
+                settings.mode,
+            )
+            for i in range(0, len(aligned), step)
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -297,8 +353,14 @@ class MethodScores:
     scores: np.ndarray = field(repr=False)  # N×R region scores C_i (paper eq. 4)
 
 
-def score_faces(classifier: Classifier, aligned: np.ndarray, masks: RegionMasks, targets: Sequence[int],
-                settings: ExplainSettings, cache: DiskCache | None = None) -> Iterator[MethodScores]:
+def score_faces(
+    classifier: Classifier,
+    aligned: np.ndarray,
+    masks: RegionMasks,
+    targets: Sequence[int],
+    settings: ExplainSettings,
+    cache: DiskCache | None = None,
+) -> Iterator[MethodScores]:
     """The one scoring loop: for each of ``settings.methods``, the relevance maps of the aligned faces and
     their region scores under ``masks`` (N×R×H×W). A generator, so callers report progress per method."""
     targets = [int(t) for t in targets]

@@ -5,6 +5,7 @@ method, the region with the highest C_i), and which facial HPO terms the ontolog
 there for the explained syndrome. Counting the votes is the only computation; it lives here so
 the dashboard holds none.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -60,7 +61,7 @@ def _expected_terms(priors: pl.DataFrame, region: str, limit: int) -> str | None
 
 
 def reading(explanation: Explanation, priors: pl.DataFrame | None = None, max_terms: int = 3) -> str:
-    """"Predicted Williams syndrome, 0.87; the mouth region carries most relevance under 12 of 15
+    """ "Predicted Williams syndrome, 0.87; the mouth region carries most relevance under 12 of 15
     methods; expected mouth terms: wide mouth, thick lower lip …".
 
     ``priors``: the ontology's facial terms for the *explained* class (``term, hpo_id, region``,
@@ -90,6 +91,9 @@ def reading(explanation: Explanation, priors: pl.DataFrame | None = None, max_te
     if priors is not None and not priors.is_empty():  # no facial term at all (unaffected): nothing to add
         for region in winners:
             terms = _expected_terms(priors, region, max_terms)
-            parts.append(f"expected {region} terms: {terms}" if terms else
-                         f"the ontology expects no {region} term for {syndrome_name(classes[target])}")
+            parts.append(
+                f"expected {region} terms: {terms}"
+                if terms
+                else f"the ontology expects no {region} term for {syndrome_name(classes[target])}"
+            )
     return "; ".join(parts) + ("" if parts[-1].endswith("…") else ".")

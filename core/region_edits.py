@@ -4,6 +4,7 @@ Each returns a new, validated spec (the frozen dataclasses check themselves), or
 ``RegionSpecError`` and leaves the caller's spec as it was. Removing a region also drops what
 named it (edge links, gap splits), so an edit never leaves a dangling reference behind.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,12 +32,12 @@ def _region(spec: RegionSpec, index: int) -> RegionRule:
 def _replaced(items: tuple, index: int, what: str, **changes) -> tuple:
     """``items`` with item ``index`` rebuilt with ``changes`` (and so validated again)."""
     at = _checked(index, len(items), what)
-    return (*items[:at], dataclasses.replace(items[at], **changes), *items[at + 1:])
+    return (*items[:at], dataclasses.replace(items[at], **changes), *items[at + 1 :])
 
 
 def _without(items: tuple, index: int, what: str) -> tuple:
     at = _checked(index, len(items), what)
-    return items[:at] + items[at + 1:]
+    return items[:at] + items[at + 1 :]
 
 
 def _with_region(spec: RegionSpec, index: int, **changes) -> RegionSpec:
@@ -122,7 +123,8 @@ def set_link_offset(spec: RegionSpec, index: int, edge: str, offset: float) -> R
 
 def set_split_extension(spec: RegionSpec, index: int, fraction: float) -> RegionSpec:
     return dataclasses.replace(
-        spec, gap_splits=_replaced(spec.gap_splits, index, "gap split", extend_lower_bottom=fraction))
+        spec, gap_splits=_replaced(spec.gap_splits, index, "gap split", extend_lower_bottom=fraction)
+    )
 
 
 def rename(spec: RegionSpec, name: str) -> RegionSpec:

@@ -30,6 +30,7 @@ numpy slices ``[top:bottom, left:right]``, nothing clipped until the masks are d
 A region whose parts are absent, or that depends on such a region, is empty (its score
 becomes NaN downstream) and ``region_masks`` warns, naming the region and the reason.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -158,7 +159,8 @@ class GapSplit:
         if self.upper == self.lower:
             raise RegionSpecError(f"gap split: upper and lower are both {self.upper!r}; name two regions")
         object.__setattr__(
-            self, "extend_lower_bottom",
+            self,
+            "extend_lower_bottom",
             _fraction(self.extend_lower_bottom, f"gap split {self.upper}/{self.lower}: extend_lower_bottom"),
         )
 
@@ -278,7 +280,8 @@ def _evaluation_order(spec: RegionSpec) -> list[tuple[str, str | int]]:
         return list(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as error:
         steps = [
-            f"region {step!r}" if kind == "region"
+            f"region {step!r}"
+            if kind == "region"
             else f"gap split {spec.gap_splits[step].upper}/{spec.gap_splits[step].lower}"
             for kind, step in error.args[1]
         ]
@@ -290,10 +293,13 @@ def _evaluation_order(spec: RegionSpec) -> list[tuple[str, str | int]]:
 PAPER_REGIONS = RegionSpec(
     name="paper",
     regions=(
-        RegionRule("eye", boxes=(
-            BoxRule((2, 4), grow_left=0.2, grow_right=0.1, grow_top=0.2, grow_bottom=0.2),
-            BoxRule((3, 5), grow_left=0.1, grow_right=0.2, grow_top=0.2, grow_bottom=0.2),
-        )),
+        RegionRule(
+            "eye",
+            boxes=(
+                BoxRule((2, 4), grow_left=0.2, grow_right=0.1, grow_top=0.2, grow_bottom=0.2),
+                BoxRule((3, 5), grow_left=0.1, grow_right=0.2, grow_top=0.2, grow_bottom=0.2),
+            ),
+        ),
         RegionRule("nose", boxes=(BoxRule((6,)),), top=EdgeLink("eye", "top", 0.3)),
         # The released code grows the mouth sideways after the split; the split moves only
         # rows and the growth uses the lips' ungrown width, so growing first is the same.
@@ -375,10 +381,14 @@ def _place(rule: RegionRule, label_map: np.ndarray, parts: dict) -> _Placement |
         left = min(parts[label][2] for label in box_rule.labels)
         right = max(parts[label][3] for label in box_rule.labels)
         height, width = bottom - top, right - left
-        boxes.append([
-            top - int(box_rule.grow_top * height), bottom + int(box_rule.grow_bottom * height),
-            left - int(box_rule.grow_left * width), right + int(box_rule.grow_right * width),
-        ])
+        boxes.append(
+            [
+                top - int(box_rule.grow_top * height),
+                bottom + int(box_rule.grow_bottom * height),
+                left - int(box_rule.grow_left * width),
+                right + int(box_rule.grow_right * width),
+            ]
+        )
         sizes.append((height, width))
     return _Placement(boxes, sizes)
 
@@ -441,7 +451,9 @@ def _masks_of_one_map(label_map: np.ndarray, spec: RegionSpec, order: list) -> t
     reasons = {rule.name: placed[rule.name] for rule in spec.regions if isinstance(placed[rule.name], str)}
     for rule, mask in zip(spec.regions, masks):
         if rule.name not in reasons and not mask.any():
-            reasons[rule.name] = "it covers no pixel once clipped to the image and cut by its bounds and by earlier regions"
+            reasons[rule.name] = (
+                "it covers no pixel once clipped to the image and cut by its bounds and by earlier regions"
+            )
     return masks, reasons
 
 

@@ -25,6 +25,7 @@ File names carry a content key of everything that decides their content (image l
 fingerprint, target rule, method, relevance mode, the attribution code's version), so a rerun keeps
 the finished rows of unchanged files, and files nothing refers to any more are deleted.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,10 +115,19 @@ class StoreContents:
             raise StoreError("the relevance store's manifest.json is damaged; run extract again") from None
         if data.pop("format", None) != FORMAT:
             raise StoreError("the relevance store was written by another version of this tool; run extract again")
-        models = tuple(StoredModel(**{**m, "classes": tuple(m["classes"]), "images": tuple(m["images"])})
-                       for m in data.pop("models"))
-        return cls(**{**data, "models": models, "image_names": tuple(data["image_names"]),
-                      "labels": tuple(data["labels"]), "methods": tuple(data["methods"])})
+        models = tuple(
+            StoredModel(**{**m, "classes": tuple(m["classes"]), "images": tuple(m["images"])})
+            for m in data.pop("models")
+        )
+        return cls(
+            **{
+                **data,
+                "models": models,
+                "image_names": tuple(data["image_names"]),
+                "labels": tuple(data["labels"]),
+                "methods": tuple(data["methods"]),
+            }
+        )
 
 
 class RelevanceStore:
@@ -180,8 +190,10 @@ class RelevanceStore:
         missing = self.missing(methods)
         if missing:
             shown = "; ".join(missing[:3]) + (f"; and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise StoreError(f"the relevance store in {self.root} is incomplete (missing: {shown}); an extraction "
-                             "was interrupted or is still running: run `python -m core extract` again to finish it")
+            raise StoreError(
+                f"the relevance store in {self.root} is incomplete (missing: {shown}); an extraction "
+                "was interrupted or is still running: run `python -m core extract` again to finish it"
+            )
 
     def label_maps(self) -> np.ndarray:
         """N_images×S×S uint8 (memory-mapped); rows never written are zero."""
@@ -221,17 +233,21 @@ class RelevanceStore:
             predictions = self._predictions.get(contents.predictions_file(model), {})
             rows = sorted(r for r, p in predictions.items() if p[0] != SKIPPED)
             images = [model.images[r] for r in rows]
-            frames.append(pl.DataFrame({
-                "model": [model.name] * len(rows),
-                "fold": pl.Series([model.fold] * len(rows), dtype=pl.String),
-                "row": pl.Series(rows, dtype=pl.Int64),
-                "image": pl.Series(images, dtype=pl.Int64),
-                "image_name": pl.Series([contents.image_names[i] for i in images], dtype=pl.String),
-                "label": pl.Series([contents.labels[i] for i in images], dtype=pl.String),
-                "predicted": pl.Series([model.classes[predictions[r][0]] for r in rows], dtype=pl.String),
-                "target": pl.Series([model.classes[predictions[r][1]] for r in rows], dtype=pl.String),
-                "target_probability": pl.Series([predictions[r][2] for r in rows], dtype=pl.Float64),
-            }))
+            frames.append(
+                pl.DataFrame(
+                    {
+                        "model": [model.name] * len(rows),
+                        "fold": pl.Series([model.fold] * len(rows), dtype=pl.String),
+                        "row": pl.Series(rows, dtype=pl.Int64),
+                        "image": pl.Series(images, dtype=pl.Int64),
+                        "image_name": pl.Series([contents.image_names[i] for i in images], dtype=pl.String),
+                        "label": pl.Series([contents.labels[i] for i in images], dtype=pl.String),
+                        "predicted": pl.Series([model.classes[predictions[r][0]] for r in rows], dtype=pl.String),
+                        "target": pl.Series([model.classes[predictions[r][1]] for r in rows], dtype=pl.String),
+                        "target_probability": pl.Series([predictions[r][2] for r in rows], dtype=pl.Float64),
+                    }
+                )
+            )
         return pl.concat(frames) if frames else pl.DataFrame()
 
     def read_region_segments(self, key: str) -> RegionSegments | None:
@@ -242,8 +258,14 @@ class RelevanceStore:
             return None
         try:
             with np.load(path) as data:
-                return RegionSegments(tuple(str(n) for n in data["names"]), data["starts"], data["regions"],
-                                      data["offsets"], data["spans"], data["areas"])
+                return RegionSegments(
+                    tuple(str(n) for n in data["names"]),
+                    data["starts"],
+                    data["regions"],
+                    data["offsets"],
+                    data["spans"],
+                    data["areas"],
+                )
         except (OSError, ValueError, KeyError, EOFError):
             return None
 
@@ -251,8 +273,15 @@ class RelevanceStore:
         """Memoise ``segments`` under ``key``; ``begin`` drops them with the label maps they were made of.
         Needs no lock: the file appears whole, and two writers of one key write the same content."""
         buffer = io.BytesIO()
-        np.savez(buffer, names=np.array(segments.names), starts=segments.starts, regions=segments.regions,
-                 offsets=segments.offsets, spans=segments.spans, areas=segments.areas)
+        np.savez(
+            buffer,
+            names=np.array(segments.names),
+            starts=segments.starts,
+            regions=segments.regions,
+            offsets=segments.offsets,
+            spans=segments.spans,
+            areas=segments.areas,
+        )
         _write_atomically(self._segments_path(key), buffer.getvalue())
 
     def _segments_path(self, key: str) -> Path:
@@ -270,16 +299,24 @@ class RelevanceStore:
         if self._contents is not None:
             old = self._contents
             same_models = {model.name for model in contents.models} == {model.name for model in old.models}
-            kept = tuple(m for m in old.methods if m not in contents.methods and same_models
-                         and all(contents.maps_file(model, m) == old.maps_file(model, m) for model in contents.models)
-                         and not self.missing([m]))
+            kept = tuple(
+                m
+                for m in old.methods
+                if m not in contents.methods
+                and same_models
+                and all(contents.maps_file(model, m) == old.maps_file(model, m) for model in contents.models)
+                and not self.missing([m])
+            )
             contents = dataclasses.replace(contents, methods=contents.methods + kept)
         shapes: dict[str, tuple[tuple[int, ...], type[np.generic]]] = {
-            contents.label_maps_file(): ((len(contents.image_names), contents.size, contents.size), np.uint8)}
+            contents.label_maps_file(): ((len(contents.image_names), contents.size, contents.size), np.uint8)
+        }
         for model in contents.models:
             for method in contents.methods:
-                shapes[contents.maps_file(model, method)] = ((len(model.images), contents.size, contents.size),
-                                                             np.float16)
+                shapes[contents.maps_file(model, method)] = (
+                    (len(model.images), contents.size, contents.size),
+                    np.float16,
+                )
         for name, (shape, dtype) in shapes.items():
             path = self.root / name
             if not path.is_file() or _npy_shape(path) != (shape, np.dtype(dtype)):
@@ -310,8 +347,14 @@ class RelevanceStore:
         contents = self.contents
         self._write(contents.maps_file(contents.model(model), method), rows, maps)
 
-    def write_predictions(self, model: str, rows: Sequence[int], predicted: Sequence[int], target: Sequence[int],
-                          probability: Sequence[float]) -> None:
+    def write_predictions(
+        self,
+        model: str,
+        rows: Sequence[int],
+        predicted: Sequence[int],
+        target: Sequence[int],
+        probability: Sequence[float],
+    ) -> None:
         """Class indices (``SKIPPED`` for an unusable photo) and the target's probability, per row."""
         contents = self.contents
         name = contents.predictions_file(contents.model(model))
@@ -319,8 +362,13 @@ class RelevanceStore:
         new = [i for i, row in enumerate(rows) if int(row) not in known]
         if not new:
             return
-        entry = {"file": name, "rows": [int(rows[i]) for i in new], "predicted": [int(predicted[i]) for i in new],
-                 "target": [int(target[i]) for i in new], "probability": [float(probability[i]) for i in new]}
+        entry = {
+            "file": name,
+            "rows": [int(rows[i]) for i in new],
+            "predicted": [int(predicted[i]) for i in new],
+            "target": [int(target[i]) for i in new],
+            "probability": [float(probability[i]) for i in new],
+        }
         self._append(entry)
         _apply(entry, self._done, self._predictions)
         self._rows = None
@@ -375,8 +423,10 @@ class RelevanceStore:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise StoreError(f"another extraction is writing the relevance store in {self.root}; wait for it to "
-                             "finish, or give this one another --store folder") from None
+            raise StoreError(
+                f"another extraction is writing the relevance store in {self.root}; wait for it to "
+                "finish, or give this one another --store folder"
+            ) from None
         self._lock = handle
 
     def _reload(self) -> None:
@@ -443,4 +493,3 @@ def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
 def _key(*parts) -> str:
     """Content key of a store file (memoised: the image lists of a paper-sized dataset take ms to hash)."""
     return content_hash(*parts)[:20]
-

@@ -5,6 +5,7 @@ map) and memoised twice: on disk in the store, and in memory per store object, w
 keeps one store object for every session. The sums of each model's maps then take one pass over the
 stored maps (``core.score.segment_sums``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,8 +31,9 @@ _MASK_CHUNK = 64  # label maps per region_masks call: bounds the N×R×S×S bool
 _KEPT_SEGMENTS = 4  # region specs whose encoded masks stay in memory
 
 
-def rescore(store: RelevanceStore, spec: RegionSpec, methods: Sequence[str] | None = None,
-            progress: Progress | None = None) -> pl.DataFrame:
+def rescore(
+    store: RelevanceStore, spec: RegionSpec, methods: Sequence[str] | None = None, progress: Progress | None = None
+) -> pl.DataFrame:
     """The score table (``SCORE_SCHEMA``) of ``spec`` from the stored maps, without running any model.
 
     Equals extraction with that spec up to the float16 rounding of the stored maps. The first call
@@ -40,8 +42,10 @@ def rescore(store: RelevanceStore, spec: RegionSpec, methods: Sequence[str] | No
     methods = list(contents.methods if methods is None else methods)
     unknown = [m for m in methods if m not in contents.methods]
     if unknown:
-        raise StoreError(f"the relevance store has no maps of {', '.join(unknown)}; it has "
-                         f"{', '.join(contents.methods)} (extract them first)")
+        raise StoreError(
+            f"the relevance store has no maps of {', '.join(unknown)}; it has "
+            f"{', '.join(contents.methods)} (extract them first)"
+        )
     store.require_complete(methods)
     segments = region_segments(store, spec, progress)
     index = store.rows()
@@ -112,7 +116,7 @@ def _compute_segments(store: RelevanceStore, spec: RegionSpec, progress: Progres
     names = tuple(rule.name for rule in spec.regions)
     parts = []
     for first in range(0, len(present), _MASK_CHUNK):
-        chunk = present[first:first + _MASK_CHUNK]
+        chunk = present[first : first + _MASK_CHUNK]
         parts.append((chunk, encode_segments(np.asarray(label_maps[chunk]), spec)))
         if progress is not None:
             progress(min(first + _MASK_CHUNK, len(present)), len(present), "region masks")
@@ -120,8 +124,11 @@ def _compute_segments(store: RelevanceStore, spec: RegionSpec, progress: Progres
     empty = segments.areas[present] == 0
     for r in np.flatnonzero(empty.any(axis=0)):
         which = [contents.image_names[i] for i in present[empty[:, r]]]
-        warnings.warn(f"region {names[r]!r} is empty on {len(which)} of {len(present)} faces "
-                      f"(e.g. {', '.join(which[:3])}): their scores are NaN", stacklevel=3)
+        warnings.warn(
+            f"region {names[r]!r} is empty on {len(which)} of {len(present)} faces "
+            f"(e.g. {', '.join(which[:3])}): their scores are NaN",
+            stacklevel=3,
+        )
     return segments
 
 
@@ -135,7 +142,7 @@ def _sum_plans(store: RelevanceStore, spec: RegionSpec, model: str, rows: np.nda
     with memo.lock:
         if key not in memo.plans:
             images = np.asarray(stored.images, dtype=np.int64)[rows]
-            memo.plans[key] = plan_sums(region_segments(store, spec), rows, images, contents.size ** 2)
+            memo.plans[key] = plan_sums(region_segments(store, spec), rows, images, contents.size**2)
             while len(memo.plans) > _KEPT_SEGMENTS * max(1, len(contents.models)):
                 memo.plans.popitem(last=False)
         return memo.plans[key]

@@ -9,6 +9,7 @@ flattened pixels, and a region's sum is ``np.add.reduceat`` over those runs foll
 chunks that stay in the CPU cache (alternatives and timings: docs/DECISIONS.md, "Extraction and
 re-scoring"; ``bench/rescore_speed.py``).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -134,13 +135,19 @@ def encode_segments(label_maps: np.ndarray, spec: RegionSpec) -> RegionSegments:
         inside = np.flatnonzero(pixels != len(names))
         if not inside.size:
             continue
-        span = pixels[inside[0]:inside[-1] + 1]
+        span = pixels[inside[0] : inside[-1] + 1]
         change = np.flatnonzero(np.concatenate(([True], span[1:] != span[:-1])))
         starts.append((change + inside[0]).astype(np.int32))
         regions.append(span[change])
         counts[image], spans[image] = len(change), (inside[0], inside[-1] + 1)
-    return RegionSegments(names, _concatenate(starts, np.int32), _concatenate(regions, np.uint8),
-                          np.concatenate([[0], np.cumsum(counts)]), spans, masks.sum(axis=(2, 3)))
+    return RegionSegments(
+        names,
+        _concatenate(starts, np.int32),
+        _concatenate(regions, np.uint8),
+        np.concatenate([[0], np.cumsum(counts)]),
+        spans,
+        masks.sum(axis=(2, 3)),
+    )
 
 
 def join_segments(names: tuple[str, ...], n: int, parts: Sequence[tuple[np.ndarray, RegionSegments]]) -> RegionSegments:
@@ -152,9 +159,14 @@ def join_segments(names: tuple[str, ...], n: int, parts: Sequence[tuple[np.ndarr
     areas = np.zeros((n, len(names)), dtype=np.int64)
     for images, part in parts:
         counts[images], spans[images], areas[images] = np.diff(part.offsets), part.spans, part.areas
-    return RegionSegments(names, _concatenate([p.starts for _, p in parts], np.int32),
-                          _concatenate([p.regions for _, p in parts], np.uint8),
-                          np.concatenate([[0], np.cumsum(counts)]), spans, areas)
+    return RegionSegments(
+        names,
+        _concatenate([p.starts for _, p in parts], np.int32),
+        _concatenate([p.regions for _, p in parts], np.uint8),
+        np.concatenate([[0], np.cumsum(counts)]),
+        spans,
+        areas,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,9 +187,14 @@ def plan_sums(segments: RegionSegments, rows: np.ndarray, images: np.ndarray, pi
     """The plans that sum ``rows`` of a maps file of ``pixels``-pixel maps, row k showing ``images[k]``.
 
     Depends only on the segments and rows, so one plan serves every method of a model."""
-    return [SumPlan(lo, min(lo + _CHUNK, len(rows)),
-                    *_chunk_plan(segments, rows[lo:lo + _CHUNK], images[lo:lo + _CHUNK], pixels))
-            for lo in range(0, len(rows), _CHUNK)]
+    return [
+        SumPlan(
+            lo,
+            min(lo + _CHUNK, len(rows)),
+            *_chunk_plan(segments, rows[lo : lo + _CHUNK], images[lo : lo + _CHUNK], pixels),
+        )
+        for lo in range(0, len(rows), _CHUNK)
+    ]
 
 
 def segment_sums(maps: np.ndarray, plans: Sequence[SumPlan], regions: int) -> np.ndarray:
@@ -196,13 +213,14 @@ def segment_sums(maps: np.ndarray, plans: Sequence[SumPlan], regions: int) -> np
         for first, end, at in plan.copies:
             for start in range(first, end, _PIECE):
                 stop = min(start + _PIECE, end)
-                flat[at + start - first:at + stop - first].copy_(source[start:stop])
+                flat[at + start - first : at + stop - first].copy_(source[start:stop])
         k = plan.hi - plan.lo
         totals: np.ndarray = np.zeros(k * (regions + 1))
         if len(plan.bounds):
-            totals = np.bincount(plan.labels, weights=np.add.reduceat(flat[:plan.used].numpy(), plan.bounds),
-                                 minlength=len(totals))
-        sums[plan.lo:plan.hi] = totals.reshape(k, regions + 1)[:, :-1]
+            totals = np.bincount(
+                plan.labels, weights=np.add.reduceat(flat[: plan.used].numpy(), plan.bounds), minlength=len(totals)
+            )
+        sums[plan.lo : plan.hi] = totals.reshape(k, regions + 1)[:, :-1]
     return sums
 
 
@@ -237,8 +255,12 @@ def _chunk_plan(segments: RegionSegments, rows: np.ndarray, images: np.ndarray, 
     gap_bounds = span_ends[:-1][gap]
     gap_labels = spanned[:-1][gap] * (len(segments.names) + 1) + len(segments.names)
     order = np.argsort(np.concatenate([bounds, gap_bounds]), kind="stable")
-    return (np.concatenate([bounds, gap_bounds])[order], np.concatenate([labels, gap_labels])[order],
-            tuple(tuple(c) for c in copies), used)
+    return (
+        np.concatenate([bounds, gap_bounds])[order],
+        np.concatenate([labels, gap_labels])[order],
+        tuple(tuple(c) for c in copies),
+        used,
+    )
 
 
 def _run_positions(offsets: np.ndarray, images: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 ``extract`` builds it from freshly computed maps and ``rescore`` from stored ones; both go through
 ``score_block`` so the two tables agree column for column.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,26 +14,45 @@ import numpy as np
 import polars as pl
 
 SCORE_SCHEMA = {
-    "image_name": pl.String, "label": pl.String, "fold": pl.String, "model": pl.String, "method": pl.String,
-    "region": pl.String, "score": pl.Float64, "predicted": pl.String, "target": pl.String,
+    "image_name": pl.String,
+    "label": pl.String,
+    "fold": pl.String,
+    "model": pl.String,
+    "method": pl.String,
+    "region": pl.String,
+    "score": pl.Float64,
+    "predicted": pl.String,
+    "target": pl.String,
     "target_probability": pl.Float64,
 }
 
 
-def score_block(model: str, fold: str | None, method: str, rows: pl.DataFrame, regions: Sequence[str],
-                scores: np.ndarray) -> pl.DataFrame:
+def score_block(
+    model: str, fold: str | None, method: str, rows: pl.DataFrame, regions: Sequence[str], scores: np.ndarray
+) -> pl.DataFrame:
     """Score-table rows of one model and method: ``rows`` has image_name, label, predicted, target,
     target_probability per image; ``scores`` is images × regions. Eager gathers: no query plans."""
     n, r = scores.shape
     per_image = rows[np.repeat(np.arange(n, dtype=np.int64), r)]  # one gather of every per-image column
-    constants = pl.select(fold=pl.repeat(fold, n * r, dtype=pl.String), model=pl.repeat(model, n * r, dtype=pl.String),
-                          method=pl.repeat(method, n * r, dtype=pl.String))
-    return pl.DataFrame([
-        per_image["image_name"], per_image["label"], constants["fold"], constants["model"], constants["method"],
-        pl.Series("region", np.tile(np.asarray(regions, dtype=object), n), dtype=pl.String),
-        pl.Series("score", scores.reshape(-1), dtype=pl.Float64),
-        per_image["predicted"], per_image["target"], per_image["target_probability"].cast(pl.Float64),
-    ])
+    constants = pl.select(
+        fold=pl.repeat(fold, n * r, dtype=pl.String),
+        model=pl.repeat(model, n * r, dtype=pl.String),
+        method=pl.repeat(method, n * r, dtype=pl.String),
+    )
+    return pl.DataFrame(
+        [
+            per_image["image_name"],
+            per_image["label"],
+            constants["fold"],
+            constants["model"],
+            constants["method"],
+            pl.Series("region", np.tile(np.asarray(regions, dtype=object), n), dtype=pl.String),
+            pl.Series("score", scores.reshape(-1), dtype=pl.Float64),
+            per_image["predicted"],
+            per_image["target"],
+            per_image["target_probability"].cast(pl.Float64),
+        ]
+    )
 
 
 def write_score_table(table: pl.DataFrame, path: str | Path) -> Path:

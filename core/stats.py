@@ -5,6 +5,7 @@ and the reference group? RQ2 (``hpo_correlation``, ``table4_wide``): do region s
 number of HPO terms raters marked in that region? Every test is scipy's; the multiple-testing
 corrections are statsmodels'. Nothing here reads or writes files.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -26,14 +27,26 @@ _RQ1_COLUMNS = ("image_name", "label", "method", "region", "score")
 _RQ2_COLUMNS = ("image_name", "model", "method", "region", "score")
 
 RQ1_SCHEMA = {
-    "method": pl.Utf8, "syndrome": pl.Utf8, "region": pl.Utf8,
-    "n_syndrome": pl.Int64, "n_reference": pl.Int64,
-    "mean_syndrome": pl.Float64, "mean_reference": pl.Float64,
-    "shapiro_p_syndrome": pl.Float64, "shapiro_p_reference": pl.Float64,
-    "normal_syndrome": pl.Boolean, "normal_reference": pl.Boolean,
-    "levene_p": pl.Float64, "equal_variance": pl.Boolean,
-    "test": pl.Utf8, "statistic": pl.Float64, "p": pl.Float64, "p_corrected": pl.Float64,
-    "significant": pl.Boolean, "cohens_d": pl.Float64, "note": pl.Utf8,
+    "method": pl.Utf8,
+    "syndrome": pl.Utf8,
+    "region": pl.Utf8,
+    "n_syndrome": pl.Int64,
+    "n_reference": pl.Int64,
+    "mean_syndrome": pl.Float64,
+    "mean_reference": pl.Float64,
+    "shapiro_p_syndrome": pl.Float64,
+    "shapiro_p_reference": pl.Float64,
+    "normal_syndrome": pl.Boolean,
+    "normal_reference": pl.Boolean,
+    "levene_p": pl.Float64,
+    "equal_variance": pl.Boolean,
+    "test": pl.Utf8,
+    "statistic": pl.Float64,
+    "p": pl.Float64,
+    "p_corrected": pl.Float64,
+    "significant": pl.Boolean,
+    "cohens_d": pl.Float64,
+    "note": pl.Utf8,
 }
 
 
@@ -61,8 +74,9 @@ def _observations(scores: pl.DataFrame, model: str | None) -> pl.DataFrame:
             raise UserFacingError(f"model {model!r} is not in the score table (it has: {', '.join(known)})")
         scores = scores.filter(pl.col("model") == model)
     key = ["image_name", "method", "region"]
-    repeated = scores.group_by(key).agg(pl.len().alias("rows"), *(
-        [pl.col("model").n_unique().alias("models")] if "model" in scores.columns else []))
+    repeated = scores.group_by(key).agg(
+        pl.len().alias("rows"), *([pl.col("model").n_unique().alias("models")] if "model" in scores.columns else [])
+    )
     repeated = repeated.filter(pl.col("rows") > 1)
     if len(repeated):
         first = repeated.row(0, named=True)
@@ -70,9 +84,12 @@ def _observations(scores: pl.DataFrame, model: str | None) -> pl.DataFrame:
         if first.get("models", 1) > 1:
             raise UserFacingError(
                 f"image {where} is scored by {first['models']} models; RQ1 counts each image once. Use the score "
-                "table of split 'val' (each image scored by its own fold model) or choose one model (--model).")
-        raise UserFacingError(f"image {where} appears {first['rows']} times in the score table; each image × model "
-                              "× method × region must appear once")
+                "table of split 'val' (each image scored by its own fold model) or choose one model (--model)."
+            )
+        raise UserFacingError(
+            f"image {where} appears {first['rows']} times in the score table; each image × model "
+            "× method × region must appear once"
+        )
     return scores.with_columns(pl.col("score").cast(pl.Float64))
 
 
@@ -101,8 +118,12 @@ def _degenerate(name: str, values: np.ndarray) -> str | None:
 def _compare(syndrome_scores: np.ndarray, reference_scores: np.ndarray, ttest: str) -> dict:
     """One comparison: the paper's test choice, statistic, raw p and Cohen's d (syndrome minus reference)."""
     x, y = syndrome_scores, reference_scores
-    row = {"n_syndrome": len(x), "n_reference": len(y),
-           "mean_syndrome": float(x.mean()) if len(x) else None, "mean_reference": float(y.mean()) if len(y) else None}
+    row = {
+        "n_syndrome": len(x),
+        "n_reference": len(y),
+        "mean_syndrome": float(x.mean()) if len(x) else None,
+        "mean_reference": float(y.mean()) if len(y) else None,
+    }
     notes = [n for n in (_degenerate("syndrome", x), _degenerate("reference", y)) if n]
     if notes:
         return row | {"note": "; ".join(notes)}
@@ -118,10 +139,16 @@ def _compare(syndrome_scores: np.ndarray, reference_scores: np.ndarray, ttest: s
         result = stats.mannwhitneyu(x, y, use_continuity=True, alternative="two-sided")
         test = "mann-whitney"
     return row | {
-        "shapiro_p_syndrome": float(shapiro_x), "shapiro_p_reference": float(shapiro_y),
-        "normal_syndrome": bool(normal_x), "normal_reference": bool(normal_y),
-        "levene_p": float(levene), "equal_variance": bool(equal_variance),
-        "test": test, "statistic": float(result.statistic), "p": float(result.pvalue), "cohens_d": cohens_d(x, y),
+        "shapiro_p_syndrome": float(shapiro_x),
+        "shapiro_p_reference": float(shapiro_y),
+        "normal_syndrome": bool(normal_x),
+        "normal_reference": bool(normal_y),
+        "levene_p": float(levene),
+        "equal_variance": bool(equal_variance),
+        "test": test,
+        "statistic": float(result.statistic),
+        "p": float(result.pvalue),
+        "cohens_d": cohens_d(x, y),
     }
 
 
@@ -135,9 +162,15 @@ def _corrected(rows: list[dict], alpha: float, correction: str) -> None:
         r["p_corrected"], r["significant"] = float(p), bool(significant)
 
 
-def compare_groups(scores: pl.DataFrame, reference: str = "Unaffected", alpha: float = 0.001,
-                   correction: str = "bonferroni", ttest: str = "paper", syndromes: Sequence[str] | None = None,
-                   model: str | None = None) -> pl.DataFrame:
+def compare_groups(
+    scores: pl.DataFrame,
+    reference: str = "Unaffected",
+    alpha: float = 0.001,
+    correction: str = "bonferroni",
+    ttest: str = "paper",
+    syndromes: Sequence[str] | None = None,
+    model: str | None = None,
+) -> pl.DataFrame:
     """RQ1: one row per method × syndrome × region (columns ``RQ1_SCHEMA``).
 
     Per comparison: Shapiro–Wilk on both groups and Levene (median-centred) at 0.05; a two-sided
@@ -161,14 +194,17 @@ def compare_groups(scores: pl.DataFrame, reference: str = "Unaffected", alpha: f
     observations = _observations(scores, model)
     labels = sorted(observations["label"].drop_nulls().unique().to_list())
     if reference not in labels:
-        raise UserFacingError(f"reference group {reference!r} is not a label of the score table "
-                              f"(labels: {', '.join(labels) or 'none'})")
+        raise UserFacingError(
+            f"reference group {reference!r} is not a label of the score table (labels: {', '.join(labels) or 'none'})"
+        )
     if syndromes is None:
         syndromes = [label for label in labels if label != reference]
     unknown = [s for s in syndromes if s not in labels or s == reference]
     if unknown:
-        raise UserFacingError(f"syndrome(s) {', '.join(map(repr, unknown))} not comparable: choose labels of the score "
-                              f"table other than the reference {reference!r} ({', '.join(labels)})")
+        raise UserFacingError(
+            f"syndrome(s) {', '.join(map(repr, unknown))} not comparable: choose labels of the score "
+            f"table other than the reference {reference!r} ({', '.join(labels)})"
+        )
     if not syndromes:
         raise UserFacingError(f"the score table has no label besides the reference {reference!r}")
     finite = observations.filter(pl.col("score").is_not_nan() & pl.col("score").is_not_null())
@@ -179,8 +215,9 @@ def compare_groups(scores: pl.DataFrame, reference: str = "Unaffected", alpha: f
         method_rows = []
         for syndrome in syndromes:
             for region in observations["region"].unique(maintain_order=True).to_list():
-                compared = _compare(groups.get((method, region, syndrome), empty),
-                                    groups.get((method, region, reference), empty), ttest)
+                compared = _compare(
+                    groups.get((method, region, syndrome), empty), groups.get((method, region, reference), empty), ttest
+                )
                 method_rows.append({"method": method, "syndrome": syndrome, "region": region} | compared)
         _corrected(method_rows, alpha, correction)
         rows.extend(method_rows)
@@ -190,8 +227,9 @@ def compare_groups(scores: pl.DataFrame, reference: str = "Unaffected", alpha: f
 def significance_counts(table: pl.DataFrame) -> pl.DataFrame:
     """Table 3: ``region``, then one column per syndrome: how many methods differ significantly."""
     _require_columns(table, ("syndrome", "region", "significant"), "RQ1 table")
-    counts = (table.group_by("region", "syndrome", maintain_order=True)
-              .agg(pl.col("significant").fill_null(False).sum().cast(pl.Int64).alias("count")))
+    counts = table.group_by("region", "syndrome", maintain_order=True).agg(
+        pl.col("significant").fill_null(False).sum().cast(pl.Int64).alias("count")
+    )
     return counts.pivot(on="syndrome", index="region", values="count", maintain_order=True).fill_null(0)
 
 
@@ -224,19 +262,29 @@ def hpo_correlation(scores: pl.DataFrame, counts: pl.DataFrame) -> HpoCorrelatio
     """
     _require_columns(scores, _RQ2_COLUMNS, "score table")
     _require_columns(counts, ("image_name", "region", "count"), "HPO count table")
-    joined = (scores.select(_RQ2_COLUMNS).with_columns(pl.col("score").cast(pl.Float64))
-              .join(counts.select("image_name", "region", pl.col("count").cast(pl.Float64)),
-                    on=["image_name", "region"], how="inner")
-              .filter(pl.col("score").is_not_nan() & pl.col("score").is_not_null()))
+    joined = (
+        scores.select(_RQ2_COLUMNS)
+        .with_columns(pl.col("score").cast(pl.Float64))
+        .join(
+            counts.select("image_name", "region", pl.col("count").cast(pl.Float64)),
+            on=["image_name", "region"],
+            how="inner",
+        )
+        .filter(pl.col("score").is_not_nan() & pl.col("score").is_not_null())
+    )
     if joined.is_empty():
-        raise UserFacingError("no image × region of the score table has HPO annotations: score the annotated "
-                              "test images (split 'test') of the same dataset, with regions named as the "
-                              "annotations' (eye, nose, mouth, …)")
+        raise UserFacingError(
+            "no image × region of the score table has HPO annotations: score the annotated "
+            "test images (split 'test') of the same dataset, with regions named as the "
+            "annotations' (eye, nose, mouth, …)"
+        )
     repeated = joined.group_by("image_name", "model", "method", "region").len().filter(pl.col("len") > 1)
     if len(repeated):
         first = repeated.row(0, named=True)
-        raise UserFacingError(f"image {first['image_name']!r} appears {first['len']} times for model {first['model']}, "
-                              f"{first['method']}, {first['region']}; each must appear once")
+        raise UserFacingError(
+            f"image {first['image_name']!r} appears {first['len']} times for model {first['model']}, "
+            f"{first['method']}, {first['region']}; each must appear once"
+        )
     groups = dict(joined.group_by("method", "region", "model"))
     rows = []
     for method in joined["method"].unique(maintain_order=True):
@@ -246,18 +294,48 @@ def hpo_correlation(scores: pl.DataFrame, counts: pl.DataFrame) -> HpoCorrelatio
                 if frame is None:
                     continue
                 rho, p, note = _spearman(frame["score"].to_numpy(), frame["count"].to_numpy())
-                rows.append({"method": method, "region": region, "model": model, "rho": rho, "p": p,
-                             "n": len(frame), "note": note})
-    per_model = pl.DataFrame(rows, schema={"method": pl.Utf8, "region": pl.Utf8, "model": pl.Utf8, "rho": pl.Float64,
-                                           "p": pl.Float64, "n": pl.Int64, "note": pl.Utf8})
-    summary = (per_model.filter(pl.col("rho").is_not_nan())
-               .group_by("method", "region", maintain_order=True)
-               .agg(pl.col("rho").mean().alias("rho_mean"), pl.col("rho").std(ddof=1).alias("rho_std"),
-                    pl.len().cast(pl.Int64).alias("n_models")))
-    summary = (per_model.select("method", "region").unique(maintain_order=True)
-               .join(summary, on=["method", "region"], how="left", maintain_order="left")
-               .with_columns(pl.col("rho_std").fill_null(float("nan")), pl.col("rho_mean").fill_null(float("nan")),
-                             pl.col("n_models").fill_null(0)))
+                rows.append(
+                    {
+                        "method": method,
+                        "region": region,
+                        "model": model,
+                        "rho": rho,
+                        "p": p,
+                        "n": len(frame),
+                        "note": note,
+                    }
+                )
+    per_model = pl.DataFrame(
+        rows,
+        schema={
+            "method": pl.Utf8,
+            "region": pl.Utf8,
+            "model": pl.Utf8,
+            "rho": pl.Float64,
+            "p": pl.Float64,
+            "n": pl.Int64,
+            "note": pl.Utf8,
+        },
+    )
+    summary = (
+        per_model.filter(pl.col("rho").is_not_nan())
+        .group_by("method", "region", maintain_order=True)
+        .agg(
+            pl.col("rho").mean().alias("rho_mean"),
+            pl.col("rho").std(ddof=1).alias("rho_std"),
+            pl.len().cast(pl.Int64).alias("n_models"),
+        )
+    )
+    summary = (
+        per_model.select("method", "region")
+        .unique(maintain_order=True)
+        .join(summary, on=["method", "region"], how="left", maintain_order="left")
+        .with_columns(
+            pl.col("rho_std").fill_null(float("nan")),
+            pl.col("rho_mean").fill_null(float("nan")),
+            pl.col("n_models").fill_null(0),
+        )
+    )
     return HpoCorrelation(per_model=per_model, summary=summary)
 
 
@@ -269,6 +347,9 @@ def table4_wide(summary: pl.DataFrame, decimals: int = 3) -> pl.DataFrame:
         text = "n/a" if mean is None or np.isnan(mean) else f"{mean:.{decimals}f}"
         return text if std is None or np.isnan(std) else f"{text} ({std:.{decimals}f})"
 
-    cells = summary.with_columns(pl.struct("rho_mean", "rho_std").map_elements(
-        lambda s: cell(s["rho_mean"], s["rho_std"]), return_dtype=pl.Utf8).alias("cell"))
+    cells = summary.with_columns(
+        pl.struct("rho_mean", "rho_std")
+        .map_elements(lambda s: cell(s["rho_mean"], s["rho_std"]), return_dtype=pl.Utf8)
+        .alias("cell")
+    )
     return cells.pivot(on="region", index="method", values="cell", maintain_order=True)

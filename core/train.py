@@ -5,6 +5,7 @@ decay, cosine annealing with warm restarts (T_0 = 25 epochs), 35 epochs, batch 3
 horizontal flips, per-fold mean subtraction, and the epoch with the best validation accuracy
 kept. Every knob is a field of ``TrainConfig``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,30 +45,46 @@ class TrainConfig:
     """Every knob of the fine-tuning; the defaults are the paper's. ``python -m core train`` has a flag per field,
     with the field's ``metadata`` help (and ``choices``, where the values are a closed set)."""
 
-    architecture: str = dataclasses.field(default="resnet50", metadata={
-        "help": "classifier network (resnet50-caffe: the VGGFace2 ResNet-50 the paper fine-tunes)",
-        "choices": ARCHITECTURES})
+    architecture: str = dataclasses.field(
+        default="resnet50",
+        metadata={
+            "help": "classifier network (resnet50-caffe: the VGGFace2 ResNet-50 the paper fine-tunes)",
+            "choices": ARCHITECTURES,
+        },
+    )
     input_size: int = dataclasses.field(default=224, metadata={"help": "side of the aligned face, in pixels"})
     epochs: int = dataclasses.field(default=35, metadata={"help": "training epochs"})
     batch_size: int = dataclasses.field(default=32, metadata={"help": "faces per training step"})
     learning_rate: float = dataclasses.field(default=0.001, metadata={"help": "learning rate of the pretrained layers"})
-    head_lr_factor: float = dataclasses.field(default=10.0, metadata={
-        "help": "the new head learns this many times faster than the pretrained layers"})
+    head_lr_factor: float = dataclasses.field(
+        default=10.0, metadata={"help": "the new head learns this many times faster than the pretrained layers"}
+    )
     momentum: float = dataclasses.field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "weight decay"})
     restart_epochs: int = dataclasses.field(default=25, metadata={"help": "cosine warm-restart period T_0"})
     flip: bool = dataclasses.field(default=True, metadata={"help": "random horizontal flips of the training faces"})
     seed: int = dataclasses.field(default=42, metadata={"help": "seed of the initialisation, shuffling and flips"})
-    init: str | None = dataclasses.field(default=None, metadata={
-        "help": "state dict to start from (.safetensors/.pt, torchvision keys; the head is replaced)"})
-    optimizer: str = dataclasses.field(default="sgd", metadata={
-        "help": "sgd (the paper) or adamw", "choices": OPTIMIZERS})
-    schedule: str = dataclasses.field(default="cosine-restarts", metadata={
-        "help": "cosine-restarts (the paper, stepped per epoch) or one-cycle (stepped per batch)",
-        "choices": SCHEDULES})
-    precision: str = dataclasses.field(default="float32", metadata={
-        "help": "bfloat16 autocast: ~2× faster on CPUs with native bf16; auto: bfloat16 where the CPU has it",
-        "choices": PRECISIONS})
+    init: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "state dict to start from (.safetensors/.pt, torchvision keys; the head is replaced)"},
+    )
+    optimizer: str = dataclasses.field(
+        default="sgd", metadata={"help": "sgd (the paper) or adamw", "choices": OPTIMIZERS}
+    )
+    schedule: str = dataclasses.field(
+        default="cosine-restarts",
+        metadata={
+            "help": "cosine-restarts (the paper, stepped per epoch) or one-cycle (stepped per batch)",
+            "choices": SCHEDULES,
+        },
+    )
+    precision: str = dataclasses.field(
+        default="float32",
+        metadata={
+            "help": "bfloat16 autocast: ~2× faster on CPUs with native bf16; auto: bfloat16 where the CPU has it",
+            "choices": PRECISIONS,
+        },
+    )
 
     def __post_init__(self):
         check_precision(self.precision)
@@ -101,8 +118,9 @@ def training_autocast(precision: str) -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-def aligned_faces(dataset: Dataset, names: list[str], size: int,
-                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def aligned_faces(
+    dataset: Dataset, names: list[str], size: int, progress: Callable[[int, int], None] | None = None
+) -> np.ndarray:
     """N×size×size×3 uint8 faces aligned from the dataset's landmarks (needed for training)."""
     faces = np.empty((len(names), size, size, 3), dtype=np.uint8)
     for i, (_, aligned) in enumerate(aligned_dataset_photos(dataset, names, size)):
@@ -122,8 +140,15 @@ def classification_report(labels: np.ndarray, predicted: np.ndarray, classes: tu
     precision = np.divide(true_positive, predicted_count, out=np.zeros(k), where=predicted_count > 0)
     recall = np.divide(true_positive, support, out=np.zeros(k), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
-    return pl.DataFrame({"class": list(classes), "precision": precision, "recall": recall, "f1": f1,
-                         "support": support.astype(np.int64)})
+    return pl.DataFrame(
+        {
+            "class": list(classes),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support.astype(np.int64),
+        }
+    )
 
 
 def _data_hash(names: list[str], labels: list[str]) -> str:
@@ -133,12 +158,18 @@ def _data_hash(names: list[str], labels: list[str]) -> str:
 def _predict(network: torch.nn.Module, batch: torch.Tensor, batch_size: int) -> np.ndarray:
     network.eval()
     with torch.no_grad():
-        return np.concatenate([network(batch[i:i + batch_size]).argmax(1).numpy()
-                               for i in range(0, len(batch), batch_size)]) if len(batch) else np.zeros(0, int)
+        return (
+            np.concatenate(
+                [network(batch[i : i + batch_size]).argmax(1).numpy() for i in range(0, len(batch), batch_size)]
+            )
+            if len(batch)
+            else np.zeros(0, int)
+        )
 
 
-def train_fold(dataset: Dataset, fold: str, config: TrainConfig, out_dir: Path,
-               faces: Callable[[list[str]], np.ndarray], log=print) -> FoldResult:
+def train_fold(
+    dataset: Dataset, fold: str, config: TrainConfig, out_dir: Path, faces: Callable[[list[str]], np.ndarray], log=print
+) -> FoldResult:
     """Train on the fold's ``train`` split, keep the best ``val`` epoch, write its checkpoint and card."""
     started = time.perf_counter()
     classes = dataset.classes
@@ -148,34 +179,54 @@ def train_fold(dataset: Dataset, fold: str, config: TrainConfig, out_dir: Path,
     label_of = dict(zip(dataset.table["image_name"], dataset.table["label"], strict=True))
     targets = {s: torch.tensor([classes.index(label_of[n]) for n in names]) for s, names in splits.items()}
     pixels = {s: faces(names) for s, names in splits.items()}
-    card = _fold_card(fold, config, classes, pixels["train"],
-                      _data_hash(splits["train"], [label_of[n] for n in splits["train"]]))
+    card = _fold_card(
+        fold, config, classes, pixels["train"], _data_hash(splits["train"], [label_of[n] for n in splits["train"]])
+    )
     inputs = {s: preprocess(p, card) if len(p) else torch.zeros(0) for s, p in pixels.items()}
     inputs = {s: x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for s, x in inputs.items()}
-    network, best_epoch, val_accuracy = _train(_initial_network(config, len(classes)), inputs, targets, config,
-                                               lambda epoch, loss, accuracy: log(
-                                                   f"{fold} epoch {epoch:2d}: loss {loss:.3f}, "
-                                                   f"val accuracy {accuracy:.3f}"))
+    network, best_epoch, val_accuracy = _train(
+        _initial_network(config, len(classes)),
+        inputs,
+        targets,
+        config,
+        lambda epoch, loss, accuracy: log(f"{fold} epoch {epoch:2d}: loss {loss:.3f}, val accuracy {accuracy:.3f}"),
+    )
     val_predicted = _predict(network, inputs["val"], 64)
     test_accuracy = None
     if len(inputs["test"]):
         test_accuracy = float((_predict(network, inputs["test"], 64) == targets["test"].numpy()).mean())
     card_path = save_checkpoint(network, card, out_dir, f"classifier-{fold}")
-    return FoldResult(fold=fold, card_path=card_path, best_epoch=best_epoch, val_accuracy=val_accuracy,
-                      test_accuracy=test_accuracy,
-                      report=classification_report(targets["val"].numpy(), val_predicted, classes),
-                      seconds=time.perf_counter() - started)
+    return FoldResult(
+        fold=fold,
+        card_path=card_path,
+        best_epoch=best_epoch,
+        val_accuracy=val_accuracy,
+        test_accuracy=test_accuracy,
+        report=classification_report(targets["val"].numpy(), val_predicted, classes),
+        seconds=time.perf_counter() - started,
+    )
 
 
-def _fold_card(fold: str, config: TrainConfig, classes: tuple[str, ...], train_pixels: np.ndarray,
-               data_hash: str) -> ModelCard:
+def _fold_card(
+    fold: str, config: TrainConfig, classes: tuple[str, ...], train_pixels: np.ndarray, data_hash: str
+) -> ModelCard:
     """The card of a fold's classifier: its input normalised by the mean and std of its training pixels."""
     values = train_pixels.reshape(-1, 3).astype(np.float64) / 255.0
     mean, std = tuple(values.mean(axis=0)), tuple(values.std(axis=0) + 1e-6)
-    return ModelCard(kind="classifier", architecture=config.architecture, classes=classes,
-                     input_size=config.input_size, channel_order="RGB", input_scale=1.0, mean=mean, std=std,
-                     weights=f"classifier-{fold}.safetensors", fold=fold, training_data_hash=data_hash,
-                     notes=json.dumps(dataclasses.asdict(config)))
+    return ModelCard(
+        kind="classifier",
+        architecture=config.architecture,
+        classes=classes,
+        input_size=config.input_size,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=mean,
+        std=std,
+        weights=f"classifier-{fold}.safetensors",
+        fold=fold,
+        training_data_hash=data_hash,
+        notes=json.dumps(dataclasses.asdict(config)),
+    )
 
 
 def _initial_network(config: TrainConfig, n_classes: int) -> torch.nn.Module:
@@ -197,21 +248,28 @@ def _optimiser(network: torch.nn.Module, config: TrainConfig, steps_per_epoch: i
     groups = [{"params": body}, {"params": head, "lr": config.learning_rate * config.head_lr_factor}]
     optimiser: torch.optim.Optimizer
     if config.optimizer == "sgd":
-        optimiser = torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
+        optimiser = torch.optim.SGD(
+            groups, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     else:
         optimiser = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler: torch.optim.lr_scheduler.LRScheduler
     if config.schedule == "one-cycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimiser, max_lr=[g["lr"] for g in optimiser.param_groups], total_steps=config.epochs * steps_per_epoch)
+            optimiser, max_lr=[g["lr"] for g in optimiser.param_groups], total_steps=config.epochs * steps_per_epoch
+        )
     else:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimiser, T_0=config.restart_epochs)
     return optimiser, scheduler
 
 
-def _train(network: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-           config: TrainConfig, log: Callable[[int, float, float], None]) -> tuple[torch.nn.Module, int, float]:
+def _train(
+    network: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    config: TrainConfig,
+    log: Callable[[int, float, float], None],
+) -> tuple[torch.nn.Module, int, float]:
     """Every epoch of the config; the network of the best validation epoch (eval mode), that epoch, its accuracy."""
     n_train = len(inputs["train"])
     optimiser, scheduler = _optimiser(network, config, math.ceil(n_train / config.batch_size))
@@ -223,7 +281,7 @@ def _train(network: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: d
         losses = []
         batches = range(0, n_train, config.batch_size)
         for start in tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, file=sys.stderr):
-            chosen = order[start:start + config.batch_size]
+            chosen = order[start : start + config.batch_size]
             if len(chosen) < 2:  # batch norm cannot train on one image
                 continue
             batch = inputs["train"][chosen]
@@ -258,12 +316,17 @@ def table2(results: list[FoldResult]) -> pl.DataFrame:
         *[pl.col(m).std(ddof=0).alias(f"{m}_std") for m in ("precision", "recall", "f1")],
     )
     macro = long.group_by("fold", maintain_order=True).agg(
-        pl.col("support").sum(), *[pl.col(m).mean() for m in ("precision", "recall", "f1")])
+        pl.col("support").sum(), *[pl.col(m).mean() for m in ("precision", "recall", "f1")]
+    )
     accuracy = [r.val_accuracy for r in results]
-    overall = pl.DataFrame({
-        "class": ["Overall"], "N": [int(macro["support"].sum())],
-        **{f"{m}_mean": [macro[m].mean()] for m in ("precision", "recall", "f1")},
-        **{f"{m}_std": [macro[m].std(ddof=0)] for m in ("precision", "recall", "f1")},
-        "accuracy_mean": [float(np.mean(accuracy))], "accuracy_std": [float(np.std(accuracy))],
-    })
+    overall = pl.DataFrame(
+        {
+            "class": ["Overall"],
+            "N": [int(macro["support"].sum())],
+            **{f"{m}_mean": [macro[m].mean()] for m in ("precision", "recall", "f1")},
+            **{f"{m}_std": [macro[m].std(ddof=0)] for m in ("precision", "recall", "f1")},
+            "accuracy_mean": [float(np.mean(accuracy))],
+            "accuracy_std": [float(np.std(accuracy))],
+        }
+    )
     return pl.concat([per_class, overall], how="diagonal")

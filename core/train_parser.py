@@ -4,6 +4,7 @@ Faces and their maps are aligned exactly as the pipeline aligns them, so the par
 frame it will see. Loss: cross-entropy plus Dice, so small parts (eyes, brows, lips) are not
 drowned by skin and background; the cross-entropy is also weighted by 1/sqrt(class frequency).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.dataset import Dataset, DatasetError
-from core.pipeline import aligned_dataset_photos, stored_map_in_aligned_frame
 from core.parse import LAPA_LABELS
+from core.pipeline import aligned_dataset_photos, stored_map_in_aligned_frame
 from core.train import PRECISIONS, check_precision, training_autocast
 from models.checkpoint import ModelCard, normalise_pixels
 from models.parser import build_face_parser, save_face_parser
@@ -34,19 +35,25 @@ class ParserConfig:
     """Every knob of the face parser's training. ``python -m core train-parser`` has a flag per field, with the
     field's ``metadata`` help (and ``choices``, where the values are a closed set)."""
 
-    encoder: str = dataclasses.field(default="resnet18", metadata={
-        "help": "encoder of the U-Net (a segmentation_models_pytorch encoder name)"})
+    encoder: str = dataclasses.field(
+        default="resnet18", metadata={"help": "encoder of the U-Net (a segmentation_models_pytorch encoder name)"}
+    )
     input_size: int = dataclasses.field(default=112, metadata={"help": "side of the aligned face, in pixels"})
     epochs: int = dataclasses.field(default=8, metadata={"help": "training epochs"})
     batch_size: int = dataclasses.field(default=32, metadata={"help": "faces per training step"})
     learning_rate: float = dataclasses.field(default=3e-3, metadata={"help": "learning rate"})
     weight_decay: float = dataclasses.field(default=1e-4, metadata={"help": "weight decay"})
-    held_out_fraction: float = dataclasses.field(default=0.15, metadata={
-        "help": "share of the images kept out of training to measure IoU"})
+    held_out_fraction: float = dataclasses.field(
+        default=0.15, metadata={"help": "share of the images kept out of training to measure IoU"}
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the initialisation, split and shuffling"})
-    precision: str = dataclasses.field(default="float32", metadata={
-        "help": "bfloat16 autocast: ~2× faster on CPUs with native bf16; auto: bfloat16 where the CPU has it",
-        "choices": PRECISIONS})
+    precision: str = dataclasses.field(
+        default="float32",
+        metadata={
+            "help": "bfloat16 autocast: ~2× faster on CPUs with native bf16; auto: bfloat16 where the CPU has it",
+            "choices": PRECISIONS,
+        },
+    )
 
     def __post_init__(self):
         check_precision(self.precision)
@@ -84,8 +91,9 @@ def intersection_over_union(predicted: np.ndarray, truth: np.ndarray) -> np.ndar
     return np.divide(intersection, union, out=np.full(k, np.nan), where=union > 0)
 
 
-def train_face_parser(dataset: Dataset, config: ParserConfig, out_dir: Path, name: str = "parser",
-                      log=print) -> ParserResult:
+def train_face_parser(
+    dataset: Dataset, config: ParserConfig, out_dir: Path, name: str = "parser", log=print
+) -> ParserResult:
     started = time.perf_counter()
     names = dataset.table["image_name"].to_list()
     faces, maps = aligned_faces_and_maps(dataset, names, config.input_size)
@@ -93,10 +101,18 @@ def train_face_parser(dataset: Dataset, config: ParserConfig, out_dir: Path, nam
     n_held = max(1, int(round(config.held_out_fraction * len(names))))
     held, train = order[:n_held], order[n_held:]
     pixels = faces[train].reshape(-1, 3).astype(np.float64) / 255.0
-    card = ModelCard(kind="face_parser", architecture=f"unet-{config.encoder}", classes=LAPA_LABELS,
-                     input_size=config.input_size, channel_order="RGB", input_scale=1.0,
-                     mean=tuple(pixels.mean(0)), std=tuple(pixels.std(0) + 1e-6), weights=f"{name}.safetensors",
-                     notes=json.dumps(dataclasses.asdict(config)))
+    card = ModelCard(
+        kind="face_parser",
+        architecture=f"unet-{config.encoder}",
+        classes=LAPA_LABELS,
+        input_size=config.input_size,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=tuple(pixels.mean(0)),
+        std=tuple(pixels.std(0) + 1e-6),
+        weights=f"{name}.safetensors",
+        notes=json.dumps(dataclasses.asdict(config)),
+    )
     x = normalise_pixels(torch.from_numpy(faces).permute(0, 3, 1, 2).float(), card)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(maps.astype(np.int64))
@@ -119,9 +135,13 @@ def train_face_parser(dataset: Dataset, config: ParserConfig, out_dir: Path, nam
         network.train()
         shuffled = train_index[torch.randperm(len(train_index), generator=generator)]
         losses = []
-        for start in tqdm(range(0, len(shuffled), config.batch_size), desc=f"parser epoch {epoch}/{config.epochs}",
-                          leave=False, file=sys.stderr):
-            batch = shuffled[start:start + config.batch_size]
+        for start in tqdm(
+            range(0, len(shuffled), config.batch_size),
+            desc=f"parser epoch {epoch}/{config.epochs}",
+            leave=False,
+            file=sys.stderr,
+        ):
+            batch = shuffled[start : start + config.batch_size]
             if len(batch) < 2:
                 continue
             with training_autocast(config.precision):
@@ -136,7 +156,7 @@ def train_face_parser(dataset: Dataset, config: ParserConfig, out_dir: Path, nam
         log(f"parser epoch {epoch:2d}: loss {np.mean(losses):.3f}")
     network = network.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
     with torch.no_grad():
-        predicted = torch.cat([network(x[held[i:i + 64]]).argmax(1) for i in range(0, len(held), 64)]).numpy()
+        predicted = torch.cat([network(x[held[i : i + 64]]).argmax(1) for i in range(0, len(held), 64)]).numpy()
     iou = intersection_over_union(predicted.astype(np.int64), maps[held])
     card_path = save_face_parser(network, card, out_dir, name)
     table = pl.DataFrame({"label": list(range(len(LAPA_LABELS))), "name": list(LAPA_LABELS), "iou": iou})

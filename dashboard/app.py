@@ -1,4 +1,5 @@
 """Streamlit entry point: ``streamlit run dashboard/app.py``. Pages only compose core calls."""
+
 import sys
 from pathlib import Path
 
@@ -7,18 +8,20 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
 
 from core.library_warnings import quiet_library_warnings
-from dashboard import state  # noqa: E402
+from dashboard import state
 
 quiet_library_warnings()
 st.set_page_config(page_title="Face region explanations", page_icon="🧬", layout="wide")
 
 # Page files live in views/, not pages/: AppTest runs a page in a pages/ folder as its own script.
-page = st.navigation([
-    st.Page("views/explain.py", title="Explain a face", icon=":material/face:", url_path="explain", default=True),
-    st.Page("views/regions.py", title="Regions", icon=":material/crop_free:", url_path="regions"),
-    st.Page("views/statistics.py", title="Statistics (RQ1)", icon=":material/bar_chart:", url_path="statistics"),
-    st.Page("views/hpo.py", title="HPO correlation (RQ2)", icon=":material/biotech:", url_path="hpo"),
-])
+page = st.navigation(
+    [
+        st.Page("views/explain.py", title="Explain a face", icon=":material/face:", url_path="explain", default=True),
+        st.Page("views/regions.py", title="Regions", icon=":material/crop_free:", url_path="regions"),
+        st.Page("views/statistics.py", title="Statistics (RQ1)", icon=":material/bar_chart:", url_path="statistics"),
+        st.Page("views/hpo.py", title="HPO correlation (RQ2)", icon=":material/biotech:", url_path="hpo"),
+    ]
+)
 state.sidebar()
 link_slot = st.sidebar.empty()
 page.run()

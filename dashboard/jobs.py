@@ -5,6 +5,7 @@ started it. The work reports progress into its ``Job``; pages poll it from an
 ``st.fragment(run_every=…)``, which reruns only the fragment until the job ends. The work
 function must not call Streamlit: it runs in a plain thread.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Pictures for the pages: colours and overlays only, no science."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,12 +7,36 @@ import plotly.graph_objects as go
 import polars as pl
 
 # One colour per LaPa label id (core.parse.LAPA_LABELS).
-LAPA_COLOURS = np.array([
-    (0, 0, 0), (235, 195, 160), (120, 60, 20), (160, 80, 30), (30, 120, 220), (60, 160, 240),
-    (230, 90, 60), (200, 30, 80), (90, 10, 30), (240, 70, 120), (90, 70, 50),
-], dtype=np.uint8)
-REGION_COLOURS = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-                           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190)], dtype=np.uint8)
+LAPA_COLOURS = np.array(
+    [
+        (0, 0, 0),
+        (235, 195, 160),
+        (120, 60, 20),
+        (160, 80, 30),
+        (30, 120, 220),
+        (60, 160, 240),
+        (230, 90, 60),
+        (200, 30, 80),
+        (90, 10, 30),
+        (240, 70, 120),
+        (90, 70, 50),
+    ],
+    dtype=np.uint8,
+)
+REGION_COLOURS = np.array(
+    [
+        (230, 25, 75),
+        (60, 180, 75),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (250, 190, 190),
+    ],
+    dtype=np.uint8,
+)
 
 
 def label_map_rgb(label_map: np.ndarray) -> np.ndarray:
@@ -45,11 +70,18 @@ def heatmap_rgb(image: np.ndarray, relevance: np.ndarray, alpha: float = 0.6) ->
 def image_figure(image: np.ndarray, points: np.ndarray | None = None, height: int = 360) -> go.Figure:
     figure = go.Figure(go.Image(z=image))
     if points is not None:
-        figure.add_trace(go.Scatter(
-            x=points[:, 0], y=points[:, 1], mode="markers+text", text=["L eye", "R eye", "nose", "L mouth", "R mouth"],
-            textposition="top center", marker=dict(color="#00e5ff", size=9, line=dict(color="black", width=1)),
-            textfont=dict(color="#00e5ff"), showlegend=False,
-        ))
+        figure.add_trace(
+            go.Scatter(
+                x=points[:, 0],
+                y=points[:, 1],
+                mode="markers+text",
+                text=["L eye", "R eye", "nose", "L mouth", "R mouth"],
+                textposition="top center",
+                marker=dict(color="#00e5ff", size=9, line=dict(color="black", width=1)),
+                textfont=dict(color="#00e5ff"),
+                showlegend=False,
+            )
+        )
     figure.update_layout(height=height, margin=dict(l=0, r=0, t=0, b=0))
     figure.update_xaxes(visible=False)
     figure.update_yaxes(visible=False)
@@ -62,8 +94,9 @@ _MARKDOWN_COLOURS = ("red", "green", "blue", "orange", "violet")
 
 def region_legend(names) -> str:
     """Region names coloured as their masks are (markdown)."""
-    return ", ".join(f":{_MARKDOWN_COLOURS[r]}[**{name}**]" if r < len(_MARKDOWN_COLOURS) else name
-                     for r, name in enumerate(names))
+    return ", ".join(
+        f":{_MARKDOWN_COLOURS[r]}[**{name}**]" if r < len(_MARKDOWN_COLOURS) else name for r, name in enumerate(names)
+    )
 
 
 def parts_rgb(image: np.ndarray, label_map: np.ndarray) -> np.ndarray:
@@ -73,8 +106,9 @@ def parts_rgb(image: np.ndarray, label_map: np.ndarray) -> np.ndarray:
 def probability_bars(classes, probabilities: np.ndarray, top: int = 5) -> go.Figure:
     order = np.argsort(probabilities)[::-1][:top][::-1]
     figure = go.Figure(go.Bar(x=probabilities[order], y=[classes[i] for i in order], orientation="h"))
-    return figure.update_layout(height=200, margin=dict(l=0, r=0, t=0, b=0), xaxis_title="probability",
-                                xaxis_range=[0, 1])
+    return figure.update_layout(
+        height=200, margin=dict(l=0, r=0, t=0, b=0), xaxis_title="probability", xaxis_range=[0, 1]
+    )
 
 
 def region_score_bars(scores, region_names) -> go.Figure:
@@ -86,8 +120,9 @@ def region_score_bars(scores, region_names) -> go.Figure:
     return figure.update_layout(barmode="group", height=340, yaxis_title="region score C_i", margin=dict(t=10))
 
 
-def heat_table(table: pl.DataFrame, index: str, value_range: tuple[float, float], text: pl.DataFrame | None = None,
-               title: str = "") -> go.Figure:
+def heat_table(
+    table: pl.DataFrame, index: str, value_range: tuple[float, float], text: pl.DataFrame | None = None, title: str = ""
+) -> go.Figure:
     """A wide table as a heatmap with its values written in the cells (``text``: other cell labels, same shape).
 
     A range below zero (a correlation) gets a diverging scale centred on 0; otherwise a sequential one."""
@@ -98,13 +133,21 @@ def heat_table(table: pl.DataFrame, index: str, value_range: tuple[float, float]
         labels = [["" if np.isnan(v) else f"{v:.3g}" for v in row] for row in values]
     else:
         labels = table.select(index).join(text, on=index, how="left").select(columns).to_numpy()
-    figure = go.Figure(go.Heatmap(
-        z=values, x=columns, y=[str(v) for v in table[index]], text=labels, texttemplate="%{text}",
-        textfont=dict(size=13),
-        colorscale="RdBu_r" if value_range[0] < 0 else "Blues", zmin=value_range[0], zmax=value_range[1],
-        colorbar=dict(title=title),
-        hovertemplate=f"{index} %{{y}}<br>%{{x}}: %{{text}}<extra></extra>",
-    ))
+    figure = go.Figure(
+        go.Heatmap(
+            z=values,
+            x=columns,
+            y=[str(v) for v in table[index]],
+            text=labels,
+            texttemplate="%{text}",
+            textfont=dict(size=13),
+            colorscale="RdBu_r" if value_range[0] < 0 else "Blues",
+            zmin=value_range[0],
+            zmax=value_range[1],
+            colorbar=dict(title=title),
+            hovertemplate=f"{index} %{{y}}<br>%{{x}}: %{{text}}<extra></extra>",
+        )
+    )
     figure.update_yaxes(autorange="reversed")
     return figure.update_layout(height=90 + 30 * len(table), margin=dict(l=0, r=0, t=10, b=0))
 
@@ -116,8 +159,13 @@ def group_boxes(table: pl.DataFrame, reference: str) -> go.Figure:
     for label in labels:
         rows = table.filter(pl.col("label") == label)
         figure.add_box(x=rows["region"].to_list(), y=rows["score"].to_list(), name=label, boxmean=True)
-    return figure.update_layout(boxmode="group", height=360, yaxis_title="region score C_i",
-                                margin=dict(l=0, r=0, t=10, b=0), legend_title_text="group")
+    return figure.update_layout(
+        boxmode="group",
+        height=360,
+        yaxis_title="region score C_i",
+        margin=dict(l=0, r=0, t=10, b=0),
+        legend_title_text="group",
+    )
 
 
 def count_scatter(points: pl.DataFrame, region: str) -> go.Figure:
@@ -125,10 +173,20 @@ def count_scatter(points: pl.DataFrame, region: str) -> go.Figure:
     figure = go.Figure()
     for model in sorted(points["model"].unique().to_list()):
         rows = points.filter(pl.col("model") == model)
-        figure.add_scatter(x=rows["count"].to_list(), y=rows["score"].to_list(), mode="markers", name=model,
-                           text=rows["image_name"].to_list(), hovertemplate="%{text}<br>count %{x}, C_i %{y:.3f}")
-    return figure.update_layout(height=360, xaxis_title=f"HPO terms marked in the {region} region (raters summed)",
-                                yaxis_title="region score C_i", margin=dict(l=0, r=0, t=10, b=0))
+        figure.add_scatter(
+            x=rows["count"].to_list(),
+            y=rows["score"].to_list(),
+            mode="markers",
+            name=model,
+            text=rows["image_name"].to_list(),
+            hovertemplate="%{text}<br>count %{x}, C_i %{y:.3f}",
+        )
+    return figure.update_layout(
+        height=360,
+        xaxis_title=f"HPO terms marked in the {region} region (raters summed)",
+        yaxis_title="region score C_i",
+        margin=dict(l=0, r=0, t=10, b=0),
+    )
 
 
 def chi2_bars(chi2: pl.DataFrame, top: int = 25) -> go.Figure:
@@ -137,11 +195,21 @@ def chi2_bars(chi2: pl.DataFrame, top: int = 25) -> go.Figure:
     figure = go.Figure()
     for region in rows["region"].unique(maintain_order=True).to_list():
         part = rows.filter(pl.col("region") == region)
-        figure.add_bar(x=part["chi2"].to_list(), y=part["term"].to_list(), orientation="h", name=region,
-                       customdata=part["p"].to_list(), hovertemplate="%{y}: χ² %{x:.1f}, p %{customdata:.2g}")
+        figure.add_bar(
+            x=part["chi2"].to_list(),
+            y=part["term"].to_list(),
+            orientation="h",
+            name=region,
+            customdata=part["p"].to_list(),
+            hovertemplate="%{y}: χ² %{x:.1f}, p %{customdata:.2g}",
+        )
     figure.update_yaxes(categoryorder="array", categoryarray=rows["term"].to_list())
-    return figure.update_layout(height=120 + 18 * len(rows), xaxis_title="χ² (term × syndrome)",
-                                margin=dict(l=0, r=0, t=10, b=0), legend_title_text="region")
+    return figure.update_layout(
+        height=120 + 18 * len(rows),
+        xaxis_title="χ² (term × syndrome)",
+        margin=dict(l=0, r=0, t=10, b=0),
+        legend_title_text="region",
+    )
 
 
 def tsne_scatter(embedding: pl.DataFrame) -> go.Figure:
@@ -149,8 +217,14 @@ def tsne_scatter(embedding: pl.DataFrame) -> go.Figure:
     figure = go.Figure()
     for label in sorted(embedding["label"].unique().to_list()):
         rows = embedding.filter(pl.col("label") == label)
-        figure.add_scatter(x=rows["x"].to_list(), y=rows["y"].to_list(), mode="markers", name=label,
-                           text=rows["image_name"].to_list(), hovertemplate="%{text}")
+        figure.add_scatter(
+            x=rows["x"].to_list(),
+            y=rows["y"].to_list(),
+            mode="markers",
+            name=label,
+            text=rows["image_name"].to_list(),
+            hovertemplate="%{text}",
+        )
     figure.update_xaxes(showticklabels=False)
     figure.update_yaxes(showticklabels=False)
     return figure.update_layout(height=420, margin=dict(l=0, r=0, t=10, b=0), legend_title_text="label")

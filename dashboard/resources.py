@@ -2,6 +2,7 @@
 
 Loading goes through core/models/cache; this module only decides how long each lives.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,8 @@ import streamlit as st
 
 from cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, DiskCache
 from cache.spec_store import SpecStore, default_spec_dir
-from core.dataset import Dataset, open_dataset
 from core.annotations import read_annotations
+from core.dataset import Dataset, open_dataset
 from core.hpo import region_counts
 from core.layout import DatasetLayout
 from models.checkpoint import Classifier, load_classifier
@@ -90,8 +91,11 @@ def annotations_version(dataset: Dataset) -> tuple[float, ...]:
     """What ``read_annotations`` reads: partitions.csv (it checks each annotated image's label there), the
     annotation folder and each of its files, by modification time (a tuple: any one changing counts)."""
     folder = dataset.layout.annotations
-    return (modified(dataset.layout.partitions), modified(folder),
-            *(modified(path) for path in sorted(folder.glob("*.csv"))))
+    return (
+        modified(dataset.layout.partitions),
+        modified(folder),
+        *(modified(path) for path in sorted(folder.glob("*.csv"))),
+    )
 
 
 def annotations(dataset: Dataset) -> pl.DataFrame:

@@ -5,6 +5,7 @@ else the Parquet table ``extract`` wrote (the spec it was extracted with); else 
 ``offer_extraction`` runs ``core.extract.extract_scores`` in a background job (``dashboard.jobs``)
 that fills both for next time.
 """
+
 from __future__ import annotations
 
 import time
@@ -101,17 +102,28 @@ def score_table(view: state.View, split: str) -> Scores | None:
         methods = tuple(m for m in view.methods if m in contents.methods)
         if methods:
             table = _rescored(str(folder), _version(folder), view.spec.to_json(), methods)
-            caveats = () if contents.mode == view.mode else (
-                f"the stored maps use relevance mode {contents.mode!r}, not {view.mode!r}",)
-            return Scores(table, ScoreSource.STORE, caveats, _lacking(view, contents.methods),
-                          time.perf_counter() - started)
+            caveats = (
+                ()
+                if contents.mode == view.mode
+                else (f"the stored maps use relevance mode {contents.mode!r}, not {view.mode!r}",)
+            )
+            return Scores(
+                table, ScoreSource.STORE, caveats, _lacking(view, contents.methods), time.perf_counter() - started
+            )
     path = view.dataset.layout.score_table(split)
     if path.is_file():
         table = _read_table(str(path), resources.modified(path))
-        caveat = (f"read from {path.name}, scored with the region spec it was extracted with (re-scoring under "
-                  "another spec needs the relevance store, which the extraction below fills)")
-        return Scores(table.filter(pl.col("method").is_in(list(view.methods))), ScoreSource.TABLE, (caveat,),
-                      _lacking(view, set(table["method"].unique().to_list())), time.perf_counter() - started)
+        caveat = (
+            f"read from {path.name}, scored with the region spec it was extracted with (re-scoring under "
+            "another spec needs the relevance store, which the extraction below fills)"
+        )
+        return Scores(
+            table.filter(pl.col("method").is_in(list(view.methods))),
+            ScoreSource.TABLE,
+            (caveat,),
+            _lacking(view, set(table["method"].unique().to_list())),
+            time.perf_counter() - started,
+        )
     return None
 
 
@@ -125,8 +137,13 @@ def _extraction(view: state.View, split: str):
     plan, settings, layout = ExtractionPlan(view.dataset, classifiers, split), view.settings(), view.dataset.layout
 
     def work(job: jobs.Job) -> None:
-        table = extract_scores(plan, settings, cache=DiskCache(resources.result_cache().directory),
-                               store=RelevanceStore(layout.relevance_store(split)), progress=job.report)
+        table = extract_scores(
+            plan,
+            settings,
+            cache=DiskCache(resources.result_cache().directory),
+            store=RelevanceStore(layout.relevance_store(split)),
+            progress=job.report,
+        )
         write_score_table(table, layout.score_table(split))
 
     return work
@@ -156,14 +173,21 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
         st.error(f"The extraction failed: {job.error}")
     if not view.cards:
         if missing:
-            st.info(f"No score table for split {split!r} and no fold models in {view.dataset.root / 'models'} to make "
-                    f"one: run `python -m core extract {view.dataset.root} --split {split} --models CARD,…`.")
+            st.info(
+                f"No score table for split {split!r} and no fold models in {view.dataset.root / 'models'} to make "
+                f"one: run `python -m core extract {view.dataset.root} --split {split} --models CARD,…`."
+            )
         return False
-    label = (f"Extract region scores of split {split!r}" if missing else
-             f"Extract {', '.join(view.methods)} for split {split!r} again (adds missing methods)")
-    help_text = (f"Runs {len(view.methods)} method(s) over the {split} images of {len(view.cards)} fold model(s) in "
-                 "the background (other pages stay usable; the same as `python -m core extract`), and keeps the "
-                 "relevance maps so that region edits re-score without any model.")
+    label = (
+        f"Extract region scores of split {split!r}"
+        if missing
+        else f"Extract {', '.join(view.methods)} for split {split!r} again (adds missing methods)"
+    )
+    help_text = (
+        f"Runs {len(view.methods)} method(s) over the {split} images of {len(view.cards)} fold model(s) in "
+        "the background (other pages stay usable; the same as `python -m core extract`), and keeps the "
+        "relevance maps so that region edits re-score without any model."
+    )
     if st.button(label, key=f"extract-{split}", type="primary" if missing else "secondary", help=help_text):
         try:
             work = _extraction(view, split)

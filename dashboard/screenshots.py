@@ -6,6 +6,7 @@ Starts ``streamlit run dashboard/app.py`` on a free local port, opens each page 
 Chromium (``apt-get install chromium``) through Playwright, waits until the script has finished,
 and saves a full-page PNG. ``serve`` and ``browser`` are shared with ``tests/test_browser.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "dashboard" / "app.py"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PAGES = {"explain": "", "regions": "regions", "statistics": "statistics", "hpo": "hpo"}
 
 
@@ -40,9 +49,25 @@ def serve(env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[
     port = free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115 -- closed in the finally below, after the server stops
     server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(APP),
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -79,7 +104,10 @@ def browser(profile: Path, width: int = 1600, height: int = 1100):
     profile.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            str(profile),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
             viewport={"width": width, "height": height},
         )
         try:

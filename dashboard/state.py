@@ -7,6 +7,7 @@ The sidebar is shared by all pages; each page reads the resulting ``View`` with 
 Bound widgets take no ``format_func``: Streamlit would put the formatted label in the URL, so
 options are the URL values themselves and ``view_query`` can write them out explicitly.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,9 @@ class View:
     def settings(self, **changes) -> ExplainSettings:
         """The pipeline's settings for this view (``changes`` override fields, e.g. a page's target)."""
         parser = resources.parser(self.parser) if self.parser else None
-        return ExplainSettings(**{"methods": self.methods, "mode": self.mode, "spec": self.spec,
-                                  "parser": parser, **changes})
+        return ExplainSettings(
+            **{"methods": self.methods, "mode": self.mode, "spec": self.spec, "parser": parser, **changes}
+        )
 
 
 def default_dataset() -> str:
@@ -108,12 +110,17 @@ def _spec_selector() -> tuple[RegionSpec, str]:
     options = [DEFAULT_SPEC, *(name for name in bundled if name != DEFAULT_SPEC), *stored]
     specs = {**bundled, **stored}
     reference = st.sidebar.selectbox(
-        "Region spec", options, key="spec", bind=URL,
+        "Region spec",
+        options,
+        key="spec",
+        bind=URL,
         help="Bundled specs by name; your edits (Regions page) by a short content id kept on the server.",
     )
     spec = specs[reference]
-    st.sidebar.caption(f"Regions: {', '.join(rule.name for rule in spec.regions)}"
-                       + ("" if reference in bundled else f" (edited spec {spec.name or 'unnamed'!r})"))
+    st.sidebar.caption(
+        f"Regions: {', '.join(rule.name for rule in spec.regions)}"
+        + ("" if reference in bundled else f" (edited spec {spec.name or 'unnamed'!r})")
+    )
     return spec, reference
 
 
@@ -122,9 +129,13 @@ def sidebar() -> View:
     bar = st.sidebar
     bar.header("Data and model")
     dataset_path = bar.text_input(
-        "Dataset folder", value=default_dataset(), key="dataset", bind=URL, on_change=_forget_dataset_choices,
+        "Dataset folder",
+        value=default_dataset(),
+        key="dataset",
+        bind=URL,
+        on_change=_forget_dataset_choices,
         help="A folder in the NIH-Faces layout (images/, metadata/partitions.csv). Default: the synthetic demo, "
-             f"or ${DATASET_ENV}.",
+        f"or ${DATASET_ENV}.",
     ).strip()
     dataset = None
     try:
@@ -133,28 +144,53 @@ def sidebar() -> View:
         bar.error(str(error))
     cards = fold_model_cards(dataset)
     stems = [card.stem for card in cards]
-    model = bar.selectbox("Fold model", [*stems, OTHER_CARD], key="model", bind=URL,
-                          help="The dataset's models/classifier-fold-*.json, or any classifier card (other card).")
+    model = bar.selectbox(
+        "Fold model",
+        [*stems, OTHER_CARD],
+        key="model",
+        bind=URL,
+        help="The dataset's models/classifier-fold-*.json, or any classifier card (other card).",
+    )
     if model == OTHER_CARD:
-        card = bar.text_input("Classifier model card (JSON)", value="", key="card", bind=URL,
-                              help="A JSON card beside its weights; see README 'Bring your own model'.").strip()
+        card = bar.text_input(
+            "Classifier model card (JSON)",
+            value="",
+            key="card",
+            bind=URL,
+            help="A JSON card beside its weights; see README 'Bring your own model'.",
+        ).strip()
     else:
         card = str(cards[stems.index(model)])
     default_parser = dataset.layout.parser_card if dataset is not None else None
     parser = bar.text_input(
         "Face parser model card (JSON, optional)",
         value=str(default_parser) if default_parser is not None and default_parser.is_file() else "",
-        key="parser", bind=URL,
+        key="parser",
+        bind=URL,
         help="Without a parser, stored label maps (features/segmaps/) or a landmark template give the face parts.",
     ).strip()
     bar.header("Explanation")
     methods = bar.multiselect("Saliency methods", METHOD_NAMES, default=DEFAULT_METHODS, key="methods", bind=URL)
-    mode = bar.selectbox("Relevance map", RELEVANCE_MODES, key="mode", bind=URL,
-                         help="abs: the paper's |a| summed over channels, min–max per image; positive: evidence "
-                              "for the class only; signed: both signs.")
+    mode = bar.selectbox(
+        "Relevance map",
+        RELEVANCE_MODES,
+        key="mode",
+        bind=URL,
+        help="abs: the paper's |a| summed over channels, min–max per image; positive: evidence "
+        "for the class only; signed: both signs.",
+    )
     spec, spec_ref = _spec_selector()
-    view = View(dataset=dataset, dataset_path=dataset_path, card=card, cards=tuple(map(str, cards)), parser=parser,
-                methods=tuple(methods), mode=mode, spec=spec, spec_ref=spec_ref)
+    view = View(
+        dataset=dataset,
+        dataset_path=dataset_path,
+        card=card,
+        cards=tuple(map(str, cards)),
+        parser=parser,
+        methods=tuple(methods),
+        mode=mode,
+        spec=spec,
+        spec_ref=spec_ref,
+    )
     st.session_state[_VIEW] = view
     return view
 

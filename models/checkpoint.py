@@ -5,6 +5,7 @@ order, pixel scale, mean/std, size) and what its outputs mean (class names). Wei
 tensors only (safetensors, or torch files through ``weights_only=True``), so opening a
 checkpoint someone sent you never runs code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,8 +102,9 @@ def _is_number(value: object) -> bool:
 
 def _three_numbers(name: str, value: object, positive: bool) -> tuple[float, float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_number(v) for v in value):
-        raise ModelError(f"field {name!r} must be 3 numbers (one per channel, in the card's channel order), "
-                         f"got {value!r}")
+        raise ModelError(
+            f"field {name!r} must be 3 numbers (one per channel, in the card's channel order), got {value!r}"
+        )
     if positive and not all(v > 0 for v in value):
         raise ModelError(f"field {name!r} must be positive, got {value!r}")
     first, second, third = (float(v) for v in value)
@@ -171,12 +173,16 @@ def preprocess(images: np.ndarray, card: ModelCard) -> torch.Tensor:
     move every pixel the attribution maps refer to.
     """
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise ValueError(f"expected RGB uint8 images N×H×W×3, got {getattr(images, 'dtype', type(images))} "
-                         f"{getattr(images, 'shape', '')}")
+        raise ValueError(
+            f"expected RGB uint8 images N×H×W×3, got {getattr(images, 'dtype', type(images))} "
+            f"{getattr(images, 'shape', '')}"
+        )
     size = card.input_size
     if images.shape[1:3] != (size, size):
-        raise ValueError(f"images are {images.shape[1]}×{images.shape[2]} but the model expects {size}×{size}; "
-                         f"align the faces at size={size}")
+        raise ValueError(
+            f"images are {images.shape[1]}×{images.shape[2]} but the model expects {size}×{size}; "
+            f"align the faces at size={size}"
+        )
     return normalise_pixels(torch.tensor(images).permute(0, 3, 1, 2).float(), card)
 
 
@@ -213,8 +219,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as error:
             raise ModelError(f"cannot read {path} as safetensors ({error}); the file may be truncated") from None
     if suffix not in TORCH_SUFFIXES:
-        raise ModelError(f"weights file {path} has an unknown type; use .safetensors or one of "
-                         f"{', '.join(TORCH_SUFFIXES)}")
+        raise ModelError(
+            f"weights file {path} has an unknown type; use .safetensors or one of {', '.join(TORCH_SUFFIXES)}"
+        )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -225,8 +232,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                 "unpickling it could run code. If the file is a whole model saved with torch.save(model) from a "
                 "source you trust, re-save model.state_dict() (or safetensors) and point the card at that"
             ) from None
-        raise ModelError(f"cannot read {path} as a tensors-only torch checkpoint: it is corrupt or was not "
-                         "written by torch.save; nothing in it was run") from None
+        raise ModelError(
+            f"cannot read {path} as a tensors-only torch checkpoint: it is corrupt or was not "
+            "written by torch.save; nothing in it was run"
+        ) from None
     except (RuntimeError, EOFError, OSError) as error:
         raise ModelError(f"cannot read {path} as a torch checkpoint ({error})") from None
     if isinstance(loaded, dict):
@@ -234,8 +243,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
     ):
-        raise ModelError(f"{path} is not a state dict (layer names -> tensors), nor a dict holding one "
-                         "under 'state_dict' or 'model'")
+        raise ModelError(
+            f"{path} is not a state dict (layer names -> tensors), nor a dict holding one under 'state_dict' or 'model'"
+        )
     return loaded
 
 
@@ -265,30 +275,50 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], where: str | Path) -> N
     explanation would look like a result (every score 0) instead of an error."""
     bad = [key for key, tensor in state_dict.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
-        raise ModelError(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values ({_examples(bad)}); the weights "
-                         "are damaged or their training diverged")
+        raise ModelError(
+            f"{where}: {len(bad)} tensor(s) hold NaN or infinite values ({_examples(bad)}); the weights "
+            "are damaged or their training diverged"
+        )
 
 
-def _check_weights_fit(network: nn.Module, state_dict: Mapping[str, torch.Tensor], card: ModelCard,
-                       weights_path: Path, head_key: str) -> None:
+def _check_weights_fit(
+    network: nn.Module, state_dict: Mapping[str, torch.Tensor], card: ModelCard, weights_path: Path, head_key: str
+) -> None:
     """Say in the user's terms why weights do not fit the network their card describes."""
     expected = network.state_dict()
     head = state_dict.get(head_key)
-    if (head is not None and head_key in expected and head.shape[1:] == expected[head_key].shape[1:]
-            and head.shape[0] != len(card.classes)):
-        raise ModelError(f"{weights_path}: card lists {len(card.classes)} classes but {head_key} has "
-                         f"{head.shape[0]} rows; fix the card's 'classes' or its 'weights' file")
+    if (
+        head is not None
+        and head_key in expected
+        and head.shape[1:] == expected[head_key].shape[1:]
+        and head.shape[0] != len(card.classes)
+    ):
+        raise ModelError(
+            f"{weights_path}: card lists {len(card.classes)} classes but {head_key} has "
+            f"{head.shape[0]} rows; fix the card's 'classes' or its 'weights' file"
+        )
     # BatchNorm fills a missing num_batches_tracked itself (older checkpoints lack it).
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-                  for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    problems = [f"{len(keys)} {what} ({_examples(keys)})" for what, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected),
-                 ("shape mismatches (file vs card)", mismatched)) if keys]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{len(keys)} {what} ({_examples(keys)})"
+        for what, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches (file vs card)", mismatched),
+        )
+        if keys
+    ]
     if problems:
-        raise ModelError(f"{weights_path} does not fit the card's architecture {card.architecture!r}: "
-                         f"{'; '.join(problems)}. Check the card's 'architecture' and 'weights'")
+        raise ModelError(
+            f"{weights_path} does not fit the card's architecture {card.architecture!r}: "
+            f"{'; '.join(problems)}. Check the card's 'architecture' and 'weights'"
+        )
 
 
 def load_weights(network: nn.Module, card: ModelCard, card_path: str | Path, head_key: str) -> tuple[nn.Module, str]:

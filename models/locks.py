@@ -3,6 +3,7 @@ batch norms), so every use of a shared model, inference included, holds its lock
 
 The table is weakly keyed by the model: the one piece of module state, and it never affects results.
 """
+
 from __future__ import annotations
 
 import threading

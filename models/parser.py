@@ -3,6 +3,7 @@
 Label ids are categories, not intensities: only the image is resized with interpolation;
 label maps are resized with nearest neighbour, which can only copy existing labels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ _HEAD_KEY = "segmentation_head.0.weight"
 def build_face_parser(encoder: str = "resnet18", classes: int = len(LAPA_LABELS)) -> nn.Module:
     """An untrained U-Net; ``encoder_weights=None`` because nothing may be downloaded at run time."""
     if encoder not in smp.encoders.get_encoder_names():
-        raise ModelError(f"unknown face-parser encoder {encoder!r}; segmentation-models-pytorch offers e.g. "
-                         "resnet18, resnet34, resnet50")
+        raise ModelError(
+            f"unknown face-parser encoder {encoder!r}; segmentation-models-pytorch offers e.g. "
+            "resnet18, resnet34, resnet50"
+        )
     return smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=classes)
 
 
@@ -48,8 +51,10 @@ class FaceParser:
 def load_face_parser(card_path: str | Path) -> FaceParser:
     card = read_card(card_path, kind="face_parser")
     if len(card.classes) != len(LAPA_LABELS):
-        raise ModelError(f"model card {card_path}: a face parser predicts the {len(LAPA_LABELS)} LaPa classes "
-                         f"({', '.join(LAPA_LABELS)}), but the card lists {len(card.classes)}")
+        raise ModelError(
+            f"model card {card_path}: a face parser predicts the {len(LAPA_LABELS)} LaPa classes "
+            f"({', '.join(LAPA_LABELS)}), but the card lists {len(card.classes)}"
+        )
     network = build_face_parser(card.architecture.removeprefix(PARSER_ARCHITECTURE_PREFIX), len(card.classes))
     network, fingerprint = load_weights(network, card, card_path, head_key=_HEAD_KEY)
     return FaceParser(network=network, card=card, fingerprint=fingerprint)
@@ -64,17 +69,18 @@ def save_face_parser(network: nn.Module, card: ModelCard, folder: str | Path, na
 def predict_label_maps(parser: FaceParser, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
     """RGB uint8 images N×H×W×3 -> LaPa label maps N×H×W uint8 at the images' own size."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise ValueError(f"expected RGB uint8 images N×H×W×3, got {getattr(images, 'dtype', type(images))} "
-                         f"{getattr(images, 'shape', '')}")
+        raise ValueError(
+            f"expected RGB uint8 images N×H×W×3, got {getattr(images, 'dtype', type(images))} "
+            f"{getattr(images, 'shape', '')}"
+        )
     height, width = images.shape[1:3]
     size = parser.card.input_size
     label_maps = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            pixels = torch.tensor(images[start:start + batch_size]).permute(0, 3, 1, 2).float()
+            pixels = torch.tensor(images[start : start + batch_size]).permute(0, 3, 1, 2).float()
             if (height, width) != (size, size):
-                pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False,
-                                       antialias=True)
+                pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             logits = parser.network(normalise_pixels(pixels, parser.card))
             label_maps.append(logits.argmax(dim=1).to(torch.uint8).numpy())
     low_res = np.concatenate(label_maps) if label_maps else np.zeros((0, size, size), np.uint8)

@@ -9,6 +9,7 @@ shared ``self.relu`` again) is recorded but never used. When the canonizer attac
 ``canonizer_sum`` module our forward routes the residual addition through it, which is all
 the override was for.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ BatchNorm's ``num_batches_tracked`` is absent. The network is Caffe's ResNet-50 
 The file is read by an unpickler that can rebuild numpy arrays and nothing else, so a
 tampered file is refused before any of its code runs.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -63,8 +64,10 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             "numpy arrays. The file is damaged or was tampered with; download resnet50_ft_weight.pkl again"
         ) from None
     except MemoryError:  # a length field larger than memory: the allocation fails before any byte is read
-        raise ModelError(f"cannot read {path} as VGGFace2 weights: it declares an object larger than memory; "
-                         "the file is damaged or was tampered with") from None
+        raise ModelError(
+            f"cannot read {path} as VGGFace2 weights: it declares an object larger than memory; "
+            "the file is damaged or was tampered with"
+        ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
         raise ModelError(f"cannot read {path} as VGGFace2 weights ({error}); the file may be truncated") from None
     if not isinstance(arrays, dict) or not all(
@@ -94,11 +97,20 @@ def vggface2_state_dict(path: str | Path, num_classes: int | None = None) -> dic
     wanted = [key for key in expected if not key.endswith("num_batches_tracked")]
     missing = [key for key in wanted if key not in arrays]
     unexpected = sorted(set(arrays) - set(wanted))
-    mismatched = [f"{key} {arrays[key].shape} vs {tuple(expected[key])}"
-                  for key in wanted if key in arrays and arrays[key].shape != tuple(expected[key])]
-    problems = [f"{what}: {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}" for what, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs ResNet-50)", mismatched))
-                if keys]
+    mismatched = [
+        f"{key} {arrays[key].shape} vs {tuple(expected[key])}"
+        for key in wanted
+        if key in arrays and arrays[key].shape != tuple(expected[key])
+    ]
+    problems = [
+        f"{what}: {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}"
+        for what, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape (file vs ResNet-50)", mismatched),
+        )
+        if keys
+    ]
     if problems:
         raise ModelError(f"{path} is not the VGGFace2 ResNet-50 weight file ({'; '.join(problems)})")
     state_dict = {key: torch.from_numpy(np.array(arrays[key], dtype=np.float32)) for key in wanted}
@@ -110,14 +122,30 @@ def vggface2_state_dict(path: str | Path, num_classes: int | None = None) -> dic
     return state_dict
 
 
-def vggface2_card(classes: Sequence[str], weights: str, mean_bgr: Sequence[float] = VGGFACE2_MEAN_BGR,
-                  fold: str | None = None, training_data_hash: str | None = None, notes: str = "") -> ModelCard:
+def vggface2_card(
+    classes: Sequence[str],
+    weights: str,
+    mean_bgr: Sequence[float] = VGGFACE2_MEAN_BGR,
+    fold: str | None = None,
+    training_data_hash: str | None = None,
+    notes: str = "",
+) -> ModelCard:
     """The card of a classifier fine-tuned from VGGFace2: Caffe layout, BGR pixels 0..255 minus a mean.
 
     The paper's training code subtracts the BGR mean of each fold's aligned training images
     rather than VGGFace2's; pass it as ``mean_bgr`` to reproduce that.
     """
-    return ModelCard(kind="classifier", architecture=CAFFE_RESNET50, classes=tuple(classes),
-                     input_size=VGGFACE2_INPUT_SIZE, channel_order="BGR", input_scale=255.0,
-                     mean=cast("tuple[float, float, float]", tuple(mean_bgr)), std=(1.0, 1.0, 1.0), weights=weights,
-                     fold=fold, training_data_hash=training_data_hash, notes=notes)
+    return ModelCard(
+        kind="classifier",
+        architecture=CAFFE_RESNET50,
+        classes=tuple(classes),
+        input_size=VGGFACE2_INPUT_SIZE,
+        channel_order="BGR",
+        input_scale=255.0,
+        mean=cast("tuple[float, float, float]", tuple(mean_bgr)),
+        std=(1.0, 1.0, 1.0),
+        weights=weights,
+        fold=fold,
+        training_data_hash=training_data_hash,
+        notes=notes,
+    )

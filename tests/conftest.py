@@ -14,10 +14,21 @@ from models.resnet import build_resnet
 REPO = Path(__file__).resolve().parent.parent
 # The smallest demo build: what the demo and dashboard tests build in seconds.
 TINY = DemoPreset(
-    n_per_class=6, parser_n_per_class=3, parser=ParserConfig(input_size=32, epochs=1, batch_size=8),
+    n_per_class=6,
+    parser_n_per_class=3,
+    parser=ParserConfig(input_size=32, epochs=1, batch_size=8),
     folds=("fold-1",),
-    classifier=TrainConfig(architecture="resnet18", input_size=32, epochs=1, batch_size=8, learning_rate=0.002,
-                           head_lr_factor=1.0, optimizer="adamw", schedule="one-cycle", seed=0),
+    classifier=TrainConfig(
+        architecture="resnet18",
+        input_size=32,
+        epochs=1,
+        batch_size=8,
+        learning_rate=0.002,
+        head_lr_factor=1.0,
+        optimizer="adamw",
+        schedule="one-cycle",
+        seed=0,
+    ),
 )
 
 
@@ -83,7 +94,7 @@ def face_in_a_wide_photo(width: int = 4400, left: int = 4100, seed: int = 3):
     rng = np.random.default_rng(seed)
     face = render_face(FaceParams(sample_face_shape(rng), sample_photo(rng), (), 160))
     photo = np.full((160, width, 3), 120, np.uint8)
-    photo[:, left:left + 160] = face.image
+    photo[:, left : left + 160] = face.image
     label_map = np.zeros((160, width), np.uint8)
-    label_map[:, left:left + 160] = face.label_map
+    label_map[:, left : left + 160] = face.label_map
     return face, photo, label_map, face.landmarks + [left, 0]

@@ -3,6 +3,7 @@
 ``render_face`` draws one photo (image, LaPa label map, 5 landmarks) from ``FaceParams``;
 ``generate_dataset`` writes a whole dataset in the NIH-Faces layout, deterministically.
 """
+
 from core.synth.classes import DEFAULT_CLASSES, SyndromeClass, TermFrequency, sample_phenotypes
 from core.synth.dataset import RaterModel, Summary, SyntheticSpec, generate_dataset, plan_images
 from core.synth.faces import RenderedFace, render_face
@@ -18,8 +19,8 @@ __all__ = [
     "RaterModel",
     "RenderedFace",
     "Summary",
-    "SyntheticSpec",
     "SyndromeClass",
+    "SyntheticSpec",
     "TermFrequency",
     "drawable_phenotypes",
     "generate_dataset",

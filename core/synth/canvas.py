@@ -7,6 +7,7 @@ polygon with skimage's pixel-centre rule. So the label map is exact, not estimat
 Shading uses bumps with compact support, so a shape changes no pixel outside its ellipse:
 that is what lets each phenotype stay inside its own region.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -43,9 +44,7 @@ def ellipse(centre: tuple[float, float], rx: float, ry: float, angle_deg: float 
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     a = np.deg2rad(angle_deg)
     x, y = rx * np.cos(t), ry * np.sin(t)
-    return np.column_stack(
-        [centre[0] + x * np.cos(a) - y * np.sin(a), centre[1] + x * np.sin(a) + y * np.cos(a)]
-    )
+    return np.column_stack([centre[0] + x * np.cos(a) - y * np.sin(a), centre[1] + x * np.sin(a) + y * np.cos(a)])
 
 
 def band(points: np.ndarray, half_widths: np.ndarray | float) -> np.ndarray:

@@ -10,6 +10,7 @@ Angelman mouth-only; NS, Down and WS mix regions. The overall terms (long face, 
 face) are drawable but left out of the defaults on purpose: the shortcut test blanks the
 eyes, nose and mouth and expects chance, which a face-outline term would defeat.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -20,6 +20,7 @@ Randomness: ``SeedSequence(seed, spawn_key=(stream, index))`` gives every person
 and annotation its own generator, so images can be rendered in any order and any process
 and the same seed gives byte-identical files.
 """
+
 from __future__ import annotations
 
 import math
@@ -105,7 +106,9 @@ def plan_images(
                 index = len(images)
                 photo = sample_photo(_rng(seed, _PHOTO, index))
                 name = f"{syndrome.label}Slide{k + 1}.jpg"
-                images.append(SyntheticImage(name, syndrome.label, f"P{person:05d}", index, FaceParams(shape, photo, terms, size)))
+                images.append(
+                    SyntheticImage(name, syndrome.label, f"P{person:05d}", index, FaceParams(shape, photo, terms, size))
+                )
             person += 1
     return images
 
@@ -172,8 +175,9 @@ def generate_dataset(root: Path, spec: SyntheticSpec, workers: int = 2) -> Summa
     for folder in (layout.images, layout.segmaps, layout.annotations):
         folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    images = plan_images(spec.n_per_class, spec.seed, spec.size, spec.classes, spec.photos_per_person,
-                         spec.severity_range)
+    images = plan_images(
+        spec.n_per_class, spec.seed, spec.size, spec.classes, spec.photos_per_person, spec.severity_range
+    )
     jobs = [(str(root), image.name, image.params) for image in images]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -185,8 +189,9 @@ def generate_dataset(root: Path, spec: SyntheticSpec, workers: int = 2) -> Summa
     _write_ground_truth(root, images)
     annotated = _write_annotations(root, images, folds, spec)
     seconds = time.perf_counter() - started
-    counts = tuple((syndrome.label, sum(image.label == syndrome.label for image in images))
-                   for syndrome in spec.classes)
+    counts = tuple(
+        (syndrome.label, sum(image.label == syndrome.label for image in images)) for syndrome in spec.classes
+    )
     persons = len({image.person_id for image in images})
     return Summary(root, len(images), persons, counts, annotated, seconds, workers)
 
@@ -213,8 +218,10 @@ def _write_ground_truth(root: Path, images: list[SyntheticImage]) -> None:
             rows.append(base | {"hpo_id": None, "term": None, "region": None, "severity": None})
         for planted in image.params.phenotypes:
             term = phenotypes[planted.hpo_id].term
-            rows.append(base | {"hpo_id": term.hpo_id, "term": term.name, "region": term.region, "severity": planted.severity})
-    schema = {name: pl.String for name in ("image_name", "person_id", "label", "hpo_id", "term", "region")}
+            rows.append(
+                base | {"hpo_id": term.hpo_id, "term": term.name, "region": term.region, "severity": planted.severity}
+            )
+    schema = dict.fromkeys(("image_name", "person_id", "label", "hpo_id", "term", "region"), pl.String)
     table = pl.DataFrame(rows, schema=schema | {"severity": pl.Float64})
     table.write_csv(DatasetLayout(root).ground_truth, float_precision=3)
 
@@ -233,7 +240,9 @@ def _write_annotations(
         for image in chosen:
             for rater, marks in enumerate(simulate_annotations(image, spec.seed, spec.raters), start=1):
                 rows.append([image.name, rater, *marks.tolist()])
-        schema = {"image_name": pl.String, "rater": pl.Int64} | {name: pl.Int64 for name in names}
-        pl.DataFrame(rows, schema=schema, orient="row").write_csv(DatasetLayout(root).annotations / f"{syndrome.label}.csv")
+        schema = {"image_name": pl.String, "rater": pl.Int64} | dict.fromkeys(names, pl.Int64)
+        pl.DataFrame(rows, schema=schema, orient="row").write_csv(
+            DatasetLayout(root).annotations / f"{syndrome.label}.csv"
+        )
         annotated += len(chosen)
     return annotated

@@ -7,6 +7,7 @@ so a phenotype, which edits one part's fields, changes pixels only in that part'
 The photo nuisance (pose, background, lighting, blur, noise) comes from ``Photo``; JPEG is
 left to whoever writes the file.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -137,13 +138,28 @@ def _hair_colour(shape: FaceShape, rng: np.random.Generator):
 def _draw_body(canvas: Canvas, shape: FaceShape) -> None:
     a, chin = shape.face_half_width, shape.chin_y
     shoulders = np.array(
-        [(-0.45 * a, chin + 24), (-1.5 * a, chin + 36), (-2.3 * a, chin + 62), (-2.6 * a, 400),
-         (2.6 * a, 400), (2.3 * a, chin + 62), (1.5 * a, chin + 36), (0.45 * a, chin + 24)]
+        [
+            (-0.45 * a, chin + 24),
+            (-1.5 * a, chin + 36),
+            (-2.3 * a, chin + 62),
+            (-2.6 * a, 400),
+            (2.6 * a, 400),
+            (2.3 * a, chin + 62),
+            (1.5 * a, chin + 36),
+            (0.45 * a, chin + 24),
+        ]
     )
     canvas.fill(_smooth(shoulders, closed=True, iterations=2), shape.clothes_rgb)
     neck = np.array(
-        [(-0.5 * a, HEAD_CENTRE_Y + 20), (-0.5 * a, chin + 26), (-0.25 * a, chin + 38), (0, chin + 41),
-         (0.25 * a, chin + 38), (0.5 * a, chin + 26), (0.5 * a, HEAD_CENTRE_Y + 20)]
+        [
+            (-0.5 * a, HEAD_CENTRE_Y + 20),
+            (-0.5 * a, chin + 26),
+            (-0.25 * a, chin + 38),
+            (0, chin + 41),
+            (0.25 * a, chin + 38),
+            (0.5 * a, chin + 26),
+            (0.5 * a, HEAD_CENTRE_Y + 20),
+        ]
     )
     canvas.fill(neck, _times(shape.skin_rgb, 0.86))
     canvas.shade((0, chin - 4), 0.62 * a, 16, (0.66, 0.64, 0.64))  # the jaw's shadow on the neck
@@ -181,7 +197,9 @@ def _draw_head(canvas: Canvas, shape: FaceShape, person: FaceShape) -> None:
         rim = np.clip(1 - inside / 9, 0, 1) ** 2
         return skin * (1 - 0.2 * rim)[..., None]
 
-    canvas.fill(_head_outline(shape, np.linspace(0, 2 * np.pi, 120, endpoint=False)), canvas.per_pixel(shaded_skin), SKIN)
+    canvas.fill(
+        _head_outline(shape, np.linspace(0, 2 * np.pi, 120, endpoint=False)), canvas.per_pixel(shaded_skin), SKIN
+    )
     for side in (-1, 1):  # cheek highlights, placed by the person's fixed proportions only
         canvas.shade((side * 0.58 * person.face_half_width, 24), 13, 11, 1.03)
     canvas.shade((0, -40), 26, 12, 1.04)
@@ -205,9 +223,17 @@ def _hair_cap(shape: FaceShape) -> np.ndarray:
     side_bottom = shape.ear_bottom + 10 if shape.hair_style == "long" else shape.ear_top + 4  # over the ear tops
     tilt = 4 * shape.hair_parting
     hairline = _smooth(
-        [(a - 1.5, side_bottom), (a - 2.5, -14), (a - 5, -22), (0.62 * a, shape.hairline_y + 9 - tilt),
-         (12 * shape.hair_parting, shape.hairline_y), (-0.62 * a, shape.hairline_y + 9 + tilt),
-         (-(a - 5), -22), (-(a - 2.5), -14), (-(a - 1.5), side_bottom)],
+        [
+            (a - 1.5, side_bottom),
+            (a - 2.5, -14),
+            (a - 5, -22),
+            (0.62 * a, shape.hairline_y + 9 - tilt),
+            (12 * shape.hair_parting, shape.hairline_y),
+            (-0.62 * a, shape.hairline_y + 9 + tilt),
+            (-(a - 5), -22),
+            (-(a - 2.5), -14),
+            (-(a - 1.5), side_bottom),
+        ],
         closed=False,
     )
     right_side = [(a + volume * 0.8, HEAD_CENTRE_Y), (a + volume * 0.6, side_bottom)]
@@ -255,7 +281,9 @@ def _draw_eye(canvas: Canvas, shape: FaceShape, side: int) -> np.ndarray:
 
     canvas.shade(tuple(frame(-1.0, -4.0)[0]), 11, 7, (0.9, 0.87, 0.87))  # eye socket
     canvas.fill(band(frame(u[3:-3] * 0.92, -open_upper[3:-3] - 2.6), 0.35), _times(skin, 0.72), opacity=0.6)
-    canvas.fill(outline, _times((236, 232, 226), np.asarray(skin) / 255 * 0.15 + 0.86), RIGHT_EYE if side < 0 else LEFT_EYE)
+    canvas.fill(
+        outline, _times((236, 232, 226), np.asarray(skin) / 255 * 0.15 + 0.86), RIGHT_EYE if side < 0 else LEFT_EYE
+    )
     canvas.shade(tuple(frame(0.0, upper[len(t) // 2] - 0.5)[0]), shape.eye_width * 0.5, 3.0, 0.8)  # lid shadow
     canvas.fill(ellipse(iris_centre, iris, iris), _times(shape.iris_rgb, 0.5), clip=outline)
     canvas.fill(ellipse(iris_centre, 0.85 * iris, 0.85 * iris), shape.iris_rgb, clip=outline)
@@ -316,39 +344,62 @@ def _draw_nose(canvas: Canvas, shape: FaceShape) -> np.ndarray:
     top = -3.0 - 2.0 * shape.bridge_relief
     tip, bw, aw, tr = shape.nose_length, shape.bridge_half_width, shape.alar_half_width, shape.tip_radius
     length, relief, show = tip - top, shape.bridge_relief, shape.nostril_show
-    right = np.array([(0.85 * bw, top), (bw, top + 0.35 * length), (1.2 * bw, tip - 9), (0.8 * aw, tip - 4),
-                      (aw + 0.8, tip + 0.5), (aw + 0.4, tip + 2.5), (0.6 * aw, tip + 4.5),
-                      (0.6 * tr, tip + 0.8 * tr + 0.8)])
+    right = np.array(
+        [
+            (0.85 * bw, top),
+            (bw, top + 0.35 * length),
+            (1.2 * bw, tip - 9),
+            (0.8 * aw, tip - 4),
+            (aw + 0.8, tip + 0.5),
+            (aw + 0.4, tip + 2.5),
+            (0.6 * aw, tip + 4.5),
+            (0.6 * tr, tip + 0.8 * tr + 0.8),
+        ]
+    )
     left = right[::-1] * [-1, 1]
     canvas.label(_smooth(np.vstack([right, [(0, tip + 0.8 * tr + 1.0)], left]), closed=True, iterations=2), NOSE)
 
     for side in (-1, 1):
-        canvas.shade((side * (bw + 1.0), top + 0.5 * length), 1.2 + 0.15 * bw, 0.5 * length + 1,
-                     1 - (0.1 + 0.14 * relief) * np.array([1.0, 1.08, 1.1]))
+        canvas.shade(
+            (side * (bw + 1.0), top + 0.5 * length),
+            1.2 + 0.15 * bw,
+            0.5 * length + 1,
+            1 - (0.1 + 0.14 * relief) * np.array([1.0, 1.08, 1.1]),
+        )
     canvas.shade((0, top + 0.45 * length), 0.55 * bw, 0.42 * length, 1.05 + 0.16 * relief)
     canvas.shade((0, tip - 0.25 * tr), 0.85 * tr, 0.8 * tr, 1.14)
     arc = np.deg2rad(np.linspace(20, 160, 14))
-    canvas.fill(band(np.column_stack([tr * np.cos(arc), tip + 0.2 + tr * np.sin(arc)]), 0.5),
-                _times(shape.skin_rgb, 0.72), opacity=0.55)
+    canvas.fill(
+        band(np.column_stack([tr * np.cos(arc), tip + 0.2 + tr * np.sin(arc)]), 0.5),
+        _times(shape.skin_rgb, 0.72),
+        opacity=0.55,
+    )
     nostril = _times(shape.skin_rgb, 0.25) + np.array([10, 4, 4])
     for side in (-1, 1):
         canvas.shade((side * (aw - 2.5), tip + 0.5), 3.2, 3.4, 0.88)
         crease = np.deg2rad(np.linspace(-100, 80, 14))
         ala = np.column_stack([side * (aw - 3 + 3.2 * np.cos(crease)), tip + 0.5 + 3.2 * np.sin(crease)])
         canvas.fill(band(ala, 0.45), _times(shape.skin_rgb, 0.65), opacity=0.55)
-        canvas.fill(ellipse((side * 0.42 * aw, tip + 2.8 - 0.6 * show), 2.1 + 0.9 * show, 1.0 + 1.1 * show,
-                            side * 18, 20), nostril)
+        canvas.fill(
+            ellipse((side * 0.42 * aw, tip + 2.8 - 0.6 * show), 2.1 + 0.9 * show, 1.0 + 1.1 * show, side * 18, 20),
+            nostril,
+        )
     canvas.shade((0, tip + 5.8), 0.7 * aw, 2.2, 0.9)
     return np.array([0.0, tip])
 
 
 def _draw_mouth(canvas: Canvas, shape: FaceShape) -> np.ndarray:
     half, line_y = shape.mouth_half_width, shape.mouth_y
-    gap = max(2.5 + 3.0 * shape.open_bite if shape.open_bite > 0 else 0.0, 2.5 + 2.0 * shape.tongue if shape.tongue > 0 else 0.0)
+    gap = max(
+        2.5 + 3.0 * shape.open_bite if shape.open_bite > 0 else 0.0,
+        2.5 + 2.0 * shape.tongue if shape.tongue > 0 else 0.0,
+    )
     t = np.linspace(-1, 1, 31)
     x = half * t
     opening = gap * (1 - t**2) ** 0.9
-    bow = (1 - t**2) ** 0.55 * (1 - 0.22 * np.exp(-((t / 0.12) ** 2)) + 0.1 * np.exp(-(((np.abs(t) - 0.3) / 0.12) ** 2)))
+    bow = (1 - t**2) ** 0.55 * (
+        1 - 0.22 * np.exp(-((t / 0.12) ** 2)) + 0.1 * np.exp(-(((np.abs(t) - 0.3) / 0.12) ** 2))
+    )
     upper_line, lower_line = line_y - 0.1 * opening, line_y + 0.9 * opening  # the jaw opens, the upper lip stays
     upper_top = upper_line - shape.upper_lip * bow
     lower_bottom = lower_line + shape.lower_lip * (1 - t**2) ** 0.65
@@ -372,7 +423,9 @@ def _draw_mouth(canvas: Canvas, shape: FaceShape) -> np.ndarray:
             teeth = np.abs(t) < 0.6
             for edge, depth in ((upper_line, 0.25), (lower_line, -0.2)):
                 tooth_edge = edge[teeth] + depth * opening[teeth]
-                row = np.vstack([np.column_stack([x[teeth], edge[teeth]]), np.column_stack([x[teeth], tooth_edge])[::-1]])
+                row = np.vstack(
+                    [np.column_stack([x[teeth], edge[teeth]]), np.column_stack([x[teeth], tooth_edge])[::-1]]
+                )
                 canvas.fill(row, (226, 220, 204), clip=inside)
         if shape.tongue > 0:
             tongue_y = lower_line[centre] + 1.0 + 2.5 * shape.tongue
@@ -382,7 +435,9 @@ def _draw_mouth(canvas: Canvas, shape: FaceShape) -> np.ndarray:
             canvas.shade((0, tongue_y - 0.3 * height), 0.8, 0.6 * height, 0.85)  # its middle groove
     else:
         canvas.fill(band(np.column_stack([x, upper_line]), 0.45), lip * 0.45, INNER_MOUTH)
-    canvas.fill(np.vstack([np.column_stack([x, upper_top]), np.column_stack([x, upper_line])[::-1]]), lip * 0.88, UPPER_LIP)
+    canvas.fill(
+        np.vstack([np.column_stack([x, upper_top]), np.column_stack([x, upper_line])[::-1]]), lip * 0.88, UPPER_LIP
+    )
     for side in (-1, 1):
         canvas.shade((side * half, line_y), 2.2, 1.8, 0.82)
     return np.array([(-half, line_y), (half, line_y)])

@@ -11,6 +11,7 @@ act on the pixels only through the planted phenotypes:
 Geometry is in canonical units (about a pixel of a 224 px photo), origin midway
 between the eye centres, x to the image right, y down.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -6,6 +6,7 @@ brows; nose; mouth: lips, inner mouth, philtrum; overall: the face outline), whi
 makes the planted region the only place the class can be seen.
 Names and regions come from the paper's table of 50 terms (``core.paper_terms``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

@@ -2,6 +2,7 @@
 
 ``python -m core.synth.sheet docs/synthetic_faces.jpg`` regenerates the picture in docs/.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,10 +1,10 @@
 """Explain one face: landmarks, alignment, parts, regions, prediction, saliency maps, region scores."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import plotly.graph_objects as go
 import polars as pl
 import streamlit as st
 
@@ -12,9 +12,9 @@ from core.dataset import Dataset, names_in, read_photo
 from core.dataset import Photo as SourcePhoto
 from core.errors import UserFacingError
 from core.explain import Explanation, explain
-from core.pipeline import PreparedFace, prepare_face
 from core.hpo import ontology_priors
 from core.imageio import load_image
+from core.pipeline import PreparedFace, prepare_face
 from core.reading import reading, syndrome_name
 from dashboard import render, resources, state
 
@@ -58,9 +58,15 @@ def _fold_of(dataset: Dataset, card_fold: str | None) -> str | None:
 def dataset_photo(dataset: Dataset, fold: str | None) -> Photo:
     splits = SPLITS if fold is not None else ("all",)
     split = st.selectbox(
-        "Split", splits, key="split", bind=state.URL, on_change=lambda: st.session_state.pop("image", None),
-        help=f"Images of {fold}'s held-out test set, validation set, training set, or all images." if fold
-        else "The dataset has no fold columns, so every image is listed.")
+        "Split",
+        splits,
+        key="split",
+        bind=state.URL,
+        on_change=lambda: st.session_state.pop("image", None),
+        help=f"Images of {fold}'s held-out test set, validation set, training set, or all images."
+        if fold
+        else "The dataset has no fold columns, so every image is listed.",
+    )
     names = dataset.table["image_name"].to_list() if split == "all" else names_in(dataset, fold, split)
     if not names:
         raise UserFacingError(f"{fold} has no {split} images in this dataset; choose another split")
@@ -68,21 +74,37 @@ def dataset_photo(dataset: Dataset, fold: str | None) -> Photo:
     name = st.selectbox("Face", names, key="image", bind=state.URL)
     st.caption(f"True label: {labels[name]}")
     photo = read_photo(dataset, name)
-    return Photo(image=photo.image, landmarks=photo.landmarks, stored_map=photo.label_map, name=name,
-                 label=labels[name], may_cache=True)
+    return Photo(
+        image=photo.image,
+        landmarks=photo.landmarks,
+        stored_map=photo.label_map,
+        name=name,
+        label=labels[name],
+        may_cache=True,
+    )
 
 
 def photo_input(view: state.View, card_fold: str | None) -> Photo | None:
     sources = [DATASET_IMAGE, SAMPLE_PHOTO, UPLOAD] if view.dataset is not None else [SAMPLE_PHOTO, UPLOAD]
-    source = st.radio("Photo", sources, key="source", bind=state.URL, horizontal=True,
-                      help="A face of the dataset, scikit-image's astronaut photo, or your own photo.")
+    source = st.radio(
+        "Photo",
+        sources,
+        key="source",
+        bind=state.URL,
+        horizontal=True,
+        help="A face of the dataset, scikit-image's astronaut photo, or your own photo.",
+    )
     if source == DATASET_IMAGE:
         return dataset_photo(view.dataset, _fold_of(view.dataset, card_fold))
     if source == SAMPLE_PHOTO:
         return Photo(sample_photo(), None, None, None, None, may_cache=True)
     upload = st.file_uploader("Face photo", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"], key="upload")
-    keep = st.checkbox("Cache results of this upload on disk", value=False, key="keep_upload",
-                       help="Off by default: uploaded photos are patient data and stay in memory only.")
+    keep = st.checkbox(
+        "Cache results of this upload on disk",
+        value=False,
+        key="keep_upload",
+        help="Off by default: uploaded photos are patient data and stay in memory only.",
+    )
     if upload is None:
         return None
     return Photo(load_image(upload.getvalue()), None, None, None, None, may_cache=keep)
@@ -127,16 +149,22 @@ def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFr
             if marked.is_empty():
                 st.caption("no annotated term (or the image is not in the annotated set)")
             else:
-                st.dataframe(marked.group_by("region", "term", "hpo_id").agg(marks=pl.col("value").sum())
-                             .sort("region", "term"), hide_index=True, width="stretch", height=200)
+                st.dataframe(
+                    marked.group_by("region", "term", "hpo_id").agg(marks=pl.col("value").sum()).sort("region", "term"),
+                    hide_index=True,
+                    width="stretch",
+                    height=200,
+                )
     return priors
 
 
 def show_prediction(result: Explanation, photo: Photo, view: state.View) -> None:
     left, right = st.columns([3, 2])
     with left:
-        st.subheader(f"Predicted {result.classes[result.predicted]} "
-                     f"({result.probabilities[result.predicted]:.2f}); explaining {result.classes[result.target]}")
+        st.subheader(
+            f"Predicted {result.classes[result.predicted]} "
+            f"({result.probabilities[result.predicted]:.2f}); explaining {result.classes[result.target]}"
+        )
         reading_slot = st.empty()
         st.plotly_chart(render.probability_bars(result.classes, result.probabilities), width="stretch")
     with right:
@@ -169,19 +197,31 @@ def main() -> None:
             options = [PREDICTED, *classifier.card.classes]
             if st.session_state.get("target") not in (None, *options):
                 st.session_state.pop("target")
-            chosen = st.selectbox("Explain the class", options, key="target", bind=state.URL,
-                                  help="Saliency for the predicted class (default) or any other class of the model.")
+            chosen = st.selectbox(
+                "Explain the class",
+                options,
+                key="target",
+                bind=state.URL,
+                help="Saliency for the predicted class (default) or any other class of the model.",
+            )
             target = chosen
         settings = view.settings(target=target)
         if classifier is None:
             face = prepare_face(photo.source, 224, settings, cache)
             show_face(face, photo.image)
-            st.warning("No classifier model card given: alignment, parts and regions are shown; predictions and "
-                       "saliency maps need a model (choose a fold model or enter a card in the sidebar).")
+            st.warning(
+                "No classifier model card given: alignment, parts and regions are shown; predictions and "
+                "saliency maps need a model (choose a fold model or enter a card in the sidebar)."
+            )
             return
         bar = st.progress(0.0, text="Explaining …")
-        result = explain(photo.source, classifier, settings, cache,
-                         progress=lambda m, i, n: bar.progress(i / max(n, 1), text=f"{m} ({i + 1}/{n})"))
+        result = explain(
+            photo.source,
+            classifier,
+            settings,
+            cache,
+            progress=lambda m, i, n: bar.progress(i / max(n, 1), text=f"{m} ({i + 1}/{n})"),
+        )
         bar.empty()
         show_face(result.face, photo.image)
         show_prediction(result, photo, view)

@@ -1,4 +1,5 @@
 """RQ2: do region scores follow the HPO terms raters marked in that region (paper Table 4, Figure 4)?"""
+
 from __future__ import annotations
 
 import polars as pl
@@ -30,9 +31,16 @@ def correlation(view: state.View, counts: pl.DataFrame) -> None:
     summary = result.summary
     models = int(summary["n_models"].max()) if len(summary) else 0
     st.subheader(f"Table 4: Spearman ρ between C_i and the region's HPO count, mean (std) over {models} fold model(s)")
-    st.plotly_chart(render.heat_table(summary.pivot(on="region", index="method", values="rho_mean",
-                                                    maintain_order=True),
-                                      "method", (-1, 1), text=table4_wide(summary), title="mean ρ"), width="stretch")
+    st.plotly_chart(
+        render.heat_table(
+            summary.pivot(on="region", index="method", values="rho_mean", maintain_order=True),
+            "method",
+            (-1, 1),
+            text=table4_wide(summary),
+            title="mean ρ",
+        ),
+        width="stretch",
+    )
     with st.expander("Per fold model"):
         st.dataframe(result.per_model, hide_index=True, width="stretch")
     st.subheader("C_i against the HPO count")
@@ -41,8 +49,9 @@ def correlation(view: state.View, counts: pl.DataFrame) -> None:
     regions = summary["region"].unique(maintain_order=True).to_list()
     method = left.selectbox("Method", methods, key="scatter_method", bind=state.URL)
     region = right.selectbox("Region", regions, key="scatter_region", bind=state.URL)
-    points = (source.table.filter((pl.col("method") == method) & (pl.col("region") == region))
-              .join(counts.filter(pl.col("region") == region).select("image_name", "count"), on="image_name"))
+    points = source.table.filter((pl.col("method") == method) & (pl.col("region") == region)).join(
+        counts.filter(pl.col("region") == region).select("image_name", "count"), on="image_name"
+    )
     st.plotly_chart(render.count_scatter(points, region), width="stretch")
 
 
@@ -62,8 +71,10 @@ def leaderboard(view: state.View) -> None:
     if not view.dataset.layout.ground_truth.is_file():
         return
     st.subheader("Ground truth leaderboard (synthetic data)")
-    st.caption("How often each method puts most relevance on the region where the phenotype was planted "
-               "(single-region faces; chance 1/regions), and ρ between planted-term counts and C_i.")
+    st.caption(
+        "How often each method puts most relevance on the region where the phenotype was planted "
+        "(single-region faces; chance 1/regions), and ρ between planted-term counts and C_i."
+    )
     path = view.dataset.layout.leaderboard
     if path.is_file():
         st.dataframe(pl.read_csv(path), hide_index=True, width="stretch")
@@ -75,8 +86,10 @@ def leaderboard(view: state.View) -> None:
 def main() -> None:
     view = state.current()
     st.title("HPO correlation (RQ2)")
-    st.caption("Do methods put more relevance on a region when raters marked more HPO terms there? Split 'test': "
-               "the annotated test images, scored by every fold model.")
+    st.caption(
+        "Do methods put more relevance on a region when raters marked more HPO terms there? Split 'test': "
+        "the annotated test images, scored by every fold model."
+    )
     if view.dataset is None:
         st.info("Choose a dataset in the sidebar.")
         return

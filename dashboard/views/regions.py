@@ -5,6 +5,7 @@ callback, so it is applied before the sidebar draws: a ``core.region_edits`` fun
 spec, which is saved in the spec store, and its content id becomes the URL's ``spec`` for every page.
 An edit the spec refuses is shown with its message and the last valid spec stays in use.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,8 +16,8 @@ import streamlit as st
 from core import region_edits
 from core.dataset import names_in, read_photo
 from core.errors import UserFacingError
-from core.pipeline import prepare_face
 from core.parse import LAPA_LABELS
+from core.pipeline import prepare_face
 from core.regions import RegionRule, RegionSpec
 from core.stats import compare_groups, hpo_correlation, significance_counts, table4_wide
 from dashboard import render, resources, scores, state
@@ -92,8 +93,11 @@ def _remove_region(index: int) -> None:
     if edited is not None:
         spec, dropped = edited
         name = st.session_state[DRAFT].regions[index].name
-        _commit(spec, structural=True, note=f"Removed {name!r}" + (
-            f" and what pointed at it: {', '.join(dropped)}." if dropped else "."))
+        _commit(
+            spec,
+            structural=True,
+            note=f"Removed {name!r}" + (f" and what pointed at it: {', '.join(dropped)}." if dropped else "."),
+        )
 
 
 def _add_template(key: str) -> None:
@@ -129,39 +133,84 @@ def edit_region(index: int, region: RegionRule, count: int) -> None:
         title, up, down, remove = st.columns([6, 1, 1, 1], vertical_alignment="center")
         kind = "boxes around parts" if region.boxes else "pixels of labels"
         title.markdown(f"**{index + 1}. {region.name}** · {kind}")
-        up.button(":material/arrow_upward:", key=_key("up", index), disabled=index == 0, on_click=_edit,
-                  args=(region_edits.move_region, index, -1), help="Move up: earlier regions win where two overlap")
-        down.button(":material/arrow_downward:", key=_key("down", index), disabled=index == count - 1,
-                    on_click=_edit, args=(region_edits.move_region, index, 1), help="Move down")
-        remove.button(":material/delete:", key=_key("remove", index), on_click=_remove_region, args=(index,),
-                      help=f"Remove {region.name}")
+        up.button(
+            ":material/arrow_upward:",
+            key=_key("up", index),
+            disabled=index == 0,
+            on_click=_edit,
+            args=(region_edits.move_region, index, -1),
+            help="Move up: earlier regions win where two overlap",
+        )
+        down.button(
+            ":material/arrow_downward:",
+            key=_key("down", index),
+            disabled=index == count - 1,
+            on_click=_edit,
+            args=(region_edits.move_region, index, 1),
+            help="Move down",
+        )
+        remove.button(
+            ":material/delete:",
+            key=_key("remove", index),
+            on_click=_remove_region,
+            args=(index,),
+            help=f"Remove {region.name}",
+        )
         for b, box in enumerate(region.boxes):
             labels, remove_box = st.columns([8, 1], vertical_alignment="bottom")
             key = _key("labels", index, b)
-            labels.multiselect(f"Box {b + 1} around", list(range(len(LAPA_LABELS))), default=list(box.labels),
-                               format_func=_label_name, key=key, on_change=_set,
-                               args=(region_edits.set_box_labels, key, index, b))
-            remove_box.button(":material/delete:", key=_key("remove-box", index, b), on_click=_edit,
-                              args=(region_edits.remove_box, index, b), disabled=len(region.boxes) == 1,
-                              help="Remove this box")
+            labels.multiselect(
+                f"Box {b + 1} around",
+                list(range(len(LAPA_LABELS))),
+                default=list(box.labels),
+                format_func=_label_name,
+                key=key,
+                on_change=_set,
+                args=(region_edits.set_box_labels, key, index, b),
+            )
+            remove_box.button(
+                ":material/delete:",
+                key=_key("remove-box", index, b),
+                on_click=_edit,
+                args=(region_edits.remove_box, index, b),
+                disabled=len(region.boxes) == 1,
+                help="Remove this box",
+            )
             for column, side in zip(st.columns(4), region_edits.GROW_SIDES):
                 key = _key(side, index, b)
-                column.slider(f"grow {side.removeprefix('grow_')}", *GROWTH, value=float(getattr(box, side)),
-                              step=0.05, key=key, on_change=_set,
-                              args=(region_edits.set_box_growth, key, index, b, side),
-                              help="Fraction of the part's box size added on this side (negative shrinks)")
+                column.slider(
+                    f"grow {side.removeprefix('grow_')}",
+                    *GROWTH,
+                    value=float(getattr(box, side)),
+                    step=0.05,
+                    key=key,
+                    on_change=_set,
+                    args=(region_edits.set_box_growth, key, index, b, side),
+                    help="Fraction of the part's box size added on this side (negative shrinks)",
+                )
         if region.boxes:
             st.button("Add a box", key=_key("add-box", index), on_click=_edit, args=(region_edits.add_box, index))
         else:
             key = _key("pixels", index)
-            st.multiselect("Pixels of", list(range(len(LAPA_LABELS))), default=list(region.labels),
-                           format_func=_label_name, key=key, on_change=_set,
-                           args=(region_edits.set_pixel_labels, key, index))
+            st.multiselect(
+                "Pixels of",
+                list(range(len(LAPA_LABELS))),
+                default=list(region.labels),
+                format_func=_label_name,
+                key=key,
+                on_change=_set,
+                args=(region_edits.set_pixel_labels, key, index),
+            )
         for edge, link in region.links():
             key = _key("offset", index, edge)
-            st.number_input(f"{edge} edge at {link.region}'s {link.edge} edge, plus × its size",
-                            value=float(link.offset), step=0.05, key=key, on_change=_set,
-                            args=(region_edits.set_link_offset, key, index, edge))
+            st.number_input(
+                f"{edge} edge at {link.region}'s {link.edge} edge, plus × its size",
+                value=float(link.offset),
+                step=0.05,
+                key=key,
+                on_change=_set,
+                args=(region_edits.set_link_offset, key, index, edge),
+            )
 
 
 def edit_spec(draft: RegionSpec) -> None:
@@ -179,11 +228,23 @@ def edit_spec(draft: RegionSpec) -> None:
     for s, split in enumerate(draft.gap_splits):
         left, right = st.columns([5, 1], vertical_alignment="bottom")
         key = _key("extend", s)
-        left.slider(f"{split.upper} / {split.lower}: extend {split.lower}'s bottom by × the gap", 0.0, 2.0,
-                    value=float(split.extend_lower_bottom), step=0.05, key=key, on_change=_set,
-                    args=(region_edits.set_split_extension, key, s))
-        right.button(":material/delete:", key=_key("remove-split", s), on_click=_edit,
-                     args=(region_edits.remove_split, s), help="Remove this split")
+        left.slider(
+            f"{split.upper} / {split.lower}: extend {split.lower}'s bottom by × the gap",
+            0.0,
+            2.0,
+            value=float(split.extend_lower_bottom),
+            step=0.05,
+            key=key,
+            on_change=_set,
+            args=(region_edits.set_split_extension, key, s),
+        )
+        right.button(
+            ":material/delete:",
+            key=_key("remove-split", s),
+            on_click=_edit,
+            args=(region_edits.remove_split, s),
+            help="Remove this split",
+        )
     names = [rule.name for rule in draft.regions]
     if len(names) >= 2:
         upper, lower, add = st.columns([2, 2, 1], vertical_alignment="bottom")
@@ -224,8 +285,10 @@ def rescored_tables(view: state.View) -> None:
     val, test = scores.score_table(view, "val"), scores.score_table(view, "test")
     for split, table in (("val", val), ("test", test)):
         if table is None:
-            st.info(f"Nothing extracted for split {split!r} yet: extract it on the "
-                    f"{'Statistics' if split == 'val' else 'HPO correlation'} page, then edits re-score here.")
+            st.info(
+                f"Nothing extracted for split {split!r} yet: extract it on the "
+                f"{'Statistics' if split == 'val' else 'HPO correlation'} page, then edits re-score here."
+            )
         elif table.origin is not scores.ScoreSource.STORE:
             st.info(f"Split {split!r}: {table.note}.")
     if val is not None and val.origin is scores.ScoreSource.STORE:
@@ -236,23 +299,33 @@ def rescored_tables(view: state.View) -> None:
             st.plotly_chart(render.heat_table(counts, "region", (0, methods), title="methods"), width="stretch")
     if test is not None and test.origin is scores.ScoreSource.STORE:
         with st.container():
-            st.markdown(f"**Table 4** (split test, re-scored in {test.seconds * 1000:.0f} ms): mean (std) ρ over "
-                        "fold models")
+            st.markdown(
+                f"**Table 4** (split test, re-scored in {test.seconds * 1000:.0f} ms): mean (std) ρ over fold models"
+            )
             try:
                 summary = hpo_correlation(test.table, resources.hpo_region_counts(view.dataset)).summary
             except UserFacingError as error:
                 st.info(str(error))
             else:
-                st.plotly_chart(render.heat_table(summary.pivot(on="region", index="method", values="rho_mean"),
-                                                  "method", (-1, 1), text=table4_wide(summary), title="ρ"),
-                                width="stretch")
+                st.plotly_chart(
+                    render.heat_table(
+                        summary.pivot(on="region", index="method", values="rho_mean"),
+                        "method",
+                        (-1, 1),
+                        text=table4_wide(summary),
+                        title="ρ",
+                    ),
+                    width="stretch",
+                )
 
 
 def main() -> None:
     view = state.current()
     st.title("Regions")
-    st.caption("Edit which parts form each region and how its box grows; every change re-scores the stored "
-               "relevance maps and updates Tables 3 and 4. The edited spec gets a short id in the URL.")
+    st.caption(
+        "Edit which parts form each region and how its box grows; every change re-scores the stored "
+        "relevance maps and updates Tables 3 and 4. The edited spec gets a short id in the URL."
+    )
     if st.session_state.get(SOURCE) != view.spec_ref:
         _load_draft(view.spec, view.spec_ref)
     notice = st.session_state.get(NOTICE)
@@ -264,8 +337,12 @@ def main() -> None:
         st.divider()
         key = "spec_upload"
         st.file_uploader("Import a spec (JSON)", type=["json"], key=key, on_change=_import, args=(key,))
-        st.download_button("Export this spec (JSON)", data=view.spec.to_json(), mime="application/json",
-                           file_name=f"{view.spec.name or 'regions'}-{view.spec_ref}.json".replace(" ", "-"))
+        st.download_button(
+            "Export this spec (JSON)",
+            data=view.spec.to_json(),
+            mime="application/json",
+            file_name=f"{view.spec.name or 'regions'}-{view.spec_ref}.json".replace(" ", "-"),
+        )
     with results:
         if view.dataset is None:
             st.info("Choose a dataset in the sidebar to preview the masks and re-score it.")

@@ -1,4 +1,5 @@
 """RQ1: does a region's relevance differ between a syndrome and the reference group (paper Table 3, Figure 6)?"""
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,9 @@ def _frame_key(table: pl.DataFrame) -> int:
     return int(table.hash_rows().sum()) ^ hash(tuple(table.columns))
 
 
-@st.cache_data(show_spinner="Testing every method × syndrome × region …", max_entries=16,
-               hash_funcs={pl.DataFrame: _frame_key})
+@st.cache_data(
+    show_spinner="Testing every method × syndrome × region …", max_entries=16, hash_funcs={pl.DataFrame: _frame_key}
+)
 def tests_of(table: pl.DataFrame, reference: str, alpha: float, correction: str, ttest: str) -> pl.DataFrame:
     return compare_groups(table, reference=reference, alpha=alpha, correction=correction, ttest=ttest)
 
@@ -29,16 +31,39 @@ def options(table: pl.DataFrame) -> dict:
     groups = ["Unaffected", *(g for g in labels if g != "Unaffected")] if "Unaffected" in labels else labels
     columns = st.columns(4)
     return {
-        "reference": columns[0].selectbox("Reference group", groups, key="reference", bind=state.URL,
-                                          help="Each syndrome is compared with this group."),
-        "alpha": columns[1].number_input("α (after correction)", min_value=1e-6, max_value=0.5, value=0.001,
-                                         step=0.001, format="%g", key="alpha", bind=state.URL),
-        "correction": columns[2].selectbox("Multiple-testing correction", CORRECTIONS, key="correction",
-                                           bind=state.URL, help="Over the syndromes × regions tests of one method."),
-        "ttest": columns[3].selectbox("t-test variant", TTESTS, key="ttest", bind=state.URL,
-                                      help="paper: pingouin's default the paper ran (Welch when the group sizes "
-                                           "differ); student; welch. Used when both groups are normal with equal "
-                                           "variances, else Mann–Whitney U."),
+        "reference": columns[0].selectbox(
+            "Reference group",
+            groups,
+            key="reference",
+            bind=state.URL,
+            help="Each syndrome is compared with this group.",
+        ),
+        "alpha": columns[1].number_input(
+            "α (after correction)",
+            min_value=1e-6,
+            max_value=0.5,
+            value=0.001,
+            step=0.001,
+            format="%g",
+            key="alpha",
+            bind=state.URL,
+        ),
+        "correction": columns[2].selectbox(
+            "Multiple-testing correction",
+            CORRECTIONS,
+            key="correction",
+            bind=state.URL,
+            help="Over the syndromes × regions tests of one method.",
+        ),
+        "ttest": columns[3].selectbox(
+            "t-test variant",
+            TTESTS,
+            key="ttest",
+            bind=state.URL,
+            help="paper: pingouin's default the paper ran (Welch when the group sizes "
+            "differ); student; welch. Used when both groups are normal with equal "
+            "variances, else Mann–Whitney U.",
+        ),
     }
 
 
@@ -48,18 +73,25 @@ def downloads(tests: pl.DataFrame, table: pl.DataFrame) -> None:
     table.write_parquet(score_parquet)
     columns = st.columns(3)
     columns[0].download_button("Tests (CSV)", tests.write_csv(), file_name="rq1-tests.csv", mime="text/csv")
-    columns[1].download_button("Tests (Parquet)", parquet.getvalue(), file_name="rq1-tests.parquet",
-                               mime="application/octet-stream")
-    columns[2].download_button("Score table (Parquet)", score_parquet.getvalue(), file_name=f"scores-{SPLIT}.parquet",
-                               mime="application/octet-stream")
+    columns[1].download_button(
+        "Tests (Parquet)", parquet.getvalue(), file_name="rq1-tests.parquet", mime="application/octet-stream"
+    )
+    columns[2].download_button(
+        "Score table (Parquet)",
+        score_parquet.getvalue(),
+        file_name=f"scores-{SPLIT}.parquet",
+        mime="application/octet-stream",
+    )
 
 
 def main() -> None:
     view = state.current()
     st.title("Statistics (RQ1)")
-    st.caption("Region scores of each syndrome against the reference group, per saliency method, on split "
-               "'val' (each image scored once, by the fold model that held it out). Shapiro–Wilk and Levene "
-               "decide between a t-test and Mann–Whitney U; Cohen's d; correction per method.")
+    st.caption(
+        "Region scores of each syndrome against the reference group, per saliency method, on split "
+        "'val' (each image scored once, by the fold model that held it out). Shapiro–Wilk and Levene "
+        "decide between a t-test and Mann–Whitney U; Cohen's d; correction per method."
+    )
     if view.dataset is None:
         st.info("Choose a dataset in the sidebar.")
         return
@@ -77,19 +109,25 @@ def main() -> None:
 def show(tests: pl.DataFrame, table: pl.DataFrame, chosen: dict) -> None:
     methods = tests["method"].unique(maintain_order=True).to_list()
     st.subheader(f"Table 3: methods with a significant difference (of {len(methods)})")
-    st.plotly_chart(render.heat_table(significance_counts(tests), "region", (0, len(methods)), title="methods"),
-                    width="stretch")
+    st.plotly_chart(
+        render.heat_table(significance_counts(tests), "region", (0, len(methods)), title="methods"), width="stretch"
+    )
     untested = tests.filter(pl.col("note").is_not_null())
     if len(untested):
         st.warning(f"{len(untested)} of {len(tests)} comparisons ran no test; their notes say why:")
-        st.dataframe(untested.select("method", "syndrome", "region", "n_syndrome", "n_reference", "note"),
-                     hide_index=True, width="stretch", height=min(250, 40 + 35 * len(untested)))
+        st.dataframe(
+            untested.select("method", "syndrome", "region", "n_syndrome", "n_reference", "note"),
+            hide_index=True,
+            width="stretch",
+            height=min(250, 40 + 35 * len(untested)),
+        )
     st.subheader("Figure 6: region scores by group")
     shown = st.multiselect("Methods to plot", methods, default=methods[:2], key="figure_methods", bind=state.URL)
     for method in shown:
         st.markdown(f"**{method}**")
-        st.plotly_chart(render.group_boxes(table.filter(pl.col("method") == method), chosen["reference"]),
-                        width="stretch")
+        st.plotly_chart(
+            render.group_boxes(table.filter(pl.col("method") == method), chosen["reference"]), width="stretch"
+        )
     st.subheader("Every test")
     st.dataframe(tests, hide_index=True, width="stretch")
     downloads(tests, table)

@@ -79,7 +79,7 @@ def test_a_damaged_entry_is_recomputed(tmp_path):
     cache = DiskCache(tmp_path / "c")
     big = np.arange(100_000, dtype=np.float64)  # large enough that diskcache keeps it in a file
     doubled(big, cache=cache)
-    files = [p for p in (tmp_path / "c").rglob("*.val")]
+    files = list((tmp_path / "c").rglob("*.val"))
     assert files, "expected the value in its own file"
     for path in files:
         path.write_bytes(b"garbage")

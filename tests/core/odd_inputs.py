@@ -5,6 +5,7 @@ on demand and says what must happen to it: a result, a ``UserFacingError`` whose
 ``match``, or either (a flipped byte may or may not leave a decodable image). Faces come from
 ``core.synth.render_face`` and skimage's astronaut photo, so detection has something real to find.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,8 +69,14 @@ def _metadata_exif(orientation: int = 1) -> Image.Exif:
 @functools.cache
 def base_jpeg() -> bytes:
     """A face JPEG with EXIF, a comment and progressive scans: many segments to cut through."""
-    return encode(Image.fromarray(synthetic_face(0)), "JPEG", quality=90, exif=_metadata_exif(),
-                  comment=b"corpus", progressive=True)
+    return encode(
+        Image.fromarray(synthetic_face(0)),
+        "JPEG",
+        quality=90,
+        exif=_metadata_exif(),
+        comment=b"corpus",
+        progressive=True,
+    )
 
 
 @functools.cache
@@ -122,8 +129,12 @@ def streamed_png(width: int, height: int, bit_depth: int = 8, colour_type: int =
     parts = [compressor.compress(row * 64) for _ in range(height // 64)]
     parts += [compressor.compress(row * (height % 64)), compressor.flush()]
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", b"".join(parts)) + png_chunk(
-        b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", b"".join(parts))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -139,7 +150,7 @@ def jpeg_declaring(width: int, height: int) -> bytes:
     for marker in (b"\xff\xc0", b"\xff\xc2"):
         at = original.find(marker)
         if at >= 0:
-            original[at + 5:at + 9] = struct.pack(">HH", height, width)
+            original[at + 5 : at + 9] = struct.pack(">HH", height, width)
             return bytes(original)
     raise AssertionError("no SOF marker")
 
@@ -159,10 +170,22 @@ def bmp_declaring(width: int, height: int) -> bytes:
 
 def tiff_declaring(width: int, height: int) -> bytes:
     """A greyscale TIFF header for width×height pixels whose only strip holds 16 bytes."""
-    entries = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8),
-               (277, 3, 1), (278, 4, height), (279, 4, 16)]
-    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", tag, kind, 1, value)
-                                                     for tag, kind, value in entries) + b"\x00" * 4
+    entries = [
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, 8),
+        (277, 3, 1),
+        (278, 4, height),
+        (279, 4, 16),
+    ]
+    ifd = (
+        struct.pack("<H", len(entries))
+        + b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in entries)
+        + b"\x00" * 4
+    )
     return b"II*\x00" + struct.pack("<I", 24) + bytes(range(16)) + ifd
 
 
@@ -175,8 +198,13 @@ def jpeg_with_app1(payload: bytes) -> bytes:
 
 def exif_orientation_value(value: int) -> bytes:
     """A little-endian TIFF header with one IFD entry: Orientation = value."""
-    return b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", EXIF_ORIENTATION, 3, 1,
-                                                                                value) + b"\x00" * 4
+    return (
+        b"II*\x00"
+        + struct.pack("<I", 8)
+        + struct.pack("<H", 1)
+        + struct.pack("<HHII", EXIF_ORIENTATION, 3, 1, value)
+        + b"\x00" * 4
+    )
 
 
 def animated_gif() -> bytes:
@@ -204,8 +232,12 @@ def sixteen_bit_rgb_png() -> bytes:
     face = synthetic_face(7).astype(np.uint16) * 257
     rows = b"".join(b"\x00" + face[y].astype(">u2").tobytes() for y in range(face.shape[0]))
     header = struct.pack(">IIBBBBB", face.shape[1], face.shape[0], 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(
-        b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def float_face_with_nan() -> bytes:
@@ -222,8 +254,9 @@ def canvas(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A plain textured background: no face-like structure."""
     rng = np.random.default_rng(seed)
     rows, cols = np.mgrid[0:height, 0:width]
-    base = np.stack([90 + 60 * np.sin(cols / 37.0), 120 + 50 * np.cos(rows / 53.0), np.full((height, width), 150.0)],
-                    axis=2)
+    base = np.stack(
+        [90 + 60 * np.sin(cols / 37.0), 120 + 50 * np.cos(rows / 53.0), np.full((height, width), 150.0)], axis=2
+    )
     return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
 
 
@@ -233,7 +266,7 @@ def pasted(background: np.ndarray, face: np.ndarray, top: int, left: int) -> np.
     height, width = face.shape[:2]
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + height, out.shape[0]), min(left + width, out.shape[1])
-    out[y0:y1, x0:x1] = face[y0 - top:y1 - top, x0 - left:x1 - left]
+    out[y0:y1, x0:x1] = face[y0 - top : y1 - top, x0 - left : x1 - left]
     return out
 
 
@@ -252,9 +285,16 @@ def png_of(array_builder: Callable[[], np.ndarray]) -> Callable[[Path], bytes]:
 
 def rotated(orientation: int, fmt: str, face: Callable[[], np.ndarray]) -> Callable[[Path], bytes]:
     """`face` stored so that applying EXIF `orientation` makes it upright again."""
-    inverse = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
-               7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}[orientation]
+    inverse = {
+        1: None,
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }[orientation]
 
     def build(_: Path) -> bytes:
         stored = Image.fromarray(face())
@@ -306,17 +346,20 @@ def _corpus() -> list[OddInput]:
     # Truncation at many offsets, through headers, metadata and pixel data.
     for k in range(40):
         fraction = k / 40
-        add(OddInput(f"jpeg-cut-{k:02d}of40", cut(base_jpeg, fraction), MESSAGE,
-                     "empty|" + truncated_or_unreadable))
+        add(OddInput(f"jpeg-cut-{k:02d}of40", cut(base_jpeg, fraction), MESSAGE, "empty|" + truncated_or_unreadable))
     for k in range(30):
         fraction = k / 30
         add(OddInput(f"png-cut-{k:02d}of30", cut(base_png, fraction), MESSAGE, "empty|" + truncated_or_unreadable))
-    for fmt, options in (("GIF", {}), ("TIFF", {"compression": "tiff_lzw"}), ("WEBP", {"quality": 80}),
-                         ("BMP", {}), ("TIFF", {"compression": "jpeg"})):
+    for fmt, options in (
+        ("GIF", {}),
+        ("TIFF", {"compression": "tiff_lzw"}),
+        ("WEBP", {"quality": 80}),
+        ("BMP", {}),
+        ("TIFF", {"compression": "jpeg"}),
+    ):
         label = fmt.lower() + ("-jpeg" if options.get("compression") == "jpeg" else "")
         for k, fraction in enumerate((0.02, 0.2, 0.5, 0.8, 0.97)):
-            add(OddInput(f"{label}-cut-{k}", cut(lambda f=fmt, o=options: _face_in(f, **o)(Path()), fraction),
-                         EITHER))
+            add(OddInput(f"{label}-cut-{k}", cut(lambda f=fmt, o=options: _face_in(f, **o)(Path()), fraction), EITHER))
     # Random byte flips: anywhere, and concentrated in the headers.
     for seed in range(30):
         within = 1.0 if seed < 15 else 0.1
@@ -324,11 +367,18 @@ def _corpus() -> list[OddInput]:
         add(OddInput(f"png-flip-{seed:02d}", flipped(base_png, seed, within), EITHER))
 
     # Not images at all.
-    for name, content in (("zero-bytes", b""), ("one-byte", b"\xff"), ("jpeg-magic-only", b"\xff\xd8\xff"),
-                          ("png-magic-only", b"\x89PNG\r\n\x1a\n"), ("html", b"<!doctype html><p>photo</p>"),
-                          ("pdf", b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n"), ("svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>'),
-                          ("zip", b"PK\x03\x04" + b"\x00" * 60), ("elf", b"\x7fELF" + b"\x02\x01\x01" + b"\x00" * 57),
-                          ("random-4k", np.random.default_rng(0).bytes(4096))):
+    for name, content in (
+        ("zero-bytes", b""),
+        ("one-byte", b"\xff"),
+        ("jpeg-magic-only", b"\xff\xd8\xff"),
+        ("png-magic-only", b"\x89PNG\r\n\x1a\n"),
+        ("html", b"<!doctype html><p>photo</p>"),
+        ("pdf", b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n"),
+        ("svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>'),
+        ("zip", b"PK\x03\x04" + b"\x00" * 60),
+        ("elf", b"\x7fELF" + b"\x02\x01\x01" + b"\x00" * 57),
+        ("random-4k", np.random.default_rng(0).bytes(4096)),
+    ):
         add(OddInput(name, lambda _, c=content: c, MESSAGE, "empty|" + not_image))
     add(OddInput("text-renamed-jpg", text_named_jpg, MESSAGE, not_image))
     add(OddInput("fifo", fifo, MESSAGE, "not a regular file"))
@@ -340,14 +390,20 @@ def _corpus() -> list[OddInput]:
     limit = "exceeds the limit"
     add(OddInput("png-declares-30000x30000", lambda _: png_declaring(30000, 30000), MESSAGE, limit, bomb=True))
     add(OddInput("png-declares-8000x8000", lambda _: png_declaring(8000, 8000), MESSAGE, limit, bomb=True))
-    add(OddInput("png-declares-2^31x1", lambda _: png_declaring(2**31 - 1, 1), MESSAGE, limit + "|" + not_image,
-                 bomb=True))
+    add(
+        OddInput(
+            "png-declares-2^31x1", lambda _: png_declaring(2**31 - 1, 1), MESSAGE, limit + "|" + not_image, bomb=True
+        )
+    )
     add(OddInput("jpeg-declares-65500x65500", lambda _: jpeg_declaring(65500, 65500), MESSAGE, limit, bomb=True))
     add(OddInput("gif-declares-65535x65535", lambda _: gif_declaring(65535, 65535), MESSAGE, limit, bomb=True))
     add(OddInput("bmp-declares-50000x50000", lambda _: bmp_declaring(50000, 50000), MESSAGE, limit, bomb=True))
     add(OddInput("tiff-declares-100000x100000", lambda _: tiff_declaring(100000, 100000), MESSAGE, limit, bomb=True))
-    add(OddInput("png-real-20000x20000-1bit", lambda _: streamed_png(20000, 20000, 1, 0, 255), MESSAGE, limit,
-                 bomb=True))
+    add(
+        OddInput(
+            "png-real-20000x20000-1bit", lambda _: streamed_png(20000, 20000, 1, 0, 255), MESSAGE, limit, bomb=True
+        )
+    )
     add(OddInput("png-real-8000x8000-grey", lambda _: streamed_png(8000, 8000, 8, 0), MESSAGE, limit, bomb=True))
     add(OddInput("png-ztxt-bomb", lambda _: _ztxt_bomb(), EITHER, bomb=True))
 
@@ -358,9 +414,24 @@ def _corpus() -> list[OddInput]:
     add(OddInput("1x4096-strip", png_of(lambda: canvas(1, 4096)), MESSAGE, "No face"))
     add(OddInput("4096x1-strip", png_of(lambda: canvas(4096, 1)), MESSAGE, "No face"))
     add(OddInput("30x2000-strip", png_of(lambda: canvas(30, 2000)), MESSAGE, "No face"))
-    add(OddInput("4400x1200-jpeg-face", lambda _: encode(Image.fromarray(pasted(
-        np.full((1200, 4400, 3), 140, np.uint8), np.asarray(Image.fromarray(astronaut_face()).resize((800, 800))),
-        200, 1800)), "JPEG", quality=80), RESULT))
+    add(
+        OddInput(
+            "4400x1200-jpeg-face",
+            lambda _: encode(
+                Image.fromarray(
+                    pasted(
+                        np.full((1200, 4400, 3), 140, np.uint8),
+                        np.asarray(Image.fromarray(astronaut_face()).resize((800, 800))),
+                        200,
+                        1800,
+                    )
+                ),
+                "JPEG",
+                quality=80,
+            ),
+            RESULT,
+        )
+    )
 
     # Colour modes and formats, each holding a face.
     face2 = Image.fromarray(synthetic_face(2))
@@ -393,37 +464,99 @@ def _corpus() -> list[OddInput]:
 
     # EXIF: every orientation, and broken orientation data.
     for orientation in range(1, 9):
-        add(OddInput(f"exif-orientation-{orientation}", rotated(orientation, "JPEG", astronaut_face), RESULT,
-                     upright=astronaut_face))
-        add(OddInput(f"exif-orientation-{orientation}-png", rotated(orientation, "PNG", lambda: synthetic_face(6)),
-                     RESULT, upright=lambda: synthetic_face(6)))
+        add(
+            OddInput(
+                f"exif-orientation-{orientation}",
+                rotated(orientation, "JPEG", astronaut_face),
+                RESULT,
+                upright=astronaut_face,
+            )
+        )
+        add(
+            OddInput(
+                f"exif-orientation-{orientation}-png",
+                rotated(orientation, "PNG", lambda: synthetic_face(6)),
+                RESULT,
+                upright=lambda: synthetic_face(6),
+            )
+        )
     for value in (0, 9, 65535):
-        add(OddInput(f"exif-orientation-value-{value}", lambda _, v=value: jpeg_with_app1(exif_orientation_value(v)),
-                     RESULT))
+        add(
+            OddInput(
+                f"exif-orientation-value-{value}", lambda _, v=value: jpeg_with_app1(exif_orientation_value(v)), RESULT
+            )
+        )
     add(OddInput("exif-garbage", lambda _: jpeg_with_app1(np.random.default_rng(1).bytes(300)), RESULT))
     add(OddInput("exif-truncated-ifd", lambda _: jpeg_with_app1(exif_orientation_value(6)[:14]), RESULT))
-    add(OddInput("exif-ifd-loop", lambda _: jpeg_with_app1(b"II*\x00" + struct.pack("<I", 8) + struct.pack(
-        "<H", 1) + struct.pack("<HHII", 0x8769, 4, 1, 8) + struct.pack("<I", 8)), RESULT))
+    add(
+        OddInput(
+            "exif-ifd-loop",
+            lambda _: jpeg_with_app1(
+                b"II*\x00"
+                + struct.pack("<I", 8)
+                + struct.pack("<H", 1)
+                + struct.pack("<HHII", 0x8769, 4, 1, 8)
+                + struct.pack("<I", 8)
+            ),
+            RESULT,
+        )
+    )
 
     # Where the faces are.
     add(OddInput("no-face-grey", png_of(lambda: np.full((200, 200, 3), 128, np.uint8)), MESSAGE, "No face"))
-    add(OddInput("no-face-noise", png_of(lambda: np.random.default_rng(3).integers(0, 256, (200, 200, 3), np.uint8)),
-                 MESSAGE, "No face"))
+    add(
+        OddInput(
+            "no-face-noise",
+            png_of(lambda: np.random.default_rng(3).integers(0, 256, (200, 200, 3), np.uint8)),
+            MESSAGE,
+            "No face",
+        )
+    )
     add(OddInput("no-face-texture", png_of(lambda: canvas(300, 400)), MESSAGE, "No face"))
     add(OddInput("one-synthetic-face", png_of(lambda: synthetic_face(0)), RESULT))
     add(OddInput("one-real-face", png_of(astronaut_face), RESULT))
-    for place, (top, left) in {"left": (60, -70), "right": (60, 250), "top": (-70, 100), "bottom": (200, 100),
-                               "corner": (-60, -60)}.items():
-        add(OddInput(f"face-at-{place}-border", png_of(lambda t=top, l=left: pasted(canvas(320, 360), synthetic_face(0),
-                                                                                  t, l)), EITHER))
-    add(OddInput("face-filling-the-frame", png_of(lambda: np.asarray(Image.fromarray(astronaut_face()[30:170, 40:160])
-                                                                    .resize((400, 460)))), EITHER))
-    add(OddInput("tiny-face-in-big-photo", png_of(lambda: pasted(canvas(1000, 1000), synthetic_face(0, 60), 470, 470)),
-                 EITHER))
+    for place, (top, left) in {
+        "left": (60, -70),
+        "right": (60, 250),
+        "top": (-70, 100),
+        "bottom": (200, 100),
+        "corner": (-60, -60),
+    }.items():
+        add(
+            OddInput(
+                f"face-at-{place}-border",
+                png_of(lambda t=top, x=left: pasted(canvas(320, 360), synthetic_face(0), t, x)),
+                EITHER,
+            )
+        )
+    add(
+        OddInput(
+            "face-filling-the-frame",
+            png_of(lambda: np.asarray(Image.fromarray(astronaut_face()[30:170, 40:160]).resize((400, 460)))),
+            EITHER,
+        )
+    )
+    add(
+        OddInput(
+            "tiny-face-in-big-photo",
+            png_of(lambda: pasted(canvas(1000, 1000), synthetic_face(0, 60), 470, 470)),
+            EITHER,
+        )
+    )
     for count in (2, 4, 9, 16):  # MTCNN misses a few of the small synthetic faces; it finds at least half
         add(OddInput(f"{count}-faces", png_of(lambda c=count: tiled_faces(c)), RESULT, faces=count // 2))
-    add(OddInput("2-faces-different-sizes", png_of(lambda: pasted(pasted(canvas(300, 520), synthetic_face(0, 240), 30, 10),
-                                                                  synthetic_face(1, 120), 90, 330)), RESULT, faces=2))
+    add(
+        OddInput(
+            "2-faces-different-sizes",
+            png_of(
+                lambda: pasted(
+                    pasted(canvas(300, 520), synthetic_face(0, 240), 30, 10), synthetic_face(1, 120), 90, 330
+                )
+            ),
+            RESULT,
+            faces=2,
+        )
+    )
     return cases
 
 

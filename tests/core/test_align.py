@@ -50,7 +50,7 @@ def test_astronaut_has_one_face_with_plausible_landmarks(astronaut_faces, astron
     x1, y1, x2, y2 = astronaut_faces[0].box
     assert ((astronaut_landmarks >= (x1, y1)) & (astronaut_landmarks <= (x2, y2))).all()
     assert max(left_eye[1], right_eye[1]) < nose[1] < min(mouth_left[1], mouth_right[1])
-    assert left_eye[0] < nose[0] < right_eye[0]       # index 0 is the image-left eye
+    assert left_eye[0] < nose[0] < right_eye[0]  # index 0 is the image-left eye
     assert mouth_left[0] < mouth_right[0]
 
 
@@ -76,15 +76,16 @@ def test_aligned_pixels_sample_the_original_at_the_inverse_matrix(astronaut, ast
     linear, shift = aligned.matrix[:, :2], aligned.matrix[:, 2]
     original_xy = np.linalg.solve(linear, (aligned_xy - shift).T).T
     for channel in range(3):
-        sampled = ndimage.map_coordinates(astronaut[:, :, channel].astype(float),
-                                          [original_xy[:, 1], original_xy[:, 0]], order=1)
+        sampled = ndimage.map_coordinates(
+            astronaut[:, :, channel].astype(float), [original_xy[:, 1], original_xy[:, 0]], order=1
+        )
         actual = aligned.image[rows.ravel(), cols.ravel(), channel]
         assert np.abs(actual - sampled).max() <= 1.0
 
 
 def test_round_trip_of_a_known_point(astronaut, astronaut_landmarks):
     aligned = align_face(astronaut, astronaut_landmarks)
-    point = np.array([218.0, 118.0])                       # on the cheek, original pixels
+    point = np.array([218.0, 118.0])  # on the cheek, original pixels
     x, y = aligned.matrix[:, :2] @ point + aligned.matrix[:, 2]
     mask = np.zeros((224, 224), dtype=bool)
     mask[disk((y, x), 6, shape=mask.shape)] = True
@@ -93,7 +94,7 @@ def test_round_trip_of_a_known_point(astronaut, astronaut_landmarks):
     rows, cols = np.nonzero(back)
     np.testing.assert_allclose([cols.mean(), rows.mean()], point, atol=0.5)
     grid_rows, grid_cols = np.mgrid[0:224, 0:224]
-    bump = np.exp(-((grid_cols - x) ** 2 + (grid_rows - y) ** 2) / (2 * 8.0 ** 2))
+    bump = np.exp(-((grid_cols - x) ** 2 + (grid_rows - y) ** 2) / (2 * 8.0**2))
     relevance = warp_to_original(bump, aligned.matrix, astronaut.shape, order=1)
     assert relevance.dtype == np.float64
     peak_row, peak_col = np.unravel_index(relevance.argmax(), relevance.shape)
@@ -108,10 +109,14 @@ def test_label_maps_go_back_without_new_labels(astronaut, astronaut_landmarks):
     assert back.dtype == np.uint8 and set(np.unique(back)) <= {0, 3, 7}
 
 
-@pytest.mark.parametrize("image", [
-    np.full((200, 200, 3), 128, dtype=np.uint8),
-    np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8),
-], ids=["grey", "noise"])
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((200, 200, 3), 128, dtype=np.uint8),
+        np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8),
+    ],
+    ids=["grey", "noise"],
+)
 def test_no_face_raises(image):
     with pytest.raises(NoFaceError, match="No face found"):
         detect_landmarks(image)
@@ -141,7 +146,7 @@ class BlobDetector:
 
 def test_large_images_are_searched_downscaled_and_mapped_back():
     rows, cols = np.mgrid[0:2000, 0:3000]
-    blob = np.exp(-((cols - 2100.0) ** 2 + (rows - 700.0) ** 2) / (2 * 60.0 ** 2))
+    blob = np.exp(-((cols - 2100.0) ** 2 + (rows - 700.0) ** 2) / (2 * 60.0**2))
     image = np.repeat(np.round(255 * blob).astype(np.uint8)[:, :, None], 3, axis=2)
     detector = BlobDetector()
     landmarks = detect_landmarks(image, detector)

@@ -1,4 +1,5 @@
 """Each method checked against something independent: autograd, a second library, a conservation law."""
+
 import threading
 
 import numpy as np
@@ -21,9 +22,21 @@ def target_logits(model, x, targets=TARGETS):
 
 def test_all_fifteen_paper_methods_are_registered():
     assert METHOD_NAMES == (
-        "Gradient", "SmoothGrad", "IntegratedGradients", "GuidedBackprop", "ExcitationBackprop", "DeconvNet",
-        "LRP-EpsilonPlus", "LRP-EpsilonPlusFlat", "LRP-EpsilonAlpha2Beta1", "LRP-EpsilonAlpha2Beta1Flat",
-        "DeepLIFT", "GuidedGradCam", "LayerDeepLIFT", "LayerGradCam", "Occlusion",
+        "Gradient",
+        "SmoothGrad",
+        "IntegratedGradients",
+        "GuidedBackprop",
+        "ExcitationBackprop",
+        "DeconvNet",
+        "LRP-EpsilonPlus",
+        "LRP-EpsilonPlusFlat",
+        "LRP-EpsilonAlpha2Beta1",
+        "LRP-EpsilonAlpha2Beta1Flat",
+        "DeepLIFT",
+        "GuidedGradCam",
+        "LayerDeepLIFT",
+        "LayerGradCam",
+        "Occlusion",
     )
 
 
@@ -139,14 +152,17 @@ def test_smoothgrad_is_reproducible_and_reduces_to_gradient_with_one_sample(smal
 def test_batched_equals_one_by_one(small_model, small_batch):
     for method in ("LRP-EpsilonPlusFlat", "DeepLIFT", "GuidedGradCam"):
         batched = attribute(small_model, small_batch, TARGETS, method)
-        single = torch.cat([attribute(small_model, small_batch[i : i + 1], TARGETS[i : i + 1], method) for i in range(3)])
+        single = torch.cat(
+            [attribute(small_model, small_batch[i : i + 1], TARGETS[i : i + 1], method) for i in range(3)]
+        )
         assert torch.allclose(batched, single, atol=1e-5), method
 
 
 def test_target_defaults_to_the_predicted_class(small_model, small_batch):
     predicted = small_model(small_batch).argmax(1)
     assert torch.equal(
-        attribute(small_model, small_batch, None, "Gradient"), attribute(small_model, small_batch, predicted, "Gradient")
+        attribute(small_model, small_batch, None, "Gradient"),
+        attribute(small_model, small_batch, predicted, "Gradient"),
     )
 
 
@@ -160,8 +176,16 @@ def test_bad_arguments_name_the_problem(small_model, small_batch):
 
 
 def test_concurrent_methods_on_one_shared_model_equal_the_serial_run(small_model, small_batch):
-    methods = ["LRP-EpsilonPlus", "GuidedBackprop", "DeepLIFT", "LRP-EpsilonAlpha2Beta1Flat", "ExcitationBackprop",
-               "Gradient", "DeconvNet", "LayerGradCam"] * 2
+    methods = [
+        "LRP-EpsilonPlus",
+        "GuidedBackprop",
+        "DeepLIFT",
+        "LRP-EpsilonAlpha2Beta1Flat",
+        "ExcitationBackprop",
+        "Gradient",
+        "DeconvNet",
+        "LayerGradCam",
+    ] * 2
     serial = [attribute(small_model, small_batch, TARGETS, m) for m in methods]
     results = [None] * len(methods)
     barrier = threading.Barrier(len(methods))
@@ -193,7 +217,7 @@ def test_torchvision_resnet_breaks_deeplift_and_ours_does_not():
     """The trap DESIGN warns about, reproduced: the shared ReLU makes Captum's DeepLift fail."""
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     shared = torchvision.models.resnet18(num_classes=4).eval()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (Captum's error type differs between versions)
         DeepLift(shared).attribute(x.clone(), target=0)
     ours = tiny_resnet()
     ours.load_state_dict(shared.state_dict())

@@ -1,4 +1,5 @@
 """The CLI's training flags are the config dataclasses' fields: a new field is a new flag, with its help and choices."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,26 @@ def test_choices_come_from_the_owning_modules():
 
 
 def test_flags_fill_the_config_and_leave_the_rest_to_its_defaults():
-    args = build_parser().parse_args(["train", "data", "--epochs", "3", "--no-flip", "--learning-rate", "0.1",
-                                      "--init", "start.pt", "--schedule", "one-cycle", "--folds", "fold-1"])
-    assert config_from_args(TrainConfig, args) == TrainConfig(epochs=3, flip=False, learning_rate=0.1,
-                                                              init="start.pt", schedule="one-cycle")
+    args = build_parser().parse_args(
+        [
+            "train",
+            "data",
+            "--epochs",
+            "3",
+            "--no-flip",
+            "--learning-rate",
+            "0.1",
+            "--init",
+            "start.pt",
+            "--schedule",
+            "one-cycle",
+            "--folds",
+            "fold-1",
+        ]
+    )
+    assert config_from_args(TrainConfig, args) == TrainConfig(
+        epochs=3, flip=False, learning_rate=0.1, init="start.pt", schedule="one-cycle"
+    )
     args = build_parser().parse_args(["train-parser", "data", "--held-out-fraction", "0.3"])
     assert config_from_args(ParserConfig, args) == ParserConfig(held_out_fraction=0.3)
     with pytest.raises(SystemExit):

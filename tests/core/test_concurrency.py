@@ -9,6 +9,7 @@ Every run here uses one torch thread (the processes too): the serial reference a
 must run the same kernels to be comparable bit for bit, and eight processes on two cores would
 otherwise spin-wait each other.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -31,8 +32,16 @@ from tests.conftest import tiny_resnet
 
 SIZE = 48  # aligned face of the tiny models
 SESSIONS = 8
-METHODS = ("SmoothGrad", "IntegratedGradients", "GuidedBackprop", "LRP-EpsilonPlus", "DeepLIFT", "LayerGradCam",
-           "Occlusion", "LRP-EpsilonAlpha2Beta1Flat")
+METHODS = (
+    "SmoothGrad",
+    "IntegratedGradients",
+    "GuidedBackprop",
+    "LRP-EpsilonPlus",
+    "DeepLIFT",
+    "LayerGradCam",
+    "Occlusion",
+    "LRP-EpsilonAlpha2Beta1Flat",
+)
 WAIT_S = 240  # bounded waits: a deadlock fails the test instead of hanging it
 
 
@@ -50,7 +59,9 @@ def run_session(i: int, card_paths: list[str], cache: DiskCache | None) -> dict[
     photo, model, methods = session_plan(i)
     rendered = face(photo)
     classifier = load_classifier(card_paths[model]) if isinstance(card_paths[model], str) else card_paths[model]
-    result = explain(Photo(rendered.image, rendered.landmarks), classifier, ExplainSettings(methods=tuple(methods)), cache)
+    result = explain(
+        Photo(rendered.image, rendered.landmarks), classifier, ExplainSettings(methods=tuple(methods)), cache
+    )
     arrays = {"probabilities": result.probabilities, "masks": result.face.masks}
     for method in methods:
         arrays[f"map {method}"] = result.maps[method]
@@ -80,9 +91,17 @@ def card_paths(tmp_path_factory) -> list[str]:
     folder = tmp_path_factory.mktemp("models")
     paths = []
     for seed in (0, 1):
-        card = ModelCard(kind="classifier", architecture="resnet18", classes=("A", "B", "Unaffected"),
-                         input_size=SIZE, channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5),
-                         std=(0.25, 0.25, 0.25), weights="w.safetensors")
+        card = ModelCard(
+            kind="classifier",
+            architecture="resnet18",
+            classes=("A", "B", "Unaffected"),
+            input_size=SIZE,
+            channel_order="RGB",
+            input_scale=1.0,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            weights="w.safetensors",
+        )
         paths.append(str(save_checkpoint(tiny_resnet(num_classes=3, seed=seed), card, folder, f"model-{seed}")))
     return paths
 
@@ -137,8 +156,10 @@ def _process_session(i: int, card_paths: list[str], cache_dir: str, barrier, que
 def test_eight_processes_sharing_one_cache_folder_equal_the_serial_run(card_paths, serial, tmp_path):
     context = multiprocessing.get_context("spawn")
     barrier, queue = context.Barrier(SESSIONS), context.Queue()
-    processes = [context.Process(target=_process_session, args=(i, card_paths, str(tmp_path / "cache"), barrier, queue))
-                 for i in range(SESSIONS)]
+    processes = [
+        context.Process(target=_process_session, args=(i, card_paths, str(tmp_path / "cache"), barrier, queue))
+        for i in range(SESSIONS)
+    ]
     for process in processes:
         process.start()
     rounds: list[list] = [[None] * SESSIONS, [None] * SESSIONS]
@@ -206,9 +227,17 @@ def test_truncated_value_files_are_recomputed_by_explain(tmp_path):
     """Truncate every value file of a filled cache: explain recomputes those entries and answers
     exactly as before (test_cache.py covers garbage and deleted files for a memoised function).
     A 96-pixel model, so that its attributions (2 × 96² floats) are big enough for files of their own."""
-    card = ModelCard(kind="classifier", architecture="resnet18", classes=("A", "B"), input_size=96,
-                     channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                     weights="w.safetensors")
+    card = ModelCard(
+        kind="classifier",
+        architecture="resnet18",
+        classes=("A", "B"),
+        input_size=96,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights="w.safetensors",
+    )
     classifier = load_classifier(save_checkpoint(tiny_resnet(num_classes=2, seed=2), card, tmp_path, "m"))
     reference = [run_session(i, [classifier, classifier], cache=None) for i in range(2)]
     cache = DiskCache(tmp_path / "c")

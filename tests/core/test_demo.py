@@ -1,4 +1,5 @@
 """The demo build (tiny preset), the parser trainer and the ground-truth leaderboard's bookkeeping."""
+
 import dataclasses
 import json
 
@@ -43,8 +44,14 @@ def tiny_demo(tmp_path_factory):
 @pytest.mark.slow
 def test_the_demo_builds_every_stage_and_its_models_load(tiny_demo):
     root, report, _ = tiny_demo
-    assert set(report["stages"]) == {"dataset", "parser", "classifier-fold-1", "scores-val", "scores-test",
-                                     "leaderboard"}
+    assert set(report["stages"]) == {
+        "dataset",
+        "parser",
+        "classifier-fold-1",
+        "scores-val",
+        "scores-test",
+        "leaderboard",
+    }
     dataset = open_dataset(root)
     for split in ("val", "test"):
         table = pl.read_parquet(DatasetLayout(root).score_table(split))
@@ -70,7 +77,11 @@ def test_a_second_build_does_nothing_and_a_changed_preset_redoes_only_its_stage(
     assert (root / "models" / "classifier-fold-1.safetensors").stat().st_mtime_ns == before
     changed = dataclasses.replace(TINY, classifier=dataclasses.replace(TINY.classifier, seed=1))
     assert set(build_demo(root, changed, log=lines.append, cache=cache)["stages"]) == {
-        "classifier-fold-1", "scores-val", "scores-test", "leaderboard"}
+        "classifier-fold-1",
+        "scores-val",
+        "scores-test",
+        "leaderboard",
+    }
 
 
 @pytest.mark.slow
@@ -102,22 +113,41 @@ def test_planted_counts_read_the_ground_truth(tmp_path):
     (tmp_path / "metadata").mkdir()
     (tmp_path / "metadata" / "ground_truth.csv").write_text(
         "image_name,person_id,label,hpo_id,term,region,severity\n"
-        "a.jpg,P1,X,HP:1,t1,eye,0.5\na.jpg,P1,X,HP:2,t2,eye,0.7\na.jpg,P1,X,HP:3,t3,mouth,0.9\nb.jpg,P2,U,,,,\n")
+        "a.jpg,P1,X,HP:1,t1,eye,0.5\na.jpg,P1,X,HP:2,t2,eye,0.7\na.jpg,P1,X,HP:3,t3,mouth,0.9\nb.jpg,P2,U,,,,\n"
+    )
     dataset = type("D", (), {"root": tmp_path})()
-    np.testing.assert_array_equal(planted_counts(dataset, ["a.jpg", "b.jpg"], ("eye", "nose", "mouth")),
-                                  [[2, 0, 1], [0, 0, 0]])
+    np.testing.assert_array_equal(
+        planted_counts(dataset, ["a.jpg", "b.jpg"], ("eye", "nose", "mouth")), [[2, 0, 1], [0, 0, 0]]
+    )
     assert json.dumps(dataclasses.asdict(TINY.parser))  # presets are plain data
 
 
 def test_a_model_lacking_a_class_of_the_faces_is_refused_naming_both(tmp_path):
     (tmp_path / "metadata").mkdir()
     (tmp_path / "metadata" / "partitions.csv").write_text(
-        "image_name,label,fold-1\nWSSlide1.png,WS,test\nKSSlide2.png,KS,test\nUnaffectedSlide3.png,Unaffected,test\n")
-    card = ModelCard(kind="classifier", architecture="resnet18", classes=("Unaffected", "WS"), input_size=32,
-                     channel_order="RGB", input_scale=1.0, mean=(0.5,) * 3, std=(0.25,) * 3, weights="m.safetensors")
+        "image_name,label,fold-1\nWSSlide1.png,WS,test\nKSSlide2.png,KS,test\nUnaffectedSlide3.png,Unaffected,test\n"
+    )
+    card = ModelCard(
+        kind="classifier",
+        architecture="resnet18",
+        classes=("Unaffected", "WS"),
+        input_size=32,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        weights="m.safetensors",
+    )
     classifier = load_classifier(save_checkpoint(tiny_resnet(num_classes=2), card, tmp_path, "m"))
     # Refused before any photo is read (there are none).
-    with pytest.raises(UserFacingError, match=r"the model lacks the class\(es\) KS of the faces to score "
-                                              r"\(the model's classes: Unaffected, WS\)"):
-        leaderboard(open_dataset(tmp_path), classifier, ["WSSlide1.png", "KSSlide2.png", "UnaffectedSlide3.png"],
-                    ExplainSettings())
+    with pytest.raises(
+        UserFacingError,
+        match=r"the model lacks the class\(es\) KS of the faces to score "
+        r"\(the model's classes: Unaffected, WS\)",
+    ):
+        leaderboard(
+            open_dataset(tmp_path),
+            classifier,
+            ["WSSlide1.png", "KSSlide2.png", "UnaffectedSlide3.png"],
+            ExplainSettings(),
+        )

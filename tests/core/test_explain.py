@@ -1,4 +1,5 @@
 """The whole pipeline on a real photo, its memoisation, and the CLI around it."""
+
 import json
 from pathlib import Path
 
@@ -31,9 +32,18 @@ SIZE = 64  # tiny classifier input: fast, and still a real ResNet
 @pytest.fixture(scope="module")
 def card_path(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model")
-    card = ModelCard(kind="classifier", architecture="resnet18", classes=("A", "B", "Unaffected"), input_size=SIZE,
-                     channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                     weights="tiny.safetensors", fold="fold-1")
+    card = ModelCard(
+        kind="classifier",
+        architecture="resnet18",
+        classes=("A", "B", "Unaffected"),
+        input_size=SIZE,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights="tiny.safetensors",
+        fold="fold-1",
+    )
     return save_checkpoint(tiny_resnet(num_classes=3, seed=4), card, folder, "tiny")
 
 
@@ -67,7 +77,9 @@ def test_explain_equals_the_pipeline_composed_by_hand(classifier, photo):
 
 
 def test_target_by_name_and_relevance_modes(classifier, photo):
-    result = explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("Gradient",), target="B", mode="signed"))
+    result = explain(
+        Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("Gradient",), target="B", mode="signed")
+    )
     assert result.target == 1 and result.summary()["target"] == "B"
     assert result.maps["Gradient"].min() < 0 <= result.maps["Gradient"].max() <= 1
     assert issubclass(TargetError, UserFacingError) and issubclass(TargetError, ValueError)
@@ -79,15 +91,21 @@ def test_target_by_name_and_relevance_modes(classifier, photo):
 
 def test_cached_explanations_are_identical_and_skip_the_model(classifier, photo, tmp_path, monkeypatch):
     cache = DiskCache(tmp_path / "cache")
-    first = explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("LRP-EpsilonPlus", "SmoothGrad")), cache)
+    first = explain(
+        Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("LRP-EpsilonPlus", "SmoothGrad")), cache
+    )
     calls = []
     monkeypatch.setattr(pipeline_module, "attribute", lambda *a, **k: calls.append(a) or pytest.fail("recomputed"))
-    second = explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("LRP-EpsilonPlus", "SmoothGrad")), cache)
+    second = explain(
+        Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("LRP-EpsilonPlus", "SmoothGrad")), cache
+    )
     assert not calls
     for method in first.maps:
         np.testing.assert_array_equal(first.maps[method], second.maps[method])
     # Another relevance mode or region spec reuses the same cached attributions.
-    explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("SmoothGrad",), mode="positive"), cache)
+    explain(
+        Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("SmoothGrad",), mode="positive"), cache
+    )
 
 
 def test_batch_lookup_computes_only_missing_images(classifier, photo, tmp_path, monkeypatch):
@@ -111,8 +129,19 @@ def test_cli_explain_prints_json(card_path, tmp_path, capsys):
     path = tmp_path / "face.png"
     Image.fromarray(data.astronaut()).save(path)
     landmarks = ",".join(f"{v:g}" for v in ASTRONAUT_LANDMARKS.ravel())
-    code = cli_main(["explain", str(path), "--model", str(card_path), "--methods", "Gradient,LayerGradCam",
-                     "--landmarks", landmarks, "--quiet"])
+    code = cli_main(
+        [
+            "explain",
+            str(path),
+            "--model",
+            str(card_path),
+            "--methods",
+            "Gradient,LayerGradCam",
+            "--landmarks",
+            landmarks,
+            "--quiet",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["region_scores"]) == {"Gradient", "LayerGradCam"}
@@ -135,8 +164,7 @@ def test_cli_turns_bad_input_into_one_clear_line(content, expected, card_path, t
     assert err.startswith("error: ") and expected in err.lower() and "Traceback" not in err
 
 
-def test_a_stored_label_map_that_fits_neither_photo_nor_face_is_a_user_facing_error(card_path, photo, tmp_path,
-                                                                                      capsys):
+def test_a_stored_label_map_that_fits_neither_photo_nor_face_is_a_user_facing_error(card_path, photo, tmp_path, capsys):
     wrong = np.zeros((40, 50), np.uint8)  # the photo is 512×512, the aligned face 64×64
     message = r"the stored label map is 50×40 but the photo is 512×512 \(and the aligned face 64×64\); it fits neither"
     with pytest.raises(LabelMapError, match=message):
@@ -144,13 +172,30 @@ def test_a_stored_label_map_that_fits_neither_photo_nor_face_is_a_user_facing_er
     assert issubclass(LabelMapError, UserFacingError)
     # Both frames a map may come in are accepted: the photo's (warped) and the aligned face's (as is).
     for fitting in (np.ones(photo.shape[:2], np.uint8), np.ones((SIZE, SIZE), np.uint8)):
-        assert prepare_face(Photo(photo, ASTRONAUT_LANDMARKS, fitting), SIZE, ExplainSettings()).parse_source == "stored"
+        assert (
+            prepare_face(Photo(photo, ASTRONAUT_LANDMARKS, fitting), SIZE, ExplainSettings()).parse_source == "stored"
+        )
     path, segmap = tmp_path / "face.png", tmp_path / "map.png"
     Image.fromarray(photo).save(path)
     Image.fromarray(wrong).save(segmap)
     landmarks = ",".join(f"{v:g}" for v in ASTRONAUT_LANDMARKS.ravel())
-    assert cli_main(["explain", str(path), "--model", str(card_path), "--methods", "Gradient", "--landmarks", landmarks,
-                     "--segmap", str(segmap)]) == 2
+    assert (
+        cli_main(
+            [
+                "explain",
+                str(path),
+                "--model",
+                str(card_path),
+                "--methods",
+                "Gradient",
+                "--landmarks",
+                landmarks,
+                "--segmap",
+                str(segmap),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: the stored label map is 50×40") and "Traceback" not in err
 
@@ -162,13 +207,30 @@ def test_cli_explain_of_a_photo_over_4096_px_scales_the_given_landmarks_and_labe
     past the shrunk photo's edge and the map fitted neither photo nor face.)"""
     face, wide, wide_map, wide_points = face_in_a_wide_photo()
     outputs = {}
-    for name, image, label_map, points in (("alone", face.image, face.label_map, face.landmarks),
-                                           ("wide", wide, wide_map, wide_points)):
+    for name, image, label_map, points in (
+        ("alone", face.image, face.label_map, face.landmarks),
+        ("wide", wide, wide_map, wide_points),
+    ):
         Image.fromarray(image).save(tmp_path / f"{name}.png", compress_level=1)
         Image.fromarray(label_map).save(tmp_path / f"{name}-map.png", compress_level=1)
-        assert cli_main(["explain", str(tmp_path / f"{name}.png"), "--model", str(card_path), "--quiet",
-                         "--methods", "Gradient,LayerGradCam", "--segmap", str(tmp_path / f"{name}-map.png"),
-                         "--landmarks", ",".join(f"{v:.4f}" for v in points.ravel())]) == 0
+        assert (
+            cli_main(
+                [
+                    "explain",
+                    str(tmp_path / f"{name}.png"),
+                    "--model",
+                    str(card_path),
+                    "--quiet",
+                    "--methods",
+                    "Gradient,LayerGradCam",
+                    "--segmap",
+                    str(tmp_path / f"{name}-map.png"),
+                    "--landmarks",
+                    ",".join(f"{v:.4f}" for v in points.ravel()),
+                ]
+            )
+            == 0
+        )
         outputs[name] = json.loads(capsys.readouterr().out)
     alone, shrunk = outputs["alone"], outputs["wide"]
     np.testing.assert_allclose(shrunk["landmarks"], wide_points, atol=0.01)
@@ -177,8 +239,9 @@ def test_cli_explain_of_a_photo_over_4096_px_scales_the_given_landmarks_and_labe
     # Measured: probabilities within 0.007, region scores (0..1) within 0.05 (masks move by a pixel at 64 px).
     np.testing.assert_allclose(list(shrunk["probabilities"].values()), list(alone["probabilities"].values()), atol=0.02)
     for method in ("Gradient", "LayerGradCam"):
-        np.testing.assert_allclose(list(shrunk["region_scores"][method].values()),
-                                   list(alone["region_scores"][method].values()), atol=0.1)
+        np.testing.assert_allclose(
+            list(shrunk["region_scores"][method].values()), list(alone["region_scores"][method].values()), atol=0.1
+        )
 
 
 def test_cli_without_a_model_says_what_to_do(tmp_path, capsys, monkeypatch):
@@ -209,7 +272,10 @@ def test_unknown_method_is_an_argument_error(capsys):
 
 def test_explain_module_has_no_torch_state_leak(classifier, photo):
     before = {k: v.clone() for k, v in classifier.network.state_dict().items()}
-    explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier,
-            ExplainSettings(methods=("LRP-EpsilonAlpha2Beta1Flat", "GuidedGradCam")))
+    explain(
+        Photo(photo, ASTRONAUT_LANDMARKS),
+        classifier,
+        ExplainSettings(methods=("LRP-EpsilonAlpha2Beta1Flat", "GuidedGradCam")),
+    )
     after = classifier.network.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

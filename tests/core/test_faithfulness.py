@@ -1,4 +1,5 @@
 """Region faithfulness (blanking) and the model-randomisation sanity check, on planted answers."""
+
 import numpy as np
 import polars as pl
 import pytest
@@ -39,8 +40,17 @@ def unmasked(faces: np.ndarray, names: list[str]) -> FaceSet:
 
 
 def _card(classes=("A", "B"), size=SIZE, **overrides) -> ModelCard:
-    fields = dict(kind="classifier", architecture="resnet18", classes=classes, input_size=size, channel_order="RGB",
-                  input_scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), weights="none.safetensors")
+    fields = dict(
+        kind="classifier",
+        architecture="resnet18",
+        classes=classes,
+        input_size=size,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        weights="none.safetensors",
+    )
     return ModelCard(**{**fields, **overrides})
 
 
@@ -92,8 +102,9 @@ def test_blanking_changes_the_region_and_leaves_every_other_pixel_byte_identical
         np.testing.assert_array_equal(blanked[:, 1, 15, 15], expected)
     else:  # the region's pixels are a Gaussian blur of the face (σ = 5% of the side), independently computed
         sigma = 0.05 * SIZE
-        reference = np.stack([ndimage.gaussian_filter(faces[0, ..., c].astype(float), sigma, mode="reflect")
-                              for c in range(3)], axis=-1)
+        reference = np.stack(
+            [ndimage.gaussian_filter(faces[0, ..., c].astype(float), sigma, mode="reflect") for c in range(3)], axis=-1
+        )
         inside = masks[0, 1]
         np.testing.assert_allclose(blanked[0, 1][inside], np.clip(reference[inside].round(), 0, 255), atol=1)
 
@@ -125,7 +136,7 @@ def test_planted_region_takes_the_whole_drop_and_gradient_ranks_it_first(planted
     np.testing.assert_allclose(scores, 1.0)
     row = result.summary.row(0, named=True)
     assert row["method"] == "Gradient" and row["rho"] == pytest.approx(1.0) and row["n"] == 8
-    assert row["p"] == pytest.approx(2 * 0.5 ** 8)  # exact signed-rank p: all 8 per-image ρ positive
+    assert row["p"] == pytest.approx(2 * 0.5**8)  # exact signed-rank p: all 8 per-image ρ positive
     # Pooled over 24 pairs: C ranks 8.5 (16 zeros) and 20.5 (8 ones); drop ranks 8.5 (16 zeros) and 17..24.
     # Centred: (−4)×16, 8×8 and (−4)×16, 4.5..11.5, so ρ = 768 / √(768 · 810) — below 1 only for the ties in C.
     assert row["rho_pooled"] == pytest.approx(np.sqrt(768 / 810)) and row["n_pooled"] == 24
@@ -145,17 +156,22 @@ def test_an_empty_region_has_no_drop_and_no_score_and_is_left_out(planted):
 
 
 def test_summary_against_hand_computed_correlations():
-    drops = pl.DataFrame({
-        "image_name": ["a"] * 3 + ["b"] * 3 + ["c"] * 3,
-        "region": list(REGIONS) * 3,
-        "drop": [0.3, 0.2, 0.1, 0.3, 0.2, 0.1, 0.5, float("nan"), 0.0],
-    }, nan_to_null=False)
-    scores = pl.DataFrame({
-        "image_name": ["a"] * 3 + ["b"] * 3 + ["c"] * 3,
-        "method": "M",
-        "region": list(REGIONS) * 3,
-        "score": [0.9, 0.5, 0.1, 0.1, 0.5, 0.9, 0.7, 0.2, 0.3],
-    })
+    drops = pl.DataFrame(
+        {
+            "image_name": ["a"] * 3 + ["b"] * 3 + ["c"] * 3,
+            "region": list(REGIONS) * 3,
+            "drop": [0.3, 0.2, 0.1, 0.3, 0.2, 0.1, 0.5, float("nan"), 0.0],
+        },
+        nan_to_null=False,
+    )
+    scores = pl.DataFrame(
+        {
+            "image_name": ["a"] * 3 + ["b"] * 3 + ["c"] * 3,
+            "method": "M",
+            "region": list(REGIONS) * 3,
+            "score": [0.9, 0.5, 0.1, 0.1, 0.5, 0.9, 0.7, 0.2, 0.3],
+        }
+    )
     row = faithfulness_summary(drops, scores).row(0, named=True)
     # a agrees (ρ = 1), b is reversed (ρ = −1), c has only two regions with a drop: undefined, left out.
     assert row["rho"] == 0.0 and row["rho_std"] == pytest.approx(np.sqrt(2)) and row["n"] == 2
@@ -185,14 +201,27 @@ def test_randomising_top_layers_copies_the_model_and_changes_gradient_maps(resne
     names = [f"f{i}" for i in range(len(textured_faces))]
     # Through a cache: were the randomised copy's fingerprint the trained one's, its maps would be served
     # from the trained model's entries and correlate perfectly.
-    result = randomisation_check(resnet_classifier, unmasked(textured_faces, names), GRADIENT,
-                                 cascade=Cascade(("fc", "layer4")), cache=DiskCache(tmp_path / "cache"))
+    result = randomisation_check(
+        resnet_classifier,
+        unmasked(textured_faces, names),
+        GRADIENT,
+        cascade=Cascade(("fc", "layer4")),
+        cache=DiskCache(tmp_path / "cache"),
+    )
     after = resnet_classifier.network.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
     summary = result.summary
     assert summary["randomised"].to_list() == ["fc", "fc+layer4"]
-    assert summary.columns == ["method", "randomised", "rank_correlation_mean", "rank_correlation_std", "ssim_mean",
-                               "ssim_std", "n", "changed"]
+    assert summary.columns == [
+        "method",
+        "randomised",
+        "rank_correlation_mean",
+        "rank_correlation_std",
+        "ssim_mean",
+        "ssim_std",
+        "n",
+        "changed",
+    ]
     assert (result.per_image["rank_correlation"] < 1).all() and (result.per_image["ssim"] < 1).all()
     assert summary["n"].to_list() == [4, 4]
 
@@ -220,7 +249,9 @@ def test_a_model_independent_map_scores_correlation_one(resnet_classifier, textu
 
     monkeypatch.setattr(pipeline_module, "attribution_sums", edges)
     names = [f"f{i}" for i in range(len(textured_faces))]
-    result = randomisation_check(resnet_classifier, unmasked(textured_faces, names), GRADIENT, cascade=Cascade(("fc", "layer4")))
+    result = randomisation_check(
+        resnet_classifier, unmasked(textured_faces, names), GRADIENT, cascade=Cascade(("fc", "layer4"))
+    )
     np.testing.assert_allclose(result.per_image["rank_correlation"], 1.0)
     np.testing.assert_allclose(result.per_image["ssim"], 1.0)
     assert not result.summary["changed"].any()
@@ -229,7 +260,7 @@ def test_a_model_independent_map_scores_correlation_one(resnet_classifier, textu
 def test_map_similarity_matches_scipy_and_marks_constant_maps(rng):
     a, b = rng.random((2, 3, 16, 16))
     b[2] = 0.0
-    rank_correlation, ssim = map_similarity(a, b)
+    rank_correlation, _ssim = map_similarity(a, b)
     for i in range(2):
         assert rank_correlation[i] == pytest.approx(stats.spearmanr(a[i].ravel(), b[i].ravel()).statistic)
     assert np.isnan(rank_correlation[2])
@@ -243,8 +274,9 @@ def tiny_dataset(tmp_path_factory):
     generate_dataset(root, SyntheticSpec(n_per_class=4, seed=3, size=64, photos_per_person=1), workers=1)
     dataset = open_dataset(root)
     card = _card(classes=dataset.classes, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), fold="fold-1")
-    card_path = save_checkpoint(tiny_resnet(num_classes=len(dataset.classes), seed=1), card, root / "models",
-                                "classifier-fold-1")
+    card_path = save_checkpoint(
+        tiny_resnet(num_classes=len(dataset.classes), seed=1), card, root / "models", "classifier-fold-1"
+    )
     return root, card_path
 
 
@@ -253,8 +285,26 @@ def test_cli_faithfulness_and_sanity_write_their_tables(tiny_dataset, tmp_path, 
     n_test = len(names_in(open_dataset(root), "fold-1", "test"))
     assert n_test >= 2
     out = tmp_path / "faith.csv"
-    assert cli_main(["faithfulness", str(root), "--model", str(card_path), "--methods", "Gradient,LayerGradCam",
-                     "--limit", "2", "--blank", "blur", "--out", str(out), "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "faithfulness",
+                str(root),
+                "--model",
+                str(card_path),
+                "--methods",
+                "Gradient,LayerGradCam",
+                "--limit",
+                "2",
+                "--blank",
+                "blur",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = pl.read_csv(out)
     assert summary["method"].to_list() == ["Gradient", "LayerGradCam"] and summary["blank"].to_list() == ["blur"] * 2
     drops = pl.read_csv(tmp_path / "faith-drops.csv")
@@ -262,8 +312,24 @@ def test_cli_faithfulness_and_sanity_write_their_tables(tiny_dataset, tmp_path, 
     assert "rho_pooled" in capsys.readouterr().out
 
     out = tmp_path / "sanity.csv"
-    assert cli_main(["sanity", str(root), "--methods", "Gradient", "--limit", "2", "--target", "true",
-                     "--out", str(out), "--quiet"]) == 0  # default model: the dataset's fold-1 card
+    assert (
+        cli_main(
+            [
+                "sanity",
+                str(root),
+                "--methods",
+                "Gradient",
+                "--limit",
+                "2",
+                "--target",
+                "true",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )  # default model: the dataset's fold-1 card
     summary = pl.read_csv(out)
     assert summary["randomised"].to_list() == ["fc", "fc+layer4"] and summary["n"].to_list() == [2, 2]
     assert pl.read_csv(tmp_path / "sanity-per-image.csv").height == 2 * 2
@@ -271,8 +337,23 @@ def test_cli_faithfulness_and_sanity_write_their_tables(tiny_dataset, tmp_path, 
 
 def test_cli_refuses_an_unknown_layer_in_one_line(tiny_dataset, capsys):
     root, card_path = tiny_dataset
-    assert cli_main(["sanity", str(root), "--model", str(card_path), "--methods", "Gradient", "--limit", "1",
-                     "--cascade", "fc,layer9"]) == 2
+    assert (
+        cli_main(
+            [
+                "sanity",
+                str(root),
+                "--model",
+                str(card_path),
+                "--methods",
+                "Gradient",
+                "--limit",
+                "1",
+                "--cascade",
+                "fc,layer9",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "layer9" in err and "Traceback" not in err
 
@@ -284,7 +365,8 @@ def _one_face_dataset(root, image: np.ndarray, label_map: np.ndarray, landmarks:
     Image.fromarray(label_map).save(root / "features" / "segmaps" / "WSSlide1.png", compress_level=1)
     (root / "metadata" / "partitions.csv").write_text(
         "image_name,label,fold-1,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n"
-        "WSSlide1.png,WS,test," + ",".join(f"{v:.4f}" for v in landmarks.ravel()) + "\n")
+        "WSSlide1.png,WS,test," + ",".join(f"{v:.4f}" for v in landmarks.ravel()) + "\n"
+    )
     return open_dataset(root)
 
 
@@ -301,7 +383,10 @@ def test_dataset_faces_of_a_photo_over_4096_px_match_the_face_alone(tmp_path):
     face, photo, label_map, points = face_in_a_wide_photo()
     alone = _one_face_dataset(tmp_path / "alone", face.image, face.label_map, face.landmarks)
     wide = _one_face_dataset(tmp_path / "wide", photo, label_map, points)
-    reference_set, face_set = dataset_face_set(alone, ["WSSlide1.png"], 64), dataset_face_set(wide, ["WSSlide1.png"], 64)
+    reference_set, face_set = (
+        dataset_face_set(alone, ["WSSlide1.png"], 64),
+        dataset_face_set(wide, ["WSSlide1.png"], 64),
+    )
     reference, reference_masks = reference_set.aligned, reference_set.masks
     faces, masks = face_set.aligned, face_set.masks
     assert np.abs(faces.astype(int) - reference.astype(int)).mean() < 6  # measured 1.4: resampling only

@@ -6,6 +6,7 @@ Complements tests/test_dataset.py (layout basics, duplicated names, ../ and abso
 image symlinked outside) with what a real, messy dataset adds: photos and label maps that do not
 fit their metadata, shrunk and rotated photos, empty cells, annotation files of unknown labels.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,15 +44,21 @@ def landmark_cells(points: np.ndarray) -> str:
     return ",".join(f"{v:.3f}" for v in np.asarray(points).ravel())
 
 
-def make_dataset(root: Path, rows: list[tuple[str, str, np.ndarray | None]], images: dict[str, bytes],
-                 segmaps: dict[str, bytes] | None = None) -> Path:
+def make_dataset(
+    root: Path,
+    rows: list[tuple[str, str, np.ndarray | None]],
+    images: dict[str, bytes],
+    segmaps: dict[str, bytes] | None = None,
+) -> Path:
     """partitions.csv with image_name, label, fold-1 and landmarks (when given) plus the files."""
     (root / "metadata").mkdir(parents=True)
     (root / "images").mkdir()
     with_landmarks = any(points is not None for _, _, points in rows)
     lines = ["image_name,label,fold-1" + ("," + LANDMARK_HEADER if with_landmarks else "")]
-    lines += [f"{name},{label},test" + ("," + landmark_cells(points) if with_landmarks else "")
-              for name, label, points in rows]
+    lines += [
+        f"{name},{label},test" + ("," + landmark_cells(points) if with_landmarks else "")
+        for name, label, points in rows
+    ]
     (root / "metadata" / "partitions.csv").write_text("\n".join(lines) + "\n")
     for name, data in images.items():
         (root / "images" / name).write_bytes(data)
@@ -69,9 +76,14 @@ def face():
 
 def one_photo_dataset(root: Path, face, landmarks=None, segmap: bytes | None = None, image: bytes | None = None):
     points = face.landmarks if landmarks is None else landmarks
-    return open_dataset(make_dataset(root, [("WSSlide1.png", "WS", points)],
-                                     {"WSSlide1.png": png(face.image) if image is None else image},
-                                     None if segmap is None else {"WSSlide1.png": segmap}))
+    return open_dataset(
+        make_dataset(
+            root,
+            [("WSSlide1.png", "WS", points)],
+            {"WSSlide1.png": png(face.image) if image is None else image},
+            None if segmap is None else {"WSSlide1.png": segmap},
+        )
+    )
 
 
 ROW = r"partitions\.csv: row 2 \('WSSlide1\.png'\)"
@@ -80,20 +92,25 @@ ROW = r"partitions\.csv: row 2 \('WSSlide1\.png'\)"
 # ---------------------------------------------------------------- partitions.csv
 
 
-@pytest.mark.parametrize(("csv", "message"), [
-    ("image_name,label\n", "lists no images"),
-    ("image_name,label\na.png,X\nb.png,\n", r"row 3 \('b\.png'\) has an empty label"),
-    ("image_name,label\na.png,X\nb.png,  \n", r"row 3 \('b\.png'\) has an empty label"),
-    ("image_name,label\n.,X\n", r"row 2 \('\.'\): image names must be plain file names"),
-    ("image_name,label\nsub\\a.png,X\n", r"row 2 .*: image names must be plain file names"),
-    ("image_name,label\nimages/../../secret.png,X\n", r"row 2 .*: image names must be plain file names"),
-    ("image_name,label\n\"a\tb.png\",X\n", r"row 2 .*: image names must be plain file names"),
-    ("image_name,label\n\"a\nb.png\",X\n", r"row 2 .*: image names must be plain file names"),
-    (f"image_name,label,{LANDMARK_HEADER}\na.png,X,1,2,3,4,5,6,7,8,9,10\nb.png,X,1,2,3,4,5,,7,8,9,10\n",
-     r"row 3 \('b\.png'\) has y3 = None; every row needs all ten landmark numbers"),
-    (f"image_name,label,{LANDMARK_HEADER}\na.png,X,1,2,3,4,5,NaN,7,8,9,10\n", r"row 2 \('a\.png'\) has y3 = nan"),
-    (f"image_name,label,{LANDMARK_HEADER}\na.png,X,1,2,3,4,5,6,7,8,9,inf\n", r"row 2 \('a\.png'\) has y5 = inf"),
-])
+@pytest.mark.parametrize(
+    ("csv", "message"),
+    [
+        ("image_name,label\n", "lists no images"),
+        ("image_name,label\na.png,X\nb.png,\n", r"row 3 \('b\.png'\) has an empty label"),
+        ("image_name,label\na.png,X\nb.png,  \n", r"row 3 \('b\.png'\) has an empty label"),
+        ("image_name,label\n.,X\n", r"row 2 \('\.'\): image names must be plain file names"),
+        ("image_name,label\nsub\\a.png,X\n", r"row 2 .*: image names must be plain file names"),
+        ("image_name,label\nimages/../../secret.png,X\n", r"row 2 .*: image names must be plain file names"),
+        ('image_name,label\n"a\tb.png",X\n', r"row 2 .*: image names must be plain file names"),
+        ('image_name,label\n"a\nb.png",X\n', r"row 2 .*: image names must be plain file names"),
+        (
+            f"image_name,label,{LANDMARK_HEADER}\na.png,X,1,2,3,4,5,6,7,8,9,10\nb.png,X,1,2,3,4,5,,7,8,9,10\n",
+            r"row 3 \('b\.png'\) has y3 = None; every row needs all ten landmark numbers",
+        ),
+        (f"image_name,label,{LANDMARK_HEADER}\na.png,X,1,2,3,4,5,NaN,7,8,9,10\n", r"row 2 \('a\.png'\) has y3 = nan"),
+        (f"image_name,label,{LANDMARK_HEADER}\na.png,X,1,2,3,4,5,6,7,8,9,inf\n", r"row 2 \('a\.png'\) has y5 = inf"),
+    ],
+)
 def test_partition_rows_that_cannot_be_used_are_refused_naming_the_row(tmp_path, csv, message):
     (tmp_path / "metadata").mkdir()
     (tmp_path / "metadata" / "partitions.csv").write_text(csv)
@@ -130,8 +147,9 @@ def annotated_dataset(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_an_annotation_file_of_an_unknown_label_is_refused_at_open(tmp_path):
-    root = annotated_dataset(tmp_path, {"WS": f"{HPO_HEADER}\nWSSlide1.png,1,0\n",
-                                        "WHS": f"{HPO_HEADER}\nWHSSlide9.png,0,1\n"})
+    root = annotated_dataset(
+        tmp_path, {"WS": f"{HPO_HEADER}\nWSSlide1.png,1,0\n", "WHS": f"{HPO_HEADER}\nWHSSlide9.png,0,1\n"}
+    )
     with pytest.raises(DatasetError, match=r"WHS\.csv: label 'WHS' is not a class of partitions\.csv"):
         open_dataset(root)
 
@@ -182,12 +200,15 @@ def _one_point_far(points):
     return points
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda p: p + [PHOTO, 0], "None of the five landmarks lies on the 160×160 photo"),
-    (lambda p: p * 3, "None of the five landmarks lies on the 160×160 photo"),
-    (_one_point_far, r"landmark \(360\.0, \d+\.\d\) lies farther outside the 160×160 photo than the face is wide"),
-    (lambda p: p / PHOTO, "eyes are 0.\\d+ pixels apart.*not normalised to 0..1"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p + [PHOTO, 0], "None of the five landmarks lies on the 160×160 photo"),
+        (lambda p: p * 3, "None of the five landmarks lies on the 160×160 photo"),
+        (_one_point_far, r"landmark \(360\.0, \d+\.\d\) lies farther outside the 160×160 photo than the face is wide"),
+        (lambda p: p / PHOTO, "eyes are 0.\\d+ pixels apart.*not normalised to 0..1"),
+    ],
+)
 def test_landmarks_that_do_not_fit_the_photo_are_refused_naming_the_row(tmp_path, face, change, message):
     dataset = one_photo_dataset(tmp_path, face, landmarks=change(face.landmarks.copy()))
     with pytest.raises(DatasetError, match=ROW + ": .*" + message):
@@ -196,7 +217,7 @@ def test_landmarks_that_do_not_fit_the_photo_are_refused_naming_the_row(tmp_path
 
 def test_swapped_x_and_y_on_a_wide_photo_are_refused(tmp_path, face):
     wide = np.zeros((PHOTO, 4 * PHOTO, 3), np.uint8)
-    wide[:, 3 * PHOTO:] = face.image
+    wide[:, 3 * PHOTO :] = face.image
     points = face.landmarks + [3 * PHOTO, 0]
     dataset = one_photo_dataset(tmp_path, face, landmarks=points[:, ::-1], image=png(wide))
     with pytest.raises(DatasetError, match=ROW + ".*None of the five landmarks lies on the 640×160 photo"):
@@ -216,9 +237,9 @@ def test_a_photo_shrunk_on_loading_takes_its_landmarks_and_label_map_along(tmp_p
     the face aligned from the shrunk photo matches the face aligned from the full one."""
     width, left = 4400, 4100
     full = np.full((PHOTO, width, 3), 120, np.uint8)
-    full[:, left:left + PHOTO] = face.image
+    full[:, left : left + PHOTO] = face.image
     full_map = np.zeros((PHOTO, width), np.uint8)
-    full_map[:, left:left + PHOTO] = face.label_map
+    full_map[:, left : left + PHOTO] = face.label_map
     points = face.landmarks + [left, 0]
     dataset = one_photo_dataset(tmp_path, face, landmarks=points, image=png(full), segmap=png(full_map))
     photo = read_photo(dataset, "WSSlide1.png")
@@ -287,17 +308,26 @@ def test_a_label_map_symlinked_outside_is_refused(tmp_path, face):
 
 
 def test_unreadable_and_escaping_photos_are_refused_naming_the_row(tmp_path, face):
-    root = make_dataset(tmp_path / "ds", [("WSSlide1.png", "WS", None), ("WSSlide2.png", "WS", None),
-                                          ("WSSlide3.png", "WS", None), ("WSSlide4.png", "WS", None)],
-                        {"WSSlide1.png": png(face.image)[:300], "WSSlide2.png": b"not a photo"})
+    root = make_dataset(
+        tmp_path / "ds",
+        [
+            ("WSSlide1.png", "WS", None),
+            ("WSSlide2.png", "WS", None),
+            ("WSSlide3.png", "WS", None),
+            ("WSSlide4.png", "WS", None),
+        ],
+        {"WSSlide1.png": png(face.image)[:300], "WSSlide2.png": b"not a photo"},
+    )
     secret = tmp_path / "secret.png"
     secret.write_bytes(png(face.image))
     os.symlink(secret, root / "images" / "WSSlide3.png")
     dataset = open_dataset(root)
-    expected = {"WSSlide1.png": r"row 2 \('WSSlide1.png'\): the image data is truncated",
-                "WSSlide2.png": r"row 3 \('WSSlide2.png'\): not an image",
-                "WSSlide3.png": r"row 4 \('WSSlide3.png'\): image 'WSSlide3.png' resolves outside",
-                "WSSlide4.png": r"row 5 \('WSSlide4.png'\): image 'WSSlide4.png' is listed in partitions.csv but"}
+    expected = {
+        "WSSlide1.png": r"row 2 \('WSSlide1.png'\): the image data is truncated",
+        "WSSlide2.png": r"row 3 \('WSSlide2.png'\): not an image",
+        "WSSlide3.png": r"row 4 \('WSSlide3.png'\): image 'WSSlide3.png' resolves outside",
+        "WSSlide4.png": r"row 5 \('WSSlide4.png'\): image 'WSSlide4.png' is listed in partitions.csv but",
+    }
     for name, message in expected.items():
         with pytest.raises(DatasetError, match=message):
             read_photo(dataset, name)
@@ -307,8 +337,12 @@ def test_reading_a_dataset_never_opens_files_outside_it(tmp_path, face):
     """Every file the dataset functions open lies inside the dataset folder (checked by auditing opens)."""
     import sys
 
-    root = make_dataset(tmp_path / "ds", [("WSSlide1.png", "WS", face.landmarks)], {"WSSlide1.png": png(face.image)},
-                        {"WSSlide1.png": png(face.label_map)})
+    root = make_dataset(
+        tmp_path / "ds",
+        [("WSSlide1.png", "WS", face.landmarks)],
+        {"WSSlide1.png": png(face.image)},
+        {"WSSlide1.png": png(face.label_map)},
+    )
     read_photo(open_dataset(root), "WSSlide1.png")  # lazy imports happen here, not while watching
     opened: list[str] = []
     watching = [True]

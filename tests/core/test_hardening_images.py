@@ -4,6 +4,7 @@ a UserFacingError with a specific message, never another exception, never a hang
 The corpus figures (inputs, results, messages, slowest input) are printed at the end of the module.
 Cases that reach face detection are marked slow; the rest take milliseconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,20 @@ PER_INPUT_TIMEOUT_S = 120  # generous: on a loaded 2-core machine the slowest in
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    card = ModelCard(kind="classifier", architecture="resnet18", classes=("A", "B", "Unaffected"), input_size=SIZE,
-                     channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                     weights="tiny.safetensors")
-    return load_classifier(save_checkpoint(tiny_resnet(num_classes=3, seed=4), card,
-                                           tmp_path_factory.mktemp("model"), "tiny"))
+    card = ModelCard(
+        kind="classifier",
+        architecture="resnet18",
+        classes=("A", "B", "Unaffected"),
+        input_size=SIZE,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights="tiny.safetensors",
+    )
+    return load_classifier(
+        save_checkpoint(tiny_resnet(num_classes=3, seed=4), card, tmp_path_factory.mktemp("model"), "tiny")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +60,10 @@ def tally(request):
     if outcomes:
         slowest = max(outcomes, key=lambda name: outcomes[name][1])
         kinds = [kind for kind, _ in outcomes.values()]
-        line = (f"odd-input corpus: {len(outcomes)} inputs, {kinds.count(RESULT)} results, "
-                f"{kinds.count(MESSAGE)} messages, max {outcomes[slowest][1]:.2f} s per input ({slowest})")
+        line = (
+            f"odd-input corpus: {len(outcomes)} inputs, {kinds.count(RESULT)} results, "
+            f"{kinds.count(MESSAGE)} messages, max {outcomes[slowest][1]:.2f} s per input ({slowest})"
+        )
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
         capture = request.config.pluginmanager.get_plugin("capturemanager")
         if reporter is not None and capture is not None:
@@ -70,8 +82,9 @@ def test_the_corpus_is_big_and_varied():
 
 
 @pytest.mark.timeout(PER_INPUT_TIMEOUT_S)
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if _reaches_detection(c) else [])
-                                  for c in CORPUS])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if _reaches_detection(c) else []) for c in CORPUS]
+)
 def test_odd_input_ends_in_a_result_or_a_clear_message(case: OddInput, classifier, tally, tmp_path):
     source = case.build(tmp_path)
     start = time.perf_counter()
@@ -94,7 +107,7 @@ def _check_result(case: OddInput, image: np.ndarray, result: Explanation) -> Non
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and max(image.shape) <= 4096
     relevance = result.maps["Gradient"]
     assert relevance.shape == (SIZE, SIZE) and np.isfinite(relevance).all()
-    assert 0 <= relevance.min() and relevance.max() <= 1
+    assert relevance.min() >= 0 and relevance.max() <= 1
     np.testing.assert_allclose(result.probabilities.sum(), 1, atol=1e-5)
     scores = result.scores["Gradient"]
     empty = [name for name, mask in zip(result.face.region_names, result.face.masks) if not mask.any()]
@@ -152,8 +165,14 @@ def _measure(files: dict[str, bytes], folder: Path, **load_options) -> list[dict
     measured = []
     for name, data in files.items():
         (folder / name).write_bytes(data)
-        done = subprocess.run([sys.executable, "-c", _MEASURE, str(folder / name), json.dumps(load_options)],
-                              cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(folder / name), json.dumps(load_options)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         measured.append({"name": name, **json.loads(done.stdout)})
     return measured
 
@@ -180,8 +199,10 @@ def test_decompression_bombs_are_refused_from_the_header_for_almost_no_memory(tm
         assert isinstance(row["outcome"], str), f"{row['name']} decoded to {row['outcome']}"
         assert row["growth"] <= REFUSED_BOMB_MAX_GROWTH, row
     total = sum(row["growth"] for row in measured)
-    print(f"\n{len(measured)} bombs refused, peak growth {total / 2**20:.1f} MB in all, "
-          f"max {max(r['seconds'] for r in measured):.3f} s")
+    print(
+        f"\n{len(measured)} bombs refused, peak growth {total / 2**20:.1f} MB in all, "
+        f"max {max(r['seconds'] for r in measured):.3f} s"
+    )
 
 
 @needs_proc

@@ -1,4 +1,5 @@
 """HPO terms, rater annotations and ontology priors, checked against hand counts, scipy and hpo3 itself."""
+
 import csv
 from pathlib import Path
 
@@ -74,8 +75,15 @@ def test_the_obsolete_low_set_posteriorly_rotated_ears_term_is_replaced_as_the_o
 
 def test_region_counts_sum_raters_on_a_hand_written_file(tmp_path):
     # Column spellings: the paper's name, the ontology's name (with its comma), an HP id, odd case.
-    header = ["image_name", "rater", "Wide mouth", "Thick lower lip vermilion", "Low-set, posteriorly rotated ears",
-              "HP:0000343", "EPICANTHUS"]
+    header = [
+        "image_name",
+        "rater",
+        "Wide mouth",
+        "Thick lower lip vermilion",
+        "Low-set, posteriorly rotated ears",
+        "HP:0000343",
+        "EPICANTHUS",
+    ]
     rows = [
         ["WSSlide1.jpg", "A", 1, 1, 0, 1, 0],
         ["WSSlide1.jpg", "B", 1, 0, 1, 0, 0],
@@ -87,8 +95,13 @@ def test_region_counts_sum_raters_on_a_hand_written_file(tmp_path):
     annotations = read_annotations(tmp_path)
     assert annotations.columns == ["image_name", "label", "rater", "term", "hpo_id", "region", "value"]
     assert len(annotations) == 5 * 5 and set(annotations["label"]) == {"WS"}
-    assert set(annotations["term"]) == {"Wide mouth", "Thick lower lip vermillion", "Low-set posteriorly rotated ears",
-                                        "Long philtrum", "Epicanthus"}
+    assert set(annotations["term"]) == {
+        "Wide mouth",
+        "Thick lower lip vermillion",
+        "Low-set posteriorly rotated ears",
+        "Long philtrum",
+        "Epicanthus",
+    }
     counts = {(r["image_name"], r["region"]): r["count"] for r in region_counts(annotations).iter_rows(named=True)}
     # Image 1: mouth = wide mouth 3 + thick lower lip 2 + long philtrum 1; ears 1; eye 1. Image 2: eye 1.
     assert counts[("WSSlide1.jpg", "mouth")] == 6
@@ -98,31 +111,46 @@ def test_region_counts_sum_raters_on_a_hand_written_file(tmp_path):
 
 
 def test_one_row_per_image_and_the_nih_release_format(tmp_path):
-    write_annotations(tmp_path, "KS", ["image_name", "Long eyelashes", "Ptosis"],
-                      [["KSSlide1.jpg", 1, 0], ["KSSlide2.jpg", 0, 1]])
+    write_annotations(
+        tmp_path, "KS", ["image_name", "Long eyelashes", "Ptosis"], [["KSSlide1.jpg", 1, 0], ["KSSlide2.jpg", 0, 1]]
+    )
     # The release: a row index, counts of raters as "2X" (empty = none), free text in "Other".
-    write_annotations(tmp_path, "WS", ["image_num", "image_name", "Wide mouth", "Long philtrum", "Other"],
-                      [[0, "WSSlide95.png", "3X", "2X", "Infra-orbital creases"], [1, "WSSlide178.png", "", "1X", ""]])
+    write_annotations(
+        tmp_path,
+        "WS",
+        ["image_num", "image_name", "Wide mouth", "Long philtrum", "Other"],
+        [[0, "WSSlide95.png", "3X", "2X", "Infra-orbital creases"], [1, "WSSlide178.png", "", "1X", ""]],
+    )
     annotations = read_annotations(tmp_path)
     assert annotations.filter(pl.col("label") == "KS")["rater"].is_null().all()
     counts = {(r["image_name"], r["region"]): r["count"] for r in region_counts(annotations).iter_rows(named=True)}
     assert counts[("WSSlide95.png", "mouth")] == 5 and counts[("WSSlide178.png", "mouth")] == 1
     assert counts[("KSSlide1.jpg", "eye")] == 1 and counts[("KSSlide2.jpg", "eye")] == 1
-    images, matrix = term_vectors(annotations)
+    _images, matrix = term_vectors(annotations)
     assert matrix.shape == (4, 50) and matrix.sum() == 8  # terms without a column count as unmarked
 
 
-@pytest.mark.parametrize("header, rows, message", [
-    (["image_name", "Wide mouth", "Big smile"], [["a.jpg", 1, 0]], r"WS\.csv: column 'Big smile' is not one"),
-    (["image_name", "rater", "Wide mouth"], [["a.jpg", 1, 1], ["b.jpg", 1, 2]],
-     r"row 3 \('b\.jpg'\), column 'Wide mouth': '2'"),
-    (["image_name", "rater", "Wide mouth"], [["a.jpg", 1, ""]], r"row 2 \('a\.jpg'\).*is not 0 or 1"),
-    (["image_name", "rater", "Wide mouth"], [["a.jpg", 1, 1], ["a.jpg", 1, 0]], r"rows 2 and 3 both annotate 'a\.jpg'"),
-    (["image_name", "Wide mouth"], [["a.jpg", 1], ["a.jpg", 0]], r"add a rater column"),
-    (["image_name", "Wide mouth", "HP:0000154"], [["a.jpg", 1, 1]], r"are the same term"),
-    (["image_name", "rater", "Wide mouth"], [["a.jpg", 1, "2X"]], r"rater column do not go together"),
-    (["name", "Wide mouth"], [["a.jpg", 1]], r"no image_name column"),
-])
+@pytest.mark.parametrize(
+    "header, rows, message",
+    [
+        (["image_name", "Wide mouth", "Big smile"], [["a.jpg", 1, 0]], r"WS\.csv: column 'Big smile' is not one"),
+        (
+            ["image_name", "rater", "Wide mouth"],
+            [["a.jpg", 1, 1], ["b.jpg", 1, 2]],
+            r"row 3 \('b\.jpg'\), column 'Wide mouth': '2'",
+        ),
+        (["image_name", "rater", "Wide mouth"], [["a.jpg", 1, ""]], r"row 2 \('a\.jpg'\).*is not 0 or 1"),
+        (
+            ["image_name", "rater", "Wide mouth"],
+            [["a.jpg", 1, 1], ["a.jpg", 1, 0]],
+            r"rows 2 and 3 both annotate 'a\.jpg'",
+        ),
+        (["image_name", "Wide mouth"], [["a.jpg", 1], ["a.jpg", 0]], r"add a rater column"),
+        (["image_name", "Wide mouth", "HP:0000154"], [["a.jpg", 1, 1]], r"are the same term"),
+        (["image_name", "rater", "Wide mouth"], [["a.jpg", 1, "2X"]], r"rater column do not go together"),
+        (["name", "Wide mouth"], [["a.jpg", 1]], r"no image_name column"),
+    ],
+)
 def test_malformed_annotation_files_are_named(tmp_path, header, rows, message):
     write_annotations(tmp_path, "WS", header, rows)
     with pytest.raises(AnnotationError, match=message):
@@ -139,25 +167,33 @@ def test_missing_annotations_and_an_image_under_two_labels(tmp_path):
     write_annotations(tmp_path, "WS", ["image_name", "Wide mouth"], [["a.jpg", 1]])
     write_annotations(tmp_path, "KS", ["image_name", "Ptosis"], [["k.jpg", 0], ["a.jpg", 1]])
     # a.jpg is a WS image of partitions.csv: its row in KS.csv (row 3 of the file) is refused.
-    with pytest.raises(AnnotationError, match=r"KS\.csv: row 3 \('a\.jpg'\) annotates an image labelled 'WS' "
-                                              r"in partitions\.csv under 'KS'; move the row to WS\.csv"):
+    with pytest.raises(
+        AnnotationError,
+        match=r"KS\.csv: row 3 \('a\.jpg'\) annotates an image labelled 'WS' "
+        r"in partitions\.csv under 'KS'; move the row to WS\.csv",
+    ):
         read_annotations(tmp_path)
 
 
 def test_an_annotated_image_not_in_partitions_is_refused_naming_file_and_row(tmp_path):
     write_annotations(tmp_path, "WS", ["image_name", "Wide mouth"], [["a.jpg", 1], ["b.jpg", 0]])
     (tmp_path / "metadata" / "partitions.csv").write_text("image_name,label\na.jpg,WS\n")  # b.jpg not listed
-    with pytest.raises(AnnotationError, match=r"WS\.csv: row 3 \('b\.jpg'\) annotates an image that "
-                                              r"partitions\.csv does not list"):
+    with pytest.raises(
+        AnnotationError,
+        match=r"WS\.csv: row 3 \('b\.jpg'\) annotates an image that "
+        r"partitions\.csv does not list",
+    ):
         read_annotations(tmp_path)
 
 
 def _three_syndromes(tmp_path) -> pl.DataFrame:
     """Wide mouth on 4/5 WS, 1/4 KS, 0/3 NS images; ptosis on every KS image only; fair hair nowhere."""
-    write_annotations(tmp_path, "WS", ["image_name", "Wide mouth", "Fair hair"],
-                      [[f"WS{k}.jpg", int(k < 4), 0] for k in range(5)])
-    write_annotations(tmp_path, "KS", ["image_name", "Wide mouth", "Ptosis"],
-                      [[f"KS{k}.jpg", int(k == 0), 1] for k in range(4)])
+    write_annotations(
+        tmp_path, "WS", ["image_name", "Wide mouth", "Fair hair"], [[f"WS{k}.jpg", int(k < 4), 0] for k in range(5)]
+    )
+    write_annotations(
+        tmp_path, "KS", ["image_name", "Wide mouth", "Ptosis"], [[f"KS{k}.jpg", int(k == 0), 1] for k in range(4)]
+    )
     write_annotations(tmp_path, "NS", ["image_name", "Ptosis"], [[f"NS{k}.jpg", 0] for k in range(3)])
     return read_annotations(tmp_path)
 
@@ -178,7 +214,7 @@ def test_chi2_of_terms_against_syndromes_by_hand(tmp_path):
 
 
 def test_tsne_is_seeded_and_separates_distinct_phenotypes(tmp_path):
-    names = [term for term in paper_terms()["paper_name"]]
+    names = list(paper_terms()["paper_name"])
     header = ["image_name", *names]
     rng = np.random.default_rng(0)  # WS faces show some of terms 0–9, KS faces some of terms 30–39
     rows_ws = [[f"WS{k}.jpg", *[int(j < 10 and rng.random() < 0.7) for j in range(50)]] for k in range(6)]
@@ -250,10 +286,20 @@ def test_cli_rq2_writes_table_4_and_figure_4(tmp_path, capsys):
     annotations = _three_syndromes(tmp_path)
     counts = region_counts(annotations)
     rng = np.random.default_rng(0)
-    rows = [{"image_name": name, "label": name[:2], "fold": "fold-1", "model": model, "method": "Gradient",
-             "region": region, "score": float(rng.random())}
-            for model in ("classifier-fold-1", "classifier-fold-2") for name in counts["image_name"].unique()
-            for region in ("eye", "nose", "mouth")]
+    rows = [
+        {
+            "image_name": name,
+            "label": name[:2],
+            "fold": "fold-1",
+            "model": model,
+            "method": "Gradient",
+            "region": region,
+            "score": float(rng.random()),
+        }
+        for model in ("classifier-fold-1", "classifier-fold-2")
+        for name in counts["image_name"].unique()
+        for region in ("eye", "nose", "mouth")
+    ]
     (tmp_path / "results").mkdir()
     path = tmp_path / "results" / "scores-test.parquet"
     pl.DataFrame(rows).write_parquet(path)

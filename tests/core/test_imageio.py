@@ -60,9 +60,9 @@ def test_grey_becomes_three_equal_channels():
 
 def test_rgba_is_composited_on_white():
     rgba = np.zeros((1, 3, 4), dtype=np.uint8)
-    rgba[0, 0] = (255, 0, 0, 255)   # opaque red stays red
-    rgba[0, 1] = (255, 0, 0, 0)     # fully transparent becomes white
-    rgba[0, 2] = (255, 0, 0, 128)   # half: a*c + (1-a)*255 per channel
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red stays red
+    rgba[0, 1] = (255, 0, 0, 0)  # fully transparent becomes white
+    rgba[0, 2] = (255, 0, 0, 128)  # half: a*c + (1-a)*255 per channel
     loaded = load_image(encode(Image.fromarray(rgba, "RGBA"), "PNG")).astype(int)
     np.testing.assert_array_equal(loaded[0, 0], (255, 0, 0))
     np.testing.assert_array_equal(loaded[0, 1], (255, 255, 255))
@@ -120,10 +120,13 @@ def test_32_bit_integer_outside_16_bit_range_is_stretched():
     np.testing.assert_array_equal(load_image(data)[0, :, 0], expected)
 
 
-@pytest.mark.parametrize(("values", "expected"), [
-    ([0.0, 0.5, 1.0], [0, 128, 255]),          # the nominal 0..1 range
-    ([-2.0, 0.0, 2.0], [0, 128, 255]),         # outside it: own range
-])
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0.0, 0.5, 1.0], [0, 128, 255]),  # the nominal 0..1 range
+        ([-2.0, 0.0, 2.0], [0, 128, 255]),  # outside it: own range
+    ],
+)
 def test_float_tiff(values, expected):
     data = encode(Image.fromarray(np.array([values], dtype=np.float32)), "TIFF")
     assert Image.open(BytesIO(data)).mode == "F"
@@ -131,17 +134,23 @@ def test_float_tiff(values, expected):
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
-@pytest.mark.parametrize(("orientation", "expected_corner"), [
-    (6, "top-right"),     # 0th row is the visual right side, 0th column the visual top
-    (8, "bottom-left"),   # 0th row is the visual left side, 0th column the visual bottom
-])
+@pytest.mark.parametrize(
+    ("orientation", "expected_corner"),
+    [
+        (6, "top-right"),  # 0th row is the visual right side, 0th column the visual top
+        (8, "bottom-left"),  # 0th row is the visual left side, 0th column the visual bottom
+    ],
+)
 def test_exif_orientation(fmt, orientation, expected_corner):
     stored = np.full((40, 60, 3), GREY, dtype=np.uint8)  # stored 60 wide, 40 high
-    stored[:8, :8] = (255, 0, 0)                        # marker at the stored top-left
+    stored[:8, :8] = (255, 0, 0)  # marker at the stored top-left
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = orientation
-    loaded = load_image(encode(Image.fromarray(stored), fmt, exif=exif, quality=95) if fmt == "JPEG"
-                        else encode(Image.fromarray(stored), fmt, exif=exif))
+    loaded = load_image(
+        encode(Image.fromarray(stored), fmt, exif=exif, quality=95)
+        if fmt == "JPEG"
+        else encode(Image.fromarray(stored), fmt, exif=exif)
+    )
     assert loaded.shape == (60, 40, 3)
     rows, cols = np.nonzero(loaded[:, :, 0].astype(int) - loaded[:, :, 1] > 100)
     centre = (rows.mean(), cols.mean())
@@ -208,4 +217,4 @@ def test_pixel_budget_is_a_parameter_and_leaves_pillow_global_alone():
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageError, match="declared size 100×100 exceeds the limit of 5,000 pixels"):
         load_image(encode(Image.new("RGB", (100, 100)), "PNG"), max_pixels=5000)
-    assert Image.MAX_IMAGE_PIXELS == before
+    assert before == Image.MAX_IMAGE_PIXELS

@@ -164,11 +164,15 @@ def test_load_label_map_reads_palette_indices_not_colours(tmp_path):
     np.testing.assert_array_equal(load_label_map(tmp_path / "segmap.png"), label_map)
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (lambda path: Image.new("RGB", (4, 4)).save(path), "single-channel"),
-    (lambda path: Image.fromarray(np.full((4, 4), 11, dtype=np.uint8)).save(path), "outside the LaPa labels"),
-    (lambda path: path.write_text("not an image"), "cannot read the label map"),
-], ids=["colour", "label 11", "text"])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda path: Image.new("RGB", (4, 4)).save(path), "single-channel"),
+        (lambda path: Image.fromarray(np.full((4, 4), 11, dtype=np.uint8)).save(path), "outside the LaPa labels"),
+        (lambda path: path.write_text("not an image"), "cannot read the label map"),
+    ],
+    ids=["colour", "label 11", "text"],
+)
 def test_load_label_map_refuses_what_is_not_a_label_map(tmp_path, content, message):
     path = tmp_path / "segmap.png"
     content(path)

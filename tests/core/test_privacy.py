@@ -12,6 +12,7 @@ Importing captum imports matplotlib, which writes its font cache under the home 
 only file the run leaves, and none of the photo's (checked: nothing else appears, nothing changes
 while the photo is handled).
 """
+
 from __future__ import annotations
 
 import base64
@@ -136,20 +137,47 @@ def test_an_uploaded_photo_leaves_no_file_no_cache_entry_and_no_log_trace(tmp_pa
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     (inputs / "upload").write_bytes(data)  # stands in for the browser's request body
-    card = ModelCard(kind="classifier", architecture="resnet18", classes=("A", "B", "Unaffected"), input_size=64,
-                     channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                     weights="w.safetensors")
+    card = ModelCard(
+        kind="classifier",
+        architecture="resnet18",
+        classes=("A", "B", "Unaffected"),
+        input_size=64,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights="w.safetensors",
+    )
     card_path = save_checkpoint(tiny_resnet(num_classes=3), card, inputs, "model")
 
-    watched = {"repo": (REPO, (REPO / ".venv",)), "tmp": (Path("/tmp"), (tmp_path,)),
-               "home": (Path.home(), (REPO / ".venv",))}
+    watched = {
+        "repo": (REPO, (REPO / ".venv",)),
+        "tmp": (Path("/tmp"), (tmp_path,)),
+        "home": (Path.home(), (REPO / ".venv",)),
+    }
     before = {name: snapshot(root, skip) for name, (root, skip) in watched.items()}
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("XDG_", "XAI_"))}
-    environment.update(HOME=str(fresh["home"]), TMPDIR=str(fresh["tmp"]), XAI_CACHE_DIR=str(fresh["cache"]),
-                       PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
-    done = subprocess.run([sys.executable, "-c", _UPLOAD, str(inputs / "upload"), str(card_path),
-                           json.dumps([str(f) for f in fresh.values()])],
-                          cwd=fresh["cwd"], env=environment, capture_output=True, timeout=500)
+    environment.update(
+        HOME=str(fresh["home"]),
+        TMPDIR=str(fresh["tmp"]),
+        XAI_CACHE_DIR=str(fresh["cache"]),
+        PYTHONPATH=str(REPO),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _UPLOAD,
+            str(inputs / "upload"),
+            str(card_path),
+            json.dumps([str(f) for f in fresh.values()]),
+        ],
+        cwd=fresh["cwd"],
+        env=environment,
+        capture_output=True,
+        timeout=500,
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     report = json.loads(done.stdout)
     assert report["landmarks"] == 5  # the photo really went through detection and explanation
@@ -159,8 +187,9 @@ def test_an_uploaded_photo_leaves_no_file_no_cache_entry_and_no_log_trace(tmp_pa
     for name in ("tmp", "cache", "cwd"):
         assert not any(fresh[name].iterdir()), f"the fresh {name} folder is not empty"
     import_leftovers = [Path(p).relative_to(fresh["home"]).parts for p in report["ready"]]
-    assert all(parts[0] in (".cache", ".config") and parts[1:2] in ((), ("matplotlib",))
-               for parts in import_leftovers), import_leftovers
+    assert all(
+        parts[0] in (".cache", ".config") and parts[1:2] in ((), ("matplotlib",)) for parts in import_leftovers
+    ), import_leftovers
 
     secrets_in_bytes = fingerprints(token, upload_name, data)
     for name, (root, skip) in watched.items():

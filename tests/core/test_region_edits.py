@@ -1,14 +1,18 @@
 """The Regions page's editing operations, against specs written out by hand."""
+
 import pytest
 
 from core import region_edits as edits
 from core.errors import RegionSpecError
 from core.regions import PAPER_REGIONS, BoxRule, EdgeLink, GapSplit, RegionRule, RegionSpec, bundled_region_specs
 
-EYE = RegionRule("eye", boxes=(
-    BoxRule((2, 4), grow_left=0.2, grow_right=0.1, grow_top=0.2, grow_bottom=0.2),
-    BoxRule((3, 5), grow_left=0.1, grow_right=0.2, grow_top=0.2, grow_bottom=0.2),
-))
+EYE = RegionRule(
+    "eye",
+    boxes=(
+        BoxRule((2, 4), grow_left=0.2, grow_right=0.1, grow_top=0.2, grow_bottom=0.2),
+        BoxRule((3, 5), grow_left=0.1, grow_right=0.2, grow_top=0.2, grow_bottom=0.2),
+    ),
+)
 NOSE = RegionRule("nose", boxes=(BoxRule((6,)),), top=EdgeLink("eye", "top", 0.3))
 MOUTH = RegionRule("mouth", boxes=(BoxRule((7, 9), grow_left=0.2, grow_right=0.2),))
 HAIR = RegionRule("hair", labels=(10,))
@@ -27,7 +31,8 @@ def test_removing_a_region_drops_exactly_the_link_that_named_it():
     spec, dropped = edits.remove_region(PAPER_REGIONS, 0)
     assert dropped == ("nose's top link",)
     assert round_trips(spec) == RegionSpec(
-        (RegionRule("nose", boxes=(BoxRule((6,)),)), MOUTH), (GapSplit("nose", "mouth", 0.5),), "paper")
+        (RegionRule("nose", boxes=(BoxRule((6,)),)), MOUTH), (GapSplit("nose", "mouth", 0.5),), "paper"
+    )
 
 
 def test_removing_a_region_drops_its_gap_split_and_every_link_to_it():
@@ -123,7 +128,9 @@ def test_growth_sets_one_side_of_one_box():
     assert edits.GROW_SIDES == ("grow_left", "grow_right", "grow_top", "grow_bottom")
     spec = edits.set_box_growth(PAPER_REGIONS, 0, 1, "grow_top", 0.5)
     assert spec.regions[0].boxes == (
-        EYE.boxes[0], BoxRule((3, 5), grow_left=0.1, grow_right=0.2, grow_top=0.5, grow_bottom=0.2))
+        EYE.boxes[0],
+        BoxRule((3, 5), grow_left=0.1, grow_right=0.2, grow_top=0.5, grow_bottom=0.2),
+    )
     assert spec.regions[1:] == PAPER_REGIONS.regions[1:]
     with pytest.raises(RegionSpecError, match="side must be one of"):
         edits.set_box_growth(PAPER_REGIONS, 0, 1, "labels", 0.5)
@@ -135,7 +142,8 @@ def test_pixel_labels_link_offsets_split_extension_and_name():
     spec = edits.set_pixel_labels(edits.add_region(PAPER_REGIONS, HAIR), 3, [10, 1])
     assert spec.regions[3] == RegionRule("hair", labels=(1, 10))
     assert edits.set_link_offset(PAPER_REGIONS, 1, "top", -0.1).regions[1] == RegionRule(
-        "nose", boxes=(BoxRule((6,)),), top=EdgeLink("eye", "top", -0.1))
+        "nose", boxes=(BoxRule((6,)),), top=EdgeLink("eye", "top", -0.1)
+    )
     with pytest.raises(RegionSpecError, match="no bottom link"):
         edits.set_link_offset(PAPER_REGIONS, 1, "bottom", 0.1)
     assert edits.set_split_extension(PAPER_REGIONS, 0, 1.0).gap_splits == (GapSplit("nose", "mouth", 1.0),)
@@ -155,8 +163,13 @@ def test_an_edited_bundled_spec_loses_the_bundled_name():
 
 def test_a_chain_of_edits_gives_a_valid_spec_with_its_own_id():
     spec = PAPER_REGIONS
-    for edit, args in ((edits.add_region, (HAIR,)), (edits.move_region, (3, -3)), (edits.add_box, (2,)),
-                       (edits.set_box_labels, (2, 1, [6, 1])), (edits.remove_region, (1,))):
+    for edit, args in (
+        (edits.add_region, (HAIR,)),
+        (edits.move_region, (3, -3)),
+        (edits.add_box, (2,)),
+        (edits.set_box_labels, (2, 1, [6, 1])),
+        (edits.remove_region, (1,)),
+    ):
         spec = edit(spec, *args)
         spec = spec[0] if isinstance(spec, tuple) else spec
     assert [rule.name for rule in spec.regions] == ["hair", "nose", "mouth"]

@@ -1,5 +1,6 @@
 """Region masks checked to the pixel against hand arithmetic and against a separate
 transcription of the paper's released code."""
+
 import dataclasses
 import json
 import warnings
@@ -24,23 +25,23 @@ from core.regions import (
 SIZE = 224
 # (label, first row, last row, first col, last col), inclusive, drawn in this order.
 HAND_PARTS = (
-    (1, 30, 200, 30, 194),    # face skin
-    (10, 0, 29, 30, 194),     # hair
-    (2, 60, 64, 50, 80),      # right brow (image-left)
-    (4, 70, 80, 55, 78),      # right eye
-    (3, 60, 64, 144, 174),    # left brow
-    (5, 70, 80, 146, 169),    # left eye
-    (6, 85, 130, 97, 127),    # nose
-    (7, 150, 157, 85, 139),   # upper lip
-    (8, 158, 160, 90, 134),   # inner mouth
-    (9, 161, 170, 88, 136),   # lower lip
+    (1, 30, 200, 30, 194),  # face skin
+    (10, 0, 29, 30, 194),  # hair
+    (2, 60, 64, 50, 80),  # right brow (image-left)
+    (4, 70, 80, 55, 78),  # right eye
+    (3, 60, 64, 144, 174),  # left brow
+    (5, 70, 80, 146, 169),  # left eye
+    (6, 85, 130, 97, 127),  # nose
+    (7, 150, 157, 85, 139),  # upper lip
+    (8, 158, 160, 90, 134),  # inner mouth
+    (9, 161, 170, 88, 136),  # lower lip
 )
 
 
 def draw(parts, size=SIZE):
     label_map = np.zeros((size, size), np.uint8)
     for label, row0, row1, col0, col1 in parts:
-        label_map[row0:row1 + 1, col0:col1 + 1] = label
+        label_map[row0 : row1 + 1, col0 : col1 + 1] = label
     return label_map
 
 
@@ -115,14 +116,21 @@ def jittered_map(rng):
             continue
         dy, dx = rng.integers(-6, 7, size=2)
         grow = rng.integers(-3, 4, size=4)
-        parts.append((label, row0 + dy + grow[0], max(row0 + dy + grow[0], row1 + dy + grow[1]),
-                      col0 + dx + grow[2], max(col0 + dx + grow[2], col1 + dx + grow[3])))
+        parts.append(
+            (
+                label,
+                row0 + dy + grow[0],
+                max(row0 + dy + grow[0], row1 + dy + grow[1]),
+                col0 + dx + grow[2],
+                max(col0 + dx + grow[2], col1 + dx + grow[3]),
+            )
+        )
     if rng.random() < 0.5:  # pull the nose down onto the lips: small or negative gaps
-        parts = [(l, r0, r1 + (15 if l == 6 else 0), c0, c1) for l, r0, r1, c0, c1 in parts]
+        parts = [(label, r0, r1 + (15 if label == 6 else 0), c0, c1) for label, r0, r1, c0, c1 in parts]
     label_map = draw(parts)
     for _ in range(6):
         row, col = rng.integers(0, SIZE - 3, size=2)
-        label_map[row:row + 2, col:col + 2] = rng.integers(2, 10)
+        label_map[row : row + 2, col : col + 2] = rng.integers(2, 10)
     return label_map
 
 
@@ -145,9 +153,9 @@ def test_eye_wins_where_it_meets_the_nose():
 
 def test_largest_component_with_full_connectivity():
     label_map = draw(HAND_PARTS)
-    label_map[200:203, 5:8] = 4        # stray right-eye blob: smaller, ignored
-    label_map[10:13, 200:203] = 6      # stray nose blob, ignored
-    label_map[215:218, 215:218] = 7    # stray lip blob, ignored
+    label_map[200:203, 5:8] = 4  # stray right-eye blob: smaller, ignored
+    label_map[10:13, 200:203] = 6  # stray nose blob, ignored
+    label_map[215:218, 215:218] = 7  # stray lip blob, ignored
     masks = masks_by_name(region_masks(label_map, PAPER_REGIONS))
     assert np.array_equal(masks["eye"], HAND_EYE)
     assert np.array_equal(masks["nose"], HAND_NOSE)
@@ -189,11 +197,14 @@ def test_growth_past_the_image_edge_clips_and_shrinking_to_nothing_is_empty():
     # the nose uses the unclipped top: min(-2, 56) + int(0.3*min(20, 20)) = 4
     assert np.array_equal(masks["nose"], rect(4, 140, 97, 127))
 
-    thin_nose = dataclasses.replace(PAPER_REGIONS, regions=(
-        PAPER_REGIONS.regions[0],
-        dataclasses.replace(PAPER_REGIONS.regions[1], boxes=(BoxRule((6,), grow_left=-0.75, grow_right=-0.75),)),
-        PAPER_REGIONS.regions[2],
-    ))
+    thin_nose = dataclasses.replace(
+        PAPER_REGIONS,
+        regions=(
+            PAPER_REGIONS.regions[0],
+            dataclasses.replace(PAPER_REGIONS.regions[1], boxes=(BoxRule((6,), grow_left=-0.75, grow_right=-0.75),)),
+            PAPER_REGIONS.regions[2],
+        ),
+    )
     # nose w=30: x1 = 97-int(-22.5) = 119 > x2 = 127+int(-22.5) = 105
     with pytest.warns(UserWarning, match="region 'nose' is empty: it covers no pixel"):
         masks = masks_by_name(region_masks(draw(HAND_PARTS), thin_nose))
@@ -226,13 +237,20 @@ def test_extended_regions_follow_their_links():
 
 
 def test_label_region_bounded_by_edges_with_offsets():
-    spec = RegionSpec((
-        RegionRule("nose", boxes=(BoxRule((6,)),)),
-        # skin beside the nose on the image-left, from the nose's top to its bottom,
-        # ending half a nose width (int(0.5*30) = 15) left of the nose: cols < 97-15 = 82
-        RegionRule("side", labels=(1,), top=EdgeLink("nose", "top"), bottom=EdgeLink("nose", "bottom"),
-                   right=EdgeLink("nose", "left", -0.5)),
-    ))
+    spec = RegionSpec(
+        (
+            RegionRule("nose", boxes=(BoxRule((6,)),)),
+            # skin beside the nose on the image-left, from the nose's top to its bottom,
+            # ending half a nose width (int(0.5*30) = 15) left of the nose: cols < 97-15 = 82
+            RegionRule(
+                "side",
+                labels=(1,),
+                top=EdgeLink("nose", "top"),
+                bottom=EdgeLink("nose", "bottom"),
+                right=EdgeLink("nose", "left", -0.5),
+            ),
+        )
+    )
     masks = masks_by_name(region_masks(draw(HAND_PARTS), spec))
     # nose box rows 85:130 (its last row is outside, as in the released code), cols 97:127
     assert np.array_equal(masks["nose"], rect(85, 130, 97, 127))
@@ -303,11 +321,14 @@ def test_json_round_trip_and_ids():
         assert RegionSpec.from_json(spec.to_json()) == spec
         assert spec_id(RegionSpec.from_json(spec.to_json())) == spec_id(spec)
     assert spec_id(specs["paper"]) != spec_id(specs["extended"])
-    edited = dataclasses.replace(PAPER_REGIONS, regions=(
-        PAPER_REGIONS.regions[0],
-        dataclasses.replace(PAPER_REGIONS.regions[1], top=EdgeLink("eye", "top", 0.35)),
-        PAPER_REGIONS.regions[2],
-    ))
+    edited = dataclasses.replace(
+        PAPER_REGIONS,
+        regions=(
+            PAPER_REGIONS.regions[0],
+            dataclasses.replace(PAPER_REGIONS.regions[1], top=EdgeLink("eye", "top", 0.35)),
+            PAPER_REGIONS.regions[2],
+        ),
+    )
     assert spec_id(edited) != spec_id(PAPER_REGIONS)
     as_ints = RegionSpec((RegionRule("nose", boxes=(BoxRule([6], grow_left=0),)),))
     as_floats = RegionSpec((RegionRule("nose", boxes=(BoxRule((6,), grow_left=0.0),)),))
@@ -325,24 +346,27 @@ def _edited(edit):
     return json.dumps(data)
 
 
-@pytest.mark.parametrize("text, message", [
-    (_edited(lambda d: d["regions"][0]["boxes"][0].update(labels=[2, 11])), "unknown label 11"),
-    (_edited(lambda d: d["regions"].append({"name": "x", "labels": [-1]})), "unknown label -1"),
-    (_edited(lambda d: d["regions"][1]["top"].update(region="brow")), "unknown region 'brow'"),
-    (_edited(lambda d: d["regions"][1].update(name="eye")), r"repeated: \['eye'\]"),
-    (_edited(lambda d: d["regions"][0].update(top={"region": "nose", "edge": "bottom"})), "cycle"),
-    (_edited(lambda d: d["regions"][0].update(top={"region": "eye", "edge": "bottom"})), "cycle"),
-    (_edited(lambda d: d["regions"][1].update(bottom={"region": "mouth", "edge": "top"})), "cycle"),
-    (_edited(lambda d: d["gap_splits"][0].update(lower="chin")), "unknown region 'chin'"),
-    (_edited(lambda d: d["regions"][1]["top"].update(edge="middle")), "edge must be one of"),
-    (_edited(lambda d: d["regions"][2].update(labels=[1])), "not both"),
-    (_edited(lambda d: d["regions"][2].update(boxes=[])), "not neither"),
-    (_edited(lambda d: d["regions"][2]["boxes"][0].update(grow_lft=0.2)), r"unknown key\(s\) \['grow_lft'\]"),
-    (_edited(lambda d: d["regions"][2]["boxes"][0].update(grow_left="0.2")), "expected a finite number"),
-    (_edited(lambda d: d["regions"][2]["boxes"][0].pop("labels")), "labels"),
-    ('{"regions": [', "not valid JSON"),
-    ('{"regions": []}', "at least one region"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (_edited(lambda d: d["regions"][0]["boxes"][0].update(labels=[2, 11])), "unknown label 11"),
+        (_edited(lambda d: d["regions"].append({"name": "x", "labels": [-1]})), "unknown label -1"),
+        (_edited(lambda d: d["regions"][1]["top"].update(region="brow")), "unknown region 'brow'"),
+        (_edited(lambda d: d["regions"][1].update(name="eye")), r"repeated: \['eye'\]"),
+        (_edited(lambda d: d["regions"][0].update(top={"region": "nose", "edge": "bottom"})), "cycle"),
+        (_edited(lambda d: d["regions"][0].update(top={"region": "eye", "edge": "bottom"})), "cycle"),
+        (_edited(lambda d: d["regions"][1].update(bottom={"region": "mouth", "edge": "top"})), "cycle"),
+        (_edited(lambda d: d["gap_splits"][0].update(lower="chin")), "unknown region 'chin'"),
+        (_edited(lambda d: d["regions"][1]["top"].update(edge="middle")), "edge must be one of"),
+        (_edited(lambda d: d["regions"][2].update(labels=[1])), "not both"),
+        (_edited(lambda d: d["regions"][2].update(boxes=[])), "not neither"),
+        (_edited(lambda d: d["regions"][2]["boxes"][0].update(grow_lft=0.2)), r"unknown key\(s\) \['grow_lft'\]"),
+        (_edited(lambda d: d["regions"][2]["boxes"][0].update(grow_left="0.2")), "expected a finite number"),
+        (_edited(lambda d: d["regions"][2]["boxes"][0].pop("labels")), "labels"),
+        ('{"regions": [', "not valid JSON"),
+        ('{"regions": []}', "at least one region"),
+    ],
+)
 def test_bad_specs_raise_region_spec_error(text, message):
     with pytest.raises(RegionSpecError, match=message):
         RegionSpec.from_json(text)
@@ -350,8 +374,12 @@ def test_bad_specs_raise_region_spec_error(text, message):
 
 def test_specs_are_validated_when_built_in_code_too():
     with pytest.raises(RegionSpecError, match="cycle"):
-        RegionSpec((RegionRule("a", labels=(1,), top=EdgeLink("b", "bottom")),
-                    RegionRule("b", labels=(1,), top=EdgeLink("a", "bottom"))))
+        RegionSpec(
+            (
+                RegionRule("a", labels=(1,), top=EdgeLink("b", "bottom")),
+                RegionRule("b", labels=(1,), top=EdgeLink("a", "bottom")),
+            )
+        )
     with pytest.raises(RegionSpecError, match="upper and lower"):
         GapSplit("nose", "nose")
     with pytest.raises(ValueError, match="integer"):

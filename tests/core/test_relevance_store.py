@@ -1,4 +1,5 @@
 """The relevance store: re-scoring equals eq. 4 on recomputed masks, and no kill leaves it lying."""
+
 import json
 import warnings
 
@@ -16,8 +17,11 @@ from core.score_table import SCORE_SCHEMA
 
 SIZE = 48
 # The ArcFace 5-point template at 112 px (DESIGN.md), scaled to SIZE.
-TEMPLATE = np.array([(38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655),
-                     (70.7299, 92.2041)]) * SIZE / 112
+TEMPLATE = (
+    np.array([(38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041)])
+    * SIZE
+    / 112
+)
 
 
 def label_maps(n: int, seed: int = 0) -> np.ndarray:
@@ -33,11 +37,20 @@ def label_maps(n: int, seed: int = 0) -> np.ndarray:
 
 def contents(n: int, methods=("Gradient", "Occlusion"), fingerprint="f1", split=25, **changes) -> StoreContents:
     base = dict(
-        size=SIZE, mode="abs", target="predicted", image_names=tuple(f"img{i}.png" for i in range(n)),
-        labels=tuple("AB"[i % 2] for i in range(n)), faces_key="faces", label_maps_key="labels", code_version="v1",
-        models=(StoredModel("classifier-fold-1", "fold-1", ("A", "B"), fingerprint, tuple(range(split))),
-                StoredModel("classifier-fold-2", "fold-2", ("A", "B"), "f2", tuple(range(split, n)))),
-        methods=tuple(methods))
+        size=SIZE,
+        mode="abs",
+        target="predicted",
+        image_names=tuple(f"img{i}.png" for i in range(n)),
+        labels=tuple("AB"[i % 2] for i in range(n)),
+        faces_key="faces",
+        label_maps_key="labels",
+        code_version="v1",
+        models=(
+            StoredModel("classifier-fold-1", "fold-1", ("A", "B"), fingerprint, tuple(range(split))),
+            StoredModel("classifier-fold-2", "fold-2", ("A", "B"), "f2", tuple(range(split, n))),
+        ),
+        methods=tuple(methods),
+    )
     return StoreContents(**{**base, **changes})
 
 
@@ -58,8 +71,11 @@ def fill(store: RelevanceStore, n: int, maps: dict, skipped=(7,)) -> None:
 def data():
     rng = np.random.default_rng(1)
     n = 40
-    return n, {"labels": label_maps(n), "Gradient": rng.random((n, SIZE, SIZE), dtype=np.float32),
-               "Occlusion": rng.random((n, SIZE, SIZE), dtype=np.float32) ** 3}
+    return n, {
+        "labels": label_maps(n),
+        "Gradient": rng.random((n, SIZE, SIZE), dtype=np.float32),
+        "Occlusion": rng.random((n, SIZE, SIZE), dtype=np.float32) ** 3,
+    }
 
 
 @pytest.fixture
@@ -92,8 +108,11 @@ def test_rescore_equals_region_scores_on_recomputed_masks(full_store, data, spec
     for model in full_store.contents.models:
         images = [i for i in model.images if i != 7]
         for method in ("Gradient", "Occlusion"):
-            got = (table.filter((pl.col("model") == model.name) & (pl.col("method") == method))["score"]
-                   .to_numpy().reshape(len(images), len(regions)))
+            got = (
+                table.filter((pl.col("model") == model.name) & (pl.col("method") == method))["score"]
+                .to_numpy()
+                .reshape(len(images), len(regions))
+            )
             np.testing.assert_allclose(got, expected_scores(data, spec, method, images), atol=2e-6, equal_nan=True)
     assert table.filter(pl.col("image_name") == "img3.png", pl.col("region") == "nose")["score"].is_nan().all()
     row = table.filter(pl.col("image_name") == "img10.png").row(0, named=True)
@@ -107,9 +126,18 @@ def test_hand_computed_label_regions(tmp_path):
     second = np.where(first == 10, 0, first).astype(np.uint8)  # no hair at all
     relevance = np.arange(16, dtype=np.float32).reshape(4, 4) / 16
     spec = RegionSpec(regions=(RegionRule("hair", labels=(10,)), RegionRule("skin", labels=(1,))))
-    layout = StoreContents(size=4, mode="abs", target="predicted", image_names=("a", "b"), labels=("A", "A"),
-                           faces_key="x", label_maps_key="y", code_version="z",
-                           models=(StoredModel("m", None, ("A",), "f", (0, 1)),), methods=("Gradient",))
+    layout = StoreContents(
+        size=4,
+        mode="abs",
+        target="predicted",
+        image_names=("a", "b"),
+        labels=("A", "A"),
+        faces_key="x",
+        label_maps_key="y",
+        code_version="z",
+        models=(StoredModel("m", None, ("A",), "f", (0, 1)),),
+        methods=("Gradient",),
+    )
     with RelevanceStore(tmp_path) as store:
         store.begin(layout)
         store.write_predictions("m", [0, 1], [0, 0], [0, 0], [1.0, 1.0])

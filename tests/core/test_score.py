@@ -36,7 +36,9 @@ def test_region_scores_is_the_mean_relevance_inside_each_mask():
 def test_per_image_masks_equal_shared_masks_when_identical(rng):
     maps = rng.random((4, 16, 16)).astype(np.float32)
     masks = rng.random((3, 16, 16)) > 0.5
-    np.testing.assert_allclose(region_scores(maps, masks), region_scores(maps, np.broadcast_to(masks, (4, 3, 16, 16))), rtol=1e-6)
+    np.testing.assert_allclose(
+        region_scores(maps, masks), region_scores(maps, np.broadcast_to(masks, (4, 3, 16, 16))), rtol=1e-6
+    )
 
 
 def test_scores_match_a_direct_loop(rng):

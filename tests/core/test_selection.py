@@ -1,4 +1,5 @@
 """Picking N faces out of a split: evenly spaced, so a class-ordered list keeps every class's share."""
+
 import pytest
 
 from core.dataset import DatasetError, evenly_spaced
@@ -44,9 +45,18 @@ def test_every_command_with_a_limit_refuses_one_below_one(tmp_path, capsys, comm
     (tmp_path / "metadata").mkdir()
     (tmp_path / "metadata" / "partitions.csv").write_text("image_name,label,fold-1\na.png,A,test\nb.png,B,test\n")
     (tmp_path / "metadata" / "ground_truth.csv").write_text("image_name,region\n")
-    card = ModelCard(kind="classifier", architecture="resnet18", classes=("A", "B"), input_size=32,
-                     channel_order="RGB", input_scale=1.0, mean=(0.5,) * 3, std=(0.25,) * 3,
-                     weights="classifier-fold-1.safetensors", fold="fold-1")
+    card = ModelCard(
+        kind="classifier",
+        architecture="resnet18",
+        classes=("A", "B"),
+        input_size=32,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        weights="classifier-fold-1.safetensors",
+        fold="fold-1",
+    )
     save_checkpoint(tiny_resnet(num_classes=2), card, tmp_path / "models", "classifier-fold-1")
     assert main([command, str(tmp_path), "--limit", "0", "--quiet"]) == 2
     err = capsys.readouterr().err

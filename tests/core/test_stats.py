@@ -1,4 +1,5 @@
 """The paper's statistics against hand computation and against scipy/statsmodels called directly."""
+
 import itertools
 import math
 
@@ -13,15 +14,26 @@ from core.errors import UserFacingError
 from core.stats import compare_groups, hpo_correlation, significance_counts, table4_wide
 
 
-def score_table(groups: dict[str, dict[tuple[str, str], list[float]]], model: str = "classifier-fold-1") -> pl.DataFrame:
+def score_table(
+    groups: dict[str, dict[tuple[str, str], list[float]]], model: str = "classifier-fold-1"
+) -> pl.DataFrame:
     """groups[label][(method, region)] = scores, one image per position (image k of a label is the same face
     under every method and region)."""
     rows = []
     for label, cells in groups.items():
         for (method, region), values in cells.items():
             for k, value in enumerate(values):
-                rows.append({"image_name": f"{label}Slide{k}.jpg", "label": label, "fold": "fold-1", "model": model,
-                             "method": method, "region": region, "score": value})
+                rows.append(
+                    {
+                        "image_name": f"{label}Slide{k}.jpg",
+                        "label": label,
+                        "fold": "fold-1",
+                        "model": model,
+                        "method": method,
+                        "region": region,
+                        "score": value,
+                    }
+                )
     return pl.DataFrame(rows)
 
 
@@ -37,8 +49,9 @@ REFERENCE = [0.31, 0.36, 0.33, 0.30, 0.35]
 
 
 def test_five_against_five_t_test_and_cohens_d_by_hand():
-    table = compare_groups(score_table({"WS": {("Gradient", "mouth"): SYNDROME},
-                                        "Unaffected": {("Gradient", "mouth"): REFERENCE}}))
+    table = compare_groups(
+        score_table({"WS": {("Gradient", "mouth"): SYNDROME}, "Unaffected": {("Gradient", "mouth"): REFERENCE}})
+    )
     row = one_row(table, method="Gradient", syndrome="WS", region="mouth")
     x, y = np.array(SYNDROME), np.array(REFERENCE)
     # Hand formulas: pooled variance, Student's t with n1 + n2 − 2 degrees of freedom, Cohen's d.
@@ -63,8 +76,9 @@ def _u_by_hand(x, y) -> float:
 
 
 def _mann_whitney_row(syndrome, reference) -> dict:
-    table = compare_groups(score_table({"KS": {("Occlusion", "eye"): syndrome},
-                                        "Unaffected": {("Occlusion", "eye"): reference}}))
+    table = compare_groups(
+        score_table({"KS": {("Occlusion", "eye"): syndrome}, "Unaffected": {("Occlusion", "eye"): reference}})
+    )
     row = one_row(table, syndrome="KS")
     # The syndrome group has an outlier: Shapiro–Wilk rejects normality, so the paper's path is Mann–Whitney.
     assert row["shapiro_p_syndrome"] == pytest.approx(stats.shapiro(syndrome).pvalue)
@@ -100,8 +114,10 @@ def test_welch_versus_student_selection():
     syndrome = list(0.5 + 0.05 * stats.norm.ppf((np.arange(8) + 0.5) / 8))
     reference = list(0.4 + 0.06 * stats.norm.ppf((np.arange(12) + 0.5) / 12))
     scores = score_table({"NS": {("SmoothGrad", "nose"): syndrome}, "Unaffected": {("SmoothGrad", "nose"): reference}})
-    tables = {variant: one_row(compare_groups(scores, ttest=variant), syndrome="NS")
-              for variant in ("paper", "student", "welch")}
+    tables = {
+        variant: one_row(compare_groups(scores, ttest=variant), syndrome="NS")
+        for variant in ("paper", "student", "welch")
+    }
     assert all(r["normal_syndrome"] and r["normal_reference"] and r["equal_variance"] for r in tables.values())
     welch = stats.ttest_ind(syndrome, reference, equal_var=False)
     student = stats.ttest_ind(syndrome, reference, equal_var=True)
@@ -111,7 +127,9 @@ def test_welch_versus_student_selection():
     assert tables["welch"]["test"] == "welch" and tables["welch"]["p"] == pytest.approx(welch.pvalue, rel=1e-12)
     assert tables["student"]["test"] == "t-test" and tables["student"]["p"] == pytest.approx(student.pvalue, rel=1e-12)
     # Equal sizes: the paper's default is Student; always-Welch stays Welch.
-    equal = score_table({"NS": {("SmoothGrad", "nose"): syndrome}, "Unaffected": {("SmoothGrad", "nose"): reference[:8]}})
+    equal = score_table(
+        {"NS": {("SmoothGrad", "nose"): syndrome}, "Unaffected": {("SmoothGrad", "nose"): reference[:8]}}
+    )
     assert one_row(compare_groups(equal), syndrome="NS")["test"] == "t-test"
     assert one_row(compare_groups(equal, ttest="welch"), syndrome="NS")["test"] == "welch"
 
@@ -137,9 +155,12 @@ def _second_implementation(scores: pl.DataFrame, correction: str, alpha: float) 
         keys, pvalues = [], []
         for syndrome in ("22q11DS", "Angelman", "WS"):
             for region in ("eye", "nose", "mouth"):
-                def group(label):
-                    return scores.filter((pl.col("label") == label) & (pl.col("method") == method)
-                                         & (pl.col("region") == region))["score"].to_numpy()
+
+                def group(label, method=method, region=region):
+                    return scores.filter(
+                        (pl.col("label") == label) & (pl.col("method") == method) & (pl.col("region") == region)
+                    )["score"].to_numpy()
+
                 x, y = group(syndrome), group("Unaffected")
                 normal = stats.shapiro(x).pvalue > 0.05 and stats.shapiro(y).pvalue > 0.05
                 if normal and stats.levene(x, y).pvalue > 0.05:
@@ -180,20 +201,30 @@ def test_holm_and_bh_are_less_strict_than_bonferroni():
 
 def test_degenerate_groups_get_a_note_and_stay_out_of_the_correction():
     good_x, good_y = [0.42, 0.47, 0.45, 0.51, 0.49], [0.31, 0.36, 0.33, 0.30, 0.35]
-    scores = score_table({
-        "Unaffected": {("Gradient", "eye"): good_y, ("Gradient", "nose"): good_y, ("Gradient", "mouth"): good_y},
-        "WS": {("Gradient", "eye"): good_x,
-               ("Gradient", "nose"): [0.2, 0.2, 0.2, 0.2, 0.2],  # constant
-               ("Gradient", "mouth"): [0.5, float("nan"), float("nan"), 0.6, float("nan")]},  # 2 finite
-        "KS": {("Gradient", "eye"): [float("nan")] * 4, ("Gradient", "nose"): good_x, ("Gradient", "mouth"): good_x},
-    })
+    scores = score_table(
+        {
+            "Unaffected": {("Gradient", "eye"): good_y, ("Gradient", "nose"): good_y, ("Gradient", "mouth"): good_y},
+            "WS": {
+                ("Gradient", "eye"): good_x,
+                ("Gradient", "nose"): [0.2, 0.2, 0.2, 0.2, 0.2],  # constant
+                ("Gradient", "mouth"): [0.5, float("nan"), float("nan"), 0.6, float("nan")],
+            },  # 2 finite
+            "KS": {
+                ("Gradient", "eye"): [float("nan")] * 4,
+                ("Gradient", "nose"): good_x,
+                ("Gradient", "mouth"): good_x,
+            },
+        }
+    )
     table = compare_groups(scores)
     notes = {(r["syndrome"], r["region"]): r["note"] for r in table.iter_rows(named=True)}
     assert notes[("WS", "nose")] == "constant values in the syndrome group"
     assert notes[("WS", "mouth")] == "n < 3 in the syndrome group (2)"
     assert notes[("KS", "eye")] == "no finite scores in the syndrome group"
     untested = table.filter(pl.col("note").is_not_null())
-    assert untested["test"].is_null().all() and untested["p"].is_null().all() and untested["significant"].is_null().all()
+    assert (
+        untested["test"].is_null().all() and untested["p"].is_null().all() and untested["significant"].is_null().all()
+    )
     assert one_row(table, syndrome="WS", region="mouth")["n_syndrome"] == 2  # NaN dropped first
     tested = table.filter(pl.col("note").is_null())
     assert len(tested) == 3
@@ -229,9 +260,14 @@ def test_an_image_scored_by_several_models_is_refused_unless_one_model_is_chosen
 
 
 def test_significance_counts_is_table_3():
-    tests = pl.DataFrame({
-        "method": ["A", "A", "B", "B", "C", "C"], "syndrome": ["WS", "KS"] * 3, "region": ["mouth"] * 6,
-        "significant": [True, False, True, None, True, True]})
+    tests = pl.DataFrame(
+        {
+            "method": ["A", "A", "B", "B", "C", "C"],
+            "syndrome": ["WS", "KS"] * 3,
+            "region": ["mouth"] * 6,
+            "significant": [True, False, True, None, True, True],
+        }
+    )
     table3 = significance_counts(tests)
     assert table3.columns == ["region", "WS", "KS"]
     assert table3.row(0) == ("mouth", 3, 1)
@@ -240,20 +276,33 @@ def test_significance_counts_is_table_3():
 def test_hpo_correlation_per_model_matches_scipy_and_table_4_summarises():
     rng = np.random.default_rng(2)
     names = [f"WSSlide{k}.jpg" for k in range(12)]
-    counts = pl.DataFrame({"image_name": names * 2, "region": ["mouth"] * 12 + ["eye"] * 12,
-                           "count": list(rng.integers(0, 4, 12)) + list(rng.integers(0, 4, 12))})
+    counts = pl.DataFrame(
+        {
+            "image_name": names * 2,
+            "region": ["mouth"] * 12 + ["eye"] * 12,
+            "count": list(rng.integers(0, 4, 12)) + list(rng.integers(0, 4, 12)),
+        }
+    )
     rows = []
     for model in ("classifier-fold-1", "classifier-fold-2", "classifier-fold-3"):
         for region in ("mouth", "eye"):
             for name in names + ["UnaffectedSlide1.jpg"]:  # an image without annotations is left out
-                rows.append({"image_name": name, "model": model, "method": "LayerGradCam", "region": region,
-                             "score": float(rng.random())})
+                rows.append(
+                    {
+                        "image_name": name,
+                        "model": model,
+                        "method": "LayerGradCam",
+                        "region": region,
+                        "score": float(rng.random()),
+                    }
+                )
     scores = pl.DataFrame(rows)
     result = hpo_correlation(scores, counts)
     assert len(result.per_model) == 6
     for row in result.per_model.iter_rows(named=True):
         joined = scores.filter((pl.col("model") == row["model"]) & (pl.col("region") == row["region"])).join(
-            counts, on=["image_name", "region"])
+            counts, on=["image_name", "region"]
+        )
         expected = stats.spearmanr(joined["score"], joined["count"])
         assert row["n"] == 12
         assert row["rho"] == pytest.approx(expected.statistic, rel=1e-12)
@@ -270,8 +319,15 @@ def test_hpo_correlation_per_model_matches_scipy_and_table_4_summarises():
 
 def test_hpo_correlation_with_one_model_and_degenerate_inputs():
     counts = pl.DataFrame({"image_name": ["a", "b", "c", "d"], "region": ["nose"] * 4, "count": [0, 0, 0, 0]})
-    scores = pl.DataFrame({"image_name": ["a", "b", "c", "d"], "model": ["m"] * 4, "method": ["Gradient"] * 4,
-                           "region": ["nose"] * 4, "score": [0.1, 0.2, float("nan"), 0.4]})
+    scores = pl.DataFrame(
+        {
+            "image_name": ["a", "b", "c", "d"],
+            "model": ["m"] * 4,
+            "method": ["Gradient"] * 4,
+            "region": ["nose"] * 4,
+            "score": [0.1, 0.2, float("nan"), 0.4],
+        }
+    )
     result = hpo_correlation(scores, counts)
     row = result.per_model.row(0, named=True)
     assert row["n"] == 3 and math.isnan(row["rho"]) and row["note"] == "constant HPO counts"

@@ -1,4 +1,5 @@
 """The synthetic phenotype faces: determinism, exact labels, local phenotypes, class-blind nuisance."""
+
 from __future__ import annotations
 
 import hashlib
@@ -214,7 +215,11 @@ def test_simulated_raters_mostly_agree_with_the_truth():
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +296,9 @@ def test_files_follow_the_nih_faces_layout(tiny_dataset):
 def test_landmarks_in_partitions_match_the_label_maps(tiny_dataset):
     partitions = pl.read_csv(tiny_dataset / "metadata" / "partitions.csv")
     for row in partitions.iter_rows(named=True):
-        label_map = np.asarray(Image.open(tiny_dataset / "features" / "segmaps" / Path(row["image_name"]).with_suffix(".png")))
+        label_map = np.asarray(
+            Image.open(tiny_dataset / "features" / "segmaps" / Path(row["image_name"]).with_suffix(".png"))
+        )
         for k, expected in ((1, 4), (2, 5), (3, 6)):
             assert label_map[int(round(row[f"y{k}"])), int(round(row[f"x{k}"]))] == expected
 
@@ -312,8 +319,10 @@ def test_phenotypes_land_in_their_paper_region_after_alignment():
             renders = [render_face(params), render_face(replace(params, phenotypes=(PlantedTerm(hpo_id, 1.0),)))]
             aligned = [align_face(r.image, renders[0].landmarks) for r in renders]  # one warp for both
             to_aligned = AffineTransform(matrix=np.vstack([aligned[0].matrix, [0, 0, 1]]))
-            maps = [warp(r.label_map, to_aligned.inverse, output_shape=(224, 224), order=0, preserve_range=True)
-                    for r in renders]
+            maps = [
+                warp(r.label_map, to_aligned.inverse, output_shape=(224, 224), order=0, preserve_range=True)
+                for r in renders
+            ]
             regions = region_masks(np.stack(maps).astype(np.uint8), PAPER_REGIONS)
             union = regions.masks.any(axis=0)  # before or after, R x H x W
             changed = np.any(aligned[0].image != aligned[1].image, axis=2)

@@ -42,8 +42,9 @@ def test_a_class_never_predicted_has_zero_precision_not_nan():
 
 def test_table2_is_mean_and_population_std_over_folds():
     def fold(name, precision, accuracy):
-        report = pl.DataFrame({"class": ["a", "b"], "precision": precision, "recall": [1.0, 1.0],
-                               "f1": [1.0, 1.0], "support": [2, 3]})
+        report = pl.DataFrame(
+            {"class": ["a", "b"], "precision": precision, "recall": [1.0, 1.0], "f1": [1.0, 1.0], "support": [2, 3]}
+        )
         return FoldResult(name, None, 1, accuracy, None, report, 0.0)
 
     table = table2([fold("fold-1", [1.0, 0.5], 0.8), fold("fold-2", [0.5, 0.5], 0.6)])
@@ -55,12 +56,15 @@ def test_table2_is_mean_and_population_std_over_folds():
     assert overall["accuracy_mean"][0] == pytest.approx(0.7)
 
 
-@pytest.mark.parametrize(("config", "options", "message"), [
-    (TrainConfig, {"precision": "half"}, "precision must be one of float32, bfloat16, auto, not 'half'"),
-    (ParserConfig, {"precision": "half"}, "precision must be one of float32, bfloat16, auto, not 'half'"),
-    (TrainConfig, {"optimizer": "adam"}, "optimizer must be 'sgd' or 'adamw', not 'adam'"),
-    (TrainConfig, {"schedule": "step"}, "schedule must be 'cosine-restarts' or 'one-cycle', not 'step'"),
-])
+@pytest.mark.parametrize(
+    ("config", "options", "message"),
+    [
+        (TrainConfig, {"precision": "half"}, "precision must be one of float32, bfloat16, auto, not 'half'"),
+        (ParserConfig, {"precision": "half"}, "precision must be one of float32, bfloat16, auto, not 'half'"),
+        (TrainConfig, {"optimizer": "adam"}, "optimizer must be 'sgd' or 'adamw', not 'adam'"),
+        (TrainConfig, {"schedule": "step"}, "schedule must be 'cosine-restarts' or 'one-cycle', not 'step'"),
+    ],
+)
 def test_an_unknown_training_option_is_a_user_facing_error(config, options, message):
     assert issubclass(TrainingConfigError, UserFacingError) and issubclass(TrainingConfigError, ValueError)
     with pytest.raises(TrainingConfigError) as raised:
@@ -72,8 +76,13 @@ def test_a_fold_without_val_images_is_a_dataset_error(tmp_path):
     (tmp_path / "metadata").mkdir()
     (tmp_path / "metadata" / "partitions.csv").write_text("image_name,label,fold-1\na.png,A,train\nb.png,B,test\n")
     with pytest.raises(DatasetError, match="^fold-1 needs images in both its train and val splits$"):
-        train_fold(open_dataset(tmp_path), "fold-1", TrainConfig(), tmp_path / "models",
-                   lambda names: pytest.fail("faces asked for before the splits were checked"))
+        train_fold(
+            open_dataset(tmp_path),
+            "fold-1",
+            TrainConfig(),
+            tmp_path / "models",
+            lambda names: pytest.fail("faces asked for before the splits were checked"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +103,30 @@ def planted_dataset(tmp_path_factory):
         split = "val" if i % 4 in (0, 1) and i < 16 else "train"
         rows.append(f"{name},{label},{split},20,28,44,28,32,38,22,48,42,48")
     (root / "metadata" / "partitions.csv").write_text(
-        "image_name,label,fold-1,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n" + "\n".join(rows) + "\n")
+        "image_name,label,fold-1,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n" + "\n".join(rows) + "\n"
+    )
     return open_dataset(root)
 
 
 def test_training_learns_a_planted_feature_and_writes_a_loadable_card(planted_dataset, tmp_path):
     # lr 0.01: at 0.05, 4 steps an epoch move the weights faster than batch norm's running statistics follow,
     # and seeds 0 and 1 stayed at chance on val (channels-last training); at 0.01 seeds 0-3 all reach 1.0.
-    config = TrainConfig(architecture="resnet18", input_size=32, epochs=8, batch_size=8, learning_rate=0.01,
-                         head_lr_factor=1.0, restart_epochs=8, seed=0)
+    config = TrainConfig(
+        architecture="resnet18",
+        input_size=32,
+        epochs=8,
+        batch_size=8,
+        learning_rate=0.01,
+        head_lr_factor=1.0,
+        restart_epochs=8,
+        seed=0,
+    )
     names = planted_dataset.table["image_name"].to_list()
     faces = aligned_faces(planted_dataset, names, 32)
     position = {n: i for i, n in enumerate(names)}
-    result = train_fold(planted_dataset, "fold-1", config, tmp_path, lambda ns: faces[[position[n] for n in ns]],
-                        log=lambda line: None)
+    result = train_fold(
+        planted_dataset, "fold-1", config, tmp_path, lambda ns: faces[[position[n] for n in ns]], log=lambda line: None
+    )
     assert result.val_accuracy >= 0.9
     classifier = load_classifier(result.card_path)
     assert classifier.card.classes == ("Marked", "Unaffected") and classifier.card.fold == "fold-1"
@@ -133,19 +152,22 @@ def small_and_large(tmp_path_factory):
             (root / folder).mkdir(parents=True)
         side = RENDERED * factor
         Image.fromarray(face.image).resize((side, side), Image.Resampling.NEAREST).save(
-            root / "images" / "WSSlide1.png", compress_level=1)
+            root / "images" / "WSSlide1.png", compress_level=1
+        )
         Image.fromarray(face.label_map).resize((side, side), Image.Resampling.NEAREST).save(
-            root / "features" / "segmaps" / "WSSlide1.png", compress_level=1)
+            root / "features" / "segmaps" / "WSSlide1.png", compress_level=1
+        )
         points = factor * (face.landmarks + 0.5) - 0.5  # pixel centres of the blown-up blocks
         (root / "metadata" / "partitions.csv").write_text(
             "image_name,label,fold-1,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n"
-            "WSSlide1.png,WS,test," + ",".join(f"{v:.4f}" for v in points.ravel()) + "\n")
+            "WSSlide1.png,WS,test," + ",".join(f"{v:.4f}" for v in points.ravel()) + "\n"
+        )
         datasets[name] = open_dataset(root)
     return datasets, face
 
 
 def test_trainers_align_a_photo_over_4096_px_with_its_landmarks_and_map(small_and_large):
-    datasets, face = small_and_large
+    datasets, _face = small_and_large
     small, large = datasets["small"], datasets["large"]
     assert read_photo(large, "WSSlide1.png").image.shape == (4096, 4096, 3)  # shrunk on loading
     size = 64
@@ -153,12 +175,15 @@ def test_trainers_align_a_photo_over_4096_px_with_its_landmarks_and_map(small_an
     enlarged = aligned_faces(large, ["WSSlide1.png"], size)[0].astype(float)
     # What the trainers did before: the landmarks of the full photo on the shrunk one.
     shrunk = read_photo(large, "WSSlide1.png").image
-    unscaled = align_face(shrunk, large.table.select("x1", "y1", "x2", "y2", "x3", "y3", "x4", "y4", "x5", "y5")
-                          .to_numpy().reshape(5, 2), size=size).image.astype(float)
+    unscaled = align_face(
+        shrunk,
+        large.table.select("x1", "y1", "x2", "y2", "x3", "y3", "x4", "y4", "x5", "y5").to_numpy().reshape(5, 2),
+        size=size,
+    ).image.astype(float)
     difference, misaligned = np.abs(enlarged - reference).mean(), np.abs(unscaled - reference).mean()
     assert difference < 4 and misaligned > 4 * difference  # measured: 2.8 and 18
 
-    small_faces, small_maps = aligned_faces_and_maps(small, ["WSSlide1.png"], size)
+    _small_faces, small_maps = aligned_faces_and_maps(small, ["WSSlide1.png"], size)
     large_faces, large_maps = aligned_faces_and_maps(large, ["WSSlide1.png"], size)
     np.testing.assert_array_equal(large_faces[0], enlarged.astype(np.uint8))
     assert (large_maps == small_maps).mean() > 0.99  # labels differ only along some edges

@@ -26,9 +26,18 @@ def tiny_dataset(tmp_path_factory) -> Path:
     generate_dataset(root, SyntheticSpec(n_per_class=6, seed=0, size=96, photos_per_person=1), workers=1)
     classes = open_dataset(root).classes
     for k, fold in enumerate(("fold-1", "fold-2")):
-        card = ModelCard(kind="classifier", architecture="resnet18", classes=classes, input_size=INPUT_SIZE,
-                         channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                         weights="w.safetensors", fold=fold)
+        card = ModelCard(
+            kind="classifier",
+            architecture="resnet18",
+            classes=classes,
+            input_size=INPUT_SIZE,
+            channel_order="RGB",
+            input_scale=1.0,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            weights="w.safetensors",
+            fold=fold,
+        )
         save_checkpoint(tiny_resnet(num_classes=len(classes), seed=k), card, root / "models", f"classifier-{fold}")
     return root
 
@@ -65,8 +74,11 @@ def link_of(app: AppTest) -> tuple[str, dict]:
     link = urlsplit(app.sidebar.code[0].value)
     query: dict = {}
     for key, value in parse_qsl(link.query):
-        query[key] = [*query[key], value] if isinstance(query.get(key), list) else (
-            [query[key], value] if key in query else value)
+        query[key] = (
+            [*query[key], value]
+            if isinstance(query.get(key), list)
+            else ([query[key], value] if key in query else value)
+        )
     return link.path, query
 
 

@@ -2,6 +2,7 @@
 
 Needs Debian's Chromium at /usr/bin/chromium (``apt-get install chromium``); skipped without it.
 """
+
 import io
 import shutil
 from urllib.parse import parse_qs, urlsplit
@@ -34,10 +35,17 @@ def server(tiny_dataset, tmp_path_factory):
     shutil.copytree(tiny_dataset, root)
     classifiers = load_classifiers(sorted((root / "models").glob("classifier-fold-*.json")))
     for split in ("val", "test"):
-        table = extract_scores(ExtractionPlan(open_dataset(root), classifiers, split), ExplainSettings(methods=["Gradient", "LayerGradCam"]), store=RelevanceStore(DatasetLayout(root).relevance_store(split)))
+        table = extract_scores(
+            ExtractionPlan(open_dataset(root), classifiers, split),
+            ExplainSettings(methods=["Gradient", "LayerGradCam"]),
+            store=RelevanceStore(DatasetLayout(root).relevance_store(split)),
+        )
         write_score_table(table, DatasetLayout(root).score_table(split))
-    env = {"XAI_DATASET": str(root), "XAI_CACHE_DIR": str(folder / "cache" / "results"),
-           "XAI_DATA_DIR": str(folder / "data")}
+    env = {
+        "XAI_DATASET": str(root),
+        "XAI_CACHE_DIR": str(folder / "cache" / "results"),
+        "XAI_DATA_DIR": str(folder / "data"),
+    }
     with serve(env) as base:
         yield base, folder
 
@@ -70,7 +78,8 @@ def test_an_uploaded_photo_is_explained(server, tmp_path):
         page.goto(f"{base}/?source=upload&{METHODS}")
         settled(page)
         page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
-            files=[{"name": "face.png", "mimeType": "image/png", "buffer": buffer.getvalue()}])
+            files=[{"name": "face.png", "mimeType": "image/png", "buffer": buffer.getvalue()}]
+        )
         page.get_by_text("Predicted ", exact=False).first.wait_for(timeout=180_000)
         # One heatmap per method; the upload may rerun the script more than once, so wait for them to render.
         page.locator('[data-testid="stImage"]').nth(1).wait_for(timeout=120_000)
@@ -95,8 +104,11 @@ def test_a_shared_link_reopens_the_same_view_in_a_fresh_browser(server, tmp_path
         reading = page.locator('[data-testid="stAlertContentInfo"]').filter(has_text="Predicted").inner_text()
         heading = page.locator("h3").filter(has_text="Predicted").inner_text()
     shared = parse_qs(urlsplit(link).query)
-    assert shared["mode"] == ["positive"] and shared["split"] == ["val"] and shared["methods"] == ["Gradient",
-                                                                                                 "LayerGradCam"]
+    assert (
+        shared["mode"] == ["positive"]
+        and shared["split"] == ["val"]
+        and shared["methods"] == ["Gradient", "LayerGradCam"]
+    )
     with browser(tmp_path / "second") as context:
         page = context.new_page()
         page.goto(link)

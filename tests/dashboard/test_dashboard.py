@@ -64,8 +64,9 @@ def test_an_upload_that_is_not_an_image_or_has_no_face_is_a_message(on_tiny):
     app.run()
     assert not app.exception
     assert app.error and "image" in app.error[0].value.lower()
-    app.file_uploader(key="upload").clear().upload("grey.png", png_bytes(np.full((120, 120, 3), 128, np.uint8)),
-                                                   "image/png")
+    app.file_uploader(key="upload").clear().upload(
+        "grey.png", png_bytes(np.full((120, 120, 3), 128, np.uint8)), "image/png"
+    )
     app.run()
     assert not app.exception
     assert app.error and "face" in app.error[0].value.lower()
@@ -110,9 +111,9 @@ def test_a_dataset_photo_over_4096_px_is_shown_with_its_landmarks_and_label_map(
     face = render_face(plan_images(1, seed=5, size=160)[0].params)
     width, left = 4400, 4100
     photo = np.full((160, width, 3), 120, np.uint8)
-    photo[:, left:left + 160] = face.image
+    photo[:, left : left + 160] = face.image
     label_map = np.zeros((160, width), np.uint8)
-    label_map[:, left:left + 160] = face.label_map
+    label_map[:, left : left + 160] = face.label_map
     root = tmp_path / "wide"
     for folder in ("images", "metadata", "features/segmaps"):
         (root / folder).mkdir(parents=True)
@@ -120,7 +121,8 @@ def test_a_dataset_photo_over_4096_px_is_shown_with_its_landmarks_and_label_map(
     (root / "features" / "segmaps" / "WSSlide1.png").write_bytes(png_bytes(label_map))
     (root / "metadata" / "partitions.csv").write_text(
         "image_name,label,fold-1,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n"
-        "WSSlide1.png,WS,test," + ",".join(f"{v:.4f}" for v in (face.landmarks + [left, 0]).ravel()) + "\n")
+        "WSSlide1.png,WS,test," + ",".join(f"{v:.4f}" for v in (face.landmarks + [left, 0]).ravel()) + "\n"
+    )
     monkeypatch.setenv("XAI_DATASET", str(root))
     app = open_app()
     no_trouble(app)

@@ -1,4 +1,5 @@
 """Regions, Statistics (RQ1) and HPO correlation (RQ2) pages through AppTest, against core computed directly."""
+
 import dataclasses
 import json
 import shutil
@@ -36,7 +37,11 @@ def extracted(tiny_dataset, tmp_path_factory) -> Path:
     dataset = open_dataset(root)
     classifiers = load_classifiers(sorted((root / "models").glob("classifier-fold-*.json")))
     for split in ("val", "test"):
-        table = extract_scores(ExtractionPlan(dataset, classifiers, split), ExplainSettings(methods=METHODS), store=RelevanceStore(DatasetLayout(root).relevance_store(split)))
+        table = extract_scores(
+            ExtractionPlan(dataset, classifiers, split),
+            ExplainSettings(methods=METHODS),
+            store=RelevanceStore(DatasetLayout(root).relevance_store(split)),
+        )
         write_score_table(table, DatasetLayout(root).score_table(split))
     return root
 
@@ -73,10 +78,14 @@ def test_dragging_a_growth_slider_stores_the_spec_puts_its_id_in_the_url_and_res
     assert app.sidebar.selectbox(key="spec").value == "paper"
     app.slider(key=widget_key(app, "slider", "grow_left-2-0")).set_value(0.5).run()
     no_trouble(app)
-    wider = dataclasses.replace(PAPER_REGIONS, name="paper (edited)", regions=(
-        *PAPER_REGIONS.regions[:2],
-        dataclasses.replace(PAPER_REGIONS.regions[2], boxes=(BoxRule((7, 9), grow_left=0.5, grow_right=0.2),)),
-    ))
+    wider = dataclasses.replace(
+        PAPER_REGIONS,
+        name="paper (edited)",
+        regions=(
+            *PAPER_REGIONS.regions[:2],
+            dataclasses.replace(PAPER_REGIONS.regions[2], boxes=(BoxRule((7, 9), grow_left=0.5, grow_right=0.2),)),
+        ),
+    )
     identifier = app.sidebar.selectbox(key="spec").value
     assert SpecStore().load(identifier) == wider
     assert link_of(app)[1]["spec"] == identifier and link_of(app)[0] == "/regions"
@@ -89,7 +98,8 @@ def test_dragging_a_growth_slider_stores_the_spec_puts_its_id_in_the_url_and_res
     expected = compare_groups(rescore(RelevanceStore(DatasetLayout(extracted).relevance_store("val")), wider, METHODS))
     shown = frame(app.dataframe[-1])
     assert shown.select("method", "syndrome", "region", "n_syndrome", "note").equals(
-        expected.select("method", "syndrome", "region", "n_syndrome", "note"))
+        expected.select("method", "syndrome", "region", "n_syndrome", "note")
+    )
     np.testing.assert_allclose(shown["mean_syndrome"].to_numpy(), expected["mean_syndrome"].to_numpy())
 
 
@@ -128,8 +138,9 @@ def test_an_empty_label_list_is_refused_and_an_empty_region_is_a_warning(extract
     app.slider(key=widget_key(app, "slider", "grow_left-2-0")).set_value(-0.5).run()
     app.slider(key=widget_key(app, "slider", "grow_right-2-0")).set_value(-0.5).run()  # no width left
     assert not app.exception
-    assert any(w.value.startswith("Region 'mouth' is empty on ") and " of 4 preview faces" in w.value
-               for w in app.warning)
+    assert any(
+        w.value.startswith("Region 'mouth' is empty on ") and " of 4 preview faces" in w.value for w in app.warning
+    )
 
 
 def test_import_and_export_of_a_spec(extracted):
@@ -140,8 +151,9 @@ def test_import_and_export_of_a_spec(extracted):
     assert app.sidebar.selectbox(key="spec").value == "extended"
     exported = app.get("download_button")[0]
     assert exported.proto.label == "Export this spec (JSON)"
-    app.file_uploader(key="spec_upload").clear().upload("bad.json", b'{"regions": [{"name": "x"}]}',
-                                                        "application/json").run()
+    app.file_uploader(key="spec_upload").clear().upload(
+        "bad.json", b'{"regions": [{"name": "x"}]}', "application/json"
+    ).run()
     assert not app.exception
     assert any(e.value.startswith("Not imported: region 'x'") for e in app.error)
     assert app.sidebar.selectbox(key="spec").value == "extended"
@@ -154,15 +166,23 @@ def test_import_and_export_of_a_spec(extracted):
 def test_statistics_page_shows_the_tests_core_computes_with_the_chosen_options(extracted):
     app = open_app(query(extracted, reference="KS", alpha="0.05", correction="holm", ttest="welch"), page=STATISTICS)
     no_trouble(app)
-    expected = compare_groups(rescore(RelevanceStore(DatasetLayout(extracted).relevance_store("val")), PAPER_REGIONS, METHODS),
-                              reference="KS", alpha=0.05, correction="holm", ttest="welch")
+    expected = compare_groups(
+        rescore(RelevanceStore(DatasetLayout(extracted).relevance_store("val")), PAPER_REGIONS, METHODS),
+        reference="KS",
+        alpha=0.05,
+        correction="holm",
+        ttest="welch",
+    )
     shown = frame(app.dataframe[-1])
     assert shown["syndrome"].to_list() == expected["syndrome"].to_list()
     assert "KS" not in shown["syndrome"].to_list()
     # Six images per class, so a fold's val split has fewer than three of each: every group is degenerate.
     assert any("comparisons ran no test" in w.value for w in app.warning)
-    assert [b.proto.label for b in app.get("download_button")] == ["Tests (CSV)", "Tests (Parquet)",
-                                                                   "Score table (Parquet)"]
+    assert [b.proto.label for b in app.get("download_button")] == [
+        "Tests (CSV)",
+        "Tests (Parquet)",
+        "Score table (Parquet)",
+    ]
     assert len(app.get("plotly_chart")) == 1 + 2  # Table 3 and one box plot per method
     assert link_of(app)[1]["reference"] == "KS" and link_of(app)[1]["correction"] == "holm"
 
@@ -187,7 +207,10 @@ def test_statistics_extracts_in_the_background_when_nothing_was_extracted(tiny_d
         time.sleep(1)
         app.run()
     no_trouble(app)
-    assert DatasetLayout(root).score_table("val").is_file() and RelevanceStore(DatasetLayout(root).relevance_store("val")).complete
+    assert (
+        DatasetLayout(root).score_table("val").is_file()
+        and RelevanceStore(DatasetLayout(root).relevance_store("val")).complete
+    )
     assert frame(app.dataframe[-1])["method"].unique().to_list() == ["Gradient"]
 
 
@@ -198,11 +221,13 @@ def test_hpo_page_shows_table4_as_core_computes_it_and_figure4(extracted):
     app = open_app(query(extracted, scatter_method="LayerGradCam", scatter_region="mouth"), page=HPO)
     no_trouble(app)
     counts = region_counts(read_annotations(extracted))
-    expected = hpo_correlation(rescore(RelevanceStore(DatasetLayout(extracted).relevance_store("test")), PAPER_REGIONS, METHODS),
-                               counts)
+    expected = hpo_correlation(
+        rescore(RelevanceStore(DatasetLayout(extracted).relevance_store("test")), PAPER_REGIONS, METHODS), counts
+    )
     per_model = frame(app.dataframe[0])
     assert per_model.select("method", "region", "model", "n").equals(
-        expected.per_model.select("method", "region", "model", "n"))
+        expected.per_model.select("method", "region", "model", "n")
+    )
     assert app.selectbox(key="scatter_method").value == "LayerGradCam"
     assert any(s.value.startswith("Table 4: Spearman ρ") for s in app.subheader)
     assert len(app.get("plotly_chart")) == 4  # Table 4, scatter, χ² bars, t-SNE

@@ -1,4 +1,5 @@
 """Links and the spec store: a view reopens from its URL alone, edited specs travel by content id."""
+
 import dataclasses
 import json
 import threading
@@ -9,10 +10,14 @@ from cache.spec_store import SpecStore, UnknownSpecError, default_spec_dir
 from core.regions import PAPER_REGIONS, BoxRule, RegionSpec, bundled_region_specs, spec_id
 from tests.dashboard.conftest import link_of, no_trouble, open_app
 
-WIDE_MOUTH = dataclasses.replace(PAPER_REGIONS, name="wide mouth", regions=(
-    *PAPER_REGIONS.regions[:2],
-    dataclasses.replace(PAPER_REGIONS.regions[2], boxes=(BoxRule((7, 9), grow_left=0.5, grow_right=0.5),)),
-))
+WIDE_MOUTH = dataclasses.replace(
+    PAPER_REGIONS,
+    name="wide mouth",
+    regions=(
+        *PAPER_REGIONS.regions[:2],
+        dataclasses.replace(PAPER_REGIONS.regions[2], boxes=(BoxRule((7, 9), grow_left=0.5, grow_right=0.5),)),
+    ),
+)
 
 
 def test_a_saved_spec_loads_back_by_its_content_id_and_saving_again_changes_nothing(tmp_path):
@@ -58,8 +63,16 @@ def test_the_spec_folder_sits_beside_the_result_cache(tmp_path, monkeypatch):
 
 
 def test_a_shared_link_reopens_the_same_view_in_a_new_session(on_tiny):
-    first = open_app({"methods": ["Gradient", "LayerGradCam"], "mode": "positive", "spec": "extended",
-                      "model": "classifier-fold-2", "split": "val", "target": "WS"})
+    first = open_app(
+        {
+            "methods": ["Gradient", "LayerGradCam"],
+            "mode": "positive",
+            "spec": "extended",
+            "model": "classifier-fold-2",
+            "split": "val",
+            "target": "WS",
+        }
+    )
     no_trouble(first)
     path, query = link_of(first)
     assert path == "/"  # the Explain page is the default page

@@ -33,8 +33,17 @@ def parsed_dataset(tiny_dataset, tmp_path):
     root = tmp_path / "dataset"
     shutil.copytree(tiny_dataset, root)
     torch.manual_seed(0)
-    card = ModelCard(kind="face_parser", architecture="unet-resnet18", classes=LAPA_LABELS, input_size=32,
-                     channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), weights="w")
+    card = ModelCard(
+        kind="face_parser",
+        architecture="unet-resnet18",
+        classes=LAPA_LABELS,
+        input_size=32,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights="w",
+    )
     save_face_parser(build_face_parser("resnet18"), card, root / "models", "parser")
     dataset = open_dataset(root)
     unmapped = names_in(dataset, "fold-1", "test")[1]
@@ -46,8 +55,9 @@ def test_regions_page_extract_and_explain_cut_the_same_masks(parsed_dataset, mon
     dataset, unmapped = parsed_dataset
     drawn = []
     original = render_module.regions_rgb
-    monkeypatch.setattr(render_module, "regions_rgb", lambda image, masks: drawn.append((image, masks))
-                        or original(image, masks))
+    monkeypatch.setattr(
+        render_module, "regions_rgb", lambda image, masks: drawn.append((image, masks)) or original(image, masks)
+    )
     app = open_app({"dataset": str(dataset.root), "methods": ["Gradient"]}, page=REGIONS)
     no_trouble(app)
     assert app.sidebar.text_input(key="parser").value.endswith("parser.json")  # the page runs with the parser

@@ -4,6 +4,7 @@ weights that are not numbers are refused with a message.
 Extends tests/test_models.py, which covers the basic cases (os.system in zip, legacy and raw torch
 pickles and in the VGGFace2 file; a card with the wrong class count or architecture).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -61,9 +62,11 @@ def test_torch_checkpoints_with_code_are_refused_without_running_it(tmp_path, pa
     evil = payloads(marker)[payload]
     assert_live(evil, marker)
     tensors = {"fc.weight": torch.zeros(2, 2)}
-    content = {"top level": {**tensors, "fc.bias": evil},
-               "nested in state_dict": {"state_dict": {**tensors, "fc.bias": evil}, "epoch": 1},
-               "inside a list": {**tensors, "extra": [torch.ones(1), evil]}}[where]
+    content = {
+        "top level": {**tensors, "fc.bias": evil},
+        "nested in state_dict": {"state_dict": {**tensors, "fc.bias": evil}, "epoch": 1},
+        "inside a list": {**tensors, "extra": [torch.ones(1), evil]},
+    }[where]
     path = tmp_path / "model.pt"
     torch.save(content, path)
     with pytest.raises(ModelError, match="refused to load .* unpickling it could run code"):
@@ -89,9 +92,11 @@ def test_vggface2_pickles_with_code_are_refused_without_running_it(tmp_path, pay
     evil = payloads(marker)[payload]
     assert_live(evil, marker)
     weights = {"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}
-    content = {"dict value": {**weights, "fc.bias": evil},
-               "inside an object array": {**weights, "fc.bias": np.array([1.0, evil], dtype=object)},
-               "dict key": {**weights, evil: np.zeros(3, np.float32)}}[where]
+    content = {
+        "dict value": {**weights, "fc.bias": evil},
+        "inside an object array": {**weights, "fc.bias": np.array([1.0, evil], dtype=object)},
+        "dict key": {**weights, evil: np.zeros(3, np.float32)},
+    }[where]
     path = tmp_path / "resnet50_ft_weight.pkl"
     path.write_bytes(pickle.dumps(content, protocol=2))
     with pytest.raises(ModelError, match=r"refused to load .* asks to unpickle \w+\.\w+"):
@@ -102,22 +107,39 @@ def test_vggface2_pickles_with_code_are_refused_without_running_it(tmp_path, pay
 # ---------------------------------------------------------------- the VGGFace2 importer takes arrays only
 
 
-@pytest.mark.parametrize("content", [
-    {"conv1.weight": "a string"},
-    {"conv1.weight": 3.0},
-    {"conv1.weight": [0.0, 1.0]},
-    {"conv1.weight": b"\x00" * 16},
-    {"conv1.weight": None},
-    {"conv1": {"weight": np.zeros(3, np.float32)}},
-    {"conv1.weight": np.array(["a", "b"], dtype=object)},
-    {"conv1.weight": np.array(["a", "b"])},
-    {"conv1.weight": np.zeros(3, bool)},
-    {"conv1.weight": np.zeros(3, complex)},
-    {1: np.zeros(3, np.float32)},
-    [np.zeros(3, np.float32)],
-    np.zeros(3, np.float32),
-], ids=["str", "float", "list", "bytes", "None", "nested dict", "object array", "string array", "bool array",
-        "complex array", "int key", "top-level list", "top-level array"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"conv1.weight": "a string"},
+        {"conv1.weight": 3.0},
+        {"conv1.weight": [0.0, 1.0]},
+        {"conv1.weight": b"\x00" * 16},
+        {"conv1.weight": None},
+        {"conv1": {"weight": np.zeros(3, np.float32)}},
+        {"conv1.weight": np.array(["a", "b"], dtype=object)},
+        {"conv1.weight": np.array(["a", "b"])},
+        {"conv1.weight": np.zeros(3, bool)},
+        {"conv1.weight": np.zeros(3, complex)},
+        {1: np.zeros(3, np.float32)},
+        [np.zeros(3, np.float32)],
+        np.zeros(3, np.float32),
+    ],
+    ids=[
+        "str",
+        "float",
+        "list",
+        "bytes",
+        "None",
+        "nested dict",
+        "object array",
+        "string array",
+        "bool array",
+        "complex array",
+        "int key",
+        "top-level list",
+        "top-level array",
+    ],
+)
 def test_vggface2_importer_refuses_anything_but_named_numeric_arrays(tmp_path, content):
     path = tmp_path / "weights.pkl"
     path.write_bytes(pickle.dumps(content, protocol=2))
@@ -135,11 +157,13 @@ def test_vggface2_importer_survives_length_bombs_and_truncation(tmp_path):
             return reconstruct, args, (1, (10**10,), np.dtype(np.float32), False, b"\x00" * 16)
 
     real = pickle.dumps({"conv1.weight": np.arange(1000, dtype=np.float32)}, protocol=2)
-    files = {"binbytes8-1TB": b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"abc",
-             "binbytes8-4GB": b"\x80\x04\x8e" + struct.pack("<Q", 2**32) + b"abc",
-             "binunicode8-8GB": b"\x80\x04\x8d" + struct.pack("<Q", 2**33) + b"abc",
-             "shape-bomb": pickle.dumps({"a": ShapeBomb()}, protocol=2),
-             **{f"cut-{k}": real[: len(real) * k // 6] for k in range(1, 6)}}
+    files = {
+        "binbytes8-1TB": b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"abc",
+        "binbytes8-4GB": b"\x80\x04\x8e" + struct.pack("<Q", 2**32) + b"abc",
+        "binunicode8-8GB": b"\x80\x04\x8d" + struct.pack("<Q", 2**33) + b"abc",
+        "shape-bomb": pickle.dumps({"a": ShapeBomb()}, protocol=2),
+        **{f"cut-{k}": real[: len(real) * k // 6] for k in range(1, 6)},
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ModelError, match="cannot read .* as VGGFace2 weights"):
@@ -158,9 +182,17 @@ def test_safetensors_header_bombs_are_refused(tmp_path):
 
 
 def card(**changes) -> ModelCard:
-    fields = dict(kind="classifier", architecture="resnet18", classes=("A", "B", "C"), input_size=32,
-                  channel_order="RGB", input_scale=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                  weights="w.safetensors")
+    fields = dict(
+        kind="classifier",
+        architecture="resnet18",
+        classes=("A", "B", "C"),
+        input_size=32,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights="w.safetensors",
+    )
     return ModelCard(**{**fields, **changes})
 
 
@@ -178,17 +210,28 @@ def _reshaped(state, key, shape):
     return state
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda s: _reshaped(s, "layer2.0.conv1.weight", (128, 64, 5, 5)),
-     r"1 shape mismatches \(file vs card\) \(layer2\.0\.conv1\.weight \(128, 64, 5, 5\) vs \(128, 64, 3, 3\)\)"),
-    (lambda s: _reshaped(s, "fc.weight", (3, 1024)), r"fc\.weight \(3, 1024\) vs \(3, 512\)"),
-    (lambda s: {k: v for k, v in s.items() if not k.startswith("layer4.1.")}, r"\d+ missing keys \(layer4\.1\."),
-    (lambda s: {**s, "layer5.0.conv1.weight": torch.zeros(1)}, r"1 unexpected keys \(layer5\.0\.conv1\.weight\)"),
-    (lambda s: {**s, "fc.bias": torch.tensor([0.0, float("nan"), 0.0])}, r"1 tensor\(s\) hold NaN or infinite values "
-                                                                         r"\(fc\.bias\)"),
-    (lambda s: {**s, "conv1.weight": s["conv1.weight"].index_fill(0, torch.tensor([0]), float("inf"))},
-     r"hold NaN or infinite values \(conv1\.weight\)"),
-], ids=["conv shape", "fc input width", "missing block", "extra layer", "NaN bias", "infinite weights"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda s: _reshaped(s, "layer2.0.conv1.weight", (128, 64, 5, 5)),
+            r"1 shape mismatches \(file vs card\) \(layer2\.0\.conv1\.weight \(128, 64, 5, 5\) vs \(128, 64, 3, 3\)\)",
+        ),
+        (lambda s: _reshaped(s, "fc.weight", (3, 1024)), r"fc\.weight \(3, 1024\) vs \(3, 512\)"),
+        (lambda s: {k: v for k, v in s.items() if not k.startswith("layer4.1.")}, r"\d+ missing keys \(layer4\.1\."),
+        (lambda s: {**s, "layer5.0.conv1.weight": torch.zeros(1)}, r"1 unexpected keys \(layer5\.0\.conv1\.weight\)"),
+        (
+            lambda s: {**s, "fc.bias": torch.tensor([0.0, float("nan"), 0.0])},
+            r"1 tensor\(s\) hold NaN or infinite values "
+            r"\(fc\.bias\)",
+        ),
+        (
+            lambda s: {**s, "conv1.weight": s["conv1.weight"].index_fill(0, torch.tensor([0]), float("inf"))},
+            r"hold NaN or infinite values \(conv1\.weight\)",
+        ),
+    ],
+    ids=["conv shape", "fc input width", "missing block", "extra layer", "NaN bias", "infinite weights"],
+)
 def test_weights_that_do_not_fit_the_card_are_refused_naming_the_layer(tmp_path, change, message):
     with pytest.raises(ModelError, match=message):
         load_classifier(saved_with(tmp_path, change))

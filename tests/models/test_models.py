@@ -27,15 +27,27 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def classifier_card(**changes) -> ModelCard:
-    fields = dict(kind="classifier", architecture="resnet18", classes=("a", "b", "c"), input_size=32,
-                  channel_order="RGB", input_scale=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD, weights="w.safetensors",
-                  fold="fold-1", training_data_hash="abc", notes="test")
+    fields = dict(
+        kind="classifier",
+        architecture="resnet18",
+        classes=("a", "b", "c"),
+        input_size=32,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights="w.safetensors",
+        fold="fold-1",
+        training_data_hash="abc",
+        notes="test",
+    )
     return ModelCard(**{**fields, **changes})
 
 
 def parser_card(**changes) -> ModelCard:
-    return classifier_card(**{"kind": "face_parser", "architecture": "unet-resnet18", "classes": LAPA_LABELS,
-                              "input_size": 64, **changes})
+    return classifier_card(
+        **{"kind": "face_parser", "architecture": "unet-resnet18", "classes": LAPA_LABELS, "input_size": 64, **changes}
+    )
 
 
 def randomise_batchnorm(network: torch.nn.Module) -> torch.nn.Module:
@@ -73,6 +85,7 @@ def assert_payload_is_live(payload: bytes, marker) -> None:
 
 # --- model cards -------------------------------------------------------------------------------
 
+
 def test_card_round_trips_through_json_text_and_file(tmp_path):
     card = classifier_card()
     assert ModelCard.from_json(card.to_json()) == card
@@ -85,8 +98,9 @@ def test_card_canonicalises_json_lists_and_ints():
     card = classifier_card(classes=["a", "b"], mean=[0, 0, 0], std=[1, 1, 1], input_scale=255)
     assert card.classes == ("a", "b") and card.mean == (0.0, 0.0, 0.0) and card.input_scale == 255.0
     assert isinstance(card.input_scale, float) and hash(card)
-    from_numpy = classifier_card(input_size=np.int64(32), mean=np.array([0.1, 0.2, 0.3], np.float32).tolist(),
-                                 std=tuple(np.ones(3, np.float32)))
+    from_numpy = classifier_card(
+        input_size=np.int64(32), mean=np.array([0.1, 0.2, 0.3], np.float32).tolist(), std=tuple(np.ones(3, np.float32))
+    )
     assert type(from_numpy.input_size) is int and from_numpy.std == (1.0, 1.0, 1.0)
     assert ModelCard.from_json(from_numpy.to_json()) == from_numpy
 
@@ -99,23 +113,26 @@ def test_card_optional_fields_default():
     assert (card.fold, card.training_data_hash, card.notes) == (None, None, "")
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"mean": None}, ["missing field", "mean"]),
-    ({"colour": "RGB"}, ["unknown field", "colour"]),
-    ({"architecture": "vgg16"}, ["architecture", "vgg16", "resnet50"]),
-    ({"kind": "detector"}, ["kind", "detector"]),
-    ({"mean": [1, 2, 3, 4]}, ["mean", "3 numbers"]),
-    ({"std": [1, 0, 1]}, ["std", "positive"]),
-    ({"std": ["1", 1, 1]}, ["std", "3 numbers"]),
-    ({"input_size": 22.5}, ["input_size", "integer"]),
-    ({"input_size": True}, ["input_size"]),
-    ({"channel_order": "rgb"}, ["channel_order"]),
-    ({"classes": "abc"}, ["classes"]),
-    ({"classes": ["a", "a"]}, ["classes", "twice"]),
-    ({"weights": 3}, ["weights"]),
-    ({"fold": 1}, ["fold"]),
-    ({"kind": "face_parser", "architecture": "resnet18"}, ["architecture", "unet-"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"mean": None}, ["missing field", "mean"]),
+        ({"colour": "RGB"}, ["unknown field", "colour"]),
+        ({"architecture": "vgg16"}, ["architecture", "vgg16", "resnet50"]),
+        ({"kind": "detector"}, ["kind", "detector"]),
+        ({"mean": [1, 2, 3, 4]}, ["mean", "3 numbers"]),
+        ({"std": [1, 0, 1]}, ["std", "positive"]),
+        ({"std": ["1", 1, 1]}, ["std", "3 numbers"]),
+        ({"input_size": 22.5}, ["input_size", "integer"]),
+        ({"input_size": True}, ["input_size"]),
+        ({"channel_order": "rgb"}, ["channel_order"]),
+        ({"classes": "abc"}, ["classes"]),
+        ({"classes": ["a", "a"]}, ["classes", "twice"]),
+        ({"weights": 3}, ["weights"]),
+        ({"fold": 1}, ["fold"]),
+        ({"kind": "face_parser", "architecture": "resnet18"}, ["architecture", "unet-"]),
+    ],
+)
 def test_bad_card_names_path_and_field(tmp_path, change, words):
     fields = {**json.loads(classifier_card().to_json()), **change}
     fields = {key: value for key, value in fields.items() if value is not None}
@@ -142,6 +159,7 @@ def test_unreadable_card_files(tmp_path):
 
 # --- preprocessing -----------------------------------------------------------------------------
 
+
 def test_preprocess_vggface2_bgr_by_hand():
     image = np.zeros((1, 224, 224, 3), np.uint8)
     image[0, 5, 7] = (200, 100, 50)  # R, G, B
@@ -160,17 +178,21 @@ def test_preprocess_rgb_unit_scale_by_hand():
     np.testing.assert_allclose(batch[1, :, 31, 0].numpy(), expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("images", [
-    np.zeros((1, 64, 64, 3), np.uint8),       # not the card's size
-    np.zeros((1, 32, 32, 3), np.float32),     # not uint8
-    np.zeros((32, 32, 3), np.uint8),          # no batch axis
-])
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.zeros((1, 64, 64, 3), np.uint8),  # not the card's size
+        np.zeros((1, 32, 32, 3), np.float32),  # not uint8
+        np.zeros((32, 32, 3), np.uint8),  # no batch axis
+    ],
+)
 def test_preprocess_refuses_wrong_input(images):
     with pytest.raises(ValueError):
         preprocess(images, classifier_card())
 
 
 # --- fingerprints ------------------------------------------------------------------------------
+
 
 def test_fingerprint_ignores_order_and_identity_but_not_values():
     state = build_resnet("resnet18", 3).state_dict()
@@ -183,6 +205,7 @@ def test_fingerprint_ignores_order_and_identity_but_not_values():
 
 
 # --- checkpoints -------------------------------------------------------------------------------
+
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
@@ -240,8 +263,11 @@ def test_card_of_other_kind_and_missing_weights(tmp_path):
 
 def test_torch_files_load_plain_and_wrapped(tmp_path):
     state = build_resnet("resnet18", 3).state_dict()
-    for name, content in [("plain.pt", state), ("wrapped.pth", {"state_dict": state, "epoch": 3}),
-                          ("model.bin", {"model": state})]:
+    for name, content in [
+        ("plain.pt", state),
+        ("wrapped.pth", {"state_dict": state, "epoch": 3}),
+        ("model.bin", {"model": state}),
+    ]:
         torch.save(content, tmp_path / name)
         assert model_fingerprint(load_state_dict_file(tmp_path / name)) == model_fingerprint(state)
     torch.save({"epoch": 3}, tmp_path / "no_tensors.pt")
@@ -261,10 +287,14 @@ SYSTEM_REFUSED = r"refused to load .*(posix|nt)\.system"
 TORCH_PICKLE_WRITERS = {
     "zip": (lambda obj, path: torch.save(obj, path), SYSTEM_REFUSED),
     "legacy": (lambda obj, path: torch.save(obj, path, _use_new_zipfile_serialization=False), SYSTEM_REFUSED),
-    "raw pickle, protocol 2": (lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2)),
-                               "refused to load .*torch.storage._load_from_bytes"),
-    "raw pickle, protocol 5": (lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=5)),
-                               "cannot read .*nothing in it was run"),
+    "raw pickle, protocol 2": (
+        lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2)),
+        "refused to load .*torch.storage._load_from_bytes",
+    ),
+    "raw pickle, protocol 5": (
+        lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=5)),
+        "cannot read .*nothing in it was run",
+    ),
 }
 
 
@@ -284,6 +314,7 @@ def test_malicious_torch_pickle_is_refused_without_running(tmp_path, writer):
 
 # --- torchvision and Caffe layouts -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("architecture", ["resnet18", "resnet50"])
 def test_torchvision_weights_load_with_no_missing_keys_and_equal_outputs(architecture):
     torch.manual_seed(0)
@@ -299,9 +330,17 @@ def test_torchvision_weights_load_with_no_missing_keys_and_equal_outputs(archite
 def caffe_resnet50_forward(state: dict, x: torch.Tensor) -> torch.Tensor:
     """ResNet-50 as in Caffe's prototxt (and VGGFace2-pytorch): stride-2 in each stage's first 1×1
     convolution and its projection, 3×3/2 max-pool without padding, rounding up."""
+
     def batch_norm(x, name):
-        return F.batch_norm(x, state[f"{name}.running_mean"], state[f"{name}.running_var"],
-                            state[f"{name}.weight"], state[f"{name}.bias"], training=False, eps=1e-5)
+        return F.batch_norm(
+            x,
+            state[f"{name}.running_mean"],
+            state[f"{name}.running_var"],
+            state[f"{name}.weight"],
+            state[f"{name}.bias"],
+            training=False,
+            eps=1e-5,
+        )
 
     x = F.relu(batch_norm(F.conv2d(x, state["conv1.weight"], stride=2, padding=3), "bn1"))
     x = F.max_pool2d(x, kernel_size=3, stride=2, padding=0, ceil_mode=True)
@@ -313,8 +352,7 @@ def caffe_resnet50_forward(state: dict, x: torch.Tensor) -> torch.Tensor:
             out = F.relu(batch_norm(F.conv2d(out, state[f"{name}.conv2.weight"], padding=1), f"{name}.bn2"))
             out = batch_norm(F.conv2d(out, state[f"{name}.conv3.weight"]), f"{name}.bn3")
             if block == 0:
-                x = batch_norm(F.conv2d(x, state[f"{name}.downsample.0.weight"], stride=stride),
-                               f"{name}.downsample.1")
+                x = batch_norm(F.conv2d(x, state[f"{name}.downsample.0.weight"], stride=stride), f"{name}.downsample.1")
             x = F.relu(out + x)
     return F.linear(x.mean(dim=(2, 3)), state["fc.weight"], state["fc.bias"])
 
@@ -333,10 +371,10 @@ def test_caffe_layout_matches_hand_written_caffe_resnet50():
 
 # --- VGGFace2 ----------------------------------------------------------------------------------
 
+
 def write_fake_vggface2_pickle(path, state_dict) -> None:
     """The released file's format: torchvision names, numpy float32 arrays, no num_batches_tracked."""
-    arrays = {key: value.numpy().copy() for key, value in state_dict.items()
-              if not key.endswith("num_batches_tracked")}
+    arrays = {key: value.numpy().copy() for key, value in state_dict.items() if not key.endswith("num_batches_tracked")}
     path.write_bytes(pickle.dumps(arrays, protocol=2))
 
 
@@ -364,8 +402,9 @@ def test_vggface2_pickle_imports_strictly_with_equal_outputs(tmp_path):
 
 def test_vggface2_pickle_with_code_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
-    payload = pickle.dumps({"conv1.weight": np.zeros((64, 3, 7, 7), np.float32), "fc.bias": MarkerPayload(marker)},
-                           protocol=2)
+    payload = pickle.dumps(
+        {"conv1.weight": np.zeros((64, 3, 7, 7), np.float32), "fc.bias": MarkerPayload(marker)}, protocol=2
+    )
     assert_payload_is_live(payload, marker)
     path = tmp_path / "resnet50_ft_weight.pkl"
     path.write_bytes(payload)
@@ -384,11 +423,16 @@ def test_vggface2_pickle_of_other_network_is_refused(tmp_path):
 def test_vggface2_card_preprocessing():
     card = vggface2_card(["Down", "Unaffected"], "fold-1.safetensors", fold="fold-1")
     assert (card.architecture, card.channel_order, card.input_scale, card.input_size) == (
-        CAFFE_RESNET50, "BGR", 255.0, 224)
+        CAFFE_RESNET50,
+        "BGR",
+        255.0,
+        224,
+    )
     assert card.mean == VGGFACE2_MEAN_BGR and card.std == (1.0, 1.0, 1.0)
 
 
 # --- face parser -------------------------------------------------------------------------------
+
 
 def random_faces(count, height, width, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
@@ -438,8 +482,9 @@ def test_parser_resizes_image_in_and_labels_out_without_new_labels(parser_card_p
 
 
 def test_parser_card_must_list_lapa_classes(tmp_path):
-    card_path = save_face_parser(build_face_parser("resnet18", classes=3), parser_card(classes=("a", "b", "c")),
-                                 tmp_path, "p")
+    card_path = save_face_parser(
+        build_face_parser("resnet18", classes=3), parser_card(classes=("a", "b", "c")), tmp_path, "p"
+    )
     with pytest.raises(ModelError, match="11 LaPa classes"):
         load_face_parser(card_path)
     fields = {**json.loads(parser_card().to_json()), "architecture": "unet-nosuchnet", "weights": "p.safetensors"}
