@@ -3,8 +3,8 @@
 Loading goes through core/models/cache; this module only decides how long each lives.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: it binds the name ``annotations``, which this module
+# defines as a function (every annotation below is valid at run time).
 import os
 from pathlib import Path
 

@@ -17,6 +17,7 @@ import polars as pl
 import streamlit as st
 
 from cache import DiskCache
+from core.dataset import Dataset
 from core.errors import UserFacingError
 from core.extract import ExtractionPlan, extract_scores
 from core.regions import RegionSpec
@@ -75,6 +76,8 @@ def _read_table(path: str, modified: float) -> pl.DataFrame:
 
 def shown_score_table(view: state.View, split: str) -> Scores | None:
     """``score_table`` with what the reader must know about it shown; None, with a way to make one, if empty."""
+    if view.dataset is None:
+        return None
     source = score_table(view, split)
     if source is None:
         st.info(f"No region scores for split {split!r} of {view.dataset.root} yet.")
@@ -127,14 +130,14 @@ def score_table(view: state.View, split: str) -> Scores | None:
     return None
 
 
-def _job_key(view: state.View, split: str) -> str:
-    return f"extract {view.dataset.root.resolve()} {split}"
+def _job_key(dataset: Dataset, split: str) -> str:
+    return f"extract {dataset.root.resolve()} {split}"
 
 
-def _extraction(view: state.View, split: str):
+def _extraction(view: state.View, dataset: Dataset, split: str):
     """The work of one extraction, with every model loaded here, on the script thread."""
     classifiers = {Path(card).stem: resources.classifier(card) for card in view.cards}
-    plan, settings, layout = ExtractionPlan(view.dataset, classifiers, split), view.settings(), view.dataset.layout
+    plan, settings, layout = ExtractionPlan(dataset, classifiers, split), view.settings(), dataset.layout
 
     def work(job: jobs.Job) -> None:
         table = extract_scores(
@@ -162,9 +165,10 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
     """The extraction button and progress for ``split``; True while a job runs (the page should wait).
 
     ``missing``: there is no score table at all (a prominent offer) rather than only some methods."""
-    if view.dataset is None:
+    dataset = view.dataset
+    if dataset is None:
         return False
-    key = _job_key(view, split)
+    key = _job_key(dataset, split)
     job = jobs.board().get(key)
     if job is not None and not job.finished:
         _follow(key)
@@ -174,8 +178,8 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
     if not view.cards:
         if missing:
             st.info(
-                f"No score table for split {split!r} and no fold models in {view.dataset.root / 'models'} to make "
-                f"one: run `python -m core extract {view.dataset.root} --split {split} --models CARD,…`."
+                f"No score table for split {split!r} and no fold models in {dataset.root / 'models'} to make "
+                f"one: run `python -m core extract {dataset.root} --split {split} --models CARD,…`."
             )
         return False
     label = (
@@ -190,7 +194,7 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
     )
     if st.button(label, key=f"extract-{split}", type="primary" if missing else "secondary", help=help_text):
         try:
-            work = _extraction(view, split)
+            work = _extraction(view, dataset, split)
         except UserFacingError as error:
             st.error(str(error))
             return False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 from urllib.parse import urlencode
 
 import streamlit as st
@@ -28,7 +29,7 @@ from core.score import RELEVANCE_MODES
 from dashboard import resources
 
 DATASET_ENV = "XAI_DATASET"
-URL = "query-params"
+URL: Final = "query-params"  # Final keeps the Literal type Streamlit's ``bind=`` wants
 OTHER_CARD = "other card"
 DEFAULT_SPEC = "paper"
 # The demo precomputes these for its held-out faces, so they are the opening choice.
@@ -210,7 +211,7 @@ def _encoded(value) -> list[str]:
 
 def view_query(page_path: str) -> str:
     """Every sidebar choice and the page's own, explicitly (defaults included): the link survives a changed default."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for key in (*SIDEBAR_KEYS, *PAGE_KEYS.get(page_path, ())):
         if key in st.session_state and st.session_state[key] is not None:
             pairs.extend((key, v) for v in _encoded(st.session_state[key]))

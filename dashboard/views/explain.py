@@ -67,7 +67,8 @@ def dataset_photo(dataset: Dataset, fold: str | None) -> Photo:
         if fold
         else "The dataset has no fold columns, so every image is listed.",
     )
-    names = dataset.table["image_name"].to_list() if split == "all" else names_in(dataset, fold, split)
+    # Without fold columns "all" is the only split offered.
+    names = dataset.table["image_name"].to_list() if split == "all" or fold is None else names_in(dataset, fold, split)
     if not names:
         raise UserFacingError(f"{fold} has no {split} images in this dataset; choose another split")
     labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
@@ -94,7 +95,7 @@ def photo_input(view: state.View, card_fold: str | None) -> Photo | None:
         horizontal=True,
         help="A face of the dataset, scikit-image's astronaut photo, or your own photo.",
     )
-    if source == DATASET_IMAGE:
+    if source == DATASET_IMAGE and view.dataset is not None:  # only offered with a dataset
         return dataset_photo(view.dataset, _fold_of(view.dataset, card_fold))
     if source == SAMPLE_PHOTO:
         return Photo(sample_photo(), None, None, None, None, may_cache=True)
@@ -138,7 +139,7 @@ def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFr
             st.caption("none listed")
         else:
             st.dataframe(priors.sort("region"), hide_index=True, width="stretch", height=200)
-    if photo.name is not None:
+    if photo.name is not None and view.dataset is not None:  # a named photo comes from the dataset
         st.markdown(f"**Terms the raters annotated on {photo.name}** (true label {photo.label})")
         try:
             annotations = resources.annotations(view.dataset)
@@ -215,13 +216,11 @@ def main() -> None:
             )
             return
         bar = st.progress(0.0, text="Explaining …")
-        result = explain(
-            photo.source,
-            classifier,
-            settings,
-            cache,
-            progress=lambda m, i, n: bar.progress(i / max(n, 1), text=f"{m} ({i + 1}/{n})"),
-        )
+
+        def progress(method: str, i: int, n: int) -> None:
+            bar.progress(i / max(n, 1), text=f"{method} ({i + 1}/{n})")
+
+        result = explain(photo.source, classifier, settings, cache, progress=progress)
         bar.empty()
         show_face(result.face, photo.image)
         show_prediction(result, photo, view)

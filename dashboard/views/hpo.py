@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import polars as pl
 import streamlit as st
 
+from core.dataset import Dataset
 from core.errors import UserFacingError
 from core.hpo import term_syndrome_chi2, term_tsne
 from core.stats import hpo_correlation, table4_wide
@@ -29,7 +32,7 @@ def correlation(view: state.View, counts: pl.DataFrame) -> None:
         return
     result = hpo_correlation(source.table, counts)
     summary = result.summary
-    models = int(summary["n_models"].max()) if len(summary) else 0
+    models = int(cast(int, summary["n_models"].max())) if len(summary) else 0  # an integer column
     st.subheader(f"Table 4: Spearman ρ between C_i and the region's HPO count, mean (std) over {models} fold model(s)")
     st.plotly_chart(
         render.heat_table(
@@ -55,32 +58,32 @@ def correlation(view: state.View, counts: pl.DataFrame) -> None:
     st.plotly_chart(render.count_scatter(points, region), width="stretch")
 
 
-def figure4(view: state.View) -> None:
-    version = resources.annotations_version(view.dataset)
+def figure4(dataset: Dataset) -> None:
+    version = resources.annotations_version(dataset)
     st.subheader("Figure 4: the annotations themselves")
     left, right = st.columns(2)
     with left:
         st.markdown("**χ² of each term against the syndrome label**")
-        st.plotly_chart(render.chi2_bars(chi2_of(str(view.dataset.root), version)), width="stretch")
+        st.plotly_chart(render.chi2_bars(chi2_of(str(dataset.root), version)), width="stretch")
     with right:
         st.markdown("**t-SNE of the per-image term vectors**")
-        st.plotly_chart(render.tsne_scatter(tsne_of(str(view.dataset.root), version)), width="stretch")
+        st.plotly_chart(render.tsne_scatter(tsne_of(str(dataset.root), version)), width="stretch")
 
 
-def leaderboard(view: state.View) -> None:
-    if not view.dataset.layout.ground_truth.is_file():
+def leaderboard(dataset: Dataset) -> None:
+    if not dataset.layout.ground_truth.is_file():
         return
     st.subheader("Ground truth leaderboard (synthetic data)")
     st.caption(
         "How often each method puts most relevance on the region where the phenotype was planted "
         "(single-region faces; chance 1/regions), and ρ between planted-term counts and C_i."
     )
-    path = view.dataset.layout.leaderboard
+    path = dataset.layout.leaderboard
     if path.is_file():
         st.dataframe(pl.read_csv(path), hide_index=True, width="stretch")
     else:
         st.info(f"No leaderboard yet ({path} is missing). Make it with:")
-        st.code(f"python -m core benchmark {view.dataset.root} --methods all", language="bash")
+        st.code(f"python -m core benchmark {dataset.root} --methods all", language="bash")
 
 
 def main() -> None:
@@ -90,18 +93,19 @@ def main() -> None:
         "Do methods put more relevance on a region when raters marked more HPO terms there? Split 'test': "
         "the annotated test images, scored by every fold model."
     )
-    if view.dataset is None:
+    dataset = view.dataset
+    if dataset is None:
         st.info("Choose a dataset in the sidebar.")
         return
     try:
         try:
-            counts = resources.hpo_region_counts(view.dataset)
+            counts = resources.hpo_region_counts(dataset)
         except UserFacingError as error:
             st.info(f"This dataset has no HPO annotations, so RQ2 cannot be computed: {error}")
         else:
             correlation(view, counts)
-            figure4(view)
-        leaderboard(view)
+            figure4(dataset)
+        leaderboard(dataset)
     except UserFacingError as error:
         st.error(str(error))
 

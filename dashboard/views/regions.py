@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from core import region_edits
-from core.dataset import names_in, read_photo
+from core.dataset import Dataset, names_in, read_photo
 from core.errors import UserFacingError
 from core.parse import LAPA_LABELS
 from core.pipeline import prepare_face
@@ -254,9 +254,8 @@ def edit_spec(draft: RegionSpec) -> None:
         add.button("Add split", key=_key("add-split"), on_click=_add_split, args=(upper_key, lower_key))
 
 
-def preview(view: state.View) -> None:
+def preview(view: state.View, dataset: Dataset) -> None:
     """The current spec's masks on a few held-out faces."""
-    dataset = view.dataset
     count = st.slider("Faces to preview", 1, 8, 4, key="preview", bind=state.URL)
     fold = dataset.folds[0] if dataset.folds else None
     held_out = names_in(dataset, fold, "test") if fold else dataset.table["image_name"].to_list()
@@ -280,7 +279,7 @@ def preview(view: state.View) -> None:
         st.warning(f"Region {region!r} is empty on {n} of {len(names)} preview faces: its scores are NaN there.")
 
 
-def rescored_tables(view: state.View) -> None:
+def rescored_tables(view: state.View, dataset: Dataset) -> None:
     """Tables 3 and 4 under the current spec, re-scored from the stored maps (no model runs)."""
     val, test = scores.score_table(view, "val"), scores.score_table(view, "test")
     for split, table in (("val", val), ("test", test)):
@@ -303,7 +302,7 @@ def rescored_tables(view: state.View) -> None:
                 f"**Table 4** (split test, re-scored in {test.seconds * 1000:.0f} ms): mean (std) ρ over fold models"
             )
             try:
-                summary = hpo_correlation(test.table, resources.hpo_region_counts(view.dataset)).summary
+                summary = hpo_correlation(test.table, resources.hpo_region_counts(dataset)).summary
             except UserFacingError as error:
                 st.info(str(error))
             else:
@@ -344,12 +343,13 @@ def main() -> None:
             file_name=f"{view.spec.name or 'regions'}-{view.spec_ref}.json".replace(" ", "-"),
         )
     with results:
-        if view.dataset is None:
+        dataset = view.dataset
+        if dataset is None:
             st.info("Choose a dataset in the sidebar to preview the masks and re-score it.")
             return
         try:
-            preview(view)
-            rescored_tables(view)
+            preview(view, dataset)
+            rescored_tables(view, dataset)
         except (UserFacingError, ValueError) as error:
             st.error(str(error))
 
