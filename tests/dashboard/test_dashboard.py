@@ -162,4 +162,4 @@ def test_explain_page_opens_on_a_demo_face_with_the_demo_models(tmp_path, monkey
     assert not app.exception, app.exception
     assert app.radio(key="source").value == "dataset image"
     assert any(h.value.startswith("Predicted ") for h in app.subheader)
-    assert any("(parser)" in m.value for m in app.markdown)
+    assert any("(stored)" in m.value for m in app.markdown)  # the one label-map rule: the demo's own maps win
