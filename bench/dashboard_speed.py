@@ -22,7 +22,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -52,7 +54,10 @@ from models.parser import load_face_parser
 APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
 
 
-def timed(run) -> tuple[float, object]:
+T = TypeVar("T")
+
+
+def timed(run: Callable[[], T]) -> tuple[float, T]:
     start = time.perf_counter()
     value = run()
     return time.perf_counter() - start, value
@@ -65,7 +70,8 @@ def explain_page(root: Path, repeats: int) -> None:
     parser_card = dataset.layout.parser_card
     parser = load_face_parser(parser_card) if parser_card.is_file() else None
     name = names_in(dataset, classifier.card.fold or dataset.folds[0], "test")[0]
-    image, landmarks = load_image(image_file(dataset, name)), landmarks_of(dataset, [name])[0]
+    image, stored = load_image(image_file(dataset, name)), landmarks_of(dataset, [name])
+    landmarks = None if stored is None else stored[0]  # None: explain detects the face
     cache = DiskCache()
 
     def page_compute():
@@ -119,7 +125,7 @@ def regions_page(root: Path, repeats: int) -> None:
         seconds, table = timed(
             lambda: extract_scores(
                 ExtractionPlan(open_dataset(root), load_classifiers(cards), "val"),
-                ExplainSettings(methods=methods),
+                ExplainSettings(methods=tuple(methods)),
                 cache=DiskCache(),
                 store=RelevanceStore(folder),
             )

@@ -18,7 +18,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -93,13 +95,16 @@ def build_store(root: Path, label_maps: np.ndarray, folds: int, seed: int) -> Re
     return RelevanceStore(root)
 
 
-def timed(run) -> tuple[float, object]:
+T = TypeVar("T")
+
+
+def timed(run: Callable[[], T]) -> tuple[float, T]:
     start = time.perf_counter()
     result = run()
     return time.perf_counter() - start, result
 
 
-def best_of(repeats: int, run) -> float:
+def best_of(repeats: int, run: Callable[[], object]) -> float:
     return min(timed(run)[0] for _ in range(repeats))
 
 

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import hashlib
 import inspect
-import itertools
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import types
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import diskcache
 import numpy as np
@@ -46,7 +45,7 @@ def _library_versions() -> str:
     return ",".join(versions)
 
 
-def _feed(h: hashlib._Hash, obj: Any) -> None:
+def _feed(h: hashlib.blake2b, obj: Any) -> None:
     """Feed a canonical, type-tagged encoding of ``obj`` into ``h``."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
         h.update(b"J" + json.dumps(obj).encode())
@@ -55,7 +54,7 @@ def _feed(h: hashlib._Hash, obj: Any) -> None:
     elif isinstance(obj, np.ndarray) or (type(obj).__module__ == "torch" and type(obj).__name__ == "Tensor"):
         array = np.ascontiguousarray(obj.detach().cpu().numpy() if hasattr(obj, "detach") else obj)
         h.update(f"A{array.dtype.str}{array.shape}".encode())
-        h.update(memoryview(array).cast("B"))
+        h.update(array.data.cast("B"))  # array.data is memoryview(array)
     elif isinstance(getattr(obj, "fingerprint", None), str):
         # Models (classifier, face parser) are identified by their weights, never by object identity.
         h.update(b"F" + obj.fingerprint.encode())
@@ -107,8 +106,10 @@ def _move_aside(directory: Path) -> Path | None:
     """Rename a damaged cache folder to ``<dir>.damaged-<timestamp>``, kept for the user to inspect or
     delete; None when another process opening the same cache moved it first."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in itertools.count():
+    attempt = 0
+    while True:  # not itertools.count(): mypy knows this loop only ends by returning
         target = directory.with_name(f"{directory.name}.damaged-{stamp}" + (f"-{attempt}" if attempt else ""))
+        attempt += 1
         if target.exists():
             continue
         try:
@@ -179,6 +180,14 @@ def memo_key(namespace: str, salt: str, *parts: Any) -> str:
     return content_hash(namespace, salt, *parts)
 
 
+class Memoised(Protocol):
+    """What ``memoised`` returns: the function, taking ``cache=``, with its code-version ``salt()``."""
+
+    salt: Callable[[], str]
+
+    def __call__(self, *args: Any, cache: DiskCache | None = None, **kwargs: Any) -> Any: ...
+
+
 def memoised(namespace: str, depends: tuple[types.ModuleType, ...] = ()):
     """Decorate a pure function so that ``f(..., cache=DiskCache)`` is looked up by content first.
 
@@ -189,7 +198,10 @@ def memoised(namespace: str, depends: tuple[types.ModuleType, ...] = ()):
     def decorate(function):
         @functools.lru_cache(maxsize=1)
         def salt() -> str:
-            return source_salt(inspect.getmodule(function), *depends)
+            module = inspect.getmodule(function)
+            if module is None:  # inspect.getsource(None) would fail just the same
+                raise TypeError(f"cannot find the module of {function!r} to salt its cache keys")
+            return source_salt(module, *depends)
 
         @functools.wraps(function)
         def wrapper(*args, cache: DiskCache | None = None, **kwargs):
@@ -198,8 +210,9 @@ def memoised(namespace: str, depends: tuple[types.ModuleType, ...] = ()):
             key = memo_key(namespace, salt(), args, kwargs)
             return cache.get_or_compute(key, lambda: function(*args, **kwargs))
 
-        wrapper.salt = salt
-        return wrapper
+        memoised_function = cast(Memoised, wrapper)
+        memoised_function.salt = salt
+        return memoised_function
 
     return decorate
 

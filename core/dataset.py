@@ -236,7 +236,7 @@ def _stored_label_map(
     except ImageError as error:
         raise DatasetError(f"{where}: {error}") from None
     if map_size == photo_size and label_map.shape != image_shape[:2]:
-        shrunk = Image.fromarray(label_map).resize(image_shape[1::-1], Image.Resampling.NEAREST)
+        shrunk = Image.fromarray(label_map).resize((image_shape[1], image_shape[0]), Image.Resampling.NEAREST)
         label_map = np.asarray(shrunk)
     return label_map
 

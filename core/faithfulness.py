@@ -85,7 +85,11 @@ def blank_regions(
 
 
 def region_drops(
-    classifier: Classifier, faces: FaceSet, targets: Sequence[int], blank: str = "mean", batch_size: int = 64
+    classifier: Classifier,
+    faces: FaceSet,
+    targets: Sequence[int] | np.ndarray,
+    blank: str = "mean",
+    batch_size: int = 64,
 ) -> pl.DataFrame:
     """Drop in the probability of class ``targets[n]`` when each region of face n is blanked: one row per
     image × region. The N×R blanked faces go through the classifier about ``batch_size`` at a time.
@@ -122,7 +126,7 @@ def region_drops(
 def region_method_scores(
     classifier: Classifier,
     faces: FaceSet,
-    targets: Sequence[int],
+    targets: Sequence[int] | np.ndarray,
     settings: ExplainSettings,
     cache: DiskCache | None = None,
     progress: Progress | None = None,
@@ -270,8 +274,9 @@ def randomised_classifier(classifier: Classifier, layers: Sequence[str], seed: i
         torch.manual_seed(seed)
         for name in layers:
             for module in modules[name].modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                reset = getattr(module, "reset_parameters", None)  # hasattr would leave it typed Tensor | Module
+                if reset is not None:
+                    reset()
     network.eval().requires_grad_(False)
     fingerprint = hashlib.sha256(
         f"{classifier.fingerprint}\0randomised {','.join(layers)} seed {seed}\0"

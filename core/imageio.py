@@ -20,6 +20,7 @@ import struct
 import zlib
 from io import BytesIO
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -184,7 +185,7 @@ def _value_range(image: Image.Image) -> tuple[float, float]:
     """
     nominal = (0.0, float(_HIGH_DEPTH_NOMINAL_MAX[image.mode]))
     if image.mode == "I":
-        low, high = image.getextrema()
+        low, high = cast(tuple[float, float], image.getextrema())  # one band: (min, max), not one pair per band
     elif image.mode == "F":
         values = np.asarray(image)
         finite = np.isfinite(values)

@@ -77,6 +77,7 @@ def leaderboard(
             "class, so use a model trained on this dataset"
         )
     faces = true_faces(dataset, names, classifier.card.input_size, settings)
+    assert faces.labels is not None  # true_faces gives every face its true label
     targets = [classes.index(label) for label in faces.labels]
     counts = planted_counts(dataset, names, faces.masks.names)
     results = score_faces(classifier, faces.aligned, faces.masks, targets, settings, cache)

@@ -183,6 +183,7 @@ def aligned_dataset_photos(
         raise DatasetError(f"{purpose} needs landmarks in partitions.csv (x1,y1,…,x5,y5); run face detection first")
     for name in names:
         photo = read_photo(dataset, name)
+        assert photo.landmarks is not None  # read_photo gives every photo of a dataset with landmarks its own
         yield photo, align_face(photo.image, photo.landmarks, size=size)
 
 
@@ -357,7 +358,7 @@ def score_faces(
     classifier: Classifier,
     aligned: np.ndarray,
     masks: RegionMasks,
-    targets: Sequence[int],
+    targets: Sequence[int] | np.ndarray,
     settings: ExplainSettings,
     cache: DiskCache | None = None,
 ) -> Iterator[MethodScores]:

@@ -269,7 +269,7 @@ def bundled_region_specs() -> dict[str, RegionSpec]:
 def _evaluation_order(spec: RegionSpec) -> list[tuple[str, str | int]]:
     """Steps ("region", name) and ("split", index) so that a region is built after every region
     it links to is final, i.e. after the last gap split that moves it; splits run in spec order."""
-    final = {rule.name: ("region", rule.name) for rule in spec.regions}
+    final: dict[str, tuple[str, str | int]] = {rule.name: ("region", rule.name) for rule in spec.regions}
     graph: dict[tuple, set] = {("region", rule.name): set() for rule in spec.regions}
     for i, split in enumerate(spec.gap_splits):
         graph[("split", i)] = {("region", split.upper), ("region", split.lower), final[split.upper], final[split.lower]}
@@ -448,7 +448,7 @@ def _masks_of_one_map(label_map: np.ndarray, spec: RegionSpec, order: list) -> t
         mask &= ~claimed
         claimed |= mask
 
-    reasons = {rule.name: placed[rule.name] for rule in spec.regions if isinstance(placed[rule.name], str)}
+    reasons = {rule.name: reason for rule in spec.regions if isinstance(reason := placed[rule.name], str)}
     for rule, mask in zip(spec.regions, masks):
         if rule.name not in reasons and not mask.any():
             reasons[rule.name] = (

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -108,6 +109,11 @@ class FoldResult:
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise TrainingConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+
+
+def in_memory_format(network: torch.nn.Module, memory_format: torch.memory_format) -> torch.nn.Module:
+    """``network.to(memory_format=...)``, which torch accepts but its typed overloads of ``Module.to`` omit."""
+    return network.to(memory_format=memory_format)  # type: ignore[call-overload]
 
 
 def training_autocast(precision: str) -> torch.autocast:
@@ -243,9 +249,12 @@ def _initial_network(config: TrainConfig, n_classes: int) -> torch.nn.Module:
 
 def _optimiser(network: torch.nn.Module, config: TrainConfig, steps_per_epoch: int):
     """The optimiser (the new head at ``head_lr_factor`` × the rate) and its learning-rate schedule."""
-    head = list(network.fc.parameters())
+    head = list(cast(torch.nn.Module, network.fc).parameters())  # Module.__getattr__ says Tensor | Module
     body = [p for n, p in network.named_parameters() if not n.startswith("fc.")]
-    groups = [{"params": body}, {"params": head, "lr": config.learning_rate * config.head_lr_factor}]
+    groups: list[dict[str, Any]] = [
+        {"params": body},
+        {"params": head, "lr": config.learning_rate * config.head_lr_factor},
+    ]
     optimiser: torch.optim.Optimizer
     if config.optimizer == "sgd":
         optimiser = torch.optim.SGD(
@@ -302,8 +311,10 @@ def _train(
         log(epoch, float(np.mean(losses)), val_accuracy)
         if val_accuracy > best[0]:
             best = (val_accuracy, epoch, {k: v.detach().clone() for k, v in network.state_dict().items()})
+    if best[2] is None:  # no epoch ran
+        raise TrainingConfigError(f"epochs must be at least 1, not {config.epochs}")
     network.load_state_dict(best[2])
-    return network.to(memory_format=torch.contiguous_format).eval(), best[1], best[0]
+    return in_memory_format(network, torch.contiguous_format).eval(), best[1], best[0]
 
 
 def table2(results: list[FoldResult]) -> pl.DataFrame:

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from core.dataset import Dataset, DatasetError
 from core.parse import LAPA_LABELS
 from core.pipeline import aligned_dataset_photos, stored_map_in_aligned_frame
-from core.train import PRECISIONS, check_precision, training_autocast
+from core.train import PRECISIONS, check_precision, in_memory_format, training_autocast
 from models.checkpoint import ModelCard, normalise_pixels
 from models.parser import build_face_parser, save_face_parser
 
@@ -67,7 +68,7 @@ class ParserResult:
 
     @property
     def mean_iou(self) -> float:
-        return float(self.iou["iou"].mean())
+        return float(cast(float, self.iou["iou"].mean()))  # Series.mean is typed as any scalar
 
 
 def aligned_faces_and_maps(dataset: Dataset, names: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,10 +122,10 @@ def train_face_parser(
     # (normalised so the average pixel weighs 1), or the parser learns them last.
     frequency = np.bincount(maps[train].ravel(), minlength=len(LAPA_LABELS)) / maps[train].size
     weights = 1.0 / np.sqrt(frequency + 1e-4)
-    weights = torch.tensor(weights / (frequency * weights).sum(), dtype=torch.float32)
+    class_weights = torch.tensor(weights / (frequency * weights).sum(), dtype=torch.float32)
 
     torch.manual_seed(config.seed)
-    network = build_face_parser(config.encoder, len(LAPA_LABELS)).to(memory_format=torch.channels_last)
+    network = in_memory_format(build_face_parser(config.encoder, len(LAPA_LABELS)), torch.channels_last)
     dice = smp.losses.DiceLoss("multiclass")
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = config.epochs * math.ceil(len(train) / config.batch_size)
@@ -147,14 +148,14 @@ def train_face_parser(
             with training_autocast(config.precision):
                 logits = network(x[batch])
             logits = logits.float()
-            loss = F.cross_entropy(logits, y[batch], weight=weights) + dice(logits, y[batch])
+            loss = F.cross_entropy(logits, y[batch], weight=class_weights) + dice(logits, y[batch])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             scheduler.step()
             losses.append(loss.item())
         log(f"parser epoch {epoch:2d}: loss {np.mean(losses):.3f}")
-    network = network.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
+    network = in_memory_format(network, torch.contiguous_format).eval().requires_grad_(False)
     with torch.no_grad():
         predicted = torch.cat([network(x[held[i : i + 64]]).argmax(1) for i in range(0, len(held), 64)]).numpy()
     iou = intersection_over_union(predicted.astype(np.int64), maps[held])

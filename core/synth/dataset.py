@@ -211,7 +211,7 @@ def _write_partitions(
 
 def _write_ground_truth(root: Path, images: list[SyntheticImage]) -> None:
     phenotypes = drawable_phenotypes()
-    rows = []
+    rows: list[dict[str, object]] = []
     for image in images:
         base = {"image_name": image.name, "person_id": image.person_id, "label": image.label}
         if not image.params.phenotypes:
