@@ -41,12 +41,14 @@ def randomised_batchnorm(model: torch.nn.Module, seed: int, zero_bias: bool) -> 
             module.weight.data = 0.5 + torch.rand(c, generator=g)
             module.running_var = 0.5 + torch.rand(c, generator=g)
             if zero_bias:
+                assert module.running_mean is not None
                 module.bias.data.zero_()
                 module.running_mean.zero_()
             else:
                 module.bias.data = 0.1 * torch.randn(c, generator=g)
                 module.running_mean = 0.1 * torch.randn(c, generator=g)
     if zero_bias:
+        assert isinstance(model.fc, torch.nn.Linear)
         model.fc.bias.data.zero_()
     return model
 

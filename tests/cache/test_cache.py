@@ -8,7 +8,7 @@ import torch
 
 from cache import MISSING, DiskCache, content_hash, memoised
 
-calls = []
+calls: list[int] = []
 
 
 @memoised("test-double")

@@ -359,7 +359,9 @@ def _corpus() -> list[OddInput]:
     ):
         label = fmt.lower() + ("-jpeg" if options.get("compression") == "jpeg" else "")
         for k, fraction in enumerate((0.02, 0.2, 0.5, 0.8, 0.97)):
-            add(OddInput(f"{label}-cut-{k}", cut(lambda f=fmt, o=options: _face_in(f, **o)(Path()), fraction), EITHER))
+            add(
+                OddInput(f"{label}-cut-{k}", cut(functools.partial(_face_in(fmt, **options), Path()), fraction), EITHER)
+            )
     # Random byte flips: anywhere, and concentrated in the headers.
     for seed in range(30):
         within = 1.0 if seed < 15 else 0.1
@@ -379,7 +381,7 @@ def _corpus() -> list[OddInput]:
         ("elf", b"\x7fELF" + b"\x02\x01\x01" + b"\x00" * 57),
         ("random-4k", np.random.default_rng(0).bytes(4096)),
     ):
-        add(OddInput(name, lambda _, c=content: c, MESSAGE, "empty|" + not_image))
+        add(OddInput(name, functools.partial(lambda c, _: c, content), MESSAGE, "empty|" + not_image))
     add(OddInput("text-renamed-jpg", text_named_jpg, MESSAGE, not_image))
     add(OddInput("fifo", fifo, MESSAGE, "not a regular file"))
     add(OddInput("directory", directory, MESSAGE, "not a regular file"))
@@ -483,7 +485,9 @@ def _corpus() -> list[OddInput]:
     for value in (0, 9, 65535):
         add(
             OddInput(
-                f"exif-orientation-value-{value}", lambda _, v=value: jpeg_with_app1(exif_orientation_value(v)), RESULT
+                f"exif-orientation-value-{value}",
+                functools.partial(lambda v, _: jpeg_with_app1(exif_orientation_value(v)), value),
+                RESULT,
             )
         )
     add(OddInput("exif-garbage", lambda _: jpeg_with_app1(np.random.default_rng(1).bytes(300)), RESULT))
@@ -525,7 +529,7 @@ def _corpus() -> list[OddInput]:
         add(
             OddInput(
                 f"face-at-{place}-border",
-                png_of(lambda t=top, x=left: pasted(canvas(320, 360), synthetic_face(0), t, x)),
+                png_of(functools.partial(lambda t, x: pasted(canvas(320, 360), synthetic_face(0), t, x), top, left)),
                 EITHER,
             )
         )
@@ -544,7 +548,7 @@ def _corpus() -> list[OddInput]:
         )
     )
     for count in (2, 4, 9, 16):  # MTCNN misses a few of the small synthetic faces; it finds at least half
-        add(OddInput(f"{count}-faces", png_of(lambda c=count: tiled_faces(c)), RESULT, faces=count // 2))
+        add(OddInput(f"{count}-faces", png_of(functools.partial(tiled_faces, count)), RESULT, faces=count // 2))
     add(
         OddInput(
             "2-faces-different-sizes",

@@ -135,7 +135,7 @@ class BlobDetector:
     """Stands in for MTCNN: reports the centroid of a bright blob as all five landmarks."""
 
     def __init__(self):
-        self.seen_shape = None
+        self.seen_shape: tuple[int, ...] | None = None
 
     def detect(self, image, landmarks):
         self.seen_shape = image.shape
@@ -150,7 +150,7 @@ def test_large_images_are_searched_downscaled_and_mapped_back():
     image = np.repeat(np.round(255 * blob).astype(np.uint8)[:, :, None], 3, axis=2)
     detector = BlobDetector()
     landmarks = detect_landmarks(image, detector)
-    assert max(detector.seen_shape[:2]) == 1024
+    assert detector.seen_shape is not None and max(detector.seen_shape[:2]) == 1024
     np.testing.assert_allclose(landmarks, np.tile([2100.0, 700.0], (5, 1)), atol=1.0)
 
 

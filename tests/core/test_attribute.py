@@ -118,7 +118,7 @@ def test_occlusion_equals_a_brute_force_loop(small_model):
 
 
 def test_layer_gradcam_is_upsampled_grad_weighted_activations(small_model, small_batch):
-    activations = {}
+    activations: dict[str, torch.Tensor] = {}
     handle = small_model.layer4.register_forward_hook(lambda m, i, o: activations.setdefault("a", o))
     x = small_batch.clone().requires_grad_(True)
     logits = small_model(x)[torch.arange(3), TARGETS].sum()
@@ -187,7 +187,7 @@ def test_concurrent_methods_on_one_shared_model_equal_the_serial_run(small_model
         "LayerGradCam",
     ] * 2
     serial = [attribute(small_model, small_batch, TARGETS, m) for m in methods]
-    results = [None] * len(methods)
+    results: list[torch.Tensor | None] = [None] * len(methods)
     barrier = threading.Barrier(len(methods))
 
     def work(i):
@@ -201,7 +201,7 @@ def test_concurrent_methods_on_one_shared_model_equal_the_serial_run(small_model
         t.join(timeout=120)
     assert all(not t.is_alive() for t in threads)
     for method, expected, got in zip(methods, serial, results):
-        assert torch.equal(expected, got), method
+        assert got is not None and torch.equal(expected, got), method
 
 
 def test_pass_counts_follow_the_parameters():

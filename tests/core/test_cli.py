@@ -18,6 +18,11 @@ def _options(command: str) -> dict[str, argparse.Action]:
     return {action.dest: action for action in subcommands.choices[command]._actions}
 
 
+def choices(action: argparse.Action) -> tuple:
+    assert action.choices is not None, f"--{action.dest} has no choices"
+    return tuple(action.choices)
+
+
 @pytest.mark.parametrize(("command", "config_type"), [("train", TrainConfig), ("train-parser", ParserConfig)])
 def test_every_config_field_is_a_flag_with_help(command, config_type):
     options = _options(command)
@@ -29,10 +34,10 @@ def test_every_config_field_is_a_flag_with_help(command, config_type):
 
 def test_choices_come_from_the_owning_modules():
     train, parser_training = _options("train"), _options("train-parser")
-    assert tuple(train["architecture"].choices) == ARCHITECTURES
-    assert tuple(train["optimizer"].choices) == OPTIMIZERS
-    assert tuple(train["schedule"].choices) == SCHEDULES
-    assert tuple(train["precision"].choices) == tuple(parser_training["precision"].choices) == PRECISIONS
+    assert choices(train["architecture"]) == ARCHITECTURES
+    assert choices(train["optimizer"]) == OPTIMIZERS
+    assert choices(train["schedule"]) == SCHEDULES
+    assert choices(train["precision"]) == choices(parser_training["precision"]) == PRECISIONS
 
 
 def test_flags_fill_the_config_and_leave_the_rest_to_its_defaults():

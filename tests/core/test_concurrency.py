@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -27,7 +28,7 @@ from core.dataset import Photo
 from core.explain import explain
 from core.pipeline import ExplainSettings
 from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
-from models.checkpoint import ModelCard, load_classifier, save_checkpoint
+from models.checkpoint import Classifier, ModelCard, load_classifier, save_checkpoint
 from tests.conftest import tiny_resnet
 
 SIZE = 48  # aligned face of the tiny models
@@ -55,10 +56,11 @@ def session_plan(i: int) -> tuple[int, int, list[str]]:
     return i % 4, i % 2, [METHODS[i], "Gradient"]
 
 
-def run_session(i: int, card_paths: list[str], cache: DiskCache | None) -> dict[str, np.ndarray]:
+def run_session(i: int, card_paths: Sequence[str | Classifier], cache: DiskCache | None) -> dict[str, np.ndarray]:
     photo, model, methods = session_plan(i)
     rendered = face(photo)
-    classifier = load_classifier(card_paths[model]) if isinstance(card_paths[model], str) else card_paths[model]
+    card_or_classifier = card_paths[model]
+    classifier = load_classifier(card_or_classifier) if isinstance(card_or_classifier, str) else card_or_classifier
     result = explain(
         Photo(rendered.image, rendered.landmarks), classifier, ExplainSettings(methods=tuple(methods)), cache
     )
@@ -69,7 +71,7 @@ def run_session(i: int, card_paths: list[str], cache: DiskCache | None) -> dict[
     return arrays
 
 
-def assert_identical(expected: list[dict], got: list[dict]) -> None:
+def assert_identical(expected: list[dict], got: Sequence[dict | None]) -> None:
     for i, (reference, result) in enumerate(zip(expected, got)):
         assert result is not None, f"session {i} produced nothing"
         assert reference.keys() == result.keys()
@@ -112,7 +114,7 @@ def serial(card_paths) -> list[dict]:
     return [run_session(i, classifiers, cache=None) for i in range(SESSIONS)]
 
 
-def run_threads(classifiers, cache) -> list[dict]:
+def run_threads(classifiers, cache) -> list[dict | None]:
     results: list[dict | None] = [None] * SESSIONS
     barrier = threading.Barrier(SESSIONS)
 

@@ -28,9 +28,9 @@ def test_the_nih_release_layout_reads_labels_from_names(tmp_path):
     assert dataset.folds == ("fold-1", "fold-2")
     assert names_in(dataset, "fold-1", "train") == ["WSSlide1.png"]
     assert names_in(dataset, "fold-2", "test") == ["NSSlide2.png"]
-    np.testing.assert_array_equal(
-        landmarks_of(dataset, ["NSSlide2.png"])[0], [[11, 21], [31, 21], [21, 31], [13, 41], [29, 41]]
-    )
+    landmarks = landmarks_of(dataset, ["NSSlide2.png"])
+    assert landmarks is not None
+    np.testing.assert_array_equal(landmarks[0], [[11, 21], [31, 21], [21, 31], [13, 41], [29, 41]])
     assert image_file(dataset, "WSSlide1.png").name == "WSSlide1.png"
     assert label_from_name("22q11DSSlide2.png") == "22q11DS"
     assert label_from_name("RSTS1Slide10.jpg") == "RSTS1"
@@ -83,4 +83,5 @@ def test_segmaps_are_found_by_name_or_png_stem(tmp_path):
     dataset = open_dataset(root)
     assert segmap_file(dataset, "WSSlide1.jpg") is None
     (root / "features" / "segmaps" / "WSSlide1.png").write_bytes(b"x")
-    assert segmap_file(dataset, "WSSlide1.jpg").name == "WSSlide1.png"
+    segmap = segmap_file(dataset, "WSSlide1.jpg")
+    assert segmap is not None and segmap.name == "WSSlide1.png"

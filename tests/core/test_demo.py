@@ -36,7 +36,7 @@ def test_iou_against_hand_counts():
 def tiny_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     cache = DiskCache(root / "cache")
-    lines = []
+    lines: list[str] = []
     report = build_demo(root, TINY, log=lines.append, cache=cache)
     return root, report, cache
 
@@ -71,7 +71,7 @@ def test_the_demo_builds_every_stage_and_its_models_load(tiny_demo):
 def test_a_second_build_does_nothing_and_a_changed_preset_redoes_only_its_stage(tiny_demo):
     root, _, cache = tiny_demo
     before = (root / "models" / "classifier-fold-1.safetensors").stat().st_mtime_ns
-    lines = []
+    lines: list[str] = []
     assert build_demo(root, TINY, log=lines.append, cache=cache)["stages"] == {}
     assert any("up to date" in line for line in lines)
     assert (root / "models" / "classifier-fold-1.safetensors").stat().st_mtime_ns == before

@@ -95,7 +95,12 @@ def test_cached_explanations_are_identical_and_skip_the_model(classifier, photo,
         Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("LRP-EpsilonPlus", "SmoothGrad")), cache
     )
     calls = []
-    monkeypatch.setattr(pipeline_module, "attribute", lambda *a, **k: calls.append(a) or pytest.fail("recomputed"))
+
+    def recomputed(*a, **k):
+        calls.append(a)
+        pytest.fail("recomputed")
+
+    monkeypatch.setattr(pipeline_module, "attribute", recomputed)
     second = explain(
         Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("LRP-EpsilonPlus", "SmoothGrad")), cache
     )

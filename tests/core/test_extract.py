@@ -16,7 +16,7 @@ import pytest
 
 from cache import MISSING, DiskCache
 from core.cli import main as cli_main
-from core.dataset import Photo, image_file, landmarks_of, names_in, open_dataset, segmap_file
+from core.dataset import Dataset, Photo, image_file, landmarks_of, names_in, open_dataset, segmap_file
 from core.explain import explain
 from core.extract import ExtractionPlan, extract_scores, load_classifiers
 from core.imageio import load_image, load_label_map
@@ -33,7 +33,7 @@ from models.checkpoint import ModelCard, save_checkpoint
 from tests.conftest import REPO, counting_attributions, tiny_resnet
 
 CLASSES = ("KS", "Unaffected", "WS")
-METHODS = ["Gradient", "LayerGradCam"]
+METHODS = ("Gradient", "LayerGradCam")
 SIZE = 64
 KEY = ["model", "method", "image_name", "region"]
 
@@ -80,6 +80,18 @@ def sorted_table(table: pl.DataFrame) -> pl.DataFrame:
     return table.sort(KEY)
 
 
+def stored_photos(dataset: Dataset, names: list[str]) -> list[Photo]:
+    """Each photo with the landmarks and label map the dataset stores for it (the tiny dataset has both)."""
+    landmarks = landmarks_of(dataset, names)
+    assert landmarks is not None
+    photos = []
+    for name, points in zip(names, landmarks):
+        segmap = segmap_file(dataset, name)
+        assert segmap is not None, name
+        photos.append(Photo(load_image(image_file(dataset, name)), points, load_label_map(segmap)))
+    return photos
+
+
 def test_val_split_table_schema_rows_and_one_model_per_image(tiny):
     dataset, classifiers = tiny
     table = extract_scores(ExtractionPlan(dataset, classifiers, "val"), ExplainSettings(methods=METHODS))
@@ -115,8 +127,7 @@ def test_scores_equal_explain_on_each_photo(tiny, extracted):
     table = extracted[0]
     classifier = classifiers["classifier-fold-2"]
     names = names_in(dataset, "fold-2", "test")[::2]
-    for name, landmarks in zip(names, landmarks_of(dataset, names)):
-        photo = Photo(load_image(image_file(dataset, name)), landmarks, load_label_map(segmap_file(dataset, name)))
+    for name, photo in zip(names, stored_photos(dataset, names)):
         result = explain(photo, classifier, ExplainSettings(methods=METHODS))
         rows = table.filter(pl.col("model") == "classifier-fold-2", pl.col("image_name") == name)
         for method in METHODS:
@@ -132,7 +143,7 @@ def test_scores_equal_explain_on_each_photo(tiny, extracted):
 def test_true_label_target_and_every_model_on_the_test_split(tiny):
     dataset, classifiers = tiny
     table = extract_scores(
-        ExtractionPlan(dataset, classifiers, "test"), ExplainSettings(methods=["Gradient"], target="label")
+        ExtractionPlan(dataset, classifiers, "test"), ExplainSettings(methods=("Gradient",), target="label")
     )
     assert (table["target"] == table["label"]).all()
     per_model = table.group_by("model").agg(pl.col("image_name").unique().sort())
@@ -156,14 +167,7 @@ def test_rescore_equals_extraction_and_a_new_spec_equals_region_scores(tiny, ext
     classifier = classifiers["classifier-fold-1"]
     names = names_in(dataset, "fold-1", "test")
     masks = np.stack(
-        [
-            prepare_face(
-                Photo(load_image(image_file(dataset, n)), points, load_label_map(segmap_file(dataset, n))),
-                SIZE,
-                ExplainSettings(spec=extended),
-            ).masks
-            for n, points in zip(names, landmarks_of(dataset, names))
-        ]
+        [prepare_face(photo, SIZE, ExplainSettings(spec=extended)).masks for photo in stored_photos(dataset, names)]
     )
     maps = store.maps("classifier-fold-1", "LayerGradCam").astype(np.float32)
     expected = region_scores(maps, masks)
@@ -173,7 +177,7 @@ def test_rescore_equals_extraction_and_a_new_spec_equals_region_scores(tiny, ext
     # And a fresh extraction under the new spec (all attributions from the cache) agrees.
     fresh = extract_scores(
         ExtractionPlan(dataset, {"classifier-fold-1": classifier}, "test"),
-        ExplainSettings(methods=["LayerGradCam"], spec=extended),
+        ExplainSettings(methods=("LayerGradCam",), spec=extended),
         cache=cache,
     )
     joined = sorted_table(fresh).join(got, on=KEY)
@@ -188,7 +192,7 @@ class Interrupted(Exception):
 def test_an_interrupted_extraction_resumes_without_recomputing(tiny, tmp_path, monkeypatch):
     dataset, classifiers = tiny
     cache = DiskCache(tmp_path / "cache")
-    stopped_at = []
+    stopped_at: list[int] = []
 
     def interrupt(done, total, what):
         if done >= 4 and not stopped_at:
@@ -241,7 +245,7 @@ def test_unusable_photos_are_left_out_with_a_warning(tiny, tmp_path):
     with pytest.warns(UserWarning, match=f"1 photo.* left out .*{broken}"):
         table = extract_scores(
             ExtractionPlan(open_dataset(copy), classifiers, "test"),
-            ExplainSettings(methods=["Gradient"]),
+            ExplainSettings(methods=("Gradient",)),
             store=RelevanceStore(tmp_path / "store"),
         )
     assert broken not in set(table["image_name"])

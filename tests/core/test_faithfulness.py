@@ -36,7 +36,7 @@ GRADIENT = ExplainSettings(methods=("Gradient",))
 
 def unmasked(faces: np.ndarray, names: list[str]) -> FaceSet:
     """Faces for the randomisation check, which needs no regions."""
-    return FaceSet(names, faces, RegionMasks((), np.zeros((len(faces), 0, *faces.shape[1:3]), bool)))
+    return FaceSet(tuple(names), faces, RegionMasks((), np.zeros((len(faces), 0, *faces.shape[1:3]), bool)))
 
 
 def _card(classes=("A", "B"), size=SIZE, **overrides) -> ModelCard:
@@ -65,6 +65,8 @@ def _box_masks(n: int) -> np.ndarray:
 
 class RegionReader(nn.Module):
     """Class A's logit is 8 × (mean input over one region − 0.5), class B's is 0: only that region matters."""
+
+    mask: torch.Tensor  # a buffer
 
     def __init__(self, mask: np.ndarray):
         super().__init__()

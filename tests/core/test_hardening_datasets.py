@@ -55,10 +55,12 @@ def make_dataset(
     (root / "images").mkdir()
     with_landmarks = any(points is not None for _, _, points in rows)
     lines = ["image_name,label,fold-1" + ("," + LANDMARK_HEADER if with_landmarks else "")]
-    lines += [
-        f"{name},{label},test" + ("," + landmark_cells(points) if with_landmarks else "")
-        for name, label, points in rows
-    ]
+    for name, label, points in rows:
+        line = f"{name},{label},test"
+        if with_landmarks:
+            assert points is not None, "give landmarks for every row or for none"
+            line += "," + landmark_cells(points)
+        lines.append(line)
     (root / "metadata" / "partitions.csv").write_text("\n".join(lines) + "\n")
     for name, data in images.items():
         (root / "images" / name).write_bytes(data)
@@ -188,6 +190,7 @@ def test_an_image_annotated_under_another_label_than_its_own_is_refused(tmp_path
 def test_a_good_photo_reads_back_exactly_and_prepares(tmp_path, face):
     dataset = one_photo_dataset(tmp_path, face, segmap=png(face.label_map))
     photo = read_photo(dataset, "WSSlide1.png")
+    assert photo.landmarks is not None
     np.testing.assert_array_equal(photo.image, face.image)
     np.testing.assert_allclose(photo.landmarks, face.landmarks, atol=1e-3)
     np.testing.assert_array_equal(photo.label_map, face.label_map)
@@ -228,6 +231,7 @@ def test_a_face_cut_by_the_border_keeps_its_landmarks(tmp_path, face):
     cut = np.ascontiguousarray(face.image[:, : int(face.landmarks[:, 0].max()) - 2])  # right eye, mouth corner cut off
     dataset = one_photo_dataset(tmp_path, face, image=png(cut))
     photo = read_photo(dataset, "WSSlide1.png")
+    assert photo.landmarks is not None
     assert (photo.landmarks[:, 0] > cut.shape[1]).any()
     np.testing.assert_allclose(photo.landmarks, face.landmarks, atol=1e-3)
 
@@ -243,6 +247,7 @@ def test_a_photo_shrunk_on_loading_takes_its_landmarks_and_label_map_along(tmp_p
     points = face.landmarks + [left, 0]
     dataset = one_photo_dataset(tmp_path, face, landmarks=points, image=png(full), segmap=png(full_map))
     photo = read_photo(dataset, "WSSlide1.png")
+    assert photo.landmarks is not None and photo.label_map is not None
     assert photo.image.shape == (round(PHOTO * 4096 / width), 4096, 3)
     factors = np.array([4096 / width, photo.image.shape[0] / PHOTO])
     np.testing.assert_allclose(photo.landmarks, points * factors, atol=1e-3)
@@ -261,6 +266,7 @@ def test_an_exif_rotated_photo_keeps_landmarks_in_upright_pixels(tmp_path, face)
     stored = png(np.asarray(Image.fromarray(tall).transpose(Image.Transpose.ROTATE_90)), exif=exif)
     points = face.landmarks + [0, 60]
     photo = read_photo(one_photo_dataset(tmp_path, face, landmarks=points, image=stored), "WSSlide1.png")
+    assert photo.landmarks is not None
     np.testing.assert_array_equal(photo.image, tall)
     np.testing.assert_allclose(photo.landmarks, points, atol=1e-3)
 

@@ -7,7 +7,7 @@ from io import BytesIO
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import GifImagePlugin, Image
 
 from core.errors import ImageError
 from core.imageio import load_image
@@ -161,7 +161,8 @@ def test_exif_orientation(fmt, orientation, expected_corner):
 def test_animated_gif_uses_first_frame():
     frames = [Image.new("RGB", (4, 4), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
-    assert Image.open(BytesIO(data)).n_frames == 2
+    gif = Image.open(BytesIO(data))
+    assert isinstance(gif, GifImagePlugin.GifImageFile) and gif.n_frames == 2
     loaded = load_image(data)
     assert (loaded == (255, 0, 0)).all()
 

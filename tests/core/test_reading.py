@@ -48,17 +48,17 @@ PRIORS = pl.DataFrame(
 
 def test_votes_count_the_argmax_region_of_each_method_and_skip_nan():
     scores = {
-        "A": [0.1, 0.2, 0.9],  # mouth
-        "B": [0.5, np.nan, 0.4],  # eye (NaN never wins)
-        "C": [np.nan, np.nan, np.nan],  # votes for nothing
-        "D": [0.3, 0.3, 0.1],  # tie eye/nose -> eye, the earlier region
+        "A": np.array([0.1, 0.2, 0.9]),  # mouth
+        "B": np.array([0.5, np.nan, 0.4]),  # eye (NaN never wins)
+        "C": np.array([np.nan, np.nan, np.nan]),  # votes for nothing
+        "D": np.array([0.3, 0.3, 0.1]),  # tie eye/nose -> eye, the earlier region
     }
     assert region_votes(scores, REGIONS) == {"eye": 2, "nose": 0, "mouth": 1}
 
 
 def test_votes_refuse_scores_of_the_wrong_length():
     with pytest.raises(ValueError, match="expected 3 region scores"):
-        region_votes({"A": [0.1, 0.2]}, REGIONS)
+        region_votes({"A": np.array([0.1, 0.2])}, REGIONS)
 
 
 def test_the_paper_example_sentence():

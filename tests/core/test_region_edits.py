@@ -170,8 +170,8 @@ def test_a_chain_of_edits_gives_a_valid_spec_with_its_own_id():
         (edits.set_box_labels, (2, 1, [6, 1])),
         (edits.remove_region, (1,)),
     ):
-        spec = edit(spec, *args)
-        spec = spec[0] if isinstance(spec, tuple) else spec
+        edited = edit(spec, *args)
+        spec = edited[0] if isinstance(edited, tuple) else edited
     assert [rule.name for rule in spec.regions] == ["hair", "nose", "mouth"]
     assert spec.regions[1] == RegionRule("nose", boxes=(BoxRule((6,)), BoxRule((1, 6))))  # its eye link went
     assert round_trips(spec).gap_splits == PAPER_REGIONS.gap_splits

@@ -182,10 +182,10 @@ def test_missing_mouth_gives_empty_masks_and_warnings():
     assert any("'nose'" in m and "'mouth'" in m for m in messages)
 
     no_lower_lip = [part for part in HAND_PARTS if part[0] != 9]
-    with pytest.warns(UserWarning) as caught:
+    with pytest.warns(UserWarning) as recorded:
         region_masks(draw(no_lower_lip), PAPER_REGIONS)
     expected = "region 'mouth' is empty: label 9 (lower lip) not in the label map; its scores will be NaN"
-    assert expected in [str(w.message) for w in caught]
+    assert expected in [str(w.message) for w in recorded]
 
 
 def test_growth_past_the_image_edge_clips_and_shrinking_to_nothing_is_empty():
@@ -330,7 +330,8 @@ def test_json_round_trip_and_ids():
         ),
     )
     assert spec_id(edited) != spec_id(PAPER_REGIONS)
-    as_ints = RegionSpec((RegionRule("nose", boxes=(BoxRule([6], grow_left=0),)),))
+    # A list of labels on purpose: BoxRule normalises it to the tuple its annotation promises.
+    as_ints = RegionSpec((RegionRule("nose", boxes=(BoxRule([6], grow_left=0),)),))  # type: ignore[arg-type]
     as_floats = RegionSpec((RegionRule("nose", boxes=(BoxRule((6,), grow_left=0.0),)),))
     assert as_ints == as_floats and spec_id(as_ints) == spec_id(as_floats)
     assert len(spec_id(PAPER_REGIONS)) == 12 and int(spec_id(PAPER_REGIONS), 16) >= 0

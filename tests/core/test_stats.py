@@ -137,7 +137,7 @@ def test_welch_versus_student_selection():
 def _random_study(seed: int) -> pl.DataFrame:
     """Two methods, three syndromes, three regions; some groups shifted, some skewed."""
     rng = np.random.default_rng(seed)
-    groups = {}
+    groups: dict[str, dict[tuple[str, str], list[float]]] = {}
     for label, n in (("Unaffected", 30), ("22q11DS", 25), ("Angelman", 30), ("WS", 20)):
         groups[label] = {}
         for method in ("Gradient", "LayerGradCam"):

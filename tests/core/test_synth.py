@@ -325,6 +325,7 @@ def test_phenotypes_land_in_their_paper_region_after_alignment():
             ]
             regions = region_masks(np.stack(maps).astype(np.uint8), PAPER_REGIONS)
             union = regions.masks.any(axis=0)  # before or after, R x H x W
+            assert isinstance(union, np.ndarray)
             changed = np.any(aligned[0].image != aligned[1].image, axis=2)
             changed_total += changed.sum()
             inside_any += (changed & union.any(axis=0)).sum()

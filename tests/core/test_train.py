@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -45,7 +47,7 @@ def test_table2_is_mean_and_population_std_over_folds():
         report = pl.DataFrame(
             {"class": ["a", "b"], "precision": precision, "recall": [1.0, 1.0], "f1": [1.0, 1.0], "support": [2, 3]}
         )
-        return FoldResult(name, None, 1, accuracy, None, report, 0.0)
+        return FoldResult(name, Path(f"{name}.json"), 1, accuracy, None, report, 0.0)
 
     table = table2([fold("fold-1", [1.0, 0.5], 0.8), fold("fold-2", [0.5, 0.5], 0.6)])
     a = table.filter(pl.col("class") == "a")

@@ -37,7 +37,7 @@ def server(tiny_dataset, tmp_path_factory):
     for split in ("val", "test"):
         table = extract_scores(
             ExtractionPlan(open_dataset(root), classifiers, split),
-            ExplainSettings(methods=["Gradient", "LayerGradCam"]),
+            ExplainSettings(methods=("Gradient", "LayerGradCam")),
             store=RelevanceStore(DatasetLayout(root).relevance_store(split)),
         )
         write_score_table(table, DatasetLayout(root).score_table(split))

@@ -39,7 +39,7 @@ def extracted(tiny_dataset, tmp_path_factory) -> Path:
     for split in ("val", "test"):
         table = extract_scores(
             ExtractionPlan(dataset, classifiers, split),
-            ExplainSettings(methods=METHODS),
+            ExplainSettings(methods=tuple(METHODS)),
             store=RelevanceStore(DatasetLayout(root).relevance_store(split)),
         )
         write_score_table(table, DatasetLayout(root).score_table(split))
@@ -87,6 +87,7 @@ def test_dragging_a_growth_slider_stores_the_spec_puts_its_id_in_the_url_and_res
         ),
     )
     identifier = app.sidebar.selectbox(key="spec").value
+    assert identifier is not None
     assert SpecStore().load(identifier) == wider
     assert link_of(app)[1]["spec"] == identifier and link_of(app)[0] == "/regions"
     assert any(m.value.startswith("**Table 3** (split val, re-scored in ") for m in app.markdown)

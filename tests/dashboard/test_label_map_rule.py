@@ -47,7 +47,9 @@ def parsed_dataset(tiny_dataset, tmp_path):
     save_face_parser(build_face_parser("resnet18"), card, root / "models", "parser")
     dataset = open_dataset(root)
     unmapped = names_in(dataset, "fold-1", "test")[1]
-    segmap_file(dataset, unmapped).unlink()
+    segmap = segmap_file(dataset, unmapped)
+    assert segmap is not None
+    segmap.unlink()
     return dataset, unmapped
 
 
@@ -55,12 +57,16 @@ def test_regions_page_extract_and_explain_cut_the_same_masks(parsed_dataset, mon
     dataset, unmapped = parsed_dataset
     drawn = []
     original = render_module.regions_rgb
-    monkeypatch.setattr(
-        render_module, "regions_rgb", lambda image, masks: drawn.append((image, masks)) or original(image, masks)
-    )
+
+    def drawing(image, masks):
+        drawn.append((image, masks))
+        return original(image, masks)
+
+    monkeypatch.setattr(render_module, "regions_rgb", drawing)
     app = open_app({"dataset": str(dataset.root), "methods": ["Gradient"]}, page=REGIONS)
     no_trouble(app)
-    assert app.sidebar.text_input(key="parser").value.endswith("parser.json")  # the page runs with the parser
+    parser = app.sidebar.text_input(key="parser").value
+    assert parser is not None and parser.endswith("parser.json")  # the page runs with the parser
     page = {image.tobytes(): masks for image, masks in drawn}
 
     classifiers = load_classifiers(dataset.layout.classifier_cards()[:1])
@@ -71,7 +77,8 @@ def test_regions_page_extract_and_explain_cut_the_same_masks(parsed_dataset, mon
     stored_names = list(store.contents.image_names)
     extracted = region_masks(store.label_maps(), PAPER_REGIONS).masks
 
-    checked = sources = set()
+    checked: set[str] = set()
+    sources: set[str] = set()
     for name in names_in(dataset, "fold-1", "test"):
         face = explain(read_photo(dataset, name), classifier, settings).face
         if face.aligned.tobytes() not in page:

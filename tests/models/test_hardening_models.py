@@ -12,6 +12,7 @@ import pickle
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def test_vggface2_pickles_with_code_are_refused_without_running_it(tmp_path, pay
     marker = tmp_path / "ran"
     evil = payloads(marker)[payload]
     assert_live(evil, marker)
-    weights = {"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}
+    weights: dict[object, object] = {"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}
     content = {
         "dict value": {**weights, "fc.bias": evil},
         "inside an object array": {**weights, "fc.bias": np.array([1.0, evil], dtype=object)},
@@ -150,7 +151,9 @@ def test_vggface2_importer_refuses_anything_but_named_numeric_arrays(tmp_path, c
 def test_vggface2_importer_survives_length_bombs_and_truncation(tmp_path):
     """Length fields far beyond the file (1 TB, 4 GB), an array whose shape does not fit its bytes,
     and a real pickle cut short: each is a ModelError, none allocates what it declares."""
-    reconstruct, args, _ = np.zeros(4, np.float32).__reduce__()
+    reduced = np.zeros(4, np.float32).__reduce__()
+    assert isinstance(reduced, tuple)
+    reconstruct, args, _ = reduced
 
     class ShapeBomb:
         def __reduce__(self):
@@ -196,7 +199,7 @@ def card(**changes) -> ModelCard:
     return ModelCard(**{**fields, **changes})
 
 
-def saved_with(tmp_path, change_state) -> object:
+def saved_with(tmp_path, change_state) -> Path:
     """A resnet18 card beside weights whose state dict went through ``change_state``."""
     card_path = save_checkpoint(tiny_resnet(num_classes=3), card(), tmp_path, "m")
     weights = tmp_path / "m.safetensors"

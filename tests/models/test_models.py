@@ -55,6 +55,7 @@ def randomise_batchnorm(network: torch.nn.Module) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(0)
     for module in network.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None
             module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
             module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
             module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
@@ -467,15 +468,15 @@ def test_parser_round_trip_and_prediction_at_input_size(parser_card_path):
 @pytest.mark.parametrize("height, width", [(100, 100), (50, 70)])
 def test_parser_resizes_image_in_and_labels_out_without_new_labels(parser_card_path, height, width):
     parser = load_face_parser(parser_card_path)
-    low_res = []
-    hook = parser.network.register_forward_hook(lambda module, inputs, output: low_res.append(output.argmax(1)))
+    low_res_batches: list[torch.Tensor] = []
+    hook = parser.network.register_forward_hook(lambda module, inputs, output: low_res_batches.append(output.argmax(1)))
     try:
         label_maps = predict_label_maps(parser, random_faces(3, height, width, seed=1), batch_size=2)
     finally:
         hook.remove()
     assert label_maps.shape == (3, height, width) and label_maps.dtype == np.uint8
     assert label_maps.max() < len(LAPA_LABELS)
-    low_res = torch.cat(low_res).numpy()
+    low_res = torch.cat(low_res_batches).numpy()
     assert low_res.shape == (3, 64, 64)
     for label_map, low_res_map in zip(label_maps, low_res):
         assert set(np.unique(label_map)) <= set(np.unique(low_res_map))
