@@ -9,9 +9,8 @@ cd "$(dirname "$0")"
 
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-# `./run.sh test` runs the static checks before pytest when XAI_LINT=1.
-# TODO(issue 10): default to 1 once the tree is clean (after the formatting sweep).
-XAI_LINT="${XAI_LINT:-0}"
+# `./run.sh test` runs the static checks before pytest (XAI_LINT=0 skips them).
+XAI_LINT="${XAI_LINT:-1}"
 
 setup() {
   if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
