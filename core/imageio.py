@@ -78,11 +78,29 @@ def load_image_and_scale(
     The factors are 1 unless the photo was shrunk to ``max_side``: coordinates measured on the full
     photo (a dataset's landmarks) times them land on the returned array.
     """
-    data = _read_bytes(source)
+    image = _opened(_read_bytes(source), max_pixels)
+    with image:
+        width, height = image.size
+        rgb, orientation = _decoded(image, max_pixels, max_side)
+    upright = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    if upright is not None:
+        rgb = np.asarray(Image.fromarray(rgb).transpose(upright))
+    if upright in (
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSVERSE,
+        Image.Transpose.ROTATE_90,
+    ):
+        width, height = height, width
+    return rgb, np.array([rgb.shape[1] / width, rgb.shape[0] / height])
+
+
+def _opened(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header read (nothing decoded yet), or an ImageError that says what to do."""
     if not data:
         raise ImageError("the file is empty; choose the photo again or re-export it")
     try:
-        image = Image.open(BytesIO(data))
+        return Image.open(BytesIO(data))
     except Image.DecompressionBombError as exc:
         declared = _BOMB_PIXELS.search(str(exc))
         size = f"({int(declared.group(1)):,} pixels) " if declared else ""
@@ -97,40 +115,34 @@ def load_image_and_scale(
         raise ImageError(
             f"not an image Pillow can read ({exc}); use a JPEG, PNG, TIFF, BMP, GIF or WebP photo"
         ) from None
-    with image:
-        width, height = image.size
-        if width * height > max_pixels:
+
+
+def _decoded(image: Image.Image, max_pixels: int, max_side: int) -> tuple[np.ndarray, object]:
+    """The first frame as RGB uint8 (shrunk to ``max_side``) and its EXIF orientation tag, checked
+    against the size limits before any pixel is decoded."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"declared size {width}×{height} exceeds the limit of {max_pixels:,} pixels; "
+            "downscale the photo before loading it"
+        )
+    if width == 0 or height == 0:
+        raise ImageError(f"declared size {width}×{height} has no pixels; re-export the photo")
+    if max(width, height) > max_side:
+        # JPEG can decode directly at 1/2, 1/4 or 1/8 scale; other formats ignore this.
+        scale = max_side / max(width, height)
+        image.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
+    try:
+        image.load()  # the first frame of a multi-frame file
+        orientation = image.getexif().get(EXIF_ORIENTATION)
+        rgb = _to_rgb(image, max_side)
+    except _DECODE_ERRORS as exc:
+        if "truncated" in str(exc):
             raise ImageError(
-                f"declared size {width}×{height} exceeds the limit of {max_pixels:,} pixels; "
-                "downscale the photo before loading it"
-            )
-        if width == 0 or height == 0:
-            raise ImageError(f"declared size {width}×{height} has no pixels; re-export the photo")
-        if max(width, height) > max_side:
-            # JPEG can decode directly at 1/2, 1/4 or 1/8 scale; other formats ignore this.
-            scale = max_side / max(width, height)
-            image.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
-        try:
-            image.load()  # the first frame of a multi-frame file
-            orientation = image.getexif().get(EXIF_ORIENTATION)
-            rgb = _to_rgb(image, max_side)
-        except _DECODE_ERRORS as exc:
-            if "truncated" in str(exc):
-                raise ImageError(
-                    "the image data is truncated; the file was cut short, download or export it again"
-                ) from None
-            raise ImageError(f"the image data is corrupt ({exc}); export the photo again") from None
-    upright = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
-    if upright is not None:
-        rgb = np.asarray(Image.fromarray(rgb).transpose(upright))
-    if upright in (
-        Image.Transpose.TRANSPOSE,
-        Image.Transpose.ROTATE_270,
-        Image.Transpose.TRANSVERSE,
-        Image.Transpose.ROTATE_90,
-    ):
-        width, height = height, width
-    return rgb, np.array([rgb.shape[1] / width, rgb.shape[0] / height])
+                "the image data is truncated; the file was cut short, download or export it again"
+            ) from None
+        raise ImageError(f"the image data is corrupt ({exc}); export the photo again") from None
+    return rgb, orientation
 
 
 def _read_bytes(source: bytes | str | Path) -> bytes:

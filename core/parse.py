@@ -88,19 +88,7 @@ def landmark_template(landmarks_aligned: np.ndarray, size: int = 224) -> np.ndar
     hair_semi_axes = (face_semi_axes[0] * _HAIR_SCALE, face_semi_axes[1] * _HAIR_SCALE)
     fill(_ellipse(face_centre, across, hair_semi_axes), 10, where=above_brows)
     fill(_ellipse(face_centre, across, face_semi_axes), 1)
-    fill(
-        np.array(
-            [
-                at(-_NOSE_BRIDGE_HALF_WIDTH, _NOSE_BRIDGE_TOP),
-                at(_NOSE_BRIDGE_HALF_WIDTH, _NOSE_BRIDGE_TOP),
-                at(nose_x + _NOSE_ALA_HALF_WIDTH, nose_y),
-                at(nose_x + _NOSE_BASE_HALF_WIDTH, nose_y + _NOSE_BOTTOM_BELOW_TIP),
-                at(nose_x - _NOSE_BASE_HALF_WIDTH, nose_y + _NOSE_BOTTOM_BELOW_TIP),
-                at(nose_x - _NOSE_ALA_HALF_WIDTH, nose_y),
-            ]
-        ),
-        6,
-    )
+    fill(_nose_outline(at, nose_x, nose_y), 6)
     for eye, side, brow_label, eye_label in ((left_eye, -1, 2, 4), (right_eye, 1, 3, 5)):
         brow_centre = eye + ipd * (side * _BROW_OUTWARD * across - _BROW_RAISE * down)
         fill(_ellipse(brow_centre, across, np.multiply(_BROW_SEMI_AXES, ipd)), brow_label)
@@ -110,6 +98,21 @@ def landmark_template(landmarks_aligned: np.ndarray, size: int = 224) -> np.ndar
     fill(_ellipse(mouth_centre, mouth_across, (half_mouth, _LOWER_LIP_HEIGHT * mouth_width), half="lower"), 9)
     fill(_ellipse(mouth_centre, mouth_across, (half_mouth, _INNER_MOUTH_HALF_HEIGHT * mouth_width)), 8)
     return label_map
+
+
+def _nose_outline(at: Callable[[float, float], np.ndarray], nose_x: float, nose_y: float) -> np.ndarray:
+    """The nose polygon, from the bridge between the eyes down to the base under the tip (face frame)."""
+    bottom = nose_y + _NOSE_BOTTOM_BELOW_TIP
+    return np.array(
+        [
+            at(-_NOSE_BRIDGE_HALF_WIDTH, _NOSE_BRIDGE_TOP),
+            at(_NOSE_BRIDGE_HALF_WIDTH, _NOSE_BRIDGE_TOP),
+            at(nose_x + _NOSE_ALA_HALF_WIDTH, nose_y),
+            at(nose_x + _NOSE_BASE_HALF_WIDTH, bottom),
+            at(nose_x - _NOSE_BASE_HALF_WIDTH, bottom),
+            at(nose_x - _NOSE_ALA_HALF_WIDTH, nose_y),
+        ]
+    )
 
 
 def _ellipse(

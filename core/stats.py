@@ -260,6 +260,12 @@ def hpo_correlation(scores: pl.DataFrame, counts: pl.DataFrame) -> HpoCorrelatio
     not "no terms"), then mean and standard deviation (ddof 1) over the models with a ρ.
     ``counts`` is ``core.hpo.region_counts``' table: image_name, region, count.
     """
+    per_model = _per_model_rho(_annotated_scores(scores, counts))
+    return HpoCorrelation(per_model=per_model, summary=_over_models(per_model))
+
+
+def _annotated_scores(scores: pl.DataFrame, counts: pl.DataFrame) -> pl.DataFrame:
+    """Each finite score beside its image's HPO count in that region; refused when none or a repeat."""
     _require_columns(scores, _RQ2_COLUMNS, "score table")
     _require_columns(counts, ("image_name", "region", "count"), "HPO count table")
     joined = (
@@ -285,6 +291,11 @@ def hpo_correlation(scores: pl.DataFrame, counts: pl.DataFrame) -> HpoCorrelatio
             f"image {first['image_name']!r} appears {first['len']} times for model {first['model']}, "
             f"{first['method']}, {first['region']}; each must appear once"
         )
+    return joined
+
+
+def _per_model_rho(joined: pl.DataFrame) -> pl.DataFrame:
+    """Spearman ρ (with p, n and a note when there is none) per method × region × model."""
     groups = dict(joined.group_by("method", "region", "model"))
     rows = []
     for method in joined["method"].unique(maintain_order=True):
@@ -305,7 +316,7 @@ def hpo_correlation(scores: pl.DataFrame, counts: pl.DataFrame) -> HpoCorrelatio
                         "note": note,
                     }
                 )
-    per_model = pl.DataFrame(
+    return pl.DataFrame(
         rows,
         schema={
             "method": pl.Utf8,
@@ -317,6 +328,10 @@ def hpo_correlation(scores: pl.DataFrame, counts: pl.DataFrame) -> HpoCorrelatio
             "note": pl.Utf8,
         },
     )
+
+
+def _over_models(per_model: pl.DataFrame) -> pl.DataFrame:
+    """Mean and std (ddof 1) of ρ over the models that have one; NaN where none has."""
     summary = (
         per_model.filter(pl.col("rho").is_not_nan())
         .group_by("method", "region", maintain_order=True)
@@ -336,7 +351,7 @@ def hpo_correlation(scores: pl.DataFrame, counts: pl.DataFrame) -> HpoCorrelatio
             pl.col("n_models").fill_null(0),
         )
     )
-    return HpoCorrelation(per_model=per_model, summary=summary)
+    return summary
 
 
 def table4_wide(summary: pl.DataFrame, decimals: int = 3) -> pl.DataFrame:

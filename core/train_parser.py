@@ -101,8 +101,23 @@ def train_face_parser(
     order = np.random.default_rng(config.seed).permutation(len(names))
     n_held = max(1, int(round(config.held_out_fraction * len(names))))
     held, train = order[:n_held], order[n_held:]
-    pixels = faces[train].reshape(-1, 3).astype(np.float64) / 255.0
-    card = ModelCard(
+    card = _parser_card(config, name, faces[train])
+    x = normalise_pixels(torch.from_numpy(faces).permute(0, 3, 1, 2).float(), card)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(maps.astype(np.int64))
+    network = _trained_parser(config, x, y, train, _class_weights(maps[train]), log)
+    with torch.no_grad():
+        predicted = torch.cat([network(x[held[i : i + 64]]).argmax(1) for i in range(0, len(held), 64)]).numpy()
+    iou = intersection_over_union(predicted.astype(np.int64), maps[held])
+    card_path = save_face_parser(network, card, out_dir, name)
+    table = pl.DataFrame({"label": list(range(len(LAPA_LABELS))), "name": list(LAPA_LABELS), "iou": iou})
+    return ParserResult(card_path=card_path, iou=table, seconds=time.perf_counter() - started)
+
+
+def _parser_card(config: ParserConfig, name: str, train_faces: np.ndarray) -> ModelCard:
+    """The parser's card: input normalised by the mean and std of its training pixels."""
+    pixels = train_faces.reshape(-1, 3).astype(np.float64) / 255.0
+    return ModelCard(
         kind="face_parser",
         architecture=f"unet-{config.encoder}",
         classes=LAPA_LABELS,
@@ -114,16 +129,20 @@ def train_face_parser(
         weights=f"{name}.safetensors",
         notes=json.dumps(dataclasses.asdict(config)),
     )
-    x = normalise_pixels(torch.from_numpy(faces).permute(0, 3, 1, 2).float(), card)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.from_numpy(maps.astype(np.int64))
 
-    # Eyes, brows and lips cover ~1% of the face each: weight classes by 1/sqrt(frequency)
-    # (normalised so the average pixel weighs 1), or the parser learns them last.
-    frequency = np.bincount(maps[train].ravel(), minlength=len(LAPA_LABELS)) / maps[train].size
+
+def _class_weights(train_maps: np.ndarray) -> torch.Tensor:
+    """Eyes, brows and lips cover ~1% of the face each: weight classes by 1/sqrt(frequency)
+    (normalised so the average pixel weighs 1), or the parser learns them last."""
+    frequency = np.bincount(train_maps.ravel(), minlength=len(LAPA_LABELS)) / train_maps.size
     weights = 1.0 / np.sqrt(frequency + 1e-4)
-    class_weights = torch.tensor(weights / (frequency * weights).sum(), dtype=torch.float32)
+    return torch.tensor(weights / (frequency * weights).sum(), dtype=torch.float32)
 
+
+def _trained_parser(
+    config: ParserConfig, x: torch.Tensor, y: torch.Tensor, train: np.ndarray, class_weights: torch.Tensor, log
+) -> torch.nn.Module:
+    """The U-Net trained on the ``train`` rows of x (normalised faces) and y (label maps), in eval mode."""
     torch.manual_seed(config.seed)
     network = in_memory_format(build_face_parser(config.encoder, len(LAPA_LABELS)), torch.channels_last)
     dice = smp.losses.DiceLoss("multiclass")
@@ -155,10 +174,4 @@ def train_face_parser(
             scheduler.step()
             losses.append(loss.item())
         log(f"parser epoch {epoch:2d}: loss {np.mean(losses):.3f}")
-    network = in_memory_format(network, torch.contiguous_format).eval().requires_grad_(False)
-    with torch.no_grad():
-        predicted = torch.cat([network(x[held[i : i + 64]]).argmax(1) for i in range(0, len(held), 64)]).numpy()
-    iou = intersection_over_union(predicted.astype(np.int64), maps[held])
-    card_path = save_face_parser(network, card, out_dir, name)
-    table = pl.DataFrame({"label": list(range(len(LAPA_LABELS))), "name": list(LAPA_LABELS), "iou": iou})
-    return ParserResult(card_path=card_path, iou=table, seconds=time.perf_counter() - started)
+    return in_memory_format(network, torch.contiguous_format).eval().requires_grad_(False)

@@ -9,6 +9,7 @@ from core.demo import DemoPreset
 from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
 from core.train import TrainConfig
 from core.train_parser import ParserConfig
+from models.checkpoint import ModelCard
 from models.resnet import build_resnet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +31,22 @@ TINY = DemoPreset(
         seed=0,
     ),
 )
+
+
+def tiny_card(classes: tuple[str, ...] = ("A", "B", "Unaffected"), input_size: int = 32, **changes) -> ModelCard:
+    """The card of the tiny test classifiers: ResNet-18, RGB in 0..1, normalised by mean 0.5 and std 0.25."""
+    fields = dict(
+        kind="classifier",
+        architecture="resnet18",
+        classes=tuple(classes),
+        input_size=input_size,
+        channel_order="RGB",
+        input_scale=1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights="w.safetensors",
+    )
+    return ModelCard(**{**fields, **changes})
 
 
 def randomised_batchnorm(model: torch.nn.Module, seed: int, zero_bias: bool) -> torch.nn.Module:

@@ -28,8 +28,8 @@ from core.dataset import Photo
 from core.explain import explain
 from core.pipeline import ExplainSettings
 from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
-from models.checkpoint import Classifier, ModelCard, load_classifier, save_checkpoint
-from tests.conftest import tiny_resnet
+from models.checkpoint import Classifier, load_classifier, save_checkpoint
+from tests.conftest import tiny_card, tiny_resnet
 
 SIZE = 48  # aligned face of the tiny models
 SESSIONS = 8
@@ -93,17 +93,7 @@ def card_paths(tmp_path_factory) -> list[str]:
     folder = tmp_path_factory.mktemp("models")
     paths = []
     for seed in (0, 1):
-        card = ModelCard(
-            kind="classifier",
-            architecture="resnet18",
-            classes=("A", "B", "Unaffected"),
-            input_size=SIZE,
-            channel_order="RGB",
-            input_scale=1.0,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.25, 0.25, 0.25),
-            weights="w.safetensors",
-        )
+        card = tiny_card(("A", "B", "Unaffected"), SIZE)
         paths.append(str(save_checkpoint(tiny_resnet(num_classes=3, seed=seed), card, folder, f"model-{seed}")))
     return paths
 
@@ -229,17 +219,7 @@ def test_truncated_value_files_are_recomputed_by_explain(tmp_path):
     """Truncate every value file of a filled cache: explain recomputes those entries and answers
     exactly as before (test_cache.py covers garbage and deleted files for a memoised function).
     A 96-pixel model, so that its attributions (2 × 96² floats) are big enough for files of their own."""
-    card = ModelCard(
-        kind="classifier",
-        architecture="resnet18",
-        classes=("A", "B"),
-        input_size=96,
-        channel_order="RGB",
-        input_scale=1.0,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        weights="w.safetensors",
-    )
+    card = tiny_card(("A", "B"), 96)
     classifier = load_classifier(save_checkpoint(tiny_resnet(num_classes=2, seed=2), card, tmp_path, "m"))
     reference = [run_session(i, [classifier, classifier], cache=None) for i in range(2)]
     cache = DiskCache(tmp_path / "c")

@@ -21,8 +21,8 @@ from core.parse import landmark_template
 from core.pipeline import ExplainSettings, LabelMapError, TargetError, attribution_sums, prepare_face
 from core.regions import PAPER_REGIONS, region_masks
 from core.score import region_scores, relevance_map
-from models.checkpoint import ModelCard, load_classifier, preprocess, save_checkpoint
-from tests.conftest import counting_attributions, face_in_a_wide_photo, tiny_resnet
+from models.checkpoint import load_classifier, preprocess, save_checkpoint
+from tests.conftest import counting_attributions, face_in_a_wide_photo, tiny_card, tiny_resnet
 
 # MTCNN's landmarks of skimage's astronaut (see test_align); given here so most tests skip detection.
 ASTRONAUT_LANDMARKS = np.array([[204.5, 101.6], [247.2, 103.9], [224.7, 129.0], [202.1, 140.2], [245.0, 142.5]])
@@ -32,18 +32,7 @@ SIZE = 64  # tiny classifier input: fast, and still a real ResNet
 @pytest.fixture(scope="module")
 def card_path(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model")
-    card = ModelCard(
-        kind="classifier",
-        architecture="resnet18",
-        classes=("A", "B", "Unaffected"),
-        input_size=SIZE,
-        channel_order="RGB",
-        input_scale=1.0,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        weights="tiny.safetensors",
-        fold="fold-1",
-    )
+    card = tiny_card(("A", "B", "Unaffected"), SIZE, weights="tiny.safetensors", fold="fold-1")
     return save_checkpoint(tiny_resnet(num_classes=3, seed=4), card, folder, "tiny")
 
 

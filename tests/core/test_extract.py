@@ -30,7 +30,7 @@ from core.score_table import SCORE_SCHEMA
 from core.synth.classes import DEFAULT_CLASSES
 from core.synth.dataset import SyntheticSpec, generate_dataset
 from models.checkpoint import ModelCard, save_checkpoint
-from tests.conftest import REPO, counting_attributions, tiny_resnet
+from tests.conftest import REPO, counting_attributions, tiny_card, tiny_resnet
 
 CLASSES = ("KS", "Unaffected", "WS")
 METHODS = ("Gradient", "LayerGradCam")
@@ -39,18 +39,7 @@ KEY = ["model", "method", "image_name", "region"]
 
 
 def card(fold: str | None) -> ModelCard:
-    return ModelCard(
-        kind="classifier",
-        architecture="resnet18",
-        classes=CLASSES,
-        input_size=SIZE,
-        channel_order="RGB",
-        input_scale=1.0,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        weights="w",
-        fold=fold,
-    )
+    return tiny_card(CLASSES, SIZE, weights="w", fold=fold)
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ from core.errors import UserFacingError
 from core.explain import Explanation, explain
 from core.imageio import load_image
 from core.pipeline import ExplainSettings
-from models.checkpoint import ModelCard, load_classifier, save_checkpoint
-from tests.conftest import REPO, tiny_resnet
+from models.checkpoint import load_classifier, save_checkpoint
+from tests.conftest import REPO, tiny_card, tiny_resnet
 from tests.core.odd_inputs import CORPUS, EITHER, MESSAGE, RESULT, OddInput, streamed_png
 
 SIZE = 64  # the tiny classifier's input: a real ResNet, milliseconds per image
@@ -36,17 +36,7 @@ PER_INPUT_TIMEOUT_S = 120  # generous: on a loaded 2-core machine the slowest in
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    card = ModelCard(
-        kind="classifier",
-        architecture="resnet18",
-        classes=("A", "B", "Unaffected"),
-        input_size=SIZE,
-        channel_order="RGB",
-        input_scale=1.0,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        weights="tiny.safetensors",
-    )
+    card = tiny_card(("A", "B", "Unaffected"), SIZE, weights="tiny.safetensors")
     return load_classifier(
         save_checkpoint(tiny_resnet(num_classes=3, seed=4), card, tmp_path_factory.mktemp("model"), "tiny")
     )

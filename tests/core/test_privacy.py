@@ -31,8 +31,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
-from models.checkpoint import ModelCard, save_checkpoint
-from tests.conftest import REPO, tiny_resnet
+from models.checkpoint import save_checkpoint
+from tests.conftest import REPO, tiny_card, tiny_resnet
 
 _UPLOAD = textwrap.dedent("""
     import json, logging, os, sys, warnings
@@ -137,17 +137,7 @@ def test_an_uploaded_photo_leaves_no_file_no_cache_entry_and_no_log_trace(tmp_pa
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     (inputs / "upload").write_bytes(data)  # stands in for the browser's request body
-    card = ModelCard(
-        kind="classifier",
-        architecture="resnet18",
-        classes=("A", "B", "Unaffected"),
-        input_size=64,
-        channel_order="RGB",
-        input_scale=1.0,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        weights="w.safetensors",
-    )
+    card = tiny_card(("A", "B", "Unaffected"), 64)
     card_path = save_checkpoint(tiny_resnet(num_classes=3), card, inputs, "model")
 
     watched = {

@@ -12,8 +12,8 @@ from streamlit.testing.v1 import AppTest
 
 from core.dataset import open_dataset
 from core.synth import SyntheticSpec, generate_dataset
-from models.checkpoint import ModelCard, save_checkpoint
-from tests.conftest import REPO, tiny_resnet
+from models.checkpoint import save_checkpoint
+from tests.conftest import REPO, tiny_card, tiny_resnet
 
 APP = str(REPO / "dashboard" / "app.py")
 INPUT_SIZE = 32  # tiny classifiers: fast, and still real ResNets
@@ -26,18 +26,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     generate_dataset(root, SyntheticSpec(n_per_class=6, seed=0, size=96, photos_per_person=1), workers=1)
     classes = open_dataset(root).classes
     for k, fold in enumerate(("fold-1", "fold-2")):
-        card = ModelCard(
-            kind="classifier",
-            architecture="resnet18",
-            classes=classes,
-            input_size=INPUT_SIZE,
-            channel_order="RGB",
-            input_scale=1.0,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.25, 0.25, 0.25),
-            weights="w.safetensors",
-            fold=fold,
-        )
+        card = tiny_card(classes, INPUT_SIZE, fold=fold)
         save_checkpoint(tiny_resnet(num_classes=len(classes), seed=k), card, root / "models", f"classifier-{fold}")
     return root
 
