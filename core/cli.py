@@ -518,7 +518,9 @@ def config_from_args(config_type: type[Config], args: argparse.Namespace) -> Con
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
+    # "python -m core" when run as a module; the console script's own name (face-xai) otherwise.
+    prog = "python -m core" if Path(sys.argv[0]).name == "__main__.py" else None
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for add_command in (
         _add_explain,

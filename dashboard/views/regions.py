@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import streamlit as st
 
 from core import region_edits
-from core.dataset import Dataset, names_in, read_photo
+from core.dataset import Dataset, names_in
 from core.errors import UserFacingError
 from core.parse import LAPA_LABELS
-from core.pipeline import prepare_face
+from core.pipeline import prepare_dataset_faces
 from core.regions import RegionRule, RegionSpec
 from core.stats import compare_groups, hpo_correlation, significance_counts, table4_wide
 from dashboard import render, resources, scores, state
@@ -265,11 +265,12 @@ def preview(view: state.View, dataset: Dataset) -> None:
         first_of_each.setdefault(labels[name], name)
     names = [*first_of_each.values(), *(n for n in held_out if n not in first_of_each.values())][:count]
     size = resources.classifier(view.cards[0]).card.input_size if view.cards else 224
-    settings = view.settings()
-    columns = st.columns(len(names))
+    faces, skipped = prepare_dataset_faces(dataset, names, size, view.settings(), resources.result_cache())
+    for name, error in skipped.items():
+        st.warning(f"{name} cannot be previewed: {error}")
+    columns = st.columns(max(len(faces), 1))
     empty: dict[str, int] = {}
-    for column, name in zip(columns, names):
-        face = prepare_face(read_photo(dataset, name), size, settings, resources.result_cache())
+    for column, (name, face) in zip(columns, faces.items()):
         column.image(render.regions_rgb(face.aligned, face.masks), caption=name, width="stretch")
         for region, mask in zip(face.region_names, face.masks):
             if not mask.any():
