@@ -51,7 +51,7 @@ def read_annotations(dataset: Dataset | str | Path) -> pl.DataFrame:
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
     if not files:
         raise AnnotationError(f"no HPO annotations: {folder} has no <label>.csv files (see README 'Data layout')")
-    labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
+    labels = dataset.labels
     return pl.concat([_parse_file(path, path.stem, labels) for path in files])
 
 

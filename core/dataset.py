@@ -40,6 +40,11 @@ class Dataset:
         return DatasetLayout(self.root)
 
     @property
+    def labels(self) -> dict[str, str]:
+        """Image name -> its class."""
+        return dict(zip(self.table["image_name"], self.table["label"], strict=True))
+
+    @property
     def classes(self) -> tuple[str, ...]:
         return tuple(sorted(self.table["label"].unique().to_list()))
 

@@ -99,7 +99,7 @@ class ExtractionPlan:
         return self._images
 
     def labels(self) -> dict[str, str]:
-        return dict(zip(self.dataset.table["image_name"], self.dataset.table["label"], strict=True))
+        return self.dataset.labels
 
     def store_rows(self) -> dict[str, int]:
         """Each image's row in the store's image list: first appearance over the models, in plan order."""

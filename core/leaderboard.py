@@ -23,7 +23,7 @@ from cache import DiskCache
 from core.dataset import Dataset, DatasetError
 from core.errors import UserFacingError
 from core.layout import DatasetLayout
-from core.pipeline import ExplainSettings, FaceSet, prepare_dataset_faces, score_faces, stacked
+from core.pipeline import ExplainSettings, FaceSet, dataset_face_set, score_faces
 from models.checkpoint import Classifier
 
 
@@ -42,18 +42,14 @@ def true_faces(dataset: Dataset, names: Sequence[str], size: int, settings: Expl
         raise DatasetError(
             "the leaderboard needs landmarks and stored label maps; a synthetic dataset (python -m core demo) has both"
         )
-    faces, skipped = prepare_dataset_faces(dataset, names, size, settings)
-    if skipped:
-        raise next(iter(skipped.values()))
-    for name in names:
-        if faces[name].parse_source != "stored":
+    faces = dataset_face_set(dataset, names, size, settings)
+    for name, source in zip(faces.names, faces.parse_sources, strict=True):
+        if source != "stored":
             raise DatasetError(
                 f"the leaderboard needs landmarks and a stored label map for {name}; "
                 "a synthetic dataset (python -m core demo) has both"
             )
-    aligned, masks = stacked([faces[n] for n in names])
-    labels = dict(zip(dataset.table["image_name"], dataset.table["label"], strict=True))
-    return FaceSet(tuple(names), aligned, masks, tuple(labels[n] for n in names))
+    return faces
 
 
 def leaderboard(
@@ -68,7 +64,7 @@ def leaderboard(
     average. Each face is explained for its true class, whatever ``settings.target`` says."""
     settings = dataclasses.replace(settings, target="label", parser=None)
     classes = list(classifier.card.classes)
-    labels = dict(zip(dataset.table["image_name"], dataset.table["label"], strict=True))
+    labels = dataset.labels
     missing = sorted({labels[n] for n in names} - set(classes))
     if missing:
         raise UserFacingError(

@@ -33,8 +33,6 @@ from models import resnet as resnet_module
 from models.checkpoint import Classifier, classify, preprocess
 from models.parser import FaceParser, predict_label_maps
 
-TARGET_RULES = ("predicted", "label")
-
 
 class SettingsError(UserFacingError, ValueError):
     """An explanation setting no step knows (also a ValueError: a bad argument value)."""
@@ -78,8 +76,8 @@ class ExplainSettings:
             raise SettingsError(f"batch size must be at least 1, got {self.batch_size}")
 
     def method_params(self, method: str) -> dict[str, Any]:
-        """The full parameters of ``method``: its paper defaults with this run's overrides."""
-        return dict(self.params[method]) if method in self.params else METHODS[method].params()
+        """The full parameters of one of ``methods``: its paper defaults with this run's overrides."""
+        return dict(self.params[method])
 
 
 @dataclass(frozen=True)
@@ -215,6 +213,7 @@ class FaceSet:
     aligned: np.ndarray = field(repr=False)
     masks: RegionMasks = field(repr=False)
     labels: tuple[str, ...] | None = None
+    parse_sources: tuple[str, ...] = ()  # where each face's label map came from, for dataset faces
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", tuple(self.names))
@@ -241,9 +240,12 @@ def dataset_face_set(
     faces, skipped = prepare_dataset_faces(dataset, names, size, settings or ExplainSettings(), cache)
     if skipped:
         raise next(iter(skipped.values()))
-    aligned, masks = stacked([faces[n] for n in names])
-    labels = dict(zip(dataset.table["image_name"], dataset.table["label"], strict=True))
-    return FaceSet(tuple(names), aligned, masks, tuple(labels[n] for n in names))
+    prepared = [faces[n] for n in names]
+    aligned, masks = stacked(prepared)
+    labels = dataset.labels
+    return FaceSet(
+        tuple(names), aligned, masks, tuple(labels[n] for n in names), tuple(f.parse_source for f in prepared)
+    )
 
 
 # --- Faces -> probabilities, maps, region scores -------------------------------------------------

@@ -182,7 +182,7 @@ def train_fold(
     splits = {s: names_in(dataset, fold, s) for s in ("train", "val", "test")}
     if not splits["train"] or not splits["val"]:
         raise DatasetError(f"{fold} needs images in both its train and val splits")
-    label_of = dict(zip(dataset.table["image_name"], dataset.table["label"], strict=True))
+    label_of = dataset.labels
     targets = {s: torch.tensor([classes.index(label_of[n]) for n in names]) for s, names in splits.items()}
     pixels = {s: faces(names) for s, names in splits.items()}
     card = _fold_card(

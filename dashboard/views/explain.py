@@ -71,7 +71,7 @@ def dataset_photo(dataset: Dataset, fold: str | None) -> Photo:
     names = dataset.table["image_name"].to_list() if split == "all" or fold is None else names_in(dataset, fold, split)
     if not names:
         raise UserFacingError(f"{fold} has no {split} images in this dataset; choose another split")
-    labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
+    labels = dataset.labels
     name = st.selectbox("Face", names, key="image", bind=state.URL)
     st.caption(f"True label: {labels[name]}")
     photo = read_photo(dataset, name)

@@ -259,7 +259,7 @@ def preview(view: state.View, dataset: Dataset) -> None:
     count = st.slider("Faces to preview", 1, 8, 4, key="preview", bind=state.URL)
     fold = dataset.folds[0] if dataset.folds else None
     held_out = names_in(dataset, fold, "test") if fold else dataset.table["image_name"].to_list()
-    labels = dict(zip(dataset.table["image_name"], dataset.table["label"]))
+    labels = dataset.labels
     first_of_each: dict[str, str] = {}  # label -> its first held-out face: show one face per class first
     for name in held_out:
         first_of_each.setdefault(labels[name], name)
