@@ -1,6 +1,7 @@
 """Raters' HPO annotation files of a dataset, read into one long table for ``core.hpo``'s statistics.
 
-Files follow the NIH-Faces layout, ``<dataset>/metadata/hpo-annotations/<label>.csv`` (see
+Files follow the NIH-Faces layout, ``<dataset>/metadata/hpo-annotations/<label>.csv`` or, as the
+release unpacks, ``metadata/annotated-hpo-terms/`` (``DatasetLayout.annotations``; see
 ``read_annotations``). This is the only module that reads them, so the file format and its error
 messages live in one place and the statistics stay free of disk.
 """
@@ -8,6 +9,8 @@ messages live in one place and the statistics stay free of disk.
 from __future__ import annotations
 
 import re
+import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,8 +20,11 @@ import polars as pl
 from core.dataset import Dataset, open_dataset
 from core.hpo import AnnotationError, paper_rows, term_spellings
 
-# Columns of the NIH-Faces release's annotation files that are not terms: a row index and free text.
-_RELEASE_EXTRA_COLUMNS = ("image_num", "other")
+# Columns of the NIH-Faces release's annotation files that are not terms: a row index, and free
+# text, recognised by name: any column whose normalised name starts with "other" ("Other",
+# "Other prominent dysmorphic features" in NS.csv, "other_notes").
+_RELEASE_INDEX_COLUMN = "image num"  # normalised "image_num"
+_FREE_TEXT_PREFIX = "other"
 _RELEASE_VALUE = re.compile(r"^([1-9]\d*)X$")  # "2X": two raters marked the term
 
 ANNOTATION_SCHEMA = {
@@ -32,27 +38,95 @@ ANNOTATION_SCHEMA = {
 }
 
 
-def read_annotations(dataset: Dataset | str | Path) -> pl.DataFrame:
+class UnlistedAnnotationsWarning(UserWarning):
+    """Annotated images that partitions.csv does not list were left out of (or kept in) the read."""
+
+
+@dataclass(frozen=True)
+class AnnotationRead:
+    """``table``: the long annotations; ``unlisted``: (image_name, file name) of the annotated images
+    partitions.csv does not list, left out of ``table`` unless ``kept``."""
+
+    table: pl.DataFrame
+    unlisted: tuple[tuple[str, str], ...] = ()
+    kept: bool = False
+
+    @property
+    def note(self) -> str | None:
+        """One line for the user naming the unlisted images, or None when there are none."""
+        if not self.unlisted:
+            return None
+        named = ", ".join(f"{name} ({file})" for name, file in self.unlisted)
+        if self.kept:
+            return (
+                f"{len(self.unlisted)} annotated image(s) not in partitions.csv, kept under their file's label: {named}"
+            )
+        return (
+            f"{len(self.unlisted)} annotated image(s) not listed in partitions.csv, left out: {named} "
+            "(as the authors' RQ2 notebook does; strict refuses them instead)"
+        )
+
+
+def read_annotations(dataset: Dataset | str | Path, strict: bool = False, keep_unlisted: bool = False) -> pl.DataFrame:
     """All rater annotations of a dataset, long: image_name, label, rater, term, hpo_id, region, value.
 
-    Each ``metadata/hpo-annotations/<label>.csv`` has ``image_name``, an optional ``rater``, and one
-    column per annotated term (the paper's name, the ontology's name or the HP id). Either one row
-    per image × rater with 0/1 cells (``value`` 0/1), or one row per image without ``rater``: 0/1
-    cells, or the NIH-Faces release's counts ("1X".."3X", empty = 0; ``value`` = number of raters;
-    its ``image_num`` and free-text ``Other`` columns are ignored). A term without a column was not
-    annotated in that file and counts as unmarked downstream. ``term`` is the paper's name.
-
-    Every annotated image must be listed in ``metadata/partitions.csv`` under the label its file
-    is named after: an annotation of an unlisted or differently labelled image would be counted
-    for the wrong syndrome (or none) without anyone noticing.
+    ``load_annotations``' table; its note about annotated images missing from partitions.csv, if
+    any, is one ``UnlistedAnnotationsWarning``. Front ends that cache the read use
+    ``load_annotations`` and show ``note`` themselves.
     """
+    read = load_annotations(dataset, strict=strict, keep_unlisted=keep_unlisted)
+    if read.note:
+        warnings.warn(read.note, UnlistedAnnotationsWarning, stacklevel=2)
+    return read.table
+
+
+def load_annotations(
+    dataset: Dataset | str | Path, strict: bool = False, keep_unlisted: bool = False
+) -> AnnotationRead:
+    """The rater annotations of a dataset, and which annotated images partitions.csv does not list.
+
+    Each ``<label>.csv`` of the annotation folder (``DatasetLayout.annotations``) has ``image_name``,
+    an optional ``rater``, and one column per annotated term (the paper's name, the ontology's name
+    or the HP id; case, punctuation and spacing aside). Either one row per image × rater with 0/1
+    cells (``value`` 0/1), or one row per image without ``rater``: 0/1 cells, or the NIH-Faces
+    release's counts ("1X".."3X", empty = 0; ``value`` = number of raters). Its ``image_num`` and
+    free-text columns (a name starting with "other") are ignored; any other column must be a term.
+    Cells are read with surrounding white space (non-breaking spaces too) removed. A term without a
+    column was not annotated in that file and counts as unmarked downstream. ``term`` is the
+    paper's name.
+
+    An image partitions.csv lists under another label is refused: it would be counted for the wrong
+    syndrome. An image it does not list at all (four in the NIH-Faces release) is left out and
+    named in ``unlisted``, kept under its file's label with ``keep_unlisted`` (the authors' Figure 4
+    used all 175), or refused with ``strict``.
+    """
+    if strict and keep_unlisted:
+        raise ValueError("strict refuses unlisted annotated images and keep_unlisted keeps them; choose one")
     dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-    folder = dataset.layout.annotations
+    folder = _annotation_folder(dataset)
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
     if not files:
         raise AnnotationError(f"no HPO annotations: {folder} has no <label>.csv files (see README 'Data layout')")
     labels = dataset.labels
-    return pl.concat([_parse_file(path, path.stem, labels) for path in files])
+    tables, unlisted = [], []
+    for path in files:
+        table, missing = _parse_file(path, path.stem, labels, strict, keep_unlisted)
+        tables.append(table)
+        unlisted += [(name, path.name) for name in missing]
+    return AnnotationRead(pl.concat(tables), tuple(unlisted), keep_unlisted)
+
+
+def _annotation_folder(dataset: Dataset) -> Path:
+    """The layout's annotation folder, refused when both names exist and hold different files."""
+    present = [folder for folder in dataset.layout.annotation_folders if folder.is_dir()]
+    if len(present) > 1:
+        contents = [{path.name: path.read_bytes() for path in folder.glob("*.csv")} for folder in present]
+        if any(c != contents[0] for c in contents[1:]):
+            names = " and ".join(f"metadata/{folder.name}/" for folder in present)
+            raise AnnotationError(
+                f"{dataset.root}: both {names} hold HPO annotations, and they differ; keep one of them"
+            )
+    return dataset.layout.annotations
 
 
 def _normalised(name: str) -> str:
@@ -74,8 +148,11 @@ def _column_names() -> dict[str, dict]:
     return lookup
 
 
-def _parse_file(path: Path, label: str, labels: dict[str, str]) -> pl.DataFrame:
-    """One ``<label>.csv`` as long rows, or an AnnotationError naming the file, row and column at fault."""
+def _parse_file(
+    path: Path, label: str, labels: dict[str, str], strict: bool, keep_unlisted: bool
+) -> tuple[pl.DataFrame, list[str]]:
+    """One ``<label>.csv`` as long rows and the names of its images partitions.csv does not list, or
+    an AnnotationError naming the file, row and column at fault."""
     try:
         table = pl.read_csv(path, infer_schema=False)
     except (pl.exceptions.PolarsError, UnicodeDecodeError) as error:
@@ -83,17 +160,28 @@ def _parse_file(path: Path, label: str, labels: dict[str, str]) -> pl.DataFrame:
     if "image_name" not in table.columns:
         raise AnnotationError(f"{path}: no image_name column (columns: {', '.join(table.columns)})")
     terms = _term_columns(path, table.columns)
-    names = table["image_name"].to_list()
-    _check_images(path, names, label, labels)
+    names = [name.strip() if isinstance(name, str) else name for name in table["image_name"].to_list()]
+    unlisted = _check_images(path, names, label, labels, strict)
     values = _cell_values(path, table, terms, names)
     raters = table["rater"].to_list() if "rater" in table.columns else [None] * len(table)
     _check_unique(path, names, raters, "rater" in table.columns)
+    keep = [i for i in range(len(names)) if keep_unlisted or i not in unlisted]
     rows = [
         (names[i], label, raters[i], row["paper_name"], row["hpo_id"], row["region"], int(values[i, j]))
-        for i in range(len(names))
+        for i in keep
         for j, row in enumerate(terms.values())
     ]
-    return pl.DataFrame(rows, schema=ANNOTATION_SCHEMA, orient="row")
+    return pl.DataFrame(rows, schema=ANNOTATION_SCHEMA, orient="row"), [names[i] for i in unlisted]
+
+
+def _is_extra(column: str) -> bool:
+    """Not a term: the image, its rater, the release's row index, or free text ("Other…")."""
+    normalised = _normalised(column)
+    return (
+        column in ("image_name", "rater")
+        or normalised == _RELEASE_INDEX_COLUMN
+        or normalised.startswith(_FREE_TEXT_PREFIX)
+    )
 
 
 def _term_columns(path: Path, columns: list[str]) -> dict[str, dict]:
@@ -101,13 +189,14 @@ def _term_columns(path: Path, columns: list[str]) -> dict[str, dict]:
     lookup = _column_names()
     terms: dict[str, dict] = {}
     for column in columns:
-        if column in ("image_name", "rater") or column.casefold() in _RELEASE_EXTRA_COLUMNS:
+        if _is_extra(column):
             continue
         row = lookup.get(_normalised(column))
         if row is None:
             raise AnnotationError(
                 f"{path}: column {column!r} is not one of the paper's 50 HPO terms "
-                "(use its name as in the paper or the ontology, or its HP id)"
+                "(use its name as in the paper or the ontology, or its HP id; free text goes in a "
+                "column whose name starts with 'Other')"
             )
         clash = [c for c, r in terms.items() if r is row]
         if clash:
@@ -116,21 +205,26 @@ def _term_columns(path: Path, columns: list[str]) -> dict[str, dict]:
     return terms
 
 
-def _check_images(path: Path, names: list, label: str, labels: dict[str, str]) -> None:
-    """Every row annotates an image partitions.csv lists under this file's label."""
+def _check_images(path: Path, names: list, label: str, labels: dict[str, str], strict: bool) -> list[int]:
+    """The rows annotating images partitions.csv does not list (refused when ``strict``); a row
+    annotating an image it lists under another label is refused."""
+    unlisted = []
     for i, name in enumerate(names):
-        if name is None or not name.strip():
+        if name is None or not name:
             raise AnnotationError(f"{path}: row {i + 2} has an empty image_name")
         if name not in labels:
-            raise AnnotationError(
-                f"{path}: row {i + 2} ({name!r}) annotates an image that partitions.csv does not "
-                "list; add the image to partitions.csv or remove the row"
-            )
-        if labels[name] != label:
+            if strict:
+                raise AnnotationError(
+                    f"{path}: row {i + 2} ({name!r}) annotates an image that partitions.csv does not "
+                    "list; add the image to partitions.csv or remove the row"
+                )
+            unlisted.append(i)
+        elif labels[name] != label:
             raise AnnotationError(
                 f"{path}: row {i + 2} ({name!r}) annotates an image labelled {labels[name]!r} in "
                 f"partitions.csv under {label!r}; move the row to {labels[name]}.csv"
             )
+    return unlisted
 
 
 def _cell_values(path: Path, table: pl.DataFrame, terms: dict[str, dict], names: list) -> np.ndarray:

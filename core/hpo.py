@@ -150,15 +150,43 @@ def term_spellings(row: dict) -> tuple[str, ...]:
     return row["paper_name"], row["hpo_name"], original, row["hpo_id"], row["paper_hpo_id"]
 
 
-def region_counts(annotations: pl.DataFrame) -> pl.DataFrame:
-    """Per image and region, the number of marks (raters summed: each term counts 0..raters):
-    image_name, region, count, with a row (count 0) for every region of ``REGIONS``."""
+REGION_WEIGHTINGS = ("counts", "paper")
+# nb-03-RQ2.ipynb weights an image's term by how many of the three raters marked it: '1X' 0.333,
+# '2X' 0.666, '3X' 1.000 (not 1/3, 2/3: three single marks sum to 0.999, below one '3X'). Kept in
+# thousandths so sums are exact decimals (the notebook summed float32 in a hash-seeded term order).
+PAPER_RATER_WEIGHTS_MILLI = {0: 0, 1: 333, 2: 666, 3: 1000}
+
+
+def region_counts(annotations: pl.DataFrame, weighting: str = "counts") -> pl.DataFrame:
+    """Per image and region, the raters' marks: image_name, region, count, with a row (0) for every
+    region of ``REGIONS``.
+
+    ``weighting="counts"``: the number of marks, raters summed (each term counts 0..raters; Int64).
+    ``weighting="paper"``: as RQ2's notebook, each term's rater count 1/2/3 weighs 0.333/0.666/1.0,
+    summed per region (Float64, exact to the thousandth); more than three raters on a term is refused,
+    the notebook defines no weight for it.
+    """
+    if weighting not in REGION_WEIGHTINGS:
+        raise ValueError(f"weighting {weighting!r} is not one of {', '.join(REGION_WEIGHTINGS)}")
     images = annotations.select("image_name").unique(maintain_order=True)
     grid = images.join(pl.DataFrame({"region": list(REGIONS)}), how="cross")
-    sums = annotations.group_by("image_name", "region").agg(pl.col("value").sum().cast(pl.Int64).alias("count"))
-    return grid.join(sums, on=["image_name", "region"], how="left", maintain_order="left").with_columns(
+    per_term = annotations.group_by("image_name", "term", "region").agg(pl.col("value").sum().cast(pl.Int64))
+    if weighting == "paper":
+        too_many = per_term.filter(pl.col("value") > max(PAPER_RATER_WEIGHTS_MILLI))
+        if len(too_many):
+            first = too_many.row(0, named=True)
+            raise AnnotationError(
+                f"{first['image_name']!r}: {first['value']} raters marked {first['term']!r}; the paper's "
+                "weighting (1X 0.333, 2X 0.666, 3X 1.0) is defined for up to three raters"
+            )
+        per_term = per_term.with_columns(
+            pl.col("value").replace_strict(PAPER_RATER_WEIGHTS_MILLI, return_dtype=pl.Int64)
+        )
+    sums = per_term.group_by("image_name", "region").agg(pl.col("value").sum().alias("count"))
+    counts = grid.join(sums, on=["image_name", "region"], how="left", maintain_order="left").with_columns(
         pl.col("count").fill_null(0)
     )
+    return counts.with_columns(pl.col("count") / 1000) if weighting == "paper" else counts
 
 
 def term_vectors(annotations: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
@@ -173,13 +201,26 @@ def term_vectors(annotations: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
     return images, matrix
 
 
-def term_syndrome_chi2(annotations: pl.DataFrame) -> pl.DataFrame:
-    """Figure 4b: χ² of each paper term (present = marked by any rater) against the syndrome label.
+CHI2_STATISTICS = ("contingency", "paper")
+# Figure 4a as nb-02-b hpo-figure.ipynb ran it: TSNE(learning_rate="auto", init="random",
+# perplexity=10) with scikit-learn's default Barnes-Hut gradients. ``term_tsne(a, **PAPER_TSNE)``.
+PAPER_TSNE = {"perplexity": 10.0, "init": "random", "method": "barnes_hut"}
 
-    ``scipy.stats.chi2_contingency`` on the 2 × labels table of image counts (its default Yates
-    correction acts only with two labels). A term marked on no image, or on every image, has no
-    test: null statistics and a ``note``.
+
+def term_syndrome_chi2(annotations: pl.DataFrame, statistic: str = "contingency") -> pl.DataFrame:
+    """Figure 4b: χ² of each paper term against the syndrome label: term, hpo_id, region, chi2, p, dof, n, note.
+
+    ``statistic="contingency"``: ``scipy.stats.chi2_contingency`` on the 2 × labels table of image
+    counts, a term present when any rater marked it (its default Yates correction acts only with two
+    labels); a term marked on no image, or on every image, has no test.
+    ``statistic="paper"``: as nb-02-b hpo-figure.ipynb, ``sklearn.feature_selection.chi2`` of the
+    per-image rater counts (0..3, ``term_vectors``) against the label: observed = summed counts per
+    label, expected = the term's total × the label's share of images; ``dof`` = labels − 1, the
+    degrees of freedom of scikit-learn's p. Only a term marked on no image has no test (scikit-learn
+    gives NaN). Either way a term without a test has null statistics and a ``note``.
     """
+    if statistic not in CHI2_STATISTICS:
+        raise ValueError(f"statistic {statistic!r} is not one of {', '.join(CHI2_STATISTICS)}")
     images, matrix = term_vectors(annotations)
     labels = sorted(images["label"].unique().to_list())
     if len(labels) < 2:
@@ -187,29 +228,11 @@ def term_syndrome_chi2(annotations: pl.DataFrame) -> pl.DataFrame:
             f"χ² of terms against syndromes needs at least two annotated labels (found: {', '.join(labels) or 'none'})"
         )
     label_index = np.array([labels.index(label) for label in images["label"]])
-    present = matrix > 0
-    rows = []
-    for j, term in enumerate(paper_rows()):
-        marked = np.bincount(label_index[present[:, j]], minlength=len(labels))
-        unmarked = np.bincount(label_index[~present[:, j]], minlength=len(labels))
-        row = {
-            "term": term["paper_name"],
-            "hpo_id": term["hpo_id"],
-            "region": term["region"],
-            "n": len(images),
-            "chi2": None,
-            "p": None,
-            "dof": None,
-            "note": None,
-        }
-        if marked.sum() == 0:
-            row["note"] = "never marked"
-        elif unmarked.sum() == 0:
-            row["note"] = "marked on every image"
-        else:
-            result = stats.chi2_contingency(np.stack([marked, unmarked]))
-            row |= {"chi2": float(result.statistic), "p": float(result.pvalue), "dof": int(result.dof)}
-        rows.append(row)
+    tests = _sklearn_chi2(matrix, label_index) if statistic == "paper" else _contingency_chi2(matrix, label_index)
+    rows = [
+        {"term": term["paper_name"], "hpo_id": term["hpo_id"], "region": term["region"], "n": len(images)} | tests[j]
+        for j, term in enumerate(paper_rows())
+    ]
     schema = {
         "term": pl.Utf8,
         "hpo_id": pl.Utf8,
@@ -223,24 +246,77 @@ def term_syndrome_chi2(annotations: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema).select(list(schema))
 
 
+def _untested(note: str) -> dict:
+    return {"chi2": None, "p": None, "dof": None, "note": note}
+
+
+def _contingency_chi2(matrix: np.ndarray, label_index: np.ndarray) -> list[dict]:
+    """Per term: chi2_contingency of marked / unmarked images × labels."""
+    present = matrix > 0
+    labels = int(label_index.max()) + 1
+    tests = []
+    for j in range(matrix.shape[1]):
+        marked = np.bincount(label_index[present[:, j]], minlength=labels)
+        unmarked = np.bincount(label_index[~present[:, j]], minlength=labels)
+        if marked.sum() == 0:
+            tests.append(_untested("never marked"))
+        elif unmarked.sum() == 0:
+            tests.append(_untested("marked on every image"))
+        else:
+            result = stats.chi2_contingency(np.stack([marked, unmarked]))
+            tests.append(
+                {"chi2": float(result.statistic), "p": float(result.pvalue), "dof": int(result.dof), "note": None}
+            )
+    return tests
+
+
+def _sklearn_chi2(matrix: np.ndarray, label_index: np.ndarray) -> list[dict]:
+    """Per term: scikit-learn's chi2 of the rater counts against the labels (the authors' Figure 4b)."""
+    from sklearn.feature_selection import chi2
+
+    marked = matrix.sum(axis=0) > 0
+    tests = [_untested("never marked") for _ in range(matrix.shape[1])]
+    if marked.any():
+        statistic, p = chi2(matrix[:, marked], label_index)
+        dof = int(label_index.max())  # labels − 1: scikit-learn's p is chi2.sf(statistic, labels − 1)
+        for j, s, q in zip(np.flatnonzero(marked), statistic, p, strict=True):
+            tests[j] = {"chi2": float(s), "p": float(q), "dof": dof, "note": None}
+    return tests
+
+
 EXACT_TSNE_MAX = 1000  # images; above, Barnes–Hut
+TSNE_METHODS = ("auto", "exact", "barnes_hut")
 
 
-def term_tsne(annotations: pl.DataFrame, seed: int = 0, perplexity: float = 30.0) -> pl.DataFrame:
-    """Figure 4a: t-SNE of the per-image term vectors: image_name, label, x, y.
+def term_tsne(
+    annotations: pl.DataFrame, seed: int = 0, perplexity: float = 30.0, init: str = "pca", method: str = "auto"
+) -> pl.DataFrame:
+    """Figure 4a: t-SNE of the per-image term vectors (rater counts): image_name, label, x, y.
 
-    scikit-learn's TSNE with a fixed seed; the perplexity is clipped to n − 1 (it must stay below
-    the number of images). Exact gradients up to ``EXACT_TSNE_MAX`` images: annotated sets are
-    small (the paper's has 171), and there exact is several times faster than Barnes–Hut here.
+    scikit-learn's TSNE with a fixed seed, ``learning_rate="auto"`` and ``init`` ("pca" or "random");
+    the perplexity is clipped to n − 1 (it must stay below the number of images). ``method="auto"``:
+    exact gradients up to ``EXACT_TSNE_MAX`` images (annotated sets are small, the paper's has 171,
+    and there exact is several times faster than Barnes–Hut here), Barnes–Hut above. The paper's
+    settings are ``PAPER_TSNE`` (perplexity 10, random init, Barnes–Hut).
     """
     from sklearn.manifold import TSNE
 
+    if method not in TSNE_METHODS:
+        raise ValueError(f"t-SNE method {method!r} is not one of {', '.join(TSNE_METHODS)}")
+    if init not in ("pca", "random"):
+        raise ValueError(f"t-SNE init {init!r} is not 'pca' or 'random'")
     images, matrix = term_vectors(annotations)
     if len(images) < 3:
         raise AnnotationError(f"t-SNE needs at least 3 annotated images (found {len(images)})")
-    method = "exact" if len(images) <= EXACT_TSNE_MAX else "barnes_hut"
+    if method == "auto":
+        method = "exact" if len(images) <= EXACT_TSNE_MAX else "barnes_hut"
     embedding = TSNE(
-        n_components=2, perplexity=min(perplexity, len(images) - 1), random_state=seed, init="pca", method=method
+        n_components=2,
+        perplexity=min(perplexity, len(images) - 1),
+        learning_rate="auto",
+        random_state=seed,
+        init=init,
+        method=method,
     ).fit_transform(matrix)
     return images.with_columns(
         x=pl.Series(embedding[:, 0], dtype=pl.Float64), y=pl.Series(embedding[:, 1], dtype=pl.Float64)

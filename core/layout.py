@@ -14,6 +14,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR_ENV = "XAI_DATA_DIR"
 CLASSIFIER_CARDS = "classifier-fold-*.json"
+# The HPO annotation folder's names: the authors' notebooks read metadata/hpo-annotations/, their
+# published release (Zenodo) unpacks to metadata/annotated-hpo-terms/.
+ANNOTATION_FOLDERS = ("hpo-annotations", "annotated-hpo-terms")
 
 
 def data_dir() -> Path:
@@ -51,9 +54,18 @@ class DatasetLayout:
         return self.metadata / "partitions.csv"
 
     @property
+    def annotation_folders(self) -> tuple[Path, ...]:
+        """Where a dataset may keep its clinicians' HPO annotations, one CSV per class: the name the
+        authors' notebooks (and this project) use, then the NIH-Faces release's own name."""
+        return tuple(self.metadata / name for name in ANNOTATION_FOLDERS)
+
+    @property
     def annotations(self) -> Path:
-        """One CSV of clinicians' HPO annotations per class."""
-        return self.metadata / "hpo-annotations"
+        """The annotation folder: the first of ``annotation_folders`` that exists, else the first (where
+        new annotations are written). ``core.annotations`` refuses a dataset holding both with
+        different files (which is meant cannot be told)."""
+        folders = self.annotation_folders
+        return next((folder for folder in folders if folder.is_dir()), folders[0])
 
     @property
     def ground_truth(self) -> Path:

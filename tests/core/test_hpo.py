@@ -175,7 +175,7 @@ def test_missing_annotations_and_an_image_under_two_labels(tmp_path):
         read_annotations(tmp_path)
 
 
-def test_an_annotated_image_not_in_partitions_is_refused_naming_file_and_row(tmp_path):
+def test_an_annotated_image_not_in_partitions_is_refused_when_strict_naming_file_and_row(tmp_path):
     write_annotations(tmp_path, "WS", ["image_name", "Wide mouth"], [["a.jpg", 1], ["b.jpg", 0]])
     (tmp_path / "metadata" / "partitions.csv").write_text("image_name,label\na.jpg,WS\n")  # b.jpg not listed
     with pytest.raises(
@@ -183,7 +183,7 @@ def test_an_annotated_image_not_in_partitions_is_refused_naming_file_and_row(tmp
         match=r"WS\.csv: row 3 \('b\.jpg'\) annotates an image that "
         r"partitions\.csv does not list",
     ):
-        read_annotations(tmp_path)
+        read_annotations(tmp_path, strict=True)
 
 
 def _three_syndromes(tmp_path) -> pl.DataFrame:
