@@ -307,24 +307,29 @@ def _annotated_dataset(scores: Path, dataset: Path | None) -> Path:
     """The dataset whose annotations go with the scores: given, or the one holding ``results/scores-*.parquet``."""
     if dataset is not None:
         return dataset
+    from core.layout import DatasetLayout
+
     guess = scores.resolve().parent.parent
-    if (guess / "metadata" / "hpo-annotations").is_dir():
+    if DatasetLayout(guess).annotations.is_dir():
         return guess
     raise UserFacingError(
         f"{scores} does not lie in <dataset>/results/; pass --dataset, the folder whose "
-        "metadata/hpo-annotations/ annotates the scored images"
+        "metadata/hpo-annotations/ (or the release's metadata/annotated-hpo-terms/) annotates the scored images"
     )
 
 
 def command_rq2(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from core.annotations import read_annotations
+    from core.annotations import load_annotations
     from core.hpo import region_counts, term_syndrome_chi2, term_tsne
     from core.stats import hpo_correlation, table4_wide
 
     scores = _read_score_table(args.scores)
-    annotations = read_annotations(_annotated_dataset(args.scores, args.dataset))
+    read = load_annotations(_annotated_dataset(args.scores, args.dataset), strict=args.strict)
+    if read.note:
+        print(f"warning: {read.note}", file=sys.stderr)
+    annotations = read.table
     result = hpo_correlation(scores, region_counts(annotations))
     chi2 = term_syndrome_chi2(annotations)
     with pl.Config(tbl_rows=200, tbl_cols=20, float_precision=3, tbl_width_chars=200, fmt_str_lengths=60):
@@ -751,7 +756,16 @@ def _add_rq2(commands: Subcommands) -> None:
     rq2.add_argument(
         "scores", type=Path, help="score table (Parquet) of the annotated images, e.g. scores-test.parquet"
     )
-    rq2.add_argument("--dataset", type=Path, help="dataset with metadata/hpo-annotations/ (default: the table's)")
+    rq2.add_argument(
+        "--dataset",
+        type=Path,
+        help="dataset with metadata/hpo-annotations/ or annotated-hpo-terms/ (default: the table's)",
+    )
+    rq2.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse annotated images that partitions.csv does not list (default: leave them out with a warning)",
+    )
     rq2.add_argument("--seed", type=int, default=0, help="seed of the t-SNE of Figure 4a")
     rq2.add_argument("--out", type=Path, help="folder for the rq2-*.csv tables (default: the table's)")
     rq2.set_defaults(run=command_rq2)
