@@ -28,9 +28,11 @@ from core.parse import ParsedFace, parse_face
 from core.regions import PAPER_REGIONS, RegionMasks, RegionSpec, region_masks
 from core.score import RELEVANCE_MODES, channel_sums, region_scores, relevance_from_sums
 from models import checkpoint as checkpoint_module
+from models import domain_guard as domain_guard_module
 from models import parser as parser_module
 from models import resnet as resnet_module
 from models.checkpoint import Classifier, classify, preprocess
+from models.domain_guard import penultimate_features
 from models.parser import FaceParser, predict_label_maps
 
 
@@ -261,6 +263,24 @@ def class_probabilities(classifier: Classifier, aligned: np.ndarray, cache: Disk
     return np.stack(memoised_rows(cache, keys, compute))
 
 
+def face_features(classifier: Classifier, aligned: np.ndarray, cache: DiskCache | None = None) -> np.ndarray:
+    """N×D penultimate features of aligned uint8 faces (``models.domain_guard``), looked up per face,
+    the missing ones computed as one batch."""
+
+    def compute(rows: list[int]) -> list[np.ndarray]:
+        return list(penultimate_features(classifier.network, preprocess(aligned[rows], classifier.card)))
+
+    keys = [memo_key("features", _features_salt(), classifier, face) for face in aligned]
+    return np.stack(memoised_rows(cache, keys, compute))
+
+
+def domain_scores(classifier: Classifier, aligned: np.ndarray, cache: DiskCache | None = None) -> np.ndarray | None:
+    """N out-of-domain scores under the classifier's guard (``core.domain``); None when it has none."""
+    if classifier.domain is None:
+        return None
+    return classifier.domain.scores(face_features(classifier, aligned, cache))
+
+
 def target_indices(
     target: str | int, classes: Sequence[str], probabilities: np.ndarray, labels: Sequence[str] | None = None
 ) -> np.ndarray:
@@ -380,3 +400,8 @@ def _attribution_salt() -> str:
 @functools.lru_cache(maxsize=1)
 def _model_salt() -> str:
     return source_salt(checkpoint_module, resnet_module)
+
+
+@functools.lru_cache(maxsize=1)
+def _features_salt() -> str:
+    return source_salt(checkpoint_module, resnet_module, domain_guard_module)

@@ -25,7 +25,9 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from core.domain import DomainGuard
 from core.errors import ModelError
+from models.domain_guard import feature_dim, read_domain_guard
 from models.locks import model_lock
 from models.resnet import ARCHITECTURES, CAFFE_RESNET50, build_resnet
 
@@ -340,19 +342,25 @@ def load_weights(network: nn.Module, card: ModelCard, card_path: str | Path, hea
 class Classifier:
     """A classifier ready for inference and attribution (eval mode, parameters frozen).
 
-    ``fingerprint`` covers the weights and the card fields that change the outputs.
+    ``fingerprint`` covers the weights and the card fields that change the outputs. ``domain`` is the
+    out-of-domain guard stored beside the card (``models.domain_guard``), when one was fitted.
     """
 
     network: nn.Module
     card: ModelCard
     fingerprint: str
+    domain: DomainGuard | None = None
 
 
-def load_classifier(card_path: str | Path) -> Classifier:
+def load_classifier(card_path: str | Path, domain: bool = True) -> Classifier:
+    """The card's classifier, with its out-of-domain guard when the card has one (a guard that is not
+    this model's is refused with a ``DomainGuardError``); ``domain=False`` leaves the guard unread
+    (fitting a new one)."""
     card = read_card(card_path, kind="classifier")
     network: nn.Module = build_resnet(card.architecture, len(card.classes))
     network, fingerprint = load_weights(network, card, card_path, head_key="fc.weight")
-    return Classifier(network=network, card=card, fingerprint=fingerprint)
+    guard = read_domain_guard(card_path, fingerprint, feature_dim(network)) if domain else None
+    return Classifier(network=network, card=card, fingerprint=fingerprint, domain=guard)
 
 
 def classify(classifier: Classifier, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
