@@ -13,7 +13,7 @@ import streamlit as st
 
 from cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, DiskCache
 from cache.spec_store import SpecStore, default_spec_dir
-from core.annotations import read_annotations
+from core.annotations import AnnotationRead, load_annotations
 from core.dataset import Dataset, open_dataset
 from core.hpo import region_counts
 from core.layout import DatasetLayout
@@ -78,8 +78,14 @@ def dataset(root: str) -> Dataset:
 
 
 @st.cache_data(show_spinner="Reading the HPO annotations …", max_entries=4)
+def _annotation_read(root: str, version: tuple[float, ...]) -> AnnotationRead:
+    """The read and its note together: a cached read raises no warning on the next run, so the page shows
+    the note itself (``annotation_note``)."""
+    return load_annotations(root)
+
+
 def _annotations(root: str, version: tuple[float, ...]) -> pl.DataFrame:
-    return read_annotations(root)
+    return _annotation_read(root, version).table
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -88,19 +94,26 @@ def _region_counts(root: str, version: tuple[float, ...]) -> pl.DataFrame:
 
 
 def annotations_version(dataset: Dataset) -> tuple[float, ...]:
-    """What ``read_annotations`` reads: partitions.csv (it checks each annotated image's label there), the
-    annotation folder and each of its files, by modification time (a tuple: any one changing counts)."""
-    folder = dataset.layout.annotations
+    """What ``load_annotations`` reads: partitions.csv (it checks each annotated image's label there), both
+    annotation folders and each of their files, by modification time (a tuple: any one changing counts)."""
     return (
         modified(dataset.layout.partitions),
-        modified(folder),
-        *(modified(path) for path in sorted(folder.glob("*.csv"))),
+        *(
+            stamp
+            for folder in dataset.layout.annotation_folders
+            for stamp in (modified(folder), *(modified(path) for path in sorted(folder.glob("*.csv"))))
+        ),
     )
 
 
 def annotations(dataset: Dataset) -> pl.DataFrame:
     """The raters' HPO annotations (``core.annotations.read_annotations``); raises ``AnnotationError`` if none."""
     return _annotations(str(dataset.root), annotations_version(dataset))
+
+
+def annotation_note(dataset: Dataset) -> str | None:
+    """The read's note naming annotated images partitions.csv does not list (left out), or None."""
+    return _annotation_read(str(dataset.root), annotations_version(dataset)).note
 
 
 def hpo_region_counts(dataset: Dataset) -> pl.DataFrame:

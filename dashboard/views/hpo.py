@@ -103,6 +103,9 @@ def main() -> None:
         except UserFacingError as error:
             st.info(f"This dataset has no HPO annotations, so RQ2 cannot be computed: {error}")
         else:
+            note = resources.annotation_note(dataset)
+            if note:
+                st.warning(note)
             correlation(view, counts)
             figure4(dataset)
         leaderboard(dataset)

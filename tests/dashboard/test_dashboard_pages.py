@@ -248,3 +248,17 @@ def test_a_dataset_without_annotations_says_what_is_missing(extracted, tmp_path)
     app = open_app(query(root), page=HPO)
     no_trouble(app)
     assert any("no HPO annotations" in i.value and "hpo-annotations" in i.value for i in app.info)
+
+
+def test_hpo_page_names_annotated_images_partitions_csv_lacks(extracted, tmp_path):
+    """As in the NIH-Faces release: an annotated image that partitions.csv does not list is left out, and
+    the page says which (one warning), instead of refusing the whole page."""
+    root = fresh_copy(extracted, tmp_path / "dataset")
+    path = sorted(DatasetLayout(root).annotations.glob("*.csv"))[0]
+    written = pl.read_csv(path)
+    written.vstack(written.head(1).with_columns(pl.lit("Unlisted999.png").alias("image_name"))).write_csv(path)
+    app = open_app(query(root), page=HPO)
+    no_trouble(app)
+    notes = [w.value for w in app.warning if "not listed in partitions.csv" in w.value]
+    assert len(notes) == 1 and "Unlisted999.png" in notes[0] and path.name in notes[0]
+    assert any(s.value.startswith("Table 4: Spearman ρ") for s in app.subheader)
