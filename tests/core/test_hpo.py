@@ -8,10 +8,11 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from core.annotations import read_annotations
+from core.annotations import load_annotations, read_annotations
 from core.cli import main
 from core.errors import UserFacingError
 from core.hpo import (
+    PAPER_TSNE,
     REGIONS,
     SYNDROME_OMIM,
     AnnotationError,
@@ -22,7 +23,7 @@ from core.hpo import (
     term_tsne,
     term_vectors,
 )
-from tests.conftest import REPO
+from tests.conftest import RELEASE_SPELLING, RELEASE_UNLISTED, REPO, release_hand_parse
 
 REFERENCE_TERMS = REPO / "core" / "paper_terms.csv"
 
@@ -314,3 +315,149 @@ def test_cli_rq2_writes_table_4_and_figure_4(tmp_path, capsys):
     elsewhere = tmp_path / "scores.parquet"
     pl.DataFrame(rows).write_parquet(elsewhere)
     assert main(["rq2", str(elsewhere)]) == 2 and "pass --dataset" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the NIH-Faces release's own files
+
+# nb-03-RQ2.ipynb's region_groups, as the authors wrote them (the release's column names).
+NOTEBOOK_REGION_GROUPS = {
+    "overall": [
+        "Abnormal facial shape",
+        "Long face",
+        "Microcephaly",
+        "Hypopigmentation of the skin",
+        "Elfin facies",
+        "Narrow face",
+        "Coarse facial features",
+        "Triangular face",
+        "Midface retrusion",
+        "Webbed neck",
+    ],
+    "hair": ["Fair hair"],
+    "eye": [
+        "Epicanthus",
+        "Upslanted palpebral fissure",
+        "Abnormal eyelid morphology",
+        "Ptosis",
+        "Telecanthus",
+        "Strabismus",
+        "Iris hypopigmentation",
+        "Blepharophimosis",
+        "Downslanted palpebral fissures",
+        "Hypertelorism",
+        "Proptosis",
+        "Highly arched eyebrow",
+        "Sparse lateral eyebrow",
+        "Long eyelashes",
+        "Eversion of lateral third of lower eyelids",
+    ],
+    "nose": ["Prominent nasal bridge", "Wide nasal bridge", "Bulbous nose", "Short nose", "Short columella"],
+    "ears": [
+        "Low-set ears",
+        "Overfolded helix",
+        "Small earlobe",
+        "Low-set posteriorly rotated ears",
+        "Protruding ear",
+        "Thickened helices",
+        "Macrotia",
+    ],
+    "mouth": [
+        "Long philtrum",
+        "Wide mouth",
+        "Protruding tongue",
+        "Thick lower lip vermilion",
+        "Everted lower lip vermilion",
+        "Open bite",
+        "Widely spaced teeth",
+        "Microdontia",
+        "Abnormality of the dentition",
+    ],
+    "chin": ["Pointed chin"],
+    "forehead": ["High forehead", "Broad forehead"],
+}
+NOTEBOOK_WEIGHTS = {0: 0.0, 1: 0.333, 2: 0.666, 3: 1.000}  # nb-03-RQ2: '1X', '2X', '3X'
+
+
+def _release_marks(root: Path, keep_unlisted: bool = False) -> dict[str, tuple[str, dict[str, int]]]:
+    parsed = release_hand_parse(root / "metadata" / "annotated-hpo-terms")
+    return {n: entry for n, entry in parsed.items() if keep_unlisted or n not in RELEASE_UNLISTED}
+
+
+def test_region_counts_of_the_release_equal_a_hand_parse_with_the_notebooks_region_groups(release_dataset):
+    region_of = {RELEASE_SPELLING.get(t, t): region for region, terms in NOTEBOOK_REGION_GROUPS.items() for t in terms}
+    assert len(region_of) == 50 and set(NOTEBOOK_REGION_GROUPS) == set(REGIONS)
+    marks = _release_marks(release_dataset)
+    annotations = load_annotations(release_dataset).table
+    for weighting, weigh in (("counts", lambda k: k), ("paper", NOTEBOOK_WEIGHTS.__getitem__)):
+        expected = {(name, region): 0.0 for name in marks for region in REGIONS}
+        for name, (_label, terms) in marks.items():
+            for term, raters in terms.items():
+                expected[(name, region_of[term])] += weigh(raters)
+        table = region_counts(annotations, weighting=weighting)
+        got = {(r["image_name"], r["region"]): r["count"] for r in table.iter_rows(named=True)}
+        assert got.keys() == expected.keys()
+        assert all(got[key] == pytest.approx(value, abs=1e-9) for key, value in expected.items()), weighting
+    # Why the weighting matters to Spearman's ρ: equal counts, different weights (a '3X' weighs 0.001 more
+    # than three '1X'), so ties of the counts are ranked apart.
+    paper = region_counts(annotations, weighting="paper").rename({"count": "weight"})
+    both = region_counts(annotations).join(paper, on=["image_name", "region"])
+    split = both.group_by("region", "count").agg(pl.col("weight").n_unique().alias("weights"))
+    assert split.filter((pl.col("region") == "eye") & (pl.col("weights") > 1)).height > 0
+
+
+@pytest.mark.parametrize("keep_unlisted", [False, True])
+def test_paper_chi2_of_the_release_equals_scikit_learn_on_an_independent_matrix(release_dataset, keep_unlisted):
+    from sklearn.feature_selection import chi2
+
+    marks = _release_marks(release_dataset, keep_unlisted)
+    terms = sorted({term for _label, found in marks.values() for term in found})
+    labels = sorted({label for label, _found in marks.values()})
+    matrix = np.array([[found.get(term, 0) for term in terms] for _label, found in marks.values()])
+    y = np.array([labels.index(label) for label, _found in marks.values()])
+    statistic, p = chi2(matrix, y)
+    annotations = load_annotations(release_dataset, keep_unlisted=keep_unlisted).table
+    table = term_syndrome_chi2(annotations, statistic="paper")
+    assert len(terms) == 50 and len(table) == 50 and set(table["n"]) == {175 if keep_unlisted else 171}
+    rows = {r["term"]: r for r in table.iter_rows(named=True)}
+    for j, term in enumerate(terms):
+        assert rows[term]["chi2"] == pytest.approx(statistic[j], rel=1e-12)
+        assert rows[term]["p"] == pytest.approx(p[j], rel=1e-9)
+        assert rows[term]["dof"] == 4 and rows[term]["p"] == pytest.approx(stats.chi2.sf(statistic[j], 4), rel=1e-9)
+
+
+def test_paper_tsne_settings_run_on_the_release(release_dataset):
+    annotations = load_annotations(release_dataset).table
+    embedding = term_tsne(annotations, seed=1, **PAPER_TSNE)
+    assert len(embedding) == 171 and np.isfinite(embedding.select("x", "y").to_numpy()).all()
+    assert embedding.equals(term_tsne(annotations, seed=1, **PAPER_TSNE))
+    with pytest.raises(ValueError, match="init"):
+        term_tsne(annotations, init="spectral")
+
+
+def test_cli_rq2_on_the_release_warns_once_and_strict_refuses(release_dataset, tmp_path, capsys):
+    test_images = pl.read_csv(release_dataset / "metadata" / "partitions.csv").filter(pl.col("fold-1") == "test")
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "image_name": name,
+            "label": label,
+            "fold": fold,
+            "model": f"classifier-{fold}",
+            "method": "Gradient",
+            "region": region,
+            "score": float(rng.random()),
+        }
+        for fold in ("fold-1", "fold-2")
+        for name, label in zip(test_images["image_name"], test_images["image_name"].str.extract(r"^(.+?)Slide"))
+        for region in ("eye", "nose", "mouth")
+    ]
+    scores = tmp_path / "scores-test.parquet"
+    pl.DataFrame(rows).write_parquet(scores)
+    out = tmp_path / "out"
+    assert main(["rq2", str(scores), "--dataset", str(release_dataset), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and all(name in warned[0] for name in RELEASE_UNLISTED)
+    assert set(pl.read_csv(out / "rq2-per-model.csv")["n"]) == {171}
+    assert main(["rq2", str(scores), "--dataset", str(release_dataset), "--out", str(out), "--strict"]) == 2
+    assert "22q11DSSlide150.png" in capsys.readouterr().err
