@@ -85,3 +85,34 @@ def test_segmaps_are_found_by_name_or_png_stem(tmp_path):
     (root / "features" / "segmaps" / "WSSlide1.png").write_bytes(b"x")
     segmap = segmap_file(dataset, "WSSlide1.jpg")
     assert segmap is not None and segmap.name == "WSSlide1.png"
+
+
+def test_the_nih_faces_release_opens_from_its_own_partitions_csv_without_photos(release_dataset):
+    """The release's metadata as published (no images/ folder: it only links to the photos) opens for
+    metadata-only use; the numbers below are counted from the file with the csv module."""
+    import csv
+    from collections import Counter
+
+    from core.dataset import label_from_name
+    from tests.conftest import RELEASE_UNLISTED, release_hand_parse
+
+    with (release_dataset / "metadata" / "partitions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    dataset = open_dataset(release_dataset)
+    assert not (release_dataset / "images").exists()
+    assert len(dataset.table) == len(rows) == 3544
+    assert dataset.classes == tuple(sorted({label_from_name(r["image_name"]) for r in rows}))
+    assert len(dataset.classes) == 12 and dataset.folds == ("fold-1", "fold-2", "fold-3", "fold-4", "fold-5")
+    assert dataset.has_landmarks
+    assert Counter(dataset.labels.values()) == Counter(label_from_name(r["image_name"]) for r in rows)
+    annotated = set(release_hand_parse(dataset.layout.annotations)) - RELEASE_UNLISTED
+    for fold in dataset.folds:
+        # The same 171 test images under every fold: exactly the annotated ones partitions.csv lists.
+        assert set(names_in(dataset, fold, "test")) == annotated and len(annotated) == 171
+        sizes = {split: len(names_in(dataset, fold, split)) for split in ("train", "val", "test")}
+        assert sizes == {s: sum(r[fold] == s for r in rows) for s in sizes} and sum(sizes.values()) == 3544
+    landmarks = landmarks_of(dataset, [rows[0]["image_name"]])
+    assert landmarks is not None
+    np.testing.assert_allclose(landmarks[0].ravel(), [float(rows[0][f"{a}{i}"]) for i in range(1, 6) for a in "xy"])
+    with pytest.raises(DatasetError, match="does not exist"):
+        image_file(dataset, rows[0]["image_name"])  # the photo itself: a clear error, not a crash
