@@ -179,6 +179,21 @@ def command_train_parser(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_import_model(args: argparse.Namespace) -> int:
+    from models.released import import_released_model
+
+    imported = import_released_model(args.checkpoint, args.out, args.fold)
+    print(f"{imported.fold}: {imported.checkpoint.name} -> {imported.card_path}", file=sys.stderr)
+    if imported.tied_with:
+        print(
+            f"  tied with {', '.join(p.name for p in imported.tied_with)}: the earliest epoch was taken "
+            "(their test.py took whichever its file listing gave first)",
+            file=sys.stderr,
+        )
+    print(imported.card_path)
+    return 0
+
+
 def command_demo(args: argparse.Namespace) -> int:
     from cache import DiskCache
     from core.demo import build_demo
@@ -531,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_explain,
         _add_train,
         _add_train_parser,
+        _add_import_model,
         _add_benchmark,
         _add_checks,
         _add_extract,
@@ -718,6 +734,32 @@ def _add_extract(commands: Subcommands) -> None:
     )
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(run=command_extract)
+
+
+def _add_import_model(commands: Subcommands) -> None:
+    imported = commands.add_parser(
+        "import-model",
+        help="a checkpoint of the authors' train.py (torch.save(model)) -> safetensors + card, running none of it",
+        description=(
+            "Reads a whole-module checkpoint of the paper's authors (class models.VGGFace2_ResNet.resnet50_adapted) "
+            "without importing their code or running anything pickled in it, and writes "
+            "classifier-<fold>.safetensors and its card: resnet50-caffe, BGR, 0..255 minus the fold's BGR mean "
+            "from their test.py, std 1, 224 px, their twelve classes in their order."
+        ),
+    )
+    imported.add_argument(
+        "checkpoint",
+        type=Path,
+        help="an epoch-NN-test_accuracy-A.pt file, or a fold's folder of them (the highest accuracy in the "
+        "names is taken, as their test.py does; the earliest epoch on a tie)",
+    )
+    imported.add_argument(
+        "--fold", choices=[f"fold-{i}" for i in range(1, 6)], help="the model's fold (default: the one the path names)"
+    )
+    imported.add_argument(
+        "--out", type=Path, required=True, help="folder for the weights and card, e.g. <dataset>/models"
+    )
+    imported.set_defaults(run=command_import_model)
 
 
 def _add_demo(commands: Subcommands) -> None:

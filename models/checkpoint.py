@@ -36,6 +36,7 @@ CHANNEL_ORDERS = ("RGB", "BGR")
 CLASSIFIER_ARCHITECTURES = ARCHITECTURES
 PARSER_ARCHITECTURE_PREFIX = "unet-"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+ARCHITECTURE_METADATA = "architecture"  # safetensors header entry save_checkpoint writes
 # Card fields that change what a network's outputs mean; with the weights they key cached results.
 _OUTPUT_FIELDS = ("kind", "architecture", "classes", "input_size", "channel_order", "input_scale", "mean", "std")
 
@@ -203,7 +204,9 @@ def save_checkpoint(network: nn.Module, card: ModelCard, folder: str | Path, nam
     folder.mkdir(parents=True, exist_ok=True)
     weights_path = folder / f"{name}.safetensors"
     state_dict = {key: tensor.detach().cpu().contiguous() for key, tensor in network.state_dict().items()}
-    safetensors.torch.save_file(state_dict, weights_path)
+    # The network the weights were saved from: ResNet-50's two layouts have the same keys and shapes, so
+    # only this record tells a card's wrong 'architecture' from the right one (see _check_weights_fit).
+    safetensors.torch.save_file(state_dict, weights_path, metadata={ARCHITECTURE_METADATA: card.architecture})
     card_path = folder / f"{name}.json"
     card_path.write_text(dataclasses.replace(card, weights=weights_path.name).to_json() + "\n", encoding="utf-8")
     return card_path
@@ -321,6 +324,25 @@ def _check_weights_fit(
             f"{weights_path} does not fit the card's architecture {card.architecture!r}: "
             f"{'; '.join(problems)}. Check the card's 'architecture' and 'weights'"
         )
+    recorded = recorded_architecture(weights_path)
+    if recorded is not None and recorded != card.architecture:
+        raise ModelError(
+            f"{weights_path} was saved from a {recorded!r} network but the card says {card.architecture!r}: "
+            "the keys and shapes fit, the computation would not. Set the card's 'architecture' to "
+            f"{recorded!r}"
+        )
+
+
+def recorded_architecture(weights_path: Path) -> str | None:
+    """The architecture save_checkpoint recorded in a safetensors header; None for other files."""
+    if weights_path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        with safetensors.safe_open(weights_path, framework="pt") as file:
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError):
+        return None  # load_state_dict_file has read the same file already; nothing recorded to compare
+    return metadata.get(ARCHITECTURE_METADATA)
 
 
 def load_weights(network: nn.Module, card: ModelCard, card_path: str | Path, head_key: str) -> tuple[nn.Module, str]:
