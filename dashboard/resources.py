@@ -78,14 +78,14 @@ def dataset(root: str) -> Dataset:
 
 
 @st.cache_data(show_spinner="Reading the HPO annotations …", max_entries=4)
-def _annotation_read(root: str, version: tuple[float, ...]) -> AnnotationRead:
+def _annotation_read(root: str, version: tuple[float, ...], keep_unlisted: bool = False) -> AnnotationRead:
     """The read and its note together: a cached read raises no warning on the next run, so the page shows
     the note itself (``annotation_note``)."""
-    return load_annotations(root)
+    return load_annotations(root, keep_unlisted=keep_unlisted)
 
 
-def _annotations(root: str, version: tuple[float, ...]) -> pl.DataFrame:
-    return _annotation_read(root, version).table
+def _annotations(root: str, version: tuple[float, ...], keep_unlisted: bool = False) -> pl.DataFrame:
+    return _annotation_read(root, version, keep_unlisted).table
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -106,14 +106,15 @@ def annotations_version(dataset: Dataset) -> tuple[float, ...]:
     )
 
 
-def annotations(dataset: Dataset) -> pl.DataFrame:
-    """The raters' HPO annotations (``core.annotations.read_annotations``); raises ``AnnotationError`` if none."""
-    return _annotations(str(dataset.root), annotations_version(dataset))
+def annotations(dataset: Dataset, keep_unlisted: bool = False) -> pl.DataFrame:
+    """The raters' HPO annotations (``core.annotations.load_annotations``); raises ``AnnotationError`` if
+    none. ``keep_unlisted``: keep annotated images partitions.csv lacks (the published Figure 4 did)."""
+    return _annotations(str(dataset.root), annotations_version(dataset), keep_unlisted)
 
 
-def annotation_note(dataset: Dataset) -> str | None:
-    """The read's note naming annotated images partitions.csv does not list (left out), or None."""
-    return _annotation_read(str(dataset.root), annotations_version(dataset)).note
+def annotation_note(dataset: Dataset, keep_unlisted: bool = False) -> str | None:
+    """The read's note naming annotated images partitions.csv does not list (left out or kept), or None."""
+    return _annotation_read(str(dataset.root), annotations_version(dataset), keep_unlisted).note
 
 
 def hpo_region_counts(dataset: Dataset) -> pl.DataFrame:
