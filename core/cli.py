@@ -83,6 +83,7 @@ def _settings(args: argparse.Namespace, **fixed):
             getattr(args, "target", None), getattr(args, "target", None)
         ),
         "batch_size": getattr(args, "batch_size", 16),
+        "landmark_parser": getattr(args, "landmark_parser", "landmarks68"),
     }
     return ExplainSettings(**{**chosen, **fixed})
 
@@ -583,7 +584,18 @@ def _add_explain(commands: Subcommands) -> None:
     explain.add_argument("--model", type=Path, help="classifier model card (JSON); default: the demo's fold-1 model")
     _add_methods(explain)
     _add_regions(explain)
-    explain.add_argument("--parser", type=Path, help="face parser model card (JSON); default: landmark template")
+    explain.add_argument(
+        "--parser",
+        type=Path,
+        help="face parser model card (JSON); default: parts drawn from dlib's 68 landmarks (--landmark-parser)",
+    )
+    explain.add_argument(
+        "--landmark-parser",
+        choices=("landmarks68", "template"),  # core.pipeline.LANDMARK_PARSERS, without importing torch here
+        default="landmarks68",
+        help="parts of a face with neither --segmap nor --parser: dlib's 68 landmarks (default; the template "
+        "when dlib is missing) or the five-point template",
+    )
     explain.add_argument(
         "--segmap",
         type=Path,

@@ -41,6 +41,7 @@ class Explanation:
         return {
             "landmarks": np.round(self.face.landmarks, 2).tolist(),
             "parse_source": self.face.parse_source,
+            "alignment_check": None if self.face.alignment_check is None else self.face.alignment_check.summary(),
             "prediction": {
                 "class": self.classes[self.predicted],
                 "probability": round(float(self.probabilities[self.predicted]), 4),

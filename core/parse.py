@@ -1,8 +1,9 @@
 """Label maps in the LaPa convention, from the best source available for an aligned face.
 
 Preference: a label map stored with the dataset (what its results were scored with), then a
-face-parsing network the user supplies, then a template drawn from the five aligned landmarks (so the
-product works with nothing but a photo).
+face-parsing network the user supplies, then parts drawn from dlib's 68 landmarks (real faces,
+``core.landmark_parts``), then a template drawn from the five aligned landmarks (so the product works
+with nothing but a photo, and without dlib).
 """
 
 from collections.abc import Callable
@@ -11,6 +12,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 from skimage.draw import polygon
 from skimage.transform import resize
+
+from core.landmark_parts import label_map_from_68
 
 # Shapes in units of the inter-pupillary distance (IPD), from approximate adult norms in Farkas,
 # "Anthropometry of the Head and Face" (1994): IPD ≈ 62 mm, eye fissure ≈ 31 × 10 mm, eyebrow
@@ -43,7 +46,7 @@ LAPA_LABELS = (
 
 class ParsedFace(NamedTuple):
     label_map: np.ndarray  # H×W uint8, LaPa ids
-    source: Literal["parser", "stored", "template"]
+    source: Literal["parser", "stored", "landmarks68", "template"]
 
 
 def landmark_template(landmarks_aligned: np.ndarray, size: int = 224) -> np.ndarray:
@@ -138,12 +141,14 @@ def parse_face(
     parser: Callable[[np.ndarray], np.ndarray] | None = None,
     stored_map: np.ndarray | None = None,
     landmarks: np.ndarray | None = None,
+    landmarks68: np.ndarray | None = None,
 ) -> ParsedFace:
     """Label map of an aligned face from the best source given, and which source that was.
 
     The one precedence rule: a stored map (the dataset's own: what its results were scored with), then
-    the parser, then the landmark template. `parser` is any callable mapping N×H×W×3 uint8 images to
-    N×H×W label maps.
+    the parser, then dlib's 68 landmarks (``landmarks68``, 68×2 in the aligned frame), then the landmark
+    template from the five aligned ``landmarks``. `parser` is any callable mapping N×H×W×3 uint8 images
+    to N×H×W label maps.
     """
     height, width = aligned_image.shape[:2]
     if stored_map is not None:
@@ -155,12 +160,14 @@ def parse_face(
         if label_map.shape != (height, width):
             raise ValueError(f"the face parser returned a {label_map.shape} map for a {(height, width)} image")
         return ParsedFace(label_map.astype(np.uint8), "parser")
+    if (landmarks68 is not None or landmarks is not None) and height != width:
+        raise ValueError(f"aligned images are square, got {height}×{width}")
+    if landmarks68 is not None:
+        return ParsedFace(label_map_from_68(landmarks68, size=height), "landmarks68")
     if landmarks is not None:
-        if height != width:
-            raise ValueError(f"aligned images are square, got {height}×{width}")
         return ParsedFace(landmark_template(landmarks, size=height), "template")
     raise ValueError(
-        "no face parser, stored label map or aligned landmarks was given, so there is "
+        "no face parser, stored label map or aligned landmarks (5 or 68) was given, so there is "
         "nothing to build a label map from; pass one of them"
     )
 

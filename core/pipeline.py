@@ -19,19 +19,23 @@ import numpy as np
 from cache import DiskCache, memo_key, memoised, memoised_rows, source_salt
 from core import align as align_module
 from core import attribute as attribute_module
+from core import landmark_parts as landmark_parts_module
 from core import parse as parse_module
 from core.align import AlignedFace, align_face, detect_faces, warp_to_aligned
 from core.attribute import METHOD_NAMES, METHODS, attribute
 from core.dataset import Dataset, DatasetError, Photo, read_photo
 from core.errors import ImageError, NoFaceError, UserFacingError
+from core.landmark_parts import AlignmentCheck, alignment_check
 from core.parse import ParsedFace, parse_face
 from core.regions import PAPER_REGIONS, RegionMasks, RegionSpec, region_masks
 from core.score import RELEVANCE_MODES, channel_sums, region_scores, relevance_from_sums
 from models import checkpoint as checkpoint_module
+from models import landmarks68 as landmarks68_module
 from models import domain_guard as domain_guard_module
 from models import parser as parser_module
 from models import resnet as resnet_module
 from models.checkpoint import Classifier, classify, preprocess
+from models.landmarks68 import DenseLandmarks, DenseLandmarksUnavailable, landmarks_68
 from models.domain_guard import penultimate_features
 from models.parser import FaceParser, predict_label_maps
 
@@ -48,13 +52,19 @@ class LabelMapError(UserFacingError):
     """A stored label map that cannot be placed on its face."""
 
 
+# What parses a face that has neither a stored label map nor a face parser (``ExplainSettings.landmark_parser``):
+# dlib's 68 landmarks (real faces; the template when dlib is missing) or the five-point template.
+LANDMARK_PARSERS = ("landmarks68", "template")
+
+
 @dataclass(frozen=True)
 class ExplainSettings:
     """Everything that decides an explanation besides the photo and the model.
 
     ``params`` maps a method name to overrides of its paper defaults. ``target`` is ``"predicted"``
     (the paper), ``"label"`` (each dataset image's true class), or one class name or index for all.
-    ``parser`` is consulted only for faces without a stored label map (see ``prepare_face``).
+    ``parser`` is consulted only for faces without a stored label map, ``landmark_parser`` only for faces
+    with neither (see ``prepare_face``).
     """
 
     methods: tuple[str, ...] = METHOD_NAMES
@@ -64,6 +74,7 @@ class ExplainSettings:
     parser: FaceParser | None = None
     target: str | int = "predicted"
     batch_size: int = 16
+    landmark_parser: str = "landmarks68"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -76,6 +87,10 @@ class ExplainSettings:
             raise SettingsError(f"mode must be one of {', '.join(RELEVANCE_MODES)}, not {self.mode!r}")
         if self.batch_size < 1:
             raise SettingsError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.landmark_parser not in LANDMARK_PARSERS:
+            raise SettingsError(
+                f"landmark parser must be one of {', '.join(LANDMARK_PARSERS)}, not {self.landmark_parser!r}"
+            )
 
     def method_params(self, method: str) -> dict[str, Any]:
         """The full parameters of one of ``methods``: its paper defaults with this run's overrides."""
@@ -91,10 +106,11 @@ class PreparedFace:
     aligned: np.ndarray  # size×size×3 uint8
     aligned_landmarks: np.ndarray
     label_map: np.ndarray  # size×size uint8, LaPa
-    parse_source: str  # "stored" | "parser" | "template"
+    parse_source: str  # "stored" | "parser" | "landmarks68" | "template"
     region_names: tuple[str, ...]
     masks: np.ndarray  # R×size×size bool
     notes: tuple[str, ...] = ()
+    alignment_check: AlignmentCheck | None = None  # detected faces and faces parsed from dlib's 68 points
 
 
 # --- One photo -> one prepared face -------------------------------------------------------------
@@ -109,12 +125,24 @@ def found_faces(image: np.ndarray) -> tuple[np.ndarray, int]:
     return faces[0].landmarks, len(faces)
 
 
-@memoised("parse", depends=(parse_module, parser_module))
+@memoised("landmarks68", depends=(landmarks68_module, align_module))
+def found_landmarks68(image: np.ndarray, five: np.ndarray) -> DenseLandmarks:
+    """dlib's 68 points of the face whose five points are ``five`` (``models.landmarks68.landmarks_68``)."""
+    return landmarks_68(image, five)
+
+
+@memoised("parse", depends=(parse_module, landmark_parts_module, parser_module))
 def parsed_face(
-    aligned: np.ndarray, aligned_landmarks: np.ndarray, parser: FaceParser | None, stored_map: np.ndarray | None
+    aligned: np.ndarray,
+    aligned_landmarks: np.ndarray,
+    parser: FaceParser | None,
+    stored_map: np.ndarray | None,
+    aligned_landmarks68: np.ndarray | None = None,
 ) -> ParsedFace:
     network = None if parser is None else functools.partial(predict_label_maps, parser)
-    return parse_face(aligned, parser=network, stored_map=stored_map, landmarks=aligned_landmarks)
+    return parse_face(
+        aligned, parser=network, stored_map=stored_map, landmarks=aligned_landmarks, landmarks68=aligned_landmarks68
+    )
 
 
 def align_photo(photo: Photo, size: int, cache: DiskCache | None = None) -> tuple[AlignedFace, np.ndarray, list[str]]:
@@ -133,13 +161,22 @@ def prepare_face(photo: Photo, size: int, settings: ExplainSettings, cache: Disk
     """Align (detecting the face unless the photo has landmarks), parse, cut into ``settings.spec``'s regions.
 
     The one label-map rule: the photo's stored map (a dataset's own, what its results were scored
-    with) wins, then ``settings.parser``, then the landmark template (``core.parse.parse_face``).
+    with) wins, then ``settings.parser``, then dlib's 68 landmarks (``settings.landmark_parser``, the
+    default), then the landmark template (``core.parse.parse_face``). dlib's 68 points are also found for
+    every detected face, to check its alignment (``alignment_check``).
     """
     aligned, landmarks, notes = align_photo(photo, size, cache)
     stored = None
     if photo.label_map is not None:
         stored = stored_map_in_aligned_frame(photo.label_map, photo.image.shape, aligned.matrix, size)
-    parsed = parsed_face(aligned.image, aligned.landmarks, settings.parser, stored, cache=cache)
+    parse_from_68 = stored is None and settings.parser is None and settings.landmark_parser == "landmarks68"
+    dense, check = None, None
+    if parse_from_68 or photo.landmarks is None:
+        dense, check = dense_landmarks_and_check(photo.image, landmarks, notes, cache)
+    aligned68 = None
+    if parse_from_68 and dense is not None:
+        aligned68 = dense.points @ aligned.matrix[:, :2].T + aligned.matrix[:, 2]
+    parsed = parsed_face(aligned.image, aligned.landmarks, settings.parser, stored, aligned68, cache=cache)
     masks = region_masks(parsed.label_map, settings.spec)
     notes.extend(
         f"Region {name!r} is empty on this face: its scores are NaN."
@@ -156,7 +193,21 @@ def prepare_face(photo: Photo, size: int, settings: ExplainSettings, cache: Disk
         region_names=masks.names,
         masks=masks.masks,
         notes=tuple(notes),
+        alignment_check=check,
     )
+
+
+def dense_landmarks_and_check(
+    image: np.ndarray, five: np.ndarray, notes: list[str], cache: DiskCache | None = None
+) -> tuple[DenseLandmarks | None, AlignmentCheck]:
+    """dlib's 68 points of the face at ``five`` (None, with a note, when dlib is not installed) and the
+    check of ``five`` against them and the photo's border (``core.landmark_parts.alignment_check``)."""
+    try:
+        dense = found_landmarks68(image, five, cache=cache)
+    except DenseLandmarksUnavailable as error:
+        notes.append(str(error))
+        return None, alignment_check(five, None, image.shape)
+    return dense, alignment_check(five, dense.points, image.shape, dense.dlib_detected)
 
 
 def stored_map_in_aligned_frame(

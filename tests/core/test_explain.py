@@ -50,7 +50,8 @@ def photo():
 
 
 def test_explain_equals_the_pipeline_composed_by_hand(classifier, photo):
-    result = explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, ExplainSettings(methods=("Gradient", "DeepLIFT")))
+    settings = ExplainSettings(methods=("Gradient", "DeepLIFT"), landmark_parser="template")
+    result = explain(Photo(photo, ASTRONAUT_LANDMARKS), classifier, settings)
     aligned = align_face(photo, ASTRONAUT_LANDMARKS, size=SIZE)
     masks = region_masks(landmark_template(aligned.landmarks, SIZE), PAPER_REGIONS)
     batch = preprocess(aligned.image[None], classifier.card)
@@ -141,6 +142,27 @@ def test_cli_explain_prints_json(card_path, tmp_path, capsys):
     assert set(out["region_scores"]) == {"Gradient", "LayerGradCam"}
     assert set(out["region_scores"]["Gradient"]) == {"eye", "nose", "mouth"}
     assert out["prediction"]["class"] in ("A", "B", "Unaffected")
+    # Issue 14: a photo's parts come from dlib's 68 points, which also check the five given ones.
+    assert out["parse_source"] == "landmarks68"
+    check = out["alignment_check"]
+    assert check["warning"] is None and check["cut_by_border"] is False and check["dlib_detected"] is True
+    assert 0 <= check["disagreement_iod"] < check["threshold_iod"]
+
+
+def test_cli_explain_warns_when_the_face_is_cut_through_an_eye(card_path, tmp_path, capsys):
+    path = tmp_path / "cut.png"
+    Image.fromarray(data.astronaut()[:, 215:]).save(path)
+    assert cli_main(["explain", str(path), "--model", str(card_path), "--methods", "Gradient", "--quiet"]) == 0
+    check = json.loads(capsys.readouterr().out)["alignment_check"]
+    assert check["cut_by_border"] is True and check["disagreement_iod"] > check["threshold_iod"]
+    assert check["warning"].startswith("The alignment is likely wrong")
+    whole = tmp_path / "face.png"
+    Image.fromarray(data.astronaut()).save(whole)
+    landmarks = ",".join(f"{v:g}" for v in ASTRONAUT_LANDMARKS.ravel())
+    template = ["--landmark-parser", "template", "--landmarks", landmarks, "--methods", "Gradient", "--quiet"]
+    assert cli_main(["explain", str(whole), "--model", str(card_path), *template]) == 0
+    given = json.loads(capsys.readouterr().out)
+    assert given["parse_source"] == "template" and given["alignment_check"] is None  # nothing asked for dlib
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from scipy import ndimage
 from core.align import template_for
 from core.errors import ImageError
 from core.imageio import load_label_map
+from core.landmark_parts import label_map_from_68
 from core.parse import LAPA_LABELS, landmark_template, parse_face, resize_label_map
 
 TEMPLATE_LANDMARKS = template_for(224)
@@ -137,6 +138,39 @@ def test_template_is_the_fallback():
     parsed = parse_face(IMAGE, landmarks=TEMPLATE_LANDMARKS)
     assert parsed.source == "template"
     np.testing.assert_array_equal(parsed.label_map, landmark_template(TEMPLATE_LANDMARKS))
+
+
+def dense_points(landmarks: np.ndarray) -> np.ndarray:
+    """68 points around the five (each eye a hexagon about its centre, nose and mouth at theirs): enough
+    for ``label_map_from_68`` to draw from."""
+    left_eye, right_eye, nose, mouth_left, mouth_right = landmarks
+    ring = np.array([[-8, 0], [-4, -3], [4, -3], [8, 0], [4, 3], [-4, 3]], dtype=np.float64)
+    jaw = np.linspace(left_eye - [30, 0], right_eye + [30, 0], 17) + np.outer(
+        np.sin(np.linspace(0, np.pi, 17)), [0, 90]
+    )
+    brows = np.vstack([np.linspace(eye - [12, 12], eye + [12, 12] - [0, 24], 5) for eye in (left_eye, right_eye)])
+    bridge = np.linspace((left_eye + right_eye) / 2, nose, 4)
+    nostrils = np.linspace(nose + [-10, 8], nose + [10, 8], 5)
+    outer = np.vstack([np.linspace(mouth_left, mouth_right, 7), np.linspace(mouth_right, mouth_left, 7)[1:-1] + [0, 8]])
+    inner = np.vstack(
+        [np.linspace(mouth_left, mouth_right, 5) + [0, 2], np.linspace(mouth_right, mouth_left, 5)[1:-1] + [0, 4]]
+    )
+    return np.vstack([jaw, brows, bridge, nostrils, left_eye + ring, right_eye + ring, outer, inner]) + 0.013
+
+
+def test_the_sources_rank_stored_parser_landmarks68_template():
+    """Issue 14's rule: stored > parser > dlib's 68 points > five-point template, whatever else is given."""
+    dense = dense_points(TEMPLATE_LANDMARKS)
+    everything = dict(parser=constant_parser, stored_map=STORED, landmarks=TEMPLATE_LANDMARKS, landmarks68=dense)
+    assert parse_face(IMAGE, **everything).source == "stored"
+    assert parse_face(IMAGE, **{**everything, "stored_map": None}).source == "parser"
+    from_68 = parse_face(IMAGE, landmarks=TEMPLATE_LANDMARKS, landmarks68=dense)
+    assert from_68.source == "landmarks68"
+    np.testing.assert_array_equal(from_68.label_map, label_map_from_68(dense, 224))
+    assert not np.array_equal(from_68.label_map, landmark_template(TEMPLATE_LANDMARKS))
+    assert parse_face(IMAGE, landmarks=TEMPLATE_LANDMARKS).source == "template"
+    with pytest.raises(ValueError, match="square"):
+        parse_face(IMAGE[:, :200], landmarks68=dense)
 
 
 def test_no_source_raises():
