@@ -530,3 +530,24 @@ def test_paper_chi2_over_all_175_images_reproduces_the_published_figure_4b(relea
     without = term_syndrome_chi2(load_annotations(release_dataset).table, statistic="paper")
     moved = max(abs(r["chi2"] - ours[r["term"]]) for r in without.iter_rows(named=True))
     assert moved > 5
+
+
+def test_paper_weighting_is_defined_for_three_raters_and_unknown_options_are_refused(tmp_path):
+    header = ["image_name", "rater", "Wide mouth", "Long philtrum"]
+    rows = [["WS1.jpg", r, 1, int(r == "A")] for r in "ABCD"]  # four raters on wide mouth
+    write_annotations(tmp_path, "WS", header, rows)
+    write_annotations(tmp_path, "KS", ["image_name", "Ptosis"], [["KS1.jpg", 1]])
+    annotations = read_annotations(tmp_path)
+    assert region_counts(annotations).filter(pl.col("image_name") == "WS1.jpg")["count"].sum() == 5
+    with pytest.raises(AnnotationError, match="4 raters marked 'Wide mouth'.*up to three raters"):
+        region_counts(annotations, weighting="paper")
+    three = annotations.filter(pl.col("rater").ne_missing("D"))  # 3 × wide mouth, 1 × long philtrum: 1.0 + 0.333
+    mouth = region_counts(three, weighting="paper").filter(pl.col("region") == "mouth")
+    assert dict(zip(mouth["image_name"], mouth["count"])) == {"WS1.jpg": 1.333, "KS1.jpg": 0.0}
+    with pytest.raises(ValueError, match="weighting 'thirds'"):
+        region_counts(annotations, weighting="thirds")
+    with pytest.raises(ValueError, match="statistic 'fisher'"):
+        term_syndrome_chi2(annotations, statistic="fisher")
+    paper = term_syndrome_chi2(three, statistic="paper")
+    never = paper.filter(pl.col("term") == "Fair hair").row(0, named=True)
+    assert never["chi2"] is None and never["note"] == "never marked"
