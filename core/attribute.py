@@ -20,6 +20,7 @@ from captum.attr import DeepLift, GuidedGradCam, LayerDeepLift, LayerGradCam, Oc
 from torch import nn
 from zennit import composites as zc
 from zennit.attribution import Gradient, IntegratedGradients, SmoothGrad
+from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.torchvision import ResNetCanonizer
 
 from models.locks import model_lock
@@ -89,10 +90,33 @@ def _zennit(attributor_factory):
     return run
 
 
-def _composite(composite_cls, canonize: bool):
+# How an LRP composite canonizes the network: "resnet" (Zennit's ResNetCanonizer: batch norms merged
+# into the preceding convolutions and each block's residual addition made a Sum module with its own
+# rule) or "batchnorm-only" (only the merges, SequentialMergeBatchNorm): what the released code got,
+# since Zennit's residual canonizer matches only torchvision's Bottleneck class and the authors'
+# blocks are their own (docs/DECISIONS.md, "Issue 11").
+CANONIZERS = ("resnet", "batchnorm-only")
+
+
+def canonizers(name: str) -> list:
+    """Fresh Zennit canonizers of one of ``CANONIZERS``."""
+    if name == "resnet":
+        return [ResNetCanonizer()]
+    if name == "batchnorm-only":
+        return [SequentialMergeBatchNorm()]
+    raise ValueError(f"canonizer must be one of {', '.join(CANONIZERS)}, not {name!r}")
+
+
+def _composite(composite_cls):
     def factory(model, **params):
-        kwargs = {"canonizers": [ResNetCanonizer()]} if canonize else {}
-        return Gradient(model=model, composite=composite_cls(**kwargs, **params))
+        return Gradient(model=model, composite=composite_cls(**params))
+
+    return factory
+
+
+def _canonized_composite(composite_cls):
+    def factory(model, canonizer="resnet", **params):
+        return Gradient(model=model, composite=composite_cls(canonizers=canonizers(canonizer), **params))
 
     return factory
 
@@ -115,7 +139,8 @@ def _layer_deeplift(model, x, targets, layer="layer4", upsample="bicubic", reduc
     if reduce_channels:
         # Sum over channels before the (linear) upsampling: per-position DeepLIFT contributions that
         # still add up to f(x) - f(baseline), at 1/C of the memory. reduce_channels=False keeps all
-        # channels, as the paper's released code did (abs-summed later by relevance_map).
+        # channels, as the paper's released code did (abs-summed later by relevance_map; the ``paper``
+        # profile, core.profiles).
         attribution = attribution.sum(dim=1, keepdim=True)
     return _upsample(attribution, x.shape[-2:], upsample)
 
@@ -158,7 +183,7 @@ def _alpha_beta_passes(p, size):
 
 
 _GRAD = {"initial_relevance": "onehot"}
-_LRP = {"initial_relevance": "onehot", "epsilon": 1e-6, "stabilizer": 1e-6}
+_LRP = {"initial_relevance": "onehot", "epsilon": 1e-6, "stabilizer": 1e-6, "canonizer": "resnet"}
 
 METHODS: Mapping[str, Method] = MappingProxyType(
     {
@@ -183,7 +208,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 "GuidedBackprop",
                 "zennit",
                 dict(_GRAD),
-                _zennit(_composite(zc.GuidedBackprop, False)),
+                _zennit(_composite(zc.GuidedBackprop)),
                 lambda p, size: (1, 1),
             ),
             # Zennit evaluates each hooked layer again in the backward pass, once per input/weight
@@ -193,32 +218,32 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 "ExcitationBackprop",
                 "zennit",
                 {**_GRAD, "stabilizer": 1e-6},
-                _zennit(_composite(zc.ExcitationBackprop, False)),
+                _zennit(_composite(zc.ExcitationBackprop)),
                 _z_plus_passes,
             ),
+            Method("DeconvNet", "zennit", dict(_GRAD), _zennit(_composite(zc.DeconvNet)), lambda p, size: (1, 1)),
             Method(
-                "DeconvNet", "zennit", dict(_GRAD), _zennit(_composite(zc.DeconvNet, False)), lambda p, size: (1, 1)
+                "LRP-EpsilonPlus", "zennit", dict(_LRP), _zennit(_canonized_composite(zc.EpsilonPlus)), _z_plus_passes
             ),
-            Method("LRP-EpsilonPlus", "zennit", dict(_LRP), _zennit(_composite(zc.EpsilonPlus, True)), _z_plus_passes),
             Method(
                 "LRP-EpsilonPlusFlat",
                 "zennit",
                 dict(_LRP),
-                _zennit(_composite(zc.EpsilonPlusFlat, True)),
+                _zennit(_canonized_composite(zc.EpsilonPlusFlat)),
                 _z_plus_passes,
             ),
             Method(
                 "LRP-EpsilonAlpha2Beta1",
                 "zennit",
                 dict(_LRP),
-                _zennit(_composite(zc.EpsilonAlpha2Beta1, True)),
+                _zennit(_canonized_composite(zc.EpsilonAlpha2Beta1)),
                 _alpha_beta_passes,
             ),
             Method(
                 "LRP-EpsilonAlpha2Beta1Flat",
                 "zennit",
                 dict(_LRP),
-                _zennit(_composite(zc.EpsilonAlpha2Beta1Flat, True)),
+                _zennit(_canonized_composite(zc.EpsilonAlpha2Beta1Flat)),
                 _alpha_beta_passes,
             ),
             # Captum's DeepLift runs input and baseline as one doubled batch: 2 forward, 2 backward rows.

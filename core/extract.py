@@ -266,6 +266,7 @@ def _store_contents(plan: ExtractionPlan, settings: ExplainSettings) -> StoreCon
         code_version=source_salt(attribute_module, score_module, checkpoint_module, resnet_module),
         models=models,
         methods=settings.methods,
+        method_params={m: settings.method_params(m) for m in settings.methods},
     )
 
 

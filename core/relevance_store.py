@@ -8,7 +8,7 @@ relevance map of every image × fold model × method (float16), the aligned labe
     manifest.json            what the store holds: map size, relevance mode, target rule, images (names,
                              labels), models (name, fold, classes, fingerprint, which images), methods
     label-maps-<key>.npy     N_images×S×S uint8, memory-mapped
-    maps-<key>.npy           one per model × method: N_rows×S×S float16, memory-mapped
+    maps-<key>.npy           one per model × method: N_rows×S×S float16 (float32 for mode abs-raw), memory-mapped
     journal.jsonl            one line per finished batch: which rows of which file are written; for the
                              predictions of a model the classes and probabilities themselves
     region-masks/<label maps>/<key>.npz   memo: a region spec's masks over those label maps, run-length encoded
@@ -22,7 +22,7 @@ one that claims rows it lacks: the store is *detectably incomplete* (``missing()
 missing) and re-scoring refuses it until an extraction finishes it.
 
 File names carry a content key of everything that decides their content (image list and files, model
-fingerprint, target rule, method, relevance mode, the attribution code's version), so a rerun keeps
+fingerprint, target rule, method and its parameters, relevance mode, the attribution code's version), so a rerun keeps
 the finished rows of unchanged files, and files nothing refers to any more are deleted.
 """
 
@@ -36,17 +36,17 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 import polars as pl
 
 from cache import content_hash
 from core.errors import UserFacingError
-from core.score import RegionSegments
+from core.score import RegionSegments, stored_map_dtype
 
 FORMAT = 1
 SKIPPED = -1  # the predicted class stored for a photo that could not be used (unreadable, no face)
@@ -86,6 +86,9 @@ class StoreContents:
     code_version: str
     models: tuple[StoredModel, ...]
     methods: tuple[str, ...]
+    # Each method's full parameters (``ExplainSettings.method_params``): maps of other parameters (another
+    # fidelity profile, core.profiles) are other files. Empty in stores written before it was recorded.
+    method_params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def label_maps_file(self) -> str:
         return f"label-maps-{_key('label-maps', self.size, self.label_maps_key, self.image_names)}.npy"
@@ -96,7 +99,8 @@ class StoreContents:
         return f"predictions-{key}"
 
     def maps_file(self, model: StoredModel, method: str) -> str:
-        return f"maps-{_key('maps', self.predictions_file(model), method, self.mode)}.npy"
+        params = json.dumps(self.method_params.get(method, {}), sort_keys=True)
+        return f"maps-{_key('maps', self.predictions_file(model), method, self.mode, params)}.npy"
 
     def model(self, name: str) -> StoredModel:
         for model in self.models:
@@ -126,6 +130,7 @@ class StoreContents:
                 "image_names": tuple(data["image_names"]),
                 "labels": tuple(data["labels"]),
                 "methods": tuple(data["methods"]),
+                "method_params": data.get("method_params", {}),
             }
         )
 
@@ -204,7 +209,7 @@ class RelevanceStore:
         return np.array(sorted(self._done.get(self.contents.label_maps_file(), set())), dtype=np.int64)
 
     def maps(self, model: str, method: str) -> np.ndarray:
-        """N_rows×S×S float16 relevance maps of one model and method (memory-mapped)."""
+        """N_rows×S×S float16 (abs-raw: float32) relevance maps of one model and method (memory-mapped)."""
         contents = self.contents
         if method not in contents.methods:
             raise StoreError(f"the relevance store has no method {method!r}; it has {', '.join(contents.methods)}")
@@ -299,15 +304,22 @@ class RelevanceStore:
         if self._contents is not None:
             old = self._contents
             same_models = {model.name for model in contents.models} == {model.name for model in old.models}
+            # An old method is judged with its own parameters: the new contents know only the new methods'.
+            merged = dataclasses.replace(contents, method_params={**old.method_params, **contents.method_params})
             kept = tuple(
                 m
                 for m in old.methods
                 if m not in contents.methods
                 and same_models
-                and all(contents.maps_file(model, m) == old.maps_file(model, m) for model in contents.models)
+                and all(merged.maps_file(model, m) == old.maps_file(model, m) for model in contents.models)
                 and not self.missing([m])
             )
-            contents = dataclasses.replace(contents, methods=contents.methods + kept)
+            methods = contents.methods + kept
+            contents = dataclasses.replace(
+                contents,
+                methods=methods,
+                method_params={m: merged.method_params[m] for m in methods if m in merged.method_params},
+            )
         shapes: dict[str, tuple[tuple[int, ...], type[np.generic]]] = {
             contents.label_maps_file(): ((len(contents.image_names), contents.size, contents.size), np.uint8)
         }
@@ -315,7 +327,7 @@ class RelevanceStore:
             for method in contents.methods:
                 shapes[contents.maps_file(model, method)] = (
                     (len(model.images), contents.size, contents.size),
-                    np.float16,
+                    stored_map_dtype(contents.mode),
                 )
         for name, (shape, dtype) in shapes.items():
             path = self.root / name

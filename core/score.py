@@ -21,7 +21,7 @@ import torch
 
 from core.regions import RegionSpec, region_masks
 
-RELEVANCE_MODES = ("abs", "positive", "signed")
+RELEVANCE_MODES = ("abs", "positive", "signed", "abs-raw")
 _CHUNK = 16  # maps per float32 chunk: 3.2 MB at 224², about what one core's L2 and L3 share keeps hot
 _PIECE = 32768  # elements per float16 -> float32 copy: torch's GRAIN_SIZE, so the copy runs on this thread
 _MERGE_GAP = 8192  # elements between two spans below which one copy reads both (a copy call costs ~3 µs)
@@ -38,6 +38,8 @@ def channel_sums(attribution: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np
 
 def relevance_from_sums(abs_sum: np.ndarray, signed_sum: np.ndarray, mode: str = "abs") -> np.ndarray:
     """N×H×W maps from channel sums; see ``relevance_map`` for the modes."""
+    if mode == "abs-raw":
+        return np.array(abs_sum, dtype=np.float32)  # a copy: callers may write into their maps
     if mode == "abs":
         maps = abs_sum
     elif mode == "positive":
@@ -58,11 +60,20 @@ def relevance_map(attribution: torch.Tensor | np.ndarray, mode: str = "abs") -> 
     ``abs`` (the paper): sum of |a| over channels, min–max to [0, 1] per image.
     ``positive``: sum over channels, negatives set to 0, then min–max: evidence *for* the target only.
     ``signed``: sum over channels divided by the largest magnitude, so in [−1, 1] with 0 kept at 0.
+    ``abs-raw`` (the released code's RQ1, Table 3: its min–max line is commented out): sum of |a| over
+    channels, not normalised, so in the attribution's own units.
     A constant map (e.g. an all-zero gradient) becomes all zeros instead of dividing by zero.
     """
     if mode not in RELEVANCE_MODES:
         raise ValueError(f"mode must be one of {', '.join(RELEVANCE_MODES)}, not {mode!r}")
     return relevance_from_sums(*channel_sums(attribution), mode)
+
+
+def stored_map_dtype(mode: str) -> type[np.floating]:
+    """What a relevance store keeps maps of ``mode`` in: float16 for maps in [0, 1] or [−1, 1]; float32
+    for raw sums, whose small values (an LRP map of 224² pixels sharing a relevance of about 1 puts
+    ~2e-5 on a pixel) fall below float16's normal range (6e-5) and would lose their precision."""
+    return np.float32 if mode == "abs-raw" else np.float16
 
 
 def region_scores(maps: np.ndarray, masks: np.ndarray, names: tuple[str, ...] | None = None) -> np.ndarray:
@@ -198,7 +209,8 @@ def plan_sums(segments: RegionSegments, rows: np.ndarray, images: np.ndarray, pi
 
 
 def segment_sums(maps: np.ndarray, plans: Sequence[SumPlan], regions: int) -> np.ndarray:
-    """rows × R float64 sums Σ(map·mask_r) of a (memory-mapped, writable) N×S×S float16 maps file.
+    """rows × R float64 sums Σ(map·mask_r) of a (memory-mapped, writable) N×S×S float16 (or float32,
+    ``stored_map_dtype``) maps file.
 
     Per chunk: float16 spans -> float32 buffer -> run sums -> region sums. One thread: two threads
     over halves of the chunks gave no consistent gain on 2 cores (the copy loop holds the GIL between

@@ -67,6 +67,12 @@ def heatmap_rgb(image: np.ndarray, relevance: np.ndarray, alpha: float = 0.6) ->
     return ((1 - weight) * grey + weight * colour).clip(0, 255).astype(np.uint8)
 
 
+def scaled_for_display(relevance: np.ndarray) -> np.ndarray:
+    """A non-negative map divided by its maximum (an all-zero map stays zero), for ``heatmap_rgb``."""
+    top = float(np.max(relevance)) if relevance.size else 0.0
+    return relevance / top if top > 0 else np.zeros_like(relevance)
+
+
 def image_figure(image: np.ndarray, points: np.ndarray | None = None, height: int = 360) -> go.Figure:
     figure = go.Figure(go.Image(z=image))
     if points is not None:

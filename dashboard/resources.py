@@ -89,8 +89,8 @@ def _annotations(root: str, version: tuple[float, ...], keep_unlisted: bool = Fa
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def _region_counts(root: str, version: tuple[float, ...]) -> pl.DataFrame:
-    return region_counts(_annotations(root, version))
+def _region_counts(root: str, version: tuple[float, ...], weighting: str = "counts") -> pl.DataFrame:
+    return region_counts(_annotations(root, version), weighting=weighting)
 
 
 def annotations_version(dataset: Dataset) -> tuple[float, ...]:
@@ -117,5 +117,6 @@ def annotation_note(dataset: Dataset, keep_unlisted: bool = False) -> str | None
     return _annotation_read(str(dataset.root), annotations_version(dataset), keep_unlisted).note
 
 
-def hpo_region_counts(dataset: Dataset) -> pl.DataFrame:
-    return _region_counts(str(dataset.root), annotations_version(dataset))
+def hpo_region_counts(dataset: Dataset, weighting: str = "counts") -> pl.DataFrame:
+    """Per image and region, the raters' marks (``core.hpo.region_counts``, its ``weighting``)."""
+    return _region_counts(str(dataset.root), annotations_version(dataset), weighting)

@@ -105,11 +105,18 @@ def score_table(view: state.View, split: str) -> Scores | None:
         methods = tuple(m for m in view.methods if m in contents.methods)
         if methods:
             table = _rescored(str(folder), _version(folder), view.spec.to_json(), methods)
-            caveats = (
+            wanted = view.settings(split=split)
+            caveats: tuple[str, ...] = (
                 ()
-                if contents.mode == view.mode
-                else (f"the stored maps use relevance mode {contents.mode!r}, not {view.mode!r}",)
+                if contents.mode == wanted.mode
+                else (f"the stored maps use relevance mode {contents.mode!r}, not {wanted.mode!r}",)
             )
+            other = [m for m in methods if contents.method_params.get(m) != wanted.method_params(m)]
+            if other:
+                caveats += (
+                    f"the stored maps of {', '.join(other)} were made with other method settings than the "
+                    f"{view.profile} profile's (extract again to replace them)",
+                )
             return Scores(
                 table, ScoreSource.STORE, caveats, _lacking(view, contents.methods), time.perf_counter() - started
             )
@@ -137,7 +144,7 @@ def _job_key(dataset: Dataset, split: str) -> str:
 def _extraction(view: state.View, dataset: Dataset, split: str):
     """The work of one extraction, with every model loaded here, on the script thread."""
     classifiers = {Path(card).stem: resources.classifier(card) for card in view.cards}
-    plan, settings, layout = ExtractionPlan(dataset, classifiers, split), view.settings(), dataset.layout
+    plan, settings, layout = ExtractionPlan(dataset, classifiers, split), view.settings(split=split), dataset.layout
 
     def work(job: jobs.Job) -> None:
         table = extract_scores(

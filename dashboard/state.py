@@ -24,6 +24,7 @@ from core.dataset import Dataset
 from core.errors import UserFacingError
 from core.layout import demo_dataset
 from core.pipeline import ExplainSettings
+from core.profiles import PROFILE_NAMES, Profile, apply, profile
 from core.regions import RegionSpec, bundled_region_specs
 from core.score import RELEVANCE_MODES
 from dashboard import resources
@@ -34,7 +35,7 @@ OTHER_CARD = "other card"
 DEFAULT_SPEC = "paper"
 # The demo precomputes these for its held-out faces, so they are the opening choice.
 DEFAULT_METHODS = list(QUICK_METHODS)
-SIDEBAR_KEYS = ("dataset", "model", "card", "parser", "methods", "mode", "spec")
+SIDEBAR_KEYS = ("dataset", "model", "card", "parser", "methods", "mode", "spec", "profile")
 # Page-level URL parameters, by page url path ("" is the default page, Explain); a link carries its page's.
 PAGE_KEYS = {
     "": ("source", "split", "image", "target"),
@@ -61,13 +62,20 @@ class View:
     mode: str
     spec: RegionSpec
     spec_ref: str  # bundled name or stored id, as in the URL
+    profile: str = PROFILE_NAMES[0]  # core.profiles: "project" or "paper"
 
-    def settings(self, **changes) -> ExplainSettings:
-        """The pipeline's settings for this view (``changes`` override fields, e.g. a page's target)."""
+    @property
+    def fidelity(self) -> Profile:
+        return profile(self.profile)
+
+    def settings(self, split: str | None = None, **changes) -> ExplainSettings:
+        """The pipeline's settings for this view under its profile (``changes`` override fields, e.g. a
+        page's target). Scores of RQ1's or RQ2's ``split`` get the profile's relevance mode, if it has one."""
         parser = resources.parser(self.parser) if self.parser else None
-        return ExplainSettings(
+        settings = ExplainSettings(
             **{"methods": self.methods, "mode": self.mode, "spec": self.spec, "parser": parser, **changes}
         )
+        return apply(settings, self.fidelity, split=split, mode=changes.get("mode"))
 
 
 def default_dataset() -> str:
@@ -178,9 +186,21 @@ def sidebar() -> View:
         key="mode",
         bind=URL,
         help="abs: the paper's |a| summed over channels, min–max per image; positive: evidence "
-        "for the class only; signed: both signs.",
+        "for the class only; signed: both signs; abs-raw: |a| summed, not normalised (the released "
+        "code's Table 3). The paper profile fixes the Statistics and HPO pages' modes (abs-raw, abs).",
     )
     spec, spec_ref = _spec_selector()
+    chosen_profile = bar.selectbox(
+        "Fidelity profile",
+        PROFILE_NAMES,
+        key="profile",
+        bind=URL,
+        help="project: this tool's choices. paper: the released code's where they differ (raw Σ|a| for "
+        "Table 3, LayerDeepLIFT per channel, LRP without residual canonizers, weights 1/3, χ² and t-SNE "
+        "of Figure 4, the five annotated syndromes). README 'Fidelity profiles'.",
+    )
+    if chosen_profile != PROFILE_NAMES[0]:
+        bar.caption(f"Profile {chosen_profile}: {profile(chosen_profile).summary}.")
     view = View(
         dataset=dataset,
         dataset_path=dataset_path,
@@ -191,6 +211,7 @@ def sidebar() -> View:
         mode=mode,
         spec=spec,
         spec_ref=spec_ref,
+        profile=chosen_profile,
     )
     st.session_state[_VIEW] = view
     return view

@@ -175,10 +175,13 @@ def show_prediction(result: Explanation, photo: Photo, view: state.View) -> None
 
 def show_maps(result: Explanation) -> None:
     st.markdown(f"**Saliency maps** ({result.mode} relevance, explaining {result.classes[result.target]})")
+    if result.mode == "abs-raw":
+        st.caption("Raw Σ|a| has each method's own units: each map is shown divided by its maximum.")
     columns = st.columns(5)
     for i, (method, relevance) in enumerate(result.maps.items()):
         with columns[i % 5]:
-            st.image(render.heatmap_rgb(result.face.aligned, relevance), caption=method, width="stretch")
+            shown = render.scaled_for_display(relevance) if result.mode == "abs-raw" else relevance
+            st.image(render.heatmap_rgb(result.face.aligned, shown), caption=method, width="stretch")
     st.markdown("**Region scores per method** (mean relevance inside each region, paper eq. 4)")
     st.plotly_chart(render.region_score_bars(result.scores, result.face.region_names), width="stretch")
 

@@ -17,13 +17,16 @@ SPLIT = "test"  # the HPO-annotated test images; every fold model scores them
 
 
 @st.cache_data(show_spinner="Running t-SNE on the annotations …", max_entries=4)
-def tsne_of(root: str, version: tuple[float, ...]) -> pl.DataFrame:
-    return term_tsne(resources.annotations(resources.dataset(root)))
+def tsne_of(
+    root: str, version: tuple[float, ...], perplexity: float = 30.0, init: str = "pca", method: str = "auto"
+) -> pl.DataFrame:
+    annotations = resources.annotations(resources.dataset(root))
+    return term_tsne(annotations, perplexity=perplexity, init=init, method=method)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def chi2_of(root: str, version: tuple[float, ...]) -> pl.DataFrame:
-    return term_syndrome_chi2(resources.annotations(resources.dataset(root)))
+def chi2_of(root: str, version: tuple[float, ...], statistic: str = "contingency") -> pl.DataFrame:
+    return term_syndrome_chi2(resources.annotations(resources.dataset(root)), statistic=statistic)
 
 
 def correlation(view: state.View, counts: pl.DataFrame) -> None:
@@ -58,16 +61,22 @@ def correlation(view: state.View, counts: pl.DataFrame) -> None:
     st.plotly_chart(render.count_scatter(points, region), width="stretch")
 
 
-def figure4(dataset: Dataset) -> None:
+def figure4(dataset: Dataset, view: state.View) -> None:
     version = resources.annotations_version(dataset)
+    statistic = view.fidelity.chi2_options()["statistic"]
+    tsne = view.fidelity.tsne_options()
     st.subheader("Figure 4: the annotations themselves")
     left, right = st.columns(2)
     with left:
-        st.markdown("**χ² of each term against the syndrome label**")
-        st.plotly_chart(render.chi2_bars(chi2_of(str(dataset.root), version)), width="stretch")
+        st.markdown(f"**χ² of each term against the syndrome label** ({statistic})")
+        st.plotly_chart(render.chi2_bars(chi2_of(str(dataset.root), version, statistic)), width="stretch")
     with right:
-        st.markdown("**t-SNE of the per-image term vectors**")
-        st.plotly_chart(render.tsne_scatter(tsne_of(str(dataset.root), version)), width="stretch")
+        st.markdown(
+            "**t-SNE of the per-image term vectors** ("
+            + ", ".join(f"{key} {value}" for key, value in tsne.items())
+            + ")"
+        )
+        st.plotly_chart(render.tsne_scatter(tsne_of(str(dataset.root), version, **tsne)), width="stretch")
 
 
 def leaderboard(dataset: Dataset) -> None:
@@ -99,7 +108,7 @@ def main() -> None:
         return
     try:
         try:
-            counts = resources.hpo_region_counts(dataset)
+            counts = resources.hpo_region_counts(dataset, **view.fidelity.region_count_options())
         except UserFacingError as error:
             st.info(f"This dataset has no HPO annotations, so RQ2 cannot be computed: {error}")
         else:
@@ -107,7 +116,7 @@ def main() -> None:
             if note:
                 st.warning(note)
             correlation(view, counts)
-            figure4(dataset)
+            figure4(dataset, view)
         leaderboard(dataset)
     except UserFacingError as error:
         st.error(str(error))

@@ -294,7 +294,8 @@ def rescored_tables(view: state.View, dataset: Dataset) -> None:
     if val is not None and val.origin is scores.ScoreSource.STORE:
         with st.container():
             st.markdown(f"**Table 3** (split val, re-scored in {val.seconds * 1000:.0f} ms; paper's test settings)")
-            counts = significance_counts(compare_groups(val.table))
+            labels = val.table["label"].drop_nulls().unique().to_list()
+            counts = significance_counts(compare_groups(val.table, **view.fidelity.rq1_options(labels)))
             methods = val.table["method"].n_unique()
             st.plotly_chart(render.heat_table(counts, "region", (0, methods), title="methods"), width="stretch")
     if test is not None and test.origin is scores.ScoreSource.STORE:
@@ -303,7 +304,9 @@ def rescored_tables(view: state.View, dataset: Dataset) -> None:
                 f"**Table 4** (split test, re-scored in {test.seconds * 1000:.0f} ms): mean (std) ρ over fold models"
             )
             try:
-                summary = hpo_correlation(test.table, resources.hpo_region_counts(dataset)).summary
+                summary = hpo_correlation(
+                    test.table, resources.hpo_region_counts(dataset, **view.fidelity.region_count_options())
+                ).summary
             except UserFacingError as error:
                 st.info(str(error))
             else:

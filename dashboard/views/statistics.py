@@ -21,8 +21,32 @@ def _frame_key(table: pl.DataFrame) -> int:
 @st.cache_data(
     show_spinner="Testing every method × syndrome × region …", max_entries=16, hash_funcs={pl.DataFrame: _frame_key}
 )
-def tests_of(table: pl.DataFrame, reference: str, alpha: float, correction: str, ttest: str) -> pl.DataFrame:
-    return compare_groups(table, reference=reference, alpha=alpha, correction=correction, ttest=ttest)
+def tests_of(
+    table: pl.DataFrame,
+    reference: str,
+    alpha: float,
+    correction: str,
+    ttest: str,
+    syndromes: tuple[str, ...] | None = None,
+) -> pl.DataFrame:
+    return compare_groups(
+        table,
+        reference=reference,
+        alpha=alpha,
+        correction=correction,
+        ttest=ttest,
+        syndromes=None if syndromes is None else list(syndromes),
+    )
+
+
+def profile_syndromes(view: state.View, table: pl.DataFrame, reference: str) -> tuple[str, ...] | None:
+    """The syndromes the view's profile compares (and so corrects over); None: every label."""
+    labels = table["label"].drop_nulls().unique().to_list()
+    options = view.fidelity.rq1_options(labels, reference)
+    missing = view.fidelity.missing_syndromes(labels)
+    if missing:
+        st.caption(f"Profile {view.profile}: the scores have no {', '.join(missing)}; the family is the rest.")
+    return tuple(options["syndromes"]) if "syndromes" in options else None
 
 
 def options(table: pl.DataFrame) -> dict:
@@ -100,7 +124,7 @@ def main() -> None:
         if source is None:
             return
         chosen = options(source.table)
-        tests = tests_of(source.table, **chosen)
+        tests = tests_of(source.table, **chosen, syndromes=profile_syndromes(view, source.table, chosen["reference"]))
         show(tests, source.table, chosen)
     except UserFacingError as error:
         st.error(str(error))

@@ -241,3 +241,57 @@ def test_resnet50_with_torchvision_weights_runs_deeplift_with_zero_delta():
     _, delta = DeepLift(model).attribute(x, target=[3, 7], return_convergence_delta=True)
     assert delta.abs().max() < 1e-3
     np.testing.assert_array_less(-1, delta.numpy())  # finite
+
+
+class _PlainBasicBlock(torch.nn.Module):
+    """A ResNet basic block that is not torchvision's class, as the authors' blocks were not: the same
+    layers in the same order, the residual added in forward."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = block.conv1, block.bn1, block.relu1
+        self.conv2, self.bn2 = block.conv2, block.bn2
+        self.downsample = block.downsample
+        self.relu2 = block.relu2
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + identity)
+
+
+def _with_plain_blocks(model):
+    import copy
+
+    plain = copy.deepcopy(model)
+    for layer in (plain.layer1, plain.layer2, plain.layer3, plain.layer4):
+        for i, block in enumerate(layer):
+            layer[i] = _PlainBasicBlock(block)
+    return plain
+
+
+@pytest.mark.parametrize(
+    "method", ["LRP-EpsilonPlus", "LRP-EpsilonPlusFlat", "LRP-EpsilonAlpha2Beta1", "LRP-EpsilonAlpha2Beta1Flat"]
+)
+def test_batchnorm_only_canonizer_equals_zennit_resnet_canonizer_on_blocks_it_does_not_recognise(method, small_model):
+    from zennit import composites as zc
+    from zennit.attribution import Gradient as ZennitGradient
+    from zennit.torchvision import ResNetCanonizer
+
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    plain = _with_plain_blocks(small_model)
+    assert not any(isinstance(m, torchvision.models.resnet.BasicBlock) for m in plain.modules())
+    torch.testing.assert_close(plain(x), small_model(x))
+    # The released code: Zennit's ResNetCanonizer on a network whose blocks are not torchvision's classes.
+    composite = getattr(zc, method.removeprefix("LRP-"))(canonizers=[ResNetCanonizer()], epsilon=1e-6, stabilizer=1e-6)
+    with ZennitGradient(model=plain, composite=composite) as attributor:
+        _, released = attributor(
+            x.clone().requires_grad_(True), lambda out: F.one_hot(TARGETS, out.shape[1]).to(out.dtype)
+        )
+    ours = attribute(small_model, x, TARGETS, method, {"canonizer": "batchnorm-only"})
+    torch.testing.assert_close(ours, released, rtol=1e-4, atol=1e-7)
+    # Our blocks are torchvision's, so the default canonizes their residuals too: other maps.
+    canonized = attribute(small_model, x, TARGETS, method)
+    assert not torch.allclose(canonized, ours, rtol=0.05, atol=1e-6)
+    with pytest.raises(ValueError, match="canonizer must be one of"):
+        attribute(small_model, x, TARGETS, method, {"canonizer": "none"})

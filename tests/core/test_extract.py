@@ -411,3 +411,46 @@ def test_five_kills_at_random_points_then_a_complete_run_equal_an_uninterrupted_
     assert store.complete
     joined = sorted_table(rescore(store, PAPER_REGIONS)).join(uninterrupted, on=KEY)
     np.testing.assert_allclose(joined["score"], joined["score_right"], atol=5e-4)
+
+
+def test_cli_paper_profile_extracts_raw_sums_kept_in_float32_and_rescored_alike(tiny, tmp_path, monkeypatch):
+    import torch
+
+    from models.checkpoint import preprocess
+
+    dataset, classifiers = tiny
+    monkeypatch.setenv("XAI_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "data"
+    shutil.copytree(dataset.root, copy)
+    argv = ["extract", str(copy), "--methods", "Gradient,LayerDeepLIFT", "--folds", "fold-2", "--profile", "paper"]
+    assert cli_main(argv) == 0
+    layout = DatasetLayout(copy)
+    table = pl.read_parquet(layout.score_table("val"))
+    store = RelevanceStore(layout.relevance_store("val"))
+    assert store.contents.mode == "abs-raw"
+    assert store.maps("classifier-fold-2", "Gradient").dtype == np.float32
+    assert store.contents.method_params["LayerDeepLIFT"]["reduce_channels"] is False
+    joined = sorted_table(table).join(rescore(store, PAPER_REGIONS), on=KEY, suffix="_store")
+    assert joined.height == table.height
+    np.testing.assert_allclose(joined["score"], joined["score_store"], rtol=1e-5)  # float32 maps: no rounding
+    # By hand, as the released code: the target logit's input gradient, |·| summed over channels, no
+    # min–max, averaged inside each region.
+    classifier = classifiers["classifier-fold-2"]
+    names = names_in(dataset, "fold-2", "val")
+    assert names
+    for name, photo in zip(names, stored_photos(dataset, names)):
+        face = prepare_face(photo, SIZE, ExplainSettings())
+        x = preprocess(face.aligned[None], classifier.card).requires_grad_(True)
+        logits = classifier.network(x)
+        (gradient,) = torch.autograd.grad(logits[0, int(logits.argmax())], x)
+        raw = gradient.abs().sum(dim=1)[0].numpy()
+        for mask, region in zip(face.masks, face.region_names):
+            got = table.filter(pl.col("image_name") == name, pl.col("region") == region, pl.col("method") == "Gradient")
+            assert got["score"].item() == pytest.approx(float(raw[mask].mean()), rel=1e-4)
+    # The project profile's maps of the same split are other files (min–max, channels summed first).
+    assert cli_main(["extract", str(copy), "--methods", "LayerDeepLIFT", "--folds", "fold-2"]) == 0
+    assert RelevanceStore(layout.relevance_store("val")).contents.mode == "abs"
+    project = sorted_table(pl.read_parquet(layout.score_table("val")))["score"]
+    paper = sorted_table(table.filter(pl.col("method") == "LayerDeepLIFT"))["score"]
+    assert len(project) == len(paper) and float(project.max()) <= 1.0  # type: ignore[arg-type]
+    assert not np.allclose(project, paper)

@@ -244,3 +244,42 @@ def test_copying_each_span_alone_or_merged_gives_the_same_sums(full_store, tmp_p
     merged = rescore(full_store, spec)
     monkeypatch.setattr(store_module, "_MERGE_GAP", 0)
     assert rescore(RelevanceStore(tmp_path / "store"), spec).equals(merged)
+
+
+def test_method_parameters_name_their_maps_and_an_old_method_is_kept_with_its_own(tmp_path, data):
+    n, maps = data
+    released = {"Gradient": {"initial_relevance": "onehot"}, "Occlusion": {"window": 15}}
+    with RelevanceStore(tmp_path) as store:
+        store.begin(contents(n, method_params=released))
+        fill(store, n, maps)
+        before = store.contents.maps_file(store.contents.models[0], "Occlusion")
+    with RelevanceStore(tmp_path) as store:  # another Gradient: Occlusion, unchanged, is kept with its parameters
+        store.begin(contents(n, methods=("Gradient",), method_params={"Gradient": {"initial_relevance": "logit"}}))
+        assert store.contents.methods == ("Gradient", "Occlusion")
+        assert store.contents.method_params["Occlusion"] == {"window": 15}
+        assert store.contents.maps_file(store.contents.models[0], "Occlusion") == before
+        assert store.missing(["Gradient"]) and not store.missing(["Occlusion"])  # other parameters, other files
+    # A manifest written before parameters were recorded still opens (its maps are simply other files).
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["method_params"]
+    assert StoreContents.from_json(json.dumps(manifest)).method_params == {}
+
+
+def test_raw_maps_are_kept_in_float32_and_rescored_without_rounding(tmp_path, data):
+    n, maps = data
+    small = {**maps, "Gradient": maps["Gradient"] * np.float32(3e-5), "Occlusion": maps["Occlusion"] * 40000}
+    with RelevanceStore(tmp_path) as store:
+        store.begin(contents(n, mode="abs-raw"))
+        fill(store, n, small)
+    store = RelevanceStore(tmp_path)
+    assert store.maps("classifier-fold-1", "Gradient").dtype == np.float32
+    table = rescore(store, PAPER_REGIONS)
+    images = list(range(25))
+    usable = [i for i in images if i != 7]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masks = region_masks(maps["labels"][usable], PAPER_REGIONS)
+        for method in ("Gradient", "Occlusion"):
+            expected = region_scores(small[method][usable], masks.masks, masks.names)  # float32 maps, no float16
+            got = table.filter(pl.col("model") == "classifier-fold-1", pl.col("method") == method)
+            np.testing.assert_allclose(got["score"].to_numpy().reshape(expected.shape), expected, rtol=1e-5)

@@ -60,3 +60,15 @@ def test_empty_region_gives_nan_and_a_warning_naming_it():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="do not fit"):
         region_scores(np.zeros((2, 4, 4)), np.zeros((3, 2, 5, 5), dtype=bool))
+
+
+def test_abs_raw_mode_is_the_absolute_channel_sum_unnormalised_and_stored_in_float32():
+    from core.score import stored_map_dtype
+
+    a = np.zeros((1, 3, 2, 2), dtype=np.float32)
+    a[0, :, 0, 0] = [1e-5, -2e-5, 3e-5]
+    a[0, :, 1, 1] = [-4.0, 0, 0]
+    np.testing.assert_allclose(relevance_map(a, "abs-raw")[0], [[6e-5, 0.0], [0.0, 4.0]], rtol=1e-6)
+    assert stored_map_dtype("abs-raw") == np.float32 and stored_map_dtype("abs") == np.float16
+    # float16 would lose such values: below its normal range they keep only a few bits.
+    assert abs(float(np.float16(6e-5 / 7)) - 6e-5 / 7) > 1e-5 * 6e-5 / 7

@@ -262,3 +262,27 @@ def test_hpo_page_names_annotated_images_partitions_csv_lacks(extracted, tmp_pat
     notes = [w.value for w in app.warning if "not listed in partitions.csv" in w.value]
     assert len(notes) == 1 and "Unlisted999.png" in notes[0] and path.name in notes[0]
     assert any(s.value.startswith("Table 4: Spearman ρ") for s in app.subheader)
+
+
+def test_the_paper_profile_reaches_the_statistics_and_hpo_pages(extracted):
+    from core.profiles import PAPER_RQ1_SYNDROMES
+
+    app = open_app(query(extracted, profile="paper"), page=STATISTICS)
+    no_trouble(app)
+    scores_val = rescore(RelevanceStore(DatasetLayout(extracted).relevance_store("val")), PAPER_REGIONS, METHODS)
+    five = [s for s in PAPER_RQ1_SYNDROMES if s in set(scores_val["label"])]
+    expected = compare_groups(scores_val, syndromes=five)
+    shown = frame(app.dataframe[-1])
+    assert shown["syndrome"].to_list() == expected["syndrome"].to_list() and set(shown["syndrome"]) == set(five)
+    # The store holds min–max maps; the paper's Table 3 wants raw sums: the page says so.
+    assert any("relevance mode 'abs', not 'abs-raw'" in c.value for c in app.caption)
+
+    app = open_app(query(extracted, profile="paper"), page=HPO)
+    no_trouble(app)
+    counts = region_counts(read_annotations(extracted), weighting="paper")
+    expected_rho = hpo_correlation(
+        rescore(RelevanceStore(DatasetLayout(extracted).relevance_store("test")), PAPER_REGIONS, METHODS), counts
+    ).per_model
+    np.testing.assert_allclose(frame(app.dataframe[0])["rho"].to_numpy(), expected_rho["rho"].to_numpy())
+    assert any("(paper)" in m.value for m in app.markdown)
+    assert any("perplexity 10.0" in m.value and "random" in m.value for m in app.markdown)

@@ -110,3 +110,23 @@ def test_changing_the_dataset_forgets_the_choices_of_the_old_one(on_tiny, tmp_pa
     assert not app.exception
     assert app.sidebar.selectbox(key="model").value == "other card"
     assert any("does not exist" in e.value for e in app.sidebar.error)
+
+
+def test_the_fidelity_profile_switch_reaches_the_settings_and_the_link(on_tiny):
+    app = open_app({"profile": "paper", "methods": ["LayerDeepLIFT", "LRP-EpsilonPlus"]})
+    no_trouble(app)
+    assert app.sidebar.selectbox(key="profile").value == "paper"
+    assert any("Profile paper" in c.value for c in app.sidebar.caption)
+    view = app.session_state["_view"]
+    rq1, rq2, explain = view.settings(split="val"), view.settings(split="test"), view.settings()
+    assert (rq1.mode, rq2.mode, explain.mode) == ("abs-raw", "abs", "abs")
+    assert rq1.method_params("LayerDeepLIFT")["reduce_channels"] is False
+    assert rq1.method_params("LRP-EpsilonPlus")["canonizer"] == "batchnorm-only"
+    assert view.fidelity.chi2_options() == {"statistic": "paper"}
+    _, query = link_of(app)
+    assert query["profile"] == "paper"
+    default = open_app({"methods": "LayerDeepLIFT"})
+    no_trouble(default)
+    assert default.sidebar.selectbox(key="profile").value == "project"
+    assert default.session_state["_view"].settings(split="val").method_params("LayerDeepLIFT")["reduce_channels"]
+    assert default.session_state["_view"].settings(split="val").mode == "abs"
