@@ -8,6 +8,7 @@ Reading annotation files is ``core.annotations``' job; the functions here take i
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -204,7 +205,7 @@ def term_vectors(annotations: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
 CHI2_STATISTICS = ("contingency", "paper")
 # Figure 4a as nb-02-b hpo-figure.ipynb ran it: TSNE(learning_rate="auto", init="random",
 # perplexity=10) with scikit-learn's default Barnes-Hut gradients. ``term_tsne(a, **PAPER_TSNE)``.
-PAPER_TSNE = {"perplexity": 10.0, "init": "random", "method": "barnes_hut"}
+PAPER_TSNE: dict[str, Any] = {"perplexity": 10.0, "init": "random", "method": "barnes_hut"}
 
 
 def term_syndrome_chi2(annotations: pl.DataFrame, statistic: str = "contingency") -> pl.DataFrame:
