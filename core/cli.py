@@ -132,15 +132,15 @@ def _read_text(path: Path, what: str) -> str:
 def command_train(args: argparse.Namespace) -> int:
     from core.dataset import open_dataset
     from core.layout import demo_dataset
-    from core.train import TrainConfig, aligned_faces, table2, train_fold
+    from core.train import TrainConfig, table2, train_fold, training_faces
 
     dataset = open_dataset(args.dataset or demo_dataset())
     config = config_from_args(TrainConfig, args)
     out = Path(args.out or dataset.layout.models)
     folds = args.folds.split(",") if args.folds else list(dataset.folds)
+    print(f"aligning {dataset.table.height} faces at {config.input_size} px …", file=sys.stderr)
+    dataset, faces = training_faces(dataset, config.input_size)  # less the photos that cannot be read
     names = dataset.table["image_name"].to_list()
-    print(f"aligning {len(names)} faces at {config.input_size} px …", file=sys.stderr)
-    faces = aligned_faces(dataset, names, config.input_size)
     position = {n: i for i, n in enumerate(names)}
     results = []
     for fold in folds:
@@ -613,8 +613,14 @@ def _add_train(commands: Subcommands) -> None:
 
     train = commands.add_parser(
         "train",
-        help="fine-tune a classifier per fold (paper recipe) and write Table 2",
-        epilog=f"defaults (the paper's): {TrainConfig()}",
+        help="fine-tune a classifier per fold and write Table 2 (--vggface2 PATH: exactly the paper's recipe)",
+        epilog=(
+            f"Defaults: the paper's numbers, {TrainConfig()}. Without --vggface2 the network starts from random "
+            "weights (or --init) and is fed RGB 0..1 normalised by the training pixels' mean and std. With "
+            "--vggface2 resnet50_ft_weight.pkl it is the authors' train.py: the VGGFace2 Caffe ResNet-50 "
+            "(resnet50-caffe) with a new head, BGR 0..255 minus the fold's BGR training mean, no std, the stem's "
+            "batch norm out of the optimiser. Photos that cannot be read are left out with one warning."
+        ),
     )
     train.add_argument("dataset", nargs="?", type=Path, help="dataset folder (default: the demo dataset)")
     train.add_argument("--out", type=Path, help="where checkpoints and cards go (default: <dataset>/models)")

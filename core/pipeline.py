@@ -226,14 +226,26 @@ def stored_map_in_aligned_frame(
 
 
 def aligned_dataset_photos(
-    dataset: Dataset, names: Sequence[str], size: int, purpose: str = "training"
+    dataset: Dataset,
+    names: Sequence[str],
+    size: int,
+    purpose: str = "training",
+    skipped: dict[str, UserFacingError] | None = None,
 ) -> Iterator[tuple[Photo, AlignedFace]]:
     """The training path: each dataset photo (``read_photo``) and its face aligned from the dataset's
-    landmarks, with no detection and no parsing (trainers must not learn from a detector's guesses)."""
+    landmarks, with no detection and no parsing (trainers must not learn from a detector's guesses).
+    With ``skipped``, a photo that cannot be read (missing, unreadable, landmarks off it) goes there,
+    name -> the error, and is passed over, as ``prepare_dataset_faces`` does; without it, it is raised."""
     if not dataset.has_landmarks:
         raise DatasetError(f"{purpose} needs landmarks in partitions.csv (x1,y1,…,x5,y5); run face detection first")
     for name in names:
-        photo = read_photo(dataset, name)
+        try:
+            photo = read_photo(dataset, name)
+        except DatasetError as error:
+            if skipped is None:
+                raise
+            skipped[name] = error
+            continue
         assert photo.landmarks is not None  # read_photo gives every photo of a dataset with landmarks its own
         yield photo, align_face(photo.image, photo.landmarks, size=size)
 

@@ -3,7 +3,14 @@
 Paper (released ``train.py``): SGD, lr 0.001 (10× on the new head), momentum 0.9, no weight
 decay, cosine annealing with warm restarts (T_0 = 25 epochs), 35 epochs, batch 32, random
 horizontal flips, per-fold mean subtraction, and the epoch with the best validation accuracy
-kept. Every knob is a field of ``TrainConfig``.
+kept. Every knob is a field of ``TrainConfig``; its defaults are those numbers.
+
+With ``vggface2`` (``train --vggface2 resnet50_ft_weight.pkl``) the rest of the paper's recipe
+applies too: the VGGFace2 Caffe ResNet-50 with a new head, fed BGR pixels 0..255 minus the BGR
+mean of the fold's aligned training faces and no std (their ``datasets/nih_faces.py``), the
+stem's batch norm left out of the optimiser, and a last batch of one face doubled, not dropped.
+Without it a network of ``architecture`` starts from random weights (or ``init``) and is fed RGB
+0..1 normalised by the training pixels' mean and std.
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -29,7 +37,8 @@ from core.dataset import Dataset, DatasetError, names_in
 from core.errors import UserFacingError
 from core.pipeline import aligned_dataset_photos
 from models.checkpoint import ModelCard, preprocess, save_checkpoint
-from models.resnet import ARCHITECTURES, build_resnet
+from models.resnet import ARCHITECTURES, CAFFE_RESNET50, build_resnet
+from models.vggface2 import vggface2_card, vggface2_state_dict
 
 
 class TrainingConfigError(UserFacingError, ValueError):
@@ -46,10 +55,11 @@ class TrainConfig:
     """Every knob of the fine-tuning; the defaults are the paper's. ``python -m core train`` has a flag per field,
     with the field's ``metadata`` help (and ``choices``, where the values are a closed set)."""
 
-    architecture: str = dataclasses.field(
-        default="resnet50",
+    architecture: str | None = dataclasses.field(
+        default=None,
         metadata={
-            "help": "classifier network (resnet50-caffe: the VGGFace2 ResNet-50 the paper fine-tunes)",
+            "help": "classifier network (default: resnet50, or resnet50-caffe with --vggface2; resnet50-caffe "
+            "is the VGGFace2 ResNet-50 the paper fine-tunes)",
             "choices": ARCHITECTURES,
         },
     )
@@ -68,6 +78,14 @@ class TrainConfig:
     init: str | None = dataclasses.field(
         default=None,
         metadata={"help": "state dict to start from (.safetensors/.pt, torchvision keys; the head is replaced)"},
+    )
+    vggface2: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "the paper's recipe: start from VGGFace2's resnet50_ft_weight.pkl (resnet50-caffe, new head), "
+            "feed BGR 0..255 minus the fold's BGR training mean with no std, keep the stem's batch norm out "
+            "of the optimiser, as the authors' train.py does"
+        },
     )
     optimizer: str = dataclasses.field(
         default="sgd", metadata={"help": "sgd (the paper) or adamw", "choices": OPTIMIZERS}
@@ -93,6 +111,17 @@ class TrainConfig:
             raise TrainingConfigError(f"optimizer must be {' or '.join(map(repr, OPTIMIZERS))}, not {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise TrainingConfigError(f"schedule must be {' or '.join(map(repr, SCHEDULES))}, not {self.schedule!r}")
+        if self.vggface2 and self.init:
+            raise TrainingConfigError("start from --init or from --vggface2, not both")
+        if self.vggface2 and self.architecture not in (None, CAFFE_RESNET50):
+            raise TrainingConfigError(
+                f"--vggface2 weights are the Caffe ResNet-50 ({CAFFE_RESNET50}), not {self.architecture!r}"
+            )
+
+    @property
+    def network(self) -> str:
+        """The architecture trained: the one given, else resnet50-caffe with ``vggface2``, else resnet50."""
+        return self.architecture or (CAFFE_RESNET50 if self.vggface2 else "resnet50")
 
 
 @dataclass(frozen=True)
@@ -125,15 +154,43 @@ def training_autocast(precision: str) -> torch.autocast:
 
 
 def aligned_faces(
-    dataset: Dataset, names: list[str], size: int, progress: Callable[[int, int], None] | None = None
+    dataset: Dataset,
+    names: list[str],
+    size: int,
+    progress: Callable[[int, int], None] | None = None,
+    skipped: dict[str, UserFacingError] | None = None,
 ) -> np.ndarray:
-    """N×size×size×3 uint8 faces aligned from the dataset's landmarks (needed for training)."""
+    """N×size×size×3 uint8 faces aligned from the dataset's landmarks (needed for training). With
+    ``skipped``, photos that cannot be read go there and get no row; without it, the first is raised."""
     faces = np.empty((len(names), size, size, 3), dtype=np.uint8)
-    for i, (_, aligned) in enumerate(aligned_dataset_photos(dataset, names, size)):
-        faces[i] = aligned.image
+    count = 0
+    for _, aligned in aligned_dataset_photos(dataset, names, size, skipped=skipped):
+        faces[count] = aligned.image
+        count += 1
         if progress is not None:
-            progress(i + 1, len(names))
-    return faces
+            progress(count + len(skipped or ()), len(names))
+    return faces[:count]
+
+
+def training_faces(
+    dataset: Dataset, size: int, progress: Callable[[int, int], None] | None = None
+) -> tuple[Dataset, np.ndarray]:
+    """The aligned faces of every photo of the dataset that can be read, in its table's order, and the
+    dataset less the photos that cannot (missing from a partial download, say): one warning names
+    them, as ``extract`` does, and no fold trains or validates on them."""
+    names = dataset.table["image_name"].to_list()
+    skipped: dict[str, UserFacingError] = {}
+    faces = aligned_faces(dataset, names, size, progress, skipped)
+    if not skipped:
+        return dataset, faces
+    if len(skipped) == len(names):
+        raise DatasetError(f"no photo could be used: {next(iter(skipped.values()))}")
+    shown = "; ".join(f"{name} ({error})" for name, error in list(skipped.items())[:5])
+    warnings.warn(
+        f"{len(skipped)} photo(s) left out of training: {shown}" + (" …" if len(skipped) > 5 else ""), stacklevel=2
+    )
+    usable = dataset.table.filter(~pl.col("image_name").is_in(list(skipped)))
+    return dataclasses.replace(dataset, table=usable), faces
 
 
 def classification_report(labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]) -> pl.DataFrame:
@@ -191,7 +248,7 @@ def train_fold(
     inputs = {s: preprocess(p, card) if len(p) else torch.zeros(0) for s, p in pixels.items()}
     inputs = {s: x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for s, x in inputs.items()}
     network, best_epoch, val_accuracy = _train(
-        _initial_network(config, len(classes)),
+        initial_network(config, len(classes)),
         inputs,
         targets,
         config,
@@ -216,12 +273,24 @@ def train_fold(
 def _fold_card(
     fold: str, config: TrainConfig, classes: tuple[str, ...], train_pixels: np.ndarray, data_hash: str
 ) -> ModelCard:
-    """The card of a fold's classifier: its input normalised by the mean and std of its training pixels."""
+    """The card of a fold's classifier: its input normalised by the mean and std of its training pixels,
+    or, with ``vggface2``, BGR 0..255 minus their BGR mean (their ``channel_mean``: borders included)."""
+    if config.vggface2:
+        mean_bgr = train_pixels.reshape(-1, 3).astype(np.float64).mean(axis=0)[::-1]
+        card = vggface2_card(
+            classes,
+            f"classifier-{fold}.safetensors",
+            mean_bgr=tuple(float(v) for v in mean_bgr),
+            fold=fold,
+            training_data_hash=data_hash,
+            notes=json.dumps(dataclasses.asdict(config)),
+        )
+        return dataclasses.replace(card, input_size=config.input_size)
     values = train_pixels.reshape(-1, 3).astype(np.float64) / 255.0
     mean, std = tuple(values.mean(axis=0)), tuple(values.std(axis=0) + 1e-6)
     return ModelCard(
         kind="classifier",
-        architecture=config.architecture,
+        architecture=config.network,
         classes=classes,
         input_size=config.input_size,
         channel_order="RGB",
@@ -235,11 +304,14 @@ def _fold_card(
     )
 
 
-def _initial_network(config: TrainConfig, n_classes: int) -> torch.nn.Module:
-    """A fresh network of the config's architecture (seeded), started from ``config.init`` but for its head."""
+def initial_network(config: TrainConfig, n_classes: int) -> torch.nn.Module:
+    """A fresh network of the config's architecture (seeded), started from ``config.init`` but for its
+    head, or from the VGGFace2 weights with a new head (PyTorch's default init, seeded) as the paper."""
     torch.manual_seed(config.seed)
-    network = build_resnet(config.architecture, n_classes)
-    if config.init:
+    network = build_resnet(config.network, n_classes)
+    if config.vggface2:
+        network.load_state_dict(vggface2_state_dict(config.vggface2, num_classes=n_classes), strict=True)
+    elif config.init:
         from models.checkpoint import load_state_dict_file
 
         state = {k: v for k, v in load_state_dict_file(config.init).items() if not k.startswith("fc.")}
@@ -247,14 +319,23 @@ def _initial_network(config: TrainConfig, n_classes: int) -> torch.nn.Module:
     return network.to(memory_format=torch.channels_last)
 
 
-def _optimiser(network: torch.nn.Module, config: TrainConfig, steps_per_epoch: int):
-    """The optimiser (the new head at ``head_lr_factor`` × the rate) and its learning-rate schedule."""
-    head = list(cast(torch.nn.Module, network.fc).parameters())  # Module.__getattr__ says Tensor | Module
-    body = [p for n, p in network.named_parameters() if not n.startswith("fc.")]
-    groups: list[dict[str, Any]] = [
-        {"params": body},
-        {"params": head, "lr": config.learning_rate * config.head_lr_factor},
-    ]
+def _parameters(network: torch.nn.Module, *prefixes: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in network.named_parameters() if n.startswith(prefixes)]
+
+
+def training_optimiser(network: torch.nn.Module, config: TrainConfig, steps_per_epoch: int):
+    """The optimiser (the new head at ``head_lr_factor`` × the rate) and its learning-rate schedule.
+
+    With ``vggface2`` its groups are train.py's: conv1, layer1 … layer4, then the head; the stem's
+    batch norm (bn1) is in none, so its scale and shift keep their VGGFace2 values (its running
+    statistics still follow the data in training mode, as theirs did).
+    """
+    head = _parameters(network, "fc.")
+    if config.vggface2:
+        body = [{"params": _parameters(network, f"{name}.")} for name in ("conv1", *(f"layer{i}" for i in range(1, 5)))]
+    else:
+        body = [{"params": [p for n, p in network.named_parameters() if not n.startswith("fc.")]}]
+    groups: list[dict[str, Any]] = [*body, {"params": head, "lr": config.learning_rate * config.head_lr_factor}]
     optimiser: torch.optim.Optimizer
     if config.optimizer == "sgd":
         optimiser = torch.optim.SGD(
@@ -281,7 +362,7 @@ def _train(
 ) -> tuple[torch.nn.Module, int, float]:
     """Every epoch of the config; the network of the best validation epoch (eval mode), that epoch, its accuracy."""
     n_train = len(inputs["train"])
-    optimiser, scheduler = _optimiser(network, config, math.ceil(n_train / config.batch_size))
+    optimiser, scheduler = training_optimiser(network, config, math.ceil(n_train / config.batch_size))
     generator = torch.Generator().manual_seed(config.seed)
     best: tuple[float, int, dict | None] = (-1.0, 0, None)
     for epoch in range(1, config.epochs + 1):
@@ -291,12 +372,14 @@ def _train(
         batches = range(0, n_train, config.batch_size)
         for start in tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, file=sys.stderr):
             chosen = order[start : start + config.batch_size]
-            if len(chosen) < 2:  # batch norm cannot train on one image
+            if len(chosen) < 2 and not config.vggface2:  # batch norm cannot train on one image
                 continue
             batch = inputs["train"][chosen]
             if config.flip:
                 flip = torch.rand(len(batch), generator=generator) < 0.5
                 batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+            if len(chosen) < 2:  # train.py doubles a last batch of one face (its flip included)
+                chosen, batch = chosen.repeat(2), batch.repeat(2, 1, 1, 1)
             with training_autocast(config.precision):
                 loss = F.cross_entropy(network(batch), targets["train"][chosen])
             optimiser.zero_grad()
