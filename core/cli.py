@@ -66,9 +66,12 @@ def _classifier_card(path: Path | None) -> Path:
     return cards[0]
 
 
-def _settings(args: argparse.Namespace, **fixed):
-    """The pipeline's settings from the flags a command has (methods, regions, mode, parser, target, batch size)."""
+def _settings(args: argparse.Namespace, split: str | None = None, **fixed):
+    """The pipeline's settings from the flags a command has (methods, regions, mode, parser, target, batch
+    size), under its ``--profile`` (``core.profiles.apply``: the mode of RQ1's or RQ2's ``split`` unless
+    ``--mode`` is given)."""
     from core.pipeline import ExplainSettings
+    from core.profiles import apply, profile
     from core.regions import PAPER_REGIONS, RegionSpec
     from models.parser import load_face_parser
 
@@ -77,7 +80,7 @@ def _settings(args: argparse.Namespace, **fixed):
     chosen = {
         "methods": tuple(args.methods),
         "spec": PAPER_REGIONS if regions is None else RegionSpec.from_json(_read_text(regions, "region spec")),
-        "mode": getattr(args, "mode", "abs"),
+        "mode": getattr(args, "mode", None) or "abs",
         "parser": None if parser is None else load_face_parser(parser),
         "target": {None: "predicted", "true": "label"}.get(
             getattr(args, "target", None), getattr(args, "target", None)
@@ -85,7 +88,9 @@ def _settings(args: argparse.Namespace, **fixed):
         "batch_size": getattr(args, "batch_size", 16),
         "landmark_parser": getattr(args, "landmark_parser", "landmarks68"),
     }
-    return ExplainSettings(**{**chosen, **fixed})
+    settings = ExplainSettings(**{**chosen, **fixed})
+    mode = fixed.get("mode") or getattr(args, "mode", None)
+    return apply(settings, profile(getattr(args, "profile", "project")), split=split, mode=mode)
 
 
 def command_explain(args: argparse.Namespace) -> int:
@@ -218,7 +223,7 @@ def command_extract(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.dataset or demo_dataset())
     cards = [Path(c.strip()) for c in args.models.split(",") if c.strip()] if args.models else None
     classifiers = _fold_classifiers(dataset, cards, args.folds)
-    settings = _settings(args)
+    settings = _settings(args, split=args.split)
     store = None if args.no_store else RelevanceStore(args.store or dataset.layout.relevance_store(args.split))
     with tqdm(total=0, unit="map", desc="extract", file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
 
@@ -271,6 +276,10 @@ def _read_score_table(path: Path):
         raise UserFacingError(f"{path}: not a readable Parquet score table ({error})") from None
 
 
+def _labels(scores) -> list[str]:
+    return scores["label"].drop_nulls().unique().to_list() if "label" in scores.columns else []
+
+
 def _write_tables(out: Path, tables: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
@@ -281,17 +290,28 @@ def _write_tables(out: Path, tables: dict) -> None:
 def command_rq1(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from core.profiles import profile
     from core.stats import compare_groups, significance_counts
 
-    syndromes = [s.strip() for s in args.syndromes.split(",") if s.strip()] if args.syndromes else None
+    scores = _read_score_table(args.scores)
+    chosen = profile(args.profile)
+    options = chosen.rq1_options(_labels(scores), args.reference)
+    if options and chosen.missing_syndromes(_labels(scores)):
+        print(
+            f"note: the score table has no {', '.join(chosen.missing_syndromes(_labels(scores)))}; the {chosen.name} "
+            "profile's family is the rest",
+            file=sys.stderr,
+        )
+    if args.syndromes:
+        options["syndromes"] = [s.strip() for s in args.syndromes.split(",") if s.strip()]
     tests = compare_groups(
-        _read_score_table(args.scores),
+        scores,
         reference=args.reference,
         alpha=args.alpha,
         correction=args.correction,
         ttest=args.ttest,
-        syndromes=syndromes,
         model=args.model,
+        **options,
     )
     table3 = significance_counts(tests)
     with pl.Config(tbl_rows=200, tbl_cols=20, float_precision=4, tbl_width_chars=200, fmt_str_lengths=60):
@@ -339,15 +359,21 @@ def command_rq2(args: argparse.Namespace) -> int:
 
     from core.annotations import load_annotations
     from core.hpo import region_counts, term_syndrome_chi2, term_tsne
+    from core.profiles import profile
     from core.stats import hpo_correlation, table4_wide
 
+    chosen = profile(args.profile)
     scores = _read_score_table(args.scores)
-    read = load_annotations(_annotated_dataset(args.scores, args.dataset), strict=args.strict)
+    annotated = _annotated_dataset(args.scores, args.dataset)
+    read = load_annotations(annotated, strict=args.strict)
     if read.note:
         print(f"warning: {read.note}", file=sys.stderr)
-    annotations = read.table
-    result = hpo_correlation(scores, region_counts(annotations))
-    chi2 = term_syndrome_chi2(annotations)
+    annotations = figure4 = read.table
+    if chosen.figure4_keep_unlisted and read.unlisted:  # the published Figure 4 counted them (not strict here)
+        figure4 = load_annotations(annotated, keep_unlisted=True).table
+        print(f"note: the {chosen.name} profile's Figure 4 keeps them, as the published figure did", file=sys.stderr)
+    result = hpo_correlation(scores, region_counts(annotations, **chosen.region_count_options()))
+    chi2 = term_syndrome_chi2(figure4, **chosen.chi2_options())
     with pl.Config(tbl_rows=200, tbl_cols=20, float_precision=3, tbl_width_chars=200, fmt_str_lengths=60):
         print(result.per_model)
         print("Table 4: Spearman rho between C_i and the HPO count of the region, mean (std) over models")
@@ -364,7 +390,7 @@ def command_rq2(args: argparse.Namespace) -> int:
             "rq2-per-model.csv": result.per_model,
             "rq2-table4.csv": result.summary,
             "rq2-figure4b-chi2.csv": chi2,
-            "rq2-figure4a-tsne.csv": term_tsne(annotations, seed=args.seed),
+            "rq2-figure4a-tsne.csv": term_tsne(figure4, seed=args.seed, **chosen.tsne_options()),
         },
     )
     return 0
@@ -571,7 +597,22 @@ def _add_mode(command: argparse.ArgumentParser) -> None:
     from core.score import RELEVANCE_MODES
 
     command.add_argument(
-        "--mode", choices=RELEVANCE_MODES, default="abs", help="relevance map (default: abs, the paper)"
+        "--mode",
+        choices=RELEVANCE_MODES,
+        help="relevance map (default: abs, min–max per image; with --profile paper, extract uses abs-raw for "
+        "split val, as the released code's Table 3)",
+    )
+
+
+def _add_profile(command: argparse.ArgumentParser) -> None:
+    from core.profiles import PROFILE_NAMES
+
+    command.add_argument(
+        "--profile",
+        choices=PROFILE_NAMES,
+        default="project",
+        help="project (default): this project's choices; paper: the released code's where they differ "
+        "(README 'Fidelity profiles', docs/DECISIONS.md 'Issue 11')",
     )
 
 
@@ -603,6 +644,7 @@ def _add_explain(commands: Subcommands) -> None:
     )
     explain.add_argument("--target", help="class name or index to explain (default: the predicted class)")
     _add_mode(explain)
+    _add_profile(explain)
     explain.add_argument("--cache", action="store_true", help="memoise results on disk (XAI_CACHE_DIR); off by default")
     explain.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     explain.set_defaults(run=command_explain)
@@ -644,6 +686,7 @@ def _add_benchmark(commands: Subcommands) -> None:
     benchmark.add_argument("dataset", nargs="?", type=Path, help="synthetic dataset (default: the demo)")
     benchmark.add_argument("--model", type=Path, help="classifier card (default: the dataset's first fold model)")
     _add_methods(benchmark)
+    _add_profile(benchmark)
     benchmark.add_argument("--limit", type=int, help="use N test faces, evenly spaced over the split")
     benchmark.add_argument("--out", type=Path, help="CSV path (default: <dataset>/models/leaderboard.csv)")
     benchmark.add_argument("--cache", action="store_true", help="memoise attributions on disk")
@@ -697,6 +740,7 @@ def _add_check_flags(check: argparse.ArgumentParser) -> None:
     _add_regions(check)
     check.add_argument("--parser", type=Path, help="face parser card, for datasets without stored label maps")
     _add_mode(check)
+    _add_profile(check)
     check.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="faces per attribution batch")
     check.add_argument("--out", type=Path, help="CSV of the per-method table (a second CSV is written beside it)")
     check.add_argument("--cache", action="store_true", help="memoise attributions on disk")
@@ -722,6 +766,7 @@ def _add_extract(commands: Subcommands) -> None:
     )
     _add_regions(extract)
     _add_mode(extract)
+    _add_profile(extract)
     extract.add_argument(
         "--target",
         choices=("predicted", "label"),
@@ -805,7 +850,12 @@ def _add_rq1(commands: Subcommands) -> None:
         default="paper",
         help="paper = pingouin's default (Welch when group sizes differ), student, welch",
     )
-    rq1.add_argument("--syndromes", help="comma-separated labels to compare (default: all but the reference)")
+    rq1.add_argument(
+        "--syndromes",
+        help="comma-separated labels to compare, each method's correction family (default: all but the "
+        "reference; with --profile paper the released five: 22q11DS, Angelman, KS, NS, WS)",
+    )
+    _add_profile(rq1)
     rq1.add_argument("--model", help="keep one model's rows (needed when several models scored the same images)")
     rq1.add_argument("--out", type=Path, help="folder for rq1-tests.csv and rq1-table3.csv (default: the table's)")
     rq1.set_defaults(run=command_rq1)
@@ -827,6 +877,7 @@ def _add_rq2(commands: Subcommands) -> None:
         help="refuse annotated images that partitions.csv does not list (default: leave them out with a warning)",
     )
     rq2.add_argument("--seed", type=int, default=0, help="seed of the t-SNE of Figure 4a")
+    _add_profile(rq2)
     rq2.add_argument("--out", type=Path, help="folder for the rq2-*.csv tables (default: the table's)")
     rq2.set_defaults(run=command_rq2)
 

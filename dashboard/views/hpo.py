@@ -18,15 +18,22 @@ SPLIT = "test"  # the HPO-annotated test images; every fold model scores them
 
 @st.cache_data(show_spinner="Running t-SNE on the annotations …", max_entries=4)
 def tsne_of(
-    root: str, version: tuple[float, ...], perplexity: float = 30.0, init: str = "pca", method: str = "auto"
+    root: str,
+    version: tuple[float, ...],
+    perplexity: float = 30.0,
+    init: str = "pca",
+    method: str = "auto",
+    keep_unlisted: bool = False,
 ) -> pl.DataFrame:
-    annotations = resources.annotations(resources.dataset(root))
+    annotations = resources.annotations(resources.dataset(root), keep_unlisted)
     return term_tsne(annotations, perplexity=perplexity, init=init, method=method)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def chi2_of(root: str, version: tuple[float, ...], statistic: str = "contingency") -> pl.DataFrame:
-    return term_syndrome_chi2(resources.annotations(resources.dataset(root)), statistic=statistic)
+def chi2_of(
+    root: str, version: tuple[float, ...], statistic: str = "contingency", keep_unlisted: bool = False
+) -> pl.DataFrame:
+    return term_syndrome_chi2(resources.annotations(resources.dataset(root), keep_unlisted), statistic=statistic)
 
 
 def correlation(view: state.View, counts: pl.DataFrame) -> None:
@@ -65,18 +72,23 @@ def figure4(dataset: Dataset, view: state.View) -> None:
     version = resources.annotations_version(dataset)
     statistic = view.fidelity.chi2_options()["statistic"]
     tsne = view.fidelity.tsne_options()
+    keep = view.fidelity.figure4_keep_unlisted
     st.subheader("Figure 4: the annotations themselves")
+    if keep and resources.annotation_note(dataset):
+        st.caption(f"Profile {view.profile}: {resources.annotation_note(dataset, keep_unlisted=True)}")
     left, right = st.columns(2)
     with left:
         st.markdown(f"**χ² of each term against the syndrome label** ({statistic})")
-        st.plotly_chart(render.chi2_bars(chi2_of(str(dataset.root), version, statistic)), width="stretch")
+        st.plotly_chart(render.chi2_bars(chi2_of(str(dataset.root), version, statistic, keep)), width="stretch")
     with right:
         st.markdown(
             "**t-SNE of the per-image term vectors** ("
             + ", ".join(f"{key} {value}" for key, value in tsne.items())
             + ")"
         )
-        st.plotly_chart(render.tsne_scatter(tsne_of(str(dataset.root), version, **tsne)), width="stretch")
+        st.plotly_chart(
+            render.tsne_scatter(tsne_of(str(dataset.root), version, **tsne, keep_unlisted=keep)), width="stretch"
+        )
 
 
 def leaderboard(dataset: Dataset) -> None:

@@ -290,3 +290,36 @@ def test_paper_and_project_maps_are_cached_apart(tmp_path):
     assert not np.allclose(first, second, atol=1e-3)  # a shared key would have returned the first maps
     fresh = relevance_maps(classifier, faces, [0, 1], "LayerDeepLIFT", paper, None)
     np.testing.assert_allclose(second, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_rq2_paper_profile_draws_figure4_over_the_annotated_images_partitions_csv_lacks(annotated, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "with-unlisted"
+    shutil.copytree(annotated, root)
+    first = sorted((root / "metadata" / "hpo-annotations").glob("*.csv"))[0]
+    rows = first.read_text().splitlines()
+    name = rows[1].split(",")[0]
+    extra = [row.replace(name, "UnlistedSlide1.jpg", 1) for row in rows[1:] if row.split(",")[0] == name]
+    first.write_text("\n".join([*rows, *extra]) + "\n")
+    with pytest.warns(Warning, match="not listed in partitions.csv"):
+        annotations = read_annotations(root)  # the unlisted image is left out
+    scores = pl.DataFrame(
+        [
+            {"image_name": n, "label": "x", "model": m, "method": "Gradient", "region": r, "score": float(i % 7)}
+            for i, n in enumerate(annotations["image_name"].unique().to_list())
+            for m in ("classifier-fold-1", "classifier-fold-2")
+            for r in ("eye", "nose", "mouth")
+        ]
+    )
+    path = tmp_path / "scores-test.parquet"
+    scores.write_parquet(path)
+    n = annotations["image_name"].n_unique()
+    for name, images in (("paper", n + 1), ("project", n)):
+        assert main(["rq2", str(path), "--dataset", str(root), "--profile", name, "--out", str(tmp_path / name)]) == 0
+        assert set(pl.read_csv(tmp_path / name / "rq2-figure4b-chi2.csv")["n"]) == {images}
+        assert len(pl.read_csv(tmp_path / name / "rq2-figure4a-tsne.csv")) == images
+    assert "Figure 4 keeps them" in capsys.readouterr().err
+    # Table 4 has scores of listed images only, under both profiles.
+    per_model = pl.read_csv(tmp_path / "paper" / "rq2-per-model.csv")
+    assert set(per_model["n"]) == {n}
