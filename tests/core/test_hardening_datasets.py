@@ -168,12 +168,15 @@ def test_annotation_columns_that_are_not_hpo_terms_are_refused(tmp_path):
         read_annotations(open_dataset(root))
 
 
-def test_an_annotated_image_missing_from_partitions_is_refused(tmp_path):
-    from core.annotations import read_annotations
+def test_an_annotated_image_missing_from_partitions_is_left_out_with_a_warning_or_refused_when_strict(tmp_path):
+    from core.annotations import UnlistedAnnotationsWarning, read_annotations
 
     root = annotated_dataset(tmp_path, {"WS": f"{HPO_HEADER}\nWSSlide1.png,1,0\nWSSlide7.png,0,1\n"})
+    with pytest.warns(UnlistedAnnotationsWarning, match=r"WSSlide7\.png \(WS\.csv\)"):
+        annotations = read_annotations(open_dataset(root))
+    assert set(annotations["image_name"]) == {"WSSlide1.png"}
     with pytest.raises(UserFacingError, match="WSSlide7.png"):
-        read_annotations(open_dataset(root))
+        read_annotations(open_dataset(root), strict=True)
 
 
 def test_an_image_annotated_under_another_label_than_its_own_is_refused(tmp_path):
