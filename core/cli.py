@@ -170,6 +170,17 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_table2(args: argparse.Namespace) -> int:
+    from core.train import table2_from_scores
+
+    table = table2_from_scores(_read_score_table(args.scores))
+    out = args.out or args.scores.parent / "table2.csv"
+    table.write_csv(out)
+    print(table)
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
 def command_train_parser(args: argparse.Namespace) -> int:
     from core.dataset import open_dataset
     from core.train_parser import ParserConfig, train_face_parser
@@ -574,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_train_parser,
         _add_import_model,
+        _add_table2,
         _add_benchmark,
         _add_checks,
         _add_extract,
@@ -823,6 +835,16 @@ def _add_import_model(commands: Subcommands) -> None:
         "--out", type=Path, required=True, help="folder for the weights and card, e.g. <dataset>/models"
     )
     imported.set_defaults(run=command_import_model)
+
+
+def _add_table2(commands: Subcommands) -> None:
+    table2 = commands.add_parser(
+        "table2",
+        help="Table 2 (per-class precision, recall, F1; accuracy) from a val score table, e.g. of imported models",
+    )
+    table2.add_argument("scores", type=Path, help="score table of extract --split val (each fold model's val faces)")
+    table2.add_argument("--out", type=Path, help="CSV path (default: table2.csv beside the score table)")
+    table2.set_defaults(run=command_table2)
 
 
 def _add_demo(commands: Subcommands) -> None:

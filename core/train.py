@@ -424,3 +424,29 @@ def table2(results: list[FoldResult]) -> pl.DataFrame:
         }
     )
     return pl.concat([per_class, overall], how="diagonal")
+
+
+def table2_from_scores(scores: pl.DataFrame) -> pl.DataFrame:
+    """Table 2 from a ``val`` score table (``extract --split val``): each fold model's prediction on each of
+    its own val images, for models imported rather than trained here. One method's and region's rows
+    carry every prediction; the accuracy is the share of the fold's val images predicted right."""
+    if scores.is_empty():
+        raise DatasetError("the score table is empty: no predictions to make Table 2 from")
+    rows = scores.filter((pl.col("method") == scores["method"][0]) & (pl.col("region") == scores["region"][0]))
+    classes = tuple(sorted(set(rows["label"].to_list()) | set(rows["predicted"].to_list())))
+    results = []
+    for (model,), fold_rows in rows.group_by("model", maintain_order=True):
+        labels = np.array([classes.index(c) for c in fold_rows["label"]])
+        predicted = np.array([classes.index(c) for c in fold_rows["predicted"]])
+        results.append(
+            FoldResult(
+                fold=fold_rows["fold"][0] or str(model),
+                card_path=Path(str(model)),  # the model's name in the table; no epoch or timing is known here
+                best_epoch=0,
+                val_accuracy=float((labels == predicted).mean()),
+                test_accuracy=None,
+                report=classification_report(labels, predicted, classes),
+                seconds=0.0,
+            )
+        )
+    return table2(results)

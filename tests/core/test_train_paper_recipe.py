@@ -8,10 +8,12 @@ import pickle
 import warnings
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from PIL import Image
 
+from core.cli import main as cli_main
 from core.dataset import DatasetError, open_dataset
 from core.train import (
     TrainConfig,
@@ -163,3 +165,33 @@ def test_vggface2_training_writes_the_papers_card_and_keeps_the_stem_batch_norm(
         assert torch.equal(state[key], torch.from_numpy(arrays[key])), key  # not in the optimiser
     assert not torch.equal(state["conv1.weight"], torch.from_numpy(arrays["conv1.weight"]))  # a step was taken
     assert not torch.equal(state["bn1.running_mean"], torch.from_numpy(arrays["bn1.running_mean"]))  # train mode
+
+
+def test_table2_from_a_val_score_table_matches_hand_counts(tmp_path):
+    """Imported models have no training run: Table 2 comes from their predictions in the val score table."""
+    rows = []
+    predictions = {  # fold -> (label, predicted) per val image
+        "fold-1": [("A", "A"), ("A", "B"), ("B", "B"), ("B", "B")],
+        "fold-2": [("A", "A"), ("A", "A"), ("B", "A"), ("B", "B")],
+    }
+    for fold, pairs in predictions.items():
+        for i, (label, predicted) in enumerate(pairs):
+            for method in ("Gradient", "Occlusion"):
+                for region in ("eyes", "nose"):
+                    rows.append(
+                        (f"{label}Slide{i}{fold}.png", label, fold, f"classifier-{fold}", method, region, predicted)
+                    )
+    scores = pl.DataFrame(
+        rows, schema=["image_name", "label", "fold", "model", "method", "region", "predicted"], orient="row"
+    )
+    path = tmp_path / "scores-val.parquet"
+    scores.write_parquet(path)
+    assert cli_main(["table2", str(path)]) == 0
+    table = pl.read_csv(tmp_path / "table2.csv")
+    a = table.filter(pl.col("class") == "A")
+    # A: fold-1 P 1/1, R 1/2; fold-2 P 2/3, R 2/2. Means 5/6 and 3/4, population std 1/6 and 1/4.
+    assert a["N"][0] == 4
+    assert a["precision_mean"][0] == pytest.approx(5 / 6) and a["precision_std"][0] == pytest.approx(1 / 6)
+    assert a["recall_mean"][0] == pytest.approx(3 / 4) and a["recall_std"][0] == pytest.approx(1 / 4)
+    overall = table.filter(pl.col("class") == "Overall")
+    assert overall["accuracy_mean"][0] == pytest.approx(0.75) and overall["accuracy_std"][0] == pytest.approx(0)
