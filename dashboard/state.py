@@ -57,11 +57,12 @@ class View:
     dataset_path: str
     card: str  # classifier model card path, "" for none
     cards: tuple[str, ...]  # every fold model card of the dataset
-    parser: str  # face parser card path, "" for the landmark template
+    parser: str  # face parser card path, "" for none (parts from dlib's 68 landmarks or the template)
     methods: tuple[str, ...]
     mode: str
     spec: RegionSpec
     spec_ref: str  # bundled name or stored id, as in the URL
+    parser_is_default: bool = False  # ``parser`` is the dataset's own card, not one the user entered
     profile: str = PROFILE_NAMES[0]  # core.profiles: "project" or "paper"
 
     @property
@@ -171,12 +172,15 @@ def sidebar() -> View:
     else:
         card = str(cards[stems.index(model)])
     default_parser = dataset.layout.parser_card if dataset is not None else None
+    default_parser_value = str(default_parser) if default_parser is not None and default_parser.is_file() else ""
     parser = bar.text_input(
         "Face parser model card (JSON, optional)",
-        value=str(default_parser) if default_parser is not None and default_parser.is_file() else "",
+        value=default_parser_value,
         key="parser",
         bind=URL,
-        help="Without a parser, stored label maps (features/segmaps/) or a landmark template give the face parts.",
+        help="Dataset images: their stored label maps (features/segmaps/) win, then this parser. Photos (sample, "
+        "upload): parts drawn from dlib's 68 landmarks, unless you enter a card other than the dataset's own here. "
+        "Without dlib, a landmark template.",
     ).strip()
     bar.header("Explanation")
     methods = bar.multiselect("Saliency methods", METHOD_NAMES, default=DEFAULT_METHODS, key="methods", bind=URL)
@@ -207,6 +211,7 @@ def sidebar() -> View:
         card=card,
         cards=tuple(map(str, cards)),
         parser=parser,
+        parser_is_default=bool(parser) and parser == default_parser_value,
         methods=tuple(methods),
         mode=mode,
         spec=spec,

@@ -125,6 +125,20 @@ def show_face(face: PreparedFace, image: np.ndarray) -> None:
         st.info(note)
 
 
+def show_alignment(face: PreparedFace) -> None:
+    """The second detector's opinion on the alignment (issue 14): a warning when it is likely wrong."""
+    check = face.alignment_check
+    if check is None:
+        return
+    if check.warning is not None:
+        st.warning(check.warning, icon="⚠️")
+    elif check.disagreement_iod is not None:
+        st.caption(
+            f"Alignment check: dlib's 68 landmarks agree with the five used to {check.disagreement_iod:.2f} eye "
+            f"distances (warning past {check.threshold_iod})."
+        )
+
+
 def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFrame | None:
     """The ontology's facial terms for the explained class and, for dataset images, the raters' terms."""
     target = result.classes[result.target]
@@ -166,6 +180,7 @@ def show_prediction(result: Explanation, photo: Photo, view: state.View) -> None
             f"Predicted {result.classes[result.predicted]} "
             f"({result.probabilities[result.predicted]:.2f}); explaining {result.classes[result.target]}"
         )
+        show_alignment(result.face)
         reading_slot = st.empty()
         st.plotly_chart(render.probability_bars(result.classes, result.probabilities), width="stretch")
     with right:
@@ -209,10 +224,16 @@ def main() -> None:
                 help="Saliency for the predicted class (default) or any other class of the model.",
             )
             target = chosen
-        settings = view.settings(target=target)
+        changes: dict = {"target": target}
+        if photo.name is None and view.parser_is_default:
+            # A photo, not a dataset face: parts from dlib's 68 landmarks, not the parser the dataset's own
+            # faces were parsed with, unless the user entered another card (DECISIONS, issue 14).
+            changes["parser"] = None
+        settings = view.settings(**changes)
         if classifier is None:
             face = prepare_face(photo.source, 224, settings, cache)
             show_face(face, photo.image)
+            show_alignment(face)
             st.warning(
                 "No classifier model card given: alignment, parts and regions are shown; predictions and "
                 "saliency maps need a model (choose a fold model or enter a card in the sidebar)."

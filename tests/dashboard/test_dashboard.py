@@ -58,6 +58,18 @@ def test_an_upload_is_explained_and_not_written_to_disk(on_tiny, tmp_path):
     assert not cache.exists() or not any(p.name.endswith(".val") for p in cache.rglob("*"))
 
 
+def test_an_upload_cut_through_an_eye_is_explained_with_an_alignment_warning(on_tiny):
+    """Issue 14: MTCNN guesses the hidden half of a cut face; the page says the alignment is likely wrong."""
+    from skimage import data
+
+    app = open_app({"source": "upload", "methods": "Gradient"})
+    app.file_uploader(key="upload").upload("cut.png", png_bytes(data.astronaut()[:, 215:]), "image/png")
+    app.run()
+    no_trouble(app)
+    assert any(h.value.startswith("Predicted ") for h in app.subheader)
+    assert any(w.value.startswith("The alignment is likely wrong") for w in app.warning)
+
+
 def test_an_upload_that_is_not_an_image_or_has_no_face_is_a_message(on_tiny):
     app = open_app({"source": "upload", "methods": "Gradient"})
     app.file_uploader(key="upload").upload("notes.png", b"this is not a picture", "image/png")

@@ -89,3 +89,20 @@ def test_regions_page_extract_and_explain_cut_the_same_masks(parsed_dataset, mon
         sources = sources | {face.parse_source}
     assert unmapped in checked and len(checked) == len(page) >= 4
     assert sources == {"stored", "parser"}
+
+
+def test_photos_are_parsed_from_dlibs_68_points_unless_the_user_enters_a_parser(parsed_dataset, tmp_path):
+    """Issue 14: the dataset's own parser (its default card) parses its faces that lack stored maps; the
+    sample photo and uploads get parts from dlib's 68 landmarks, unless another parser card is entered."""
+    dataset, _ = parsed_dataset
+    app = open_app({"dataset": str(dataset.root), "methods": ["Gradient"], "source": "sample photo"})
+    no_trouble(app)
+    assert app.sidebar.text_input(key="parser").value == str(dataset.layout.parser_card)
+    parts = " ".join(m.value for m in app.markdown)
+    assert "**Face parts** (landmarks68)" in parts
+    assert any(c.value.startswith("Alignment check: dlib's 68 landmarks agree") for c in app.caption)
+    other = tmp_path / "other-parser"
+    shutil.copytree(dataset.layout.parser_card.parent, other)
+    app.sidebar.text_input(key="parser").set_value(str(other / dataset.layout.parser_card.name)).run()
+    no_trouble(app)
+    assert "**Face parts** (parser)" in " ".join(m.value for m in app.markdown)
