@@ -118,7 +118,7 @@ def load_annotations(
 
 def _annotation_folder(dataset: Dataset) -> Path:
     """The layout's annotation folder, refused when both names exist and hold different files."""
-    present = [folder for folder in dataset.layout.annotation_folders if folder.is_dir()]
+    present = [f for f in dataset.layout.annotation_folders if f.is_dir() and any(f.glob("*.csv"))]
     if len(present) > 1:
         contents = [{path.name: path.read_bytes() for path in folder.glob("*.csv")} for folder in present]
         if any(c != contents[0] for c in contents[1:]):

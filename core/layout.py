@@ -61,11 +61,12 @@ class DatasetLayout:
 
     @property
     def annotations(self) -> Path:
-        """The annotation folder: the first of ``annotation_folders`` that exists, else the first (where
-        new annotations are written). ``core.annotations`` refuses a dataset holding both with
-        different files (which is meant cannot be told)."""
+        """The annotation folder: the first of ``annotation_folders`` holding a CSV, else the first that
+        exists, else the first (where new annotations are written). ``core.annotations`` refuses a
+        dataset holding both with different files (which is meant cannot be told)."""
         folders = self.annotation_folders
-        return next((folder for folder in folders if folder.is_dir()), folders[0])
+        filled = (folder for folder in folders if folder.is_dir() and any(folder.glob("*.csv")))
+        return next(filled, next((folder for folder in folders if folder.is_dir()), folders[0]))
 
     @property
     def ground_truth(self) -> Path:

@@ -55,6 +55,10 @@ def test_both_folder_names_are_read_and_two_different_folders_refused(release_da
     assert ANNOTATION_FOLDERS == ("hpo-annotations", "annotated-hpo-terms")
     assert DatasetLayout(release_dataset).annotations == release_folder
     as_released = load_annotations(release_dataset).table
+    notebook_folder.mkdir()  # an empty folder of the other name does not hide the files
+    assert DatasetLayout(release_dataset).annotations == release_folder
+    assert load_annotations(release_dataset).table.equals(as_released)
+    notebook_folder.rmdir()
     shutil.copytree(release_folder, notebook_folder)  # what a user of the authors' notebooks has beside it
     assert DatasetLayout(release_dataset).annotations == notebook_folder
     assert load_annotations(release_dataset).table.equals(as_released)
