@@ -532,6 +532,7 @@ def add_config_flags(command: argparse.ArgumentParser, config_type: type[Datacla
                 dest=field.name,
                 type=_flag_type(hints[field.name]),
                 choices=field.metadata.get("choices"),
+                metavar=field.metadata.get("metavar"),
                 help=_field_help(field),
             )
 

@@ -77,14 +77,18 @@ class TrainConfig:
     seed: int = dataclasses.field(default=42, metadata={"help": "seed of the initialisation, shuffling and flips"})
     init: str | None = dataclasses.field(
         default=None,
-        metadata={"help": "state dict to start from (.safetensors/.pt, torchvision keys; the head is replaced)"},
+        metadata={
+            "help": "state dict to start from (.safetensors/.pt, torchvision keys; the head is replaced)",
+            "metavar": "PATH",
+        },
     )
     vggface2: str | None = dataclasses.field(
         default=None,
         metadata={
             "help": "the paper's recipe: start from VGGFace2's resnet50_ft_weight.pkl (resnet50-caffe, new head), "
             "feed BGR 0..255 minus the fold's BGR training mean with no std, keep the stem's batch norm out "
-            "of the optimiser, as the authors' train.py does"
+            "of the optimiser, as the authors' train.py does",
+            "metavar": "PATH",
         },
     )
     optimizer: str = dataclasses.field(
