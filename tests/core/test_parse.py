@@ -161,9 +161,9 @@ def dense_points(landmarks: np.ndarray) -> np.ndarray:
 def test_the_sources_rank_stored_parser_landmarks68_template():
     """Issue 14's rule: stored > parser > dlib's 68 points > five-point template, whatever else is given."""
     dense = dense_points(TEMPLATE_LANDMARKS)
-    everything = dict(parser=constant_parser, stored_map=STORED, landmarks=TEMPLATE_LANDMARKS, landmarks68=dense)
-    assert parse_face(IMAGE, **everything).source == "stored"
-    assert parse_face(IMAGE, **{**everything, "stored_map": None}).source == "parser"
+    stored = parse_face(IMAGE, constant_parser, STORED, landmarks=TEMPLATE_LANDMARKS, landmarks68=dense)
+    assert stored.source == "stored"
+    assert parse_face(IMAGE, constant_parser, None, TEMPLATE_LANDMARKS, dense).source == "parser"
     from_68 = parse_face(IMAGE, landmarks=TEMPLATE_LANDMARKS, landmarks68=dense)
     assert from_68.source == "landmarks68"
     np.testing.assert_array_equal(from_68.label_map, label_map_from_68(dense, 224))
