@@ -41,6 +41,7 @@ class Scores:
     caveats: tuple[str, ...]  # what the reader should know about how these scores were made
     unextracted: tuple[str, ...]  # chosen methods without scores here: an extraction would add them
     seconds: float  # how long getting the table took on this run
+    stale: tuple[str, ...] = ()  # methods whose stored maps were made under other settings (mode, profile)
 
     @property
     def note(self) -> str | None:
@@ -85,7 +86,7 @@ def shown_score_table(view: state.View, split: str) -> Scores | None:
         return None
     if source.note:
         st.caption(f"Scores: {source.note}.")
-    if source.unextracted:
+    if source.unextracted or source.stale:
         offer_extraction(view, split, missing=False)
     if source.table.is_empty():
         st.info("None of the chosen methods has scores; choose methods in the sidebar or extract them.")
@@ -117,8 +118,14 @@ def score_table(view: state.View, split: str) -> Scores | None:
                     f"the stored maps of {', '.join(other)} were made with other method settings than the "
                     f"{view.profile} profile's (extract again to replace them)",
                 )
+            stale = methods if contents.mode != wanted.mode else tuple(other)
             return Scores(
-                table, ScoreSource.STORE, caveats, _lacking(view, contents.methods), time.perf_counter() - started
+                table,
+                ScoreSource.STORE,
+                caveats,
+                _lacking(view, contents.methods),
+                time.perf_counter() - started,
+                stale,
             )
     path = view.dataset.layout.score_table(split)
     if path.is_file():

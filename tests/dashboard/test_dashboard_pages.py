@@ -276,6 +276,7 @@ def test_the_paper_profile_reaches_the_statistics_and_hpo_pages(extracted):
     assert shown["syndrome"].to_list() == expected["syndrome"].to_list() and set(shown["syndrome"]) == set(five)
     # The store holds min–max maps; the paper's Table 3 wants raw sums: the page says so.
     assert any("relevance mode 'abs', not 'abs-raw'" in c.value for c in app.caption)
+    assert app.button(key="extract-val")  # and it offers the extraction that makes them
 
     app = open_app(query(extracted, profile="paper"), page=HPO)
     no_trouble(app)
