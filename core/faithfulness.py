@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import polars as pl
@@ -327,8 +327,11 @@ def randomisation_check(
     re-initialised; each method's maps of the randomised copy against the trained model's.
 
     The explained class is the trained model's (``settings.target``) at every step, so only the model
-    changes. Maps are relevance maps of ``settings.mode`` (min–max leaves ranks alone).
+    changes. Maps are relevance maps of ``settings.mode`` (min–max leaves ranks alone); raw maps
+    (``abs-raw``) are compared min–max normalised, since SSIM needs one value range for every map.
     """
+    if settings.mode == "abs-raw":
+        settings = replace(settings, mode="abs")
     layers = cascade.layers
     check_layers(classifier, layers)
     targets = [int(t) for t in explained_targets(classifier, faces, settings)]

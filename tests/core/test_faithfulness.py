@@ -395,3 +395,13 @@ def test_dataset_faces_of_a_photo_over_4096_px_match_the_face_alone(tmp_path):
     assert all(m.any() for m in reference_masks.masks[0])
     for region, got, want in zip(masks.names, masks.masks[0], reference_masks.masks[0]):
         assert np.abs(_box(got) - _box(want)).max() <= 1, region  # each edge of each region within a pixel
+
+
+def test_raw_maps_are_compared_min_max_normalised_in_the_randomisation_check(resnet_classifier, textured_faces):
+    import dataclasses
+
+    faces = unmasked(textured_faces, [f"f{i}" for i in range(len(textured_faces))])
+    cascade = Cascade(("fc",))
+    raw = randomisation_check(resnet_classifier, faces, dataclasses.replace(GRADIENT, mode="abs-raw"), cascade)
+    normalised = randomisation_check(resnet_classifier, faces, dataclasses.replace(GRADIENT, mode="abs"), cascade)
+    assert raw.per_image.equals(normalised.per_image)
