@@ -204,7 +204,7 @@ def test_a_torchvision_layout_module_is_refused(authors_side, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(PAYLOADS)))
-def test_a_checkpoint_that_would_run_code_is_refused_and_its_payload_never_runs(authors_side, tmp_path, index):
+def test_a_checkpoint_that_would_run_code_is_refused_and_its_payload_never_runs(authors_side, tmp_path, index, capsys):
     assert (authors_side / f"live-marker-{index}").exists()  # loaded as their test.py does, it ran
     refused = {
         "builtins.exec": "builtins.exec",
@@ -214,9 +214,37 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_its_payload_never_runs(
     }[PAYLOADS[index]]
     with pytest.raises(ModelError, match=rf"^refused to load .*it asks for {refused}, .*nothing in it was run$"):
         read_saved_module(authors_side / f"evil-{index}.pt")
+    capsys.readouterr()
     code = cli_main(["import-model", str(authors_side / f"evil-{index}.pt"), "--fold", FOLD, "--out", str(tmp_path)])
     assert code == 2 and not list(tmp_path.iterdir())
+    error = capsys.readouterr().err
+    assert error.startswith("error: refused to load ") and error.count("\n") == 1  # one line, no traceback
     assert not (authors_side / f"evil-marker-{index}").exists()
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_a_clear_error(authors_side, tmp_path):
+    whole = (authors_side / "results" / "VGGFace2_ResNet50" / FOLD / "epoch-07-test_accuracy-0.812.pt").read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 100):
+        path = tmp_path / f"cut-{cut}.pt"
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ModelError, match="cannot read"):
+            import_released_model(path, tmp_path / "out", fold=FOLD)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (lambda: torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear"),
+        (lambda: {"fc.weight": torch.zeros(2, 2)}, "dict"),
+    ],
+)
+def test_other_objects_than_their_network_are_refused(tmp_path, content, found):
+    path = tmp_path / "other.pt"
+    torch.save(content(), path)
+    with pytest.raises(ModelError, match=rf"holds a {found}, not the authors' models.VGGFace2_ResNet.resnet50_adapted"):
+        import_released_model(path, tmp_path / "out", fold=FOLD)
 
 
 def test_best_epoch_is_their_argmax_of_the_named_accuracy_earliest_on_ties(tmp_path):
