@@ -327,7 +327,13 @@ def released_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     root = read_saved_module(path)
     if not isinstance(root, SavedModule) or root.class_name != RELEASED_CLASS:
         found = root.class_name if isinstance(root, SavedModule) else type(root).__name__
-        raise ModelError(f"{path} holds a {found}, not the authors' {RELEASED_CLASS} that train.py saves")
+        hint = (
+            "; if it is that network's state_dict(), point a card with architecture resnet50-caffe at it "
+            "(README 'Bring your own model')"
+            if isinstance(root, dict)
+            else ""
+        )
+        raise ModelError(f"{path} holds a {found}, not the authors' {RELEASED_CLASS} that train.py saves{hint}")
     check_caffe_layout(root, path)
     state = saved_state_dict(root)
     with torch.device("meta"):
