@@ -221,6 +221,18 @@ def command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_twin(args: argparse.Namespace) -> int:
+    from core.synth.twin import TwinSpec, generate_twin
+
+    summary = generate_twin(args.release, args.out, TwinSpec(seed=args.seed, rows=args.rows), workers=args.workers)
+    print(
+        f"{summary.images} photos ({summary.annotated_images} annotated) in {summary.seconds:.0f} s "
+        f"({summary.images_per_second:.1f}/s, {summary.workers} workers) -> {summary.root}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def command_extract(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -593,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_demo,
         _add_rq1,
         _add_rq2,
+        _add_twin,
     ):
         add_command(commands)
     return parser
@@ -852,6 +865,19 @@ def _add_demo(commands: Subcommands) -> None:
     demo = commands.add_parser("demo", help="build the synthetic demo dataset and its models (idempotent)")
     demo.add_argument("--root", type=Path, help="where (default: data/demo, or $XAI_DATA_DIR/demo)")
     demo.set_defaults(run=command_demo)
+
+
+def _add_twin(commands: Subcommands) -> None:
+    twin = commands.add_parser(
+        "twin",
+        help="synthetic twin of a real release: one rendered face per row of its partitions.csv, on its landmarks",
+    )
+    twin.add_argument("release", type=Path, help="the release folder (metadata/partitions.csv, annotations)")
+    twin.add_argument("out", type=Path, help="new dataset folder for the twin")
+    twin.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
+    twin.add_argument("--rows", type=int, help="render a slice of N rows, a quarter of them annotated test rows")
+    twin.add_argument("--seed", type=int, default=0, help="seed of the persons, photos and sampled phenotypes")
+    twin.set_defaults(run=command_twin)
 
 
 def _add_rq1(commands: Subcommands) -> None:
