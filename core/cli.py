@@ -136,6 +136,7 @@ def _read_text(path: Path, what: str) -> str:
 
 def command_train(args: argparse.Namespace) -> int:
     from core.dataset import open_dataset
+    from core.fit_domain import fit_domain
     from core.layout import demo_dataset
     from core.train import TrainConfig, table2, train_fold, training_faces
 
@@ -164,9 +165,21 @@ def command_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         results.append(result)
+        fitted = fit_domain(result.card_path, dataset, fold, lambda subset: faces[[position[n] for n in subset]])
+        print(f"{fold}: out-of-domain guard -> {fitted.path.name} {json.dumps(fitted.summary())}", file=sys.stderr)
     table = table2(results)
     table.write_csv(out / "table2.csv")
     print(table)
+    return 0
+
+
+def command_fit_domain(args: argparse.Namespace) -> int:
+    from cache import DiskCache
+    from core.dataset import open_dataset
+    from core.fit_domain import fit_domain
+
+    fitted = fit_domain(args.card, open_dataset(args.dataset), args.fold, cache=DiskCache() if args.cache else None)
+    print(json.dumps({"card": str(args.card), **fitted.summary()}, indent=2))
     return 0
 
 
@@ -596,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_command in (
         _add_explain,
         _add_train,
+        _add_fit_domain,
         _add_train_parser,
         _add_import_model,
         _add_table2,
@@ -695,6 +709,21 @@ def _add_train(commands: Subcommands) -> None:
     train.add_argument("--folds", help="comma-separated folds (default: all in partitions.csv)")
     add_config_flags(train, TrainConfig)
     train.set_defaults(run=command_train)
+
+
+def _add_fit_domain(commands: Subcommands) -> None:
+    fit = commands.add_parser(
+        "fit-domain",
+        help="fit a classifier's out-of-domain guard on a dataset fold and store it beside the card",
+        description="Class-conditional Gaussians with a shared (Ledoit-Wolf) covariance on the classifier's "
+        "penultimate features of the fold's train faces; threshold: the 99th percentile of its val faces' "
+        "Mahalanobis scores. Written to <card>.domain.safetensors; explain and extract then report the score.",
+    )
+    fit.add_argument("card", type=Path, help="classifier card (JSON)")
+    fit.add_argument("dataset", type=Path, help="dataset folder with landmarks in partitions.csv")
+    fit.add_argument("--fold", help="fold whose train/val faces to fit on (default: the card's fold)")
+    fit.add_argument("--cache", action="store_true", help="memoise the features on disk (XAI_CACHE_DIR)")
+    fit.set_defaults(run=command_fit_domain)
 
 
 def _add_train_parser(commands: Subcommands) -> None:

@@ -27,7 +27,9 @@ from tqdm import tqdm
 from cache import DiskCache
 from core.attribute import QUICK_METHODS
 from core.dataset import Dataset, names_in, open_dataset
+from core.domain import DEFAULT_PERCENTILE, DomainGuardError
 from core.extract import ExtractionPlan, extract_scores, load_classifiers
+from core.fit_domain import fit_domain
 from core.layout import DatasetLayout, demo_dataset
 from core.leaderboard import leaderboard
 from core.pipeline import ExplainSettings
@@ -36,6 +38,7 @@ from core.score_table import write_score_table
 from core.synth import SyntheticSpec, generate_dataset
 from core.train import FoldResult, TrainConfig, aligned_faces, table2, train_fold
 from core.train_parser import ParserConfig, train_face_parser
+from models.checkpoint import load_classifier
 from models.parser import load_face_parser
 
 
@@ -103,6 +106,7 @@ def build_demo(
     parser_digest = build.parser(build.dataset())
     dataset = open_dataset(build.layout.root)
     build.classifiers(dataset, parser_digest)
+    build.domain_guards(dataset)
     if cache is not None and preset.cheap_methods:
         _analyse(dataset, preset, cache, build.stages, log, build.report)
     build.report["seconds"] = time.perf_counter() - started
@@ -184,6 +188,19 @@ class _Build:
         self.stages.mark("parser", digest)
         return digest
 
+    def domain_guards(self, dataset: Dataset) -> None:
+        """Each fold classifier's out-of-domain guard (``core.fit_domain``), redone when its classifier is."""
+        for fold in self.preset.folds:
+            card = self.layout.classifier_card(fold)
+            digest = _hash("domain", self.stages.digest_of(f"classifier-{fold}"), DEFAULT_PERCENTILE)
+            if self.stages.done(f"domain-{fold}", digest) and _has_its_guard(card):
+                continue
+            self.log(f"fitting the {fold} classifier's out-of-domain guard …")
+            fitted = fit_domain(card, dataset, fold)
+            self.log(f"  threshold {fitted.guard.threshold:.1f}; flagged: {fitted.summary()['flagged']}")
+            self.report["stages"][f"domain-{fold}"] = fitted.summary()
+            self.stages.mark(f"domain-{fold}", digest)
+
     def classifiers(self, dataset: Dataset, parser_digest: str) -> None:
         config = dataclasses.replace(self.preset.classifier, init=str(self.layout.parser_encoder))
         names = dataset.table["image_name"].to_list()
@@ -224,13 +241,27 @@ class _Build:
             self.log(str(table))
 
 
+def _has_its_guard(card: Path) -> bool:
+    """Whether the card's classifier has a guard fitted for its present weights (a retrained model's
+    old guard is refused on loading)."""
+    try:
+        return load_classifier(card).domain is not None
+    except DomainGuardError:
+        return False
+
+
 def _analyse(dataset, preset: DemoPreset, cache: DiskCache, stages: _Stages, log, report: dict) -> None:
     """What the dashboard opens on: the cheap methods' score tables and relevance stores for RQ1 (each
     fold model's val faces) and RQ2 (the annotated test faces), and their ground-truth leaderboard."""
     cards = [dataset.layout.classifier_card(fold) for fold in preset.folds]
     settings = ExplainSettings(methods=preset.cheap_methods)
     classifiers = load_classifiers(cards)
-    digest = _hash("analysis", [stages.digest_of(f"classifier-{fold}") for fold in preset.folds], preset.cheap_methods)
+    digest = _hash(
+        "analysis",
+        [stages.digest_of(f"classifier-{fold}") for fold in preset.folds],
+        preset.cheap_methods,
+        *[stages.digest_of(f"domain-{fold}") for fold in preset.folds],  # the score tables hold the guards' scores
+    )
     for split in ("val", "test"):
         if stages.done(f"scores-{split}", digest):
             continue

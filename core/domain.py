@@ -14,6 +14,7 @@ its model card lives in ``models.domain_guard``; the features in ``core.pipeline
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,38 @@ SHRINKAGE = "ledoit-wolf"
 
 class DomainGuardError(UserFacingError, ValueError):
     """A guard that cannot be fitted or used (too few faces, wrong shapes, non-finite numbers)."""
+
+
+NO_GUARD_REASON = (
+    "this model has no out-of-domain guard, so nothing says whether the photo is like its training faces; "
+    "fit one with python -m core fit-domain CARD DATASET"
+)
+
+
+@dataclass(frozen=True)
+class DomainVerdict:
+    """One face's domain score and the guard's threshold; past it, the face is out of domain."""
+
+    score: float
+    threshold: float
+
+    @property
+    def out_of_domain(self) -> bool:
+        return self.score > self.threshold
+
+    def summary(self) -> dict[str, float | bool]:
+        return {
+            "score": round(self.score, 4),
+            "threshold": round(self.threshold, 4),
+            "out_of_domain": self.out_of_domain,
+        }
+
+
+def verdict_summary(verdict: DomainVerdict | None) -> dict[str, float | bool | str | None]:
+    """The JSON form ``explain`` prints: the verdict, or nulls and the reason there is none."""
+    if verdict is None:
+        return {"score": None, "threshold": None, "out_of_domain": None, "reason": NO_GUARD_REASON}
+    return dict(verdict.summary())
 
 
 @dataclass(frozen=True)
@@ -80,12 +113,23 @@ class DomainGuard:
         object.__setattr__(self, "fitted_on", MappingProxyType(dict(self.fitted_on)))
 
     @property
+    def key(self) -> str:
+        """A content key of what decides the guard's answers (means, precision, threshold, model)."""
+        digest = hashlib.sha256(f"{self.fingerprint}\0{self.threshold!r}\0{self.means.shape}\0".encode())
+        digest.update(np.ascontiguousarray(self.means).tobytes())
+        digest.update(np.ascontiguousarray(self.precision).tobytes())
+        return digest.hexdigest()[:32]
+
+    @property
     def feature_dim(self) -> int:
         return int(self.means.shape[1])
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """N domain scores: each feature row's Mahalanobis distance to its nearest class mean."""
         return domain_scores(features, self.means, self.precision)
+
+    def verdict(self, score: float) -> DomainVerdict:
+        return DomainVerdict(float(score), self.threshold)
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         """True where a score is past the threshold: the face is unlike the training faces."""

@@ -15,7 +15,16 @@ import numpy as np
 
 from cache import DiskCache
 from core.dataset import Photo
-from core.pipeline import ExplainSettings, PreparedFace, class_probabilities, prepare_face, score_faces, target_indices
+from core.domain import DomainVerdict, verdict_summary
+from core.pipeline import (
+    ExplainSettings,
+    PreparedFace,
+    class_probabilities,
+    domain_scores,
+    prepare_face,
+    score_faces,
+    target_indices,
+)
 from core.regions import RegionMasks
 from models.checkpoint import Classifier
 
@@ -31,6 +40,7 @@ class Explanation:
     mode: str
     maps: Mapping[str, np.ndarray] = field(repr=False)  # method -> size×size relevance
     scores: Mapping[str, np.ndarray] = field(repr=False)  # method -> R region scores
+    domain: DomainVerdict | None = None  # the classifier's out-of-domain guard on this face (None: no guard)
 
     @property
     def predicted(self) -> int:
@@ -57,6 +67,7 @@ class Explanation:
                 for method, scores in self.scores.items()
             },
             "notes": list(self.face.notes),
+            "domain": verdict_summary(self.domain),
         }
 
 
@@ -74,6 +85,7 @@ def explain(
     settings = settings or ExplainSettings()
     face = prepare_face(photo, classifier.card.input_size, settings, cache)
     probabilities = class_probabilities(classifier, face.aligned[None], cache)
+    domain = domain_scores(classifier, face.aligned[None], cache)
     target = int(target_indices(settings.target, classifier.card.classes, probabilities)[0])
     maps, scores = {}, {}
     masks = RegionMasks(face.region_names, face.masks[None])
@@ -91,4 +103,5 @@ def explain(
         mode=settings.mode,
         maps=maps,
         scores=scores,
+        domain=None if domain is None or classifier.domain is None else classifier.domain.verdict(domain[0]),
     )

@@ -32,6 +32,7 @@ from core.pipeline import (
     ExplainSettings,
     PreparedFace,
     class_probabilities,
+    domain_scores,
     prepare_dataset_faces,
     score_faces,
     stacked,
@@ -39,7 +40,7 @@ from core.pipeline import (
 )
 from core.relevance_store import SKIPPED, RelevanceStore, StoreContents, StoredModel, StoreError
 from core.rescore import Progress
-from core.score_table import SCORE_SCHEMA, score_block
+from core.score_table import DOMAIN_COLUMNS, SCORE_SCHEMA, score_block
 from models import checkpoint as checkpoint_module
 from models import resnet as resnet_module
 from models.checkpoint import Classifier, load_classifier
@@ -191,6 +192,8 @@ class _Run:
         targets = target_indices(self.settings.target, classes, probabilities, [self.labels[n] for n in names])
         predicted = probabilities.argmax(axis=1)
         target_probability = probabilities[np.arange(len(names)), targets].astype(np.float64)
+        domain = domain_scores(classifier, aligned, self.cache)
+        flags = None if domain is None or classifier.domain is None else classifier.domain.flags(domain)
         per_image = pl.DataFrame(
             {
                 "image_name": names,
@@ -198,9 +201,17 @@ class _Run:
                 "predicted": [classes[p] for p in predicted],
                 "target": [classes[t] for t in targets],
                 "target_probability": target_probability,
+                "domain_score": domain,
+                "out_of_domain": flags,
             },
-            schema={c: SCORE_SCHEMA[c] for c in ("image_name", "label", "predicted", "target", "target_probability")},
+            schema={
+                c: SCORE_SCHEMA[c]
+                for c in ("image_name", "label", "predicted", "target", "target_probability", *DOMAIN_COLUMNS)
+            },
         )
+        if self.store is not None and domain is not None and flags is not None:  # before the predictions:
+            # a store whose predictions are written then has the domain scores of those rows too
+            self.store.write_domain(model, [rows[n] for n in names], domain.tolist(), flags.tolist())
         if self.store is not None:
             self.store.write_label_maps([self.store_rows[n] for n in names], np.stack([f.label_map for f in faces]))
         for result in score_faces(classifier, aligned, masks, targets, self.settings, self.cache):
@@ -252,7 +263,14 @@ def _store_contents(plan: ExtractionPlan, settings: ExplainSettings) -> StoreCon
     label_maps_key = content_hash("label-maps", faces_key, settings.parser, segmaps)
     plan_images = plan.images()
     models = tuple(
-        StoredModel(name, c.card.fold, tuple(c.card.classes), c.fingerprint, tuple(rows[n] for n in plan_images[name]))
+        StoredModel(
+            name,
+            c.card.fold,
+            tuple(c.card.classes),
+            c.fingerprint,
+            tuple(rows[n] for n in plan_images[name]),
+            None if c.domain is None else c.domain.key,
+        )
         for name, c in plan.classifiers.items()
     )
     return StoreContents(

@@ -30,13 +30,13 @@ from core.parse import ParsedFace, parse_face
 from core.regions import PAPER_REGIONS, RegionMasks, RegionSpec, region_masks
 from core.score import RELEVANCE_MODES, channel_sums, region_scores, relevance_from_sums
 from models import checkpoint as checkpoint_module
-from models import landmarks68 as landmarks68_module
 from models import domain_guard as domain_guard_module
+from models import landmarks68 as landmarks68_module
 from models import parser as parser_module
 from models import resnet as resnet_module
 from models.checkpoint import Classifier, classify, preprocess
-from models.landmarks68 import DenseLandmarks, DenseLandmarksUnavailable, landmarks_68
 from models.domain_guard import penultimate_features
+from models.landmarks68 import DenseLandmarks, DenseLandmarksUnavailable, landmarks_68
 from models.parser import FaceParser, predict_label_maps
 
 

@@ -10,7 +10,8 @@ relevance map of every image × fold model × method (float16), the aligned labe
     label-maps-<key>.npy     N_images×S×S uint8, memory-mapped
     maps-<key>.npy           one per model × method: N_rows×S×S float16 (float32 for mode abs-raw), memory-mapped
     journal.jsonl            one line per finished batch: which rows of which file are written; for the
-                             predictions of a model the classes and probabilities themselves
+                             predictions of a model the classes and probabilities themselves, and for
+                             a model with an out-of-domain guard each image's domain score and flag
     region-masks/<label maps>/<key>.npz   memo: a region spec's masks over those label maps, run-length encoded
                              (``core.score.RegionSegments``; ``core.rescore`` names and fills them)
     .lock                    held (flock) while an extraction writes, so two writers never interleave
@@ -66,6 +67,7 @@ class StoredModel:
     classes: tuple[str, ...]
     fingerprint: str
     images: tuple[int, ...]
+    domain: str | None = None  # content key of the model's out-of-domain guard (core.domain); None: no guard
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,12 @@ class StoreContents:
     def maps_file(self, model: StoredModel, method: str) -> str:
         params = json.dumps(self.method_params.get(method, {}), sort_keys=True)
         return f"maps-{_key('maps', self.predictions_file(model), method, self.mode, params)}.npy"
+
+    def domain_file(self, model: StoredModel) -> str | None:
+        """The journal's name for the model's per-image domain scores; None when it has no guard."""
+        if model.domain is None:
+            return None
+        return f"domain-{_key('domain', self.predictions_file(model), model.domain)}"
 
     def model(self, name: str) -> StoredModel:
         for model in self.models:
@@ -144,6 +152,7 @@ class RelevanceStore:
         self._contents: StoreContents | None = None
         self._done: dict[str, set[int]] = {}
         self._predictions: dict[str, dict[int, tuple[int, int, float]]] = {}
+        self._domains: dict[str, dict[int, tuple[float, bool]]] = {}  # per-image domain score and flag
         self._writable: dict[str, np.memmap] = {}
         self._journal: BinaryIO | None = None
         self._lock: TextIO | None = None
@@ -225,7 +234,8 @@ class RelevanceStore:
 
     def rows(self) -> pl.DataFrame:
         """One row per model × usable image: model, fold, row, image, image_name, label, predicted,
-        target, target_probability (class names; photos that could not be used are left out)."""
+        target, target_probability (class names; photos that could not be used are left out), and the
+        out-of-domain guard's domain_score and out_of_domain (null for models without a guard)."""
         with self._memo_lock:
             if self._rows is None:
                 self._rows = self._read_rows()
@@ -238,6 +248,8 @@ class RelevanceStore:
             predictions = self._predictions.get(contents.predictions_file(model), {})
             rows = sorted(r for r, p in predictions.items() if p[0] != SKIPPED)
             images = [model.images[r] for r in rows]
+            domain_file = contents.domain_file(model)
+            domain = {} if domain_file is None else self._domains.get(domain_file, {})
             frames.append(
                 pl.DataFrame(
                     {
@@ -250,6 +262,8 @@ class RelevanceStore:
                         "predicted": pl.Series([model.classes[predictions[r][0]] for r in rows], dtype=pl.String),
                         "target": pl.Series([model.classes[predictions[r][1]] for r in rows], dtype=pl.String),
                         "target_probability": pl.Series([predictions[r][2] for r in rows], dtype=pl.Float64),
+                        "domain_score": pl.Series([domain.get(r, (None,))[0] for r in rows], dtype=pl.Float64),
+                        "out_of_domain": pl.Series([domain.get(r, (None, None))[1] for r in rows], dtype=pl.Boolean),
                     }
                 )
             )
@@ -336,6 +350,7 @@ class RelevanceStore:
                 np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape).flush()
                 os.replace(temporary, path)
         keep = set(shapes) | {contents.predictions_file(m) for m in contents.models}
+        keep |= {name for name in map(contents.domain_file, contents.models) if name is not None}
         entries, _ = _journal_entries(self.root / _JOURNAL)
         # Rewritten without a torn last line (which the next append would otherwise extend).
         journal = b"".join(json.dumps(e).encode() + b"\n" for e in entries if e.get("file") in keep)
@@ -382,7 +397,27 @@ class RelevanceStore:
             "probability": [float(probability[i]) for i in new],
         }
         self._append(entry)
-        _apply(entry, self._done, self._predictions)
+        _apply(entry, self._done, self._predictions, self._domains)
+        self._rows = None
+
+    def write_domain(self, model: str, rows: Sequence[int], scores: Sequence[float], flags: Sequence[bool]) -> None:
+        """Out-of-domain scores and flags of usable ``rows`` of a model with a guard (journaled like predictions)."""
+        contents = self.contents
+        name = contents.domain_file(contents.model(model))
+        if name is None:
+            raise StoreError(f"model {model!r} has no out-of-domain guard in this store's manifest")
+        known = self._domains.setdefault(name, {})
+        new = [i for i, row in enumerate(rows) if int(row) not in known]
+        if not new:
+            return
+        entry = {
+            "file": name,
+            "rows": [int(rows[i]) for i in new],
+            "domain_score": [float(scores[i]) for i in new],
+            "out_of_domain": [bool(flags[i]) for i in new],
+        }
+        self._append(entry)
+        _apply(entry, self._done, self._predictions, self._domains)
         self._rows = None
 
     def close(self) -> None:
@@ -417,7 +452,7 @@ class RelevanceStore:
         memmap.flush()  # the rows are on disk before the journal says so
         entry = {"file": name, "rows": targets.tolist()}
         self._append(entry)
-        _apply(entry, self._done, self._predictions)
+        _apply(entry, self._done, self._predictions, self._domains)
 
     def _append(self, entry: dict) -> None:
         if self._journal is None:
@@ -444,21 +479,25 @@ class RelevanceStore:
     def _reload(self) -> None:
         manifest = self.root / _MANIFEST
         self._contents = StoreContents.from_json(manifest.read_text()) if manifest.is_file() else None
-        self._done, self._predictions = {}, {}
+        self._done, self._predictions, self._domains = {}, {}, {}
         self._rows = None
         self._readable.clear()
         if self._contents is None:
             return
         entries, _ = _journal_entries(self.root / _JOURNAL)
         for entry in entries:
-            _apply(entry, self._done, self._predictions)
+            _apply(entry, self._done, self._predictions, self._domains)
 
 
-def _apply(entry: dict, done: dict[str, set[int]], predictions: dict[str, dict]) -> None:
+def _apply(entry: dict, done: dict[str, set[int]], predictions: dict[str, dict], domains: dict[str, dict]) -> None:
     name, rows = entry.get("file"), entry.get("rows")
     if not isinstance(name, str) or not isinstance(rows, list):
         return
-    if "predicted" in entry:
+    if "domain_score" in entry:
+        known_domain = domains.setdefault(name, {})
+        for row, score, flag in zip(rows, entry["domain_score"], entry["out_of_domain"]):
+            known_domain[int(row)] = (float(score), bool(flag))
+    elif "predicted" in entry:
         known = predictions.setdefault(name, {})
         for row, p, t, q in zip(rows, entry["predicted"], entry["target"], entry["probability"]):
             known[int(row)] = (int(p), int(t), float(q))

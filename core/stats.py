@@ -93,6 +93,24 @@ def _observations(scores: pl.DataFrame, model: str | None) -> pl.DataFrame:
     return scores.with_columns(pl.col("score").cast(pl.Float64))
 
 
+def in_domain(scores: pl.DataFrame) -> pl.DataFrame:
+    """The score table without the faces its model's out-of-domain guard flagged (``core.domain``).
+
+    Rows without a verdict (a model without a guard, a table from before guards) are kept: there is
+    nothing to exclude them on. Whether to exclude is the caller's choice (README, docs/DECISIONS.md)."""
+    if "out_of_domain" not in scores.columns:
+        return scores
+    return scores.filter(pl.col("out_of_domain").is_null() | ~pl.col("out_of_domain"))
+
+
+def domain_counts(scores: pl.DataFrame) -> tuple[int, int]:
+    """Faces (image × model) the guard flagged, and faces it judged at all, in a score table."""
+    if "out_of_domain" not in scores.columns:
+        return 0, 0
+    faces = scores.filter(pl.col("out_of_domain").is_not_null()).unique(["image_name", "model"])
+    return int(faces["out_of_domain"].sum()), len(faces)
+
+
 def cohens_d(x: np.ndarray, y: np.ndarray) -> float:
     """(mean x − mean y) / pooled SD (ddof 1 per group), as pingouin's ``compute_effsize(eftype="cohen")``."""
     nx, ny = len(x), len(y)

@@ -18,6 +18,7 @@ from core.dataset import Dataset, open_dataset
 from core.hpo import region_counts
 from core.layout import DatasetLayout
 from models.checkpoint import Classifier, load_classifier
+from models.domain_guard import guard_path
 from models.parser import FaceParser, load_face_parser
 
 
@@ -41,8 +42,9 @@ def spec_store() -> SpecStore:
 
 
 @st.cache_resource(show_spinner="Loading the classifier …", max_entries=4)
-def classifier_from(card_path: str, modified: float) -> Classifier:
-    """``modified`` (the card's mtime) is part of the key, so a retrained model is reloaded."""
+def classifier_from(card_path: str, modified: float, guard_modified: float = 0.0) -> Classifier:
+    """``modified`` (the card's mtime) is part of the key, so a retrained model is reloaded; and
+    ``guard_modified`` (its out-of-domain guard's), so a guard fitted later is picked up."""
     return load_classifier(card_path)
 
 
@@ -66,7 +68,7 @@ def modified(path: str | Path) -> float:
 
 
 def classifier(card_path: str) -> Classifier:
-    return classifier_from(card_path, modified(card_path))
+    return classifier_from(card_path, modified(card_path), modified(guard_path(card_path)))
 
 
 def parser(card_path: str) -> FaceParser:

@@ -10,6 +10,7 @@ import streamlit as st
 
 from core.dataset import Dataset, names_in, read_photo
 from core.dataset import Photo as SourcePhoto
+from core.domain import NO_GUARD_REASON
 from core.errors import UserFacingError
 from core.explain import Explanation, explain
 from core.hpo import ontology_priors
@@ -181,11 +182,31 @@ def show_prediction(result: Explanation, photo: Photo, view: state.View) -> None
             f"({result.probabilities[result.predicted]:.2f}); explaining {result.classes[result.target]}"
         )
         show_alignment(result.face)
+        show_domain(result)
         reading_slot = st.empty()
         st.plotly_chart(render.probability_bars(result.classes, result.probabilities), width="stretch")
     with right:
         priors = show_terms(result, photo, view)
     reading_slot.info(reading(result, priors))
+
+
+def show_domain(result: Explanation) -> None:
+    """The out-of-domain guard's verdict beside the prediction; past the threshold, a warning."""
+    verdict = result.domain
+    if verdict is None:
+        st.caption(f"Out-of-domain check: none — {NO_GUARD_REASON}.")
+    elif verdict.out_of_domain:
+        st.warning(
+            f"**This photo is unlike the faces the model was trained on** (domain score {verdict.score:.1f}, "
+            f"past the threshold {verdict.threshold:.1f}). The prediction and its explanation may not mean much "
+            "for this photo.",
+            icon="⚠️",
+        )
+    else:
+        st.caption(
+            f"Out-of-domain check: domain score {verdict.score:.1f}, within the threshold {verdict.threshold:.1f} "
+            "(like the model's training faces)."
+        )
 
 
 def show_maps(result: Explanation) -> None:

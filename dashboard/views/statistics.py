@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import polars as pl
 import streamlit as st
 
 from core.errors import UserFacingError
-from core.stats import CORRECTIONS, TTESTS, compare_groups, significance_counts
+from core.stats import CORRECTIONS, TTESTS, compare_groups, domain_counts, in_domain, significance_counts
 from dashboard import render, scores, state
 
 SPLIT = "val"  # each fold model's own held-out images: every image once over the folds
@@ -108,6 +109,29 @@ def downloads(tests: pl.DataFrame, table: pl.DataFrame) -> None:
     )
 
 
+def domain_filter(table: pl.DataFrame) -> pl.DataFrame:
+    """The option to leave out faces the fold models' out-of-domain guards flagged (default: keep them,
+    as the paper's tests do; README "Out-of-domain guard")."""
+    flagged, judged = domain_counts(table)
+    if not judged:
+        return table
+    exclude = st.checkbox(
+        f"Exclude out-of-domain faces ({flagged} of {judged} flagged)",
+        value=False,
+        key="exclude_out_of_domain",
+        bind=state.URL,
+        help="Faces whose model's out-of-domain guard scored them past its threshold (99th percentile of "
+        "its validation faces), i.e. unlike the faces it was trained on. Off by default: on the split the "
+        "threshold was calibrated on, about 1% are flagged by design.",
+    )
+    if flagged > 0.05 * judged:
+        st.warning(
+            f"{flagged} of {judged} faces are unlike their model's training faces (out of domain); their "
+            "region scores may not mean much."
+        )
+    return in_domain(table) if exclude else table
+
+
 def main() -> None:
     view = state.current()
     st.title("Statistics (RQ1)")
@@ -123,6 +147,7 @@ def main() -> None:
         source = scores.shown_score_table(view, SPLIT)
         if source is None:
             return
+        source = dataclasses.replace(source, table=domain_filter(source.table))
         chosen = options(source.table)
         tests = tests_of(source.table, **chosen, syndromes=profile_syndromes(view, source.table, chosen["reference"]))
         show(tests, source.table, chosen)

@@ -48,6 +48,7 @@ def test_the_demo_builds_every_stage_and_its_models_load(tiny_demo):
         "dataset",
         "parser",
         "classifier-fold-1",
+        "domain-fold-1",
         "scores-val",
         "scores-test",
         "leaderboard",
@@ -57,10 +58,12 @@ def test_the_demo_builds_every_stage_and_its_models_load(tiny_demo):
         table = pl.read_parquet(DatasetLayout(root).score_table(split))
         assert set(table["image_name"]) == set(names_in(dataset, "fold-1", split))
         assert set(table["method"]) == set(TINY.cheap_methods)
+        assert table["domain_score"].is_not_null().all() and table["out_of_domain"].is_not_null().all()
         assert RelevanceStore(DatasetLayout(root).relevance_store(split)).complete
     assert set(pl.read_csv(root / "models" / "leaderboard.csv")["method"]) == set(TINY.cheap_methods)
     classifier = load_classifier(root / "models" / "classifier-fold-1.json")
     assert classifier.card.input_size == 32 and "Unaffected" in classifier.card.classes
+    assert classifier.domain is not None and classifier.domain.fitted_on["fold"] == "fold-1"
     assert load_face_parser(root / "models" / "parser.json").card.kind == "face_parser"
     table2 = pl.read_csv(root / "models" / "table2.csv")
     assert "Overall" in table2["class"].to_list()
@@ -78,6 +81,7 @@ def test_a_second_build_does_nothing_and_a_changed_preset_redoes_only_its_stage(
     changed = dataclasses.replace(TINY, classifier=dataclasses.replace(TINY.classifier, seed=1))
     assert set(build_demo(root, changed, log=lines.append, cache=cache)["stages"]) == {
         "classifier-fold-1",
+        "domain-fold-1",  # the retrained model's guard is fitted again (its old one is refused)
         "scores-val",
         "scores-test",
         "leaderboard",

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.spatial.distance import mahalanobis
 from skimage import data
 
 import core.pipeline as pipeline_module
@@ -15,6 +16,7 @@ from core.align import align_face
 from core.attribute import attribute
 from core.cli import main as cli_main
 from core.dataset import Photo
+from core.domain import fit_domain_guard
 from core.errors import UserFacingError
 from core.explain import explain
 from core.parse import landmark_template
@@ -22,6 +24,7 @@ from core.pipeline import ExplainSettings, LabelMapError, TargetError, attributi
 from core.regions import PAPER_REGIONS, region_masks
 from core.score import region_scores, relevance_map
 from models.checkpoint import load_classifier, preprocess, save_checkpoint
+from models.domain_guard import penultimate_features, save_domain_guard
 from tests.conftest import counting_attributions, face_in_a_wide_photo, tiny_card, tiny_resnet
 
 # MTCNN's landmarks of skimage's astronaut (see test_align); given here so most tests skip detection.
@@ -147,6 +150,8 @@ def test_cli_explain_prints_json(card_path, tmp_path, capsys):
     check = out["alignment_check"]
     assert check["warning"] is None and check["cut_by_border"] is False and check["dlib_detected"] is True
     assert 0 <= check["disagreement_iod"] < check["threshold_iod"]
+    # Issue 14: a model without an out-of-domain guard says so instead of a verdict.
+    assert out["domain"]["out_of_domain"] is None and "fit-domain" in out["domain"]["reason"]
 
 
 def test_cli_explain_warns_when_the_face_is_cut_through_an_eye(card_path, tmp_path, capsys):
@@ -295,3 +300,35 @@ def test_explain_module_has_no_torch_state_leak(classifier, photo):
     )
     after = classifier.network.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("shift, flagged", [(0.0, False), (50.0, True)])
+def test_explain_reports_a_planted_guard_in_its_json(tmp_path, capsys, shift, flagged):
+    """Issue 14: a guard fitted on features planted around the photo's own (shift 0) passes it; one planted
+    50 units away in every feature flags it. The score is scipy's Mahalanobis distance to the nearest mean."""
+    card_path = save_checkpoint(
+        tiny_resnet(num_classes=3, seed=4), tiny_card(("A", "B", "Unaffected"), SIZE), tmp_path, "m"
+    )
+    classifier = load_classifier(card_path)
+    settings = ExplainSettings(methods=("Gradient",))
+    face = prepare_face(Photo(data.astronaut(), ASTRONAUT_LANDMARKS), SIZE, settings)
+    features = penultimate_features(classifier.network, preprocess(face.aligned[None], classifier.card))[0]
+    rng = np.random.default_rng(0)
+    planted = features + shift + 0.05 * rng.normal(size=(120, features.size))
+    guard = fit_domain_guard(planted[:80], ["a", "b"] * 40, planted[80:], classifier.fingerprint)
+    save_domain_guard(guard, card_path)
+    result = explain(Photo(data.astronaut(), ASTRONAUT_LANDMARKS), load_classifier(card_path), settings)
+    assert result.domain is not None and result.domain.out_of_domain is flagged
+    expected = min(mahalanobis(features, mean, guard.precision) for mean in guard.means)
+    assert result.domain.score == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert result.summary()["domain"] == {
+        "score": round(result.domain.score, 4),
+        "threshold": round(guard.threshold, 4),
+        "out_of_domain": flagged,
+    }
+    path = tmp_path / "face.png"
+    Image.fromarray(data.astronaut()).save(path)
+    landmarks = ",".join(f"{v:g}" for v in ASTRONAUT_LANDMARKS.ravel())
+    argv = ["explain", str(path), "--model", str(card_path), "--methods", "Gradient", "--landmarks", landmarks]
+    assert cli_main([*argv, "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["domain"]["out_of_domain"] is flagged

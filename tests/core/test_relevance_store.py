@@ -1,5 +1,6 @@
 """The relevance store: re-scoring equals eq. 4 on recomputed masks, and no kill leaves it lying."""
 
+import dataclasses
 import json
 import warnings
 
@@ -283,3 +284,40 @@ def test_raw_maps_are_kept_in_float32_and_rescored_without_rounding(tmp_path, da
             expected = region_scores(small[method][usable], masks.masks, masks.names)  # float32 maps, no float16
             got = table.filter(pl.col("model") == "classifier-fold-1", pl.col("method") == method)
             np.testing.assert_allclose(got["score"].to_numpy().reshape(expected.shape), expected, rtol=1e-5)
+
+
+def test_domain_scores_are_journaled_per_guard_and_read_back_as_columns(tmp_path):
+    """Issue 14: a model with a guard keeps its images' domain scores (null for a model without one); a
+    store reopened reads them from the journal; a new guard key starts a fresh domain file and keeps the maps."""
+    guarded = StoredModel("m", None, ("A",), "f", (0, 1), domain="guard-1")
+    plain = StoredModel("n", None, ("A",), "g", (0, 1))
+    layout = StoreContents(
+        size=4,
+        mode="abs",
+        target="predicted",
+        image_names=("a", "b"),
+        labels=("A", "A"),
+        faces_key="x",
+        label_maps_key="y",
+        code_version="z",
+        models=(guarded, plain),
+        methods=("Gradient",),
+    )
+    with RelevanceStore(tmp_path) as store:
+        store.begin(layout)
+        store.write_domain("m", [0, 1], [3.5, 40.0], [False, True])
+        with pytest.raises(StoreError, match="no out-of-domain guard"):
+            store.write_domain("n", [0, 1], [1.0, 1.0], [False, False])
+        for name in ("m", "n"):
+            store.write_predictions(name, [0, 1], [0, 0], [0, 0], [1.0, 1.0])
+            store.write_maps(name, "Gradient", [0, 1], np.ones((2, 4, 4)))
+        store.write_label_maps([0, 1], np.ones((2, 4, 4), np.uint8))
+    rows = RelevanceStore(tmp_path).rows().sort("model", "row")
+    assert rows["domain_score"].to_list() == [3.5, 40.0, None, None]
+    assert rows["out_of_domain"].to_list() == [False, True, None, None]
+    refitted = dataclasses.replace(layout, models=(dataclasses.replace(guarded, domain="guard-2"), plain))
+    with RelevanceStore(tmp_path) as store:
+        store.begin(refitted)
+        assert store.complete  # the maps and predictions stay; only the new guard's scores are not there yet
+        assert store.rows()["domain_score"].null_count() == 4
+    assert layout.maps_file(guarded, "Gradient") == refitted.maps_file(refitted.models[0], "Gradient")

@@ -11,7 +11,7 @@ from statsmodels.stats.multitest import multipletests
 
 from core.cli import main
 from core.errors import UserFacingError
-from core.stats import compare_groups, hpo_correlation, significance_counts, table4_wide
+from core.stats import compare_groups, domain_counts, hpo_correlation, in_domain, significance_counts, table4_wide
 
 
 def score_table(
@@ -353,3 +353,20 @@ def test_cli_rq1_writes_and_prints_table_3(tmp_path, capsys):
     assert main(["rq1", str(tmp_path / "missing.parquet")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["rq1", str(path), "--reference", "Healthy"]) == 2
+
+
+def test_in_domain_drops_flagged_faces_and_keeps_faces_without_a_verdict():
+    """Issue 14: a planted table of 4 faces × 2 regions: one flagged, one unjudged (model without a guard)."""
+    table = pl.DataFrame(
+        {
+            "image_name": ["a", "a", "b", "b", "c", "c", "d", "d"],
+            "model": ["m"] * 6 + ["other"] * 2,
+            "region": ["eye", "nose"] * 4,
+            "out_of_domain": [False, False, True, True, False, False, None, None],
+        }
+    )
+    kept = in_domain(table)
+    assert sorted(set(kept["image_name"])) == ["a", "c", "d"] and len(kept) == 6
+    assert domain_counts(table) == (1, 3)
+    old = table.drop("out_of_domain")  # a table from before guards: nothing to exclude on
+    assert in_domain(old).equals(old) and domain_counts(old) == (0, 0)

@@ -175,3 +175,34 @@ def test_explain_page_opens_on_a_demo_face_with_the_demo_models(tmp_path, monkey
     assert app.radio(key="source").value == "dataset image"
     assert any(h.value.startswith("Predicted ") for h in app.subheader)
     assert any("(stored)" in m.value for m in app.markdown)  # the one label-map rule: the demo's own maps win
+
+
+def test_explain_shows_the_domain_check_beside_the_prediction_and_warns_past_the_threshold(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """Issue 14, with planted guards: class means 1000 away in every feature flag the face; a huge
+    threshold passes it; no guard says there is none."""
+    import shutil
+
+    from core.domain import DomainGuard
+    from models.checkpoint import load_classifier
+    from models.domain_guard import save_domain_guard
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, root)
+    monkeypatch.setenv("XAI_DATASET", str(root))
+    app = open_app({"methods": "Gradient"})
+    no_trouble(app)
+    assert any(c.value.startswith("Out-of-domain check: none") for c in app.caption)
+    card = root / "models" / "classifier-fold-1.json"
+    fingerprint = load_classifier(card).fingerprint
+    for threshold, flagged in ((1.0, True), (1e12, False)):
+        guard = DomainGuard(np.full((1, 512), 1e3), np.eye(512), threshold=threshold, fingerprint=fingerprint)
+        save_domain_guard(guard, card)
+        app = open_app({"methods": "Gradient"})
+        no_trouble(app)
+        warned = any(
+            w.value.startswith("**This photo is unlike the faces the model was trained on**") for w in app.warning
+        )
+        assert warned is flagged
+        assert any(c.value.startswith("Out-of-domain check: domain score") for c in app.caption) is not flagged
