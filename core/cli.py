@@ -327,9 +327,13 @@ def command_rq1(args: argparse.Namespace) -> int:
     import polars as pl
 
     from core.profiles import profile
-    from core.stats import compare_groups, significance_counts
+    from core.stats import compare_groups, domain_counts, in_domain, significance_counts
 
     scores = _read_score_table(args.scores)
+    if args.exclude_out_of_domain:
+        flagged, judged = domain_counts(scores)
+        print(f"note: {flagged} of {judged} faces out of domain, left out", file=sys.stderr)
+        scores = in_domain(scores)
     chosen = profile(args.profile)
     options = chosen.rq1_options(_labels(scores), args.reference)
     if options and chosen.missing_syndromes(_labels(scores)):
@@ -916,6 +920,11 @@ def _add_rq1(commands: Subcommands) -> None:
     rq1.add_argument("scores", type=Path, help="score table (Parquet), e.g. <dataset>/results/scores-val.parquet")
     rq1.add_argument("--reference", default="Unaffected", help="label of the reference group (default: Unaffected)")
     rq1.add_argument("--alpha", type=float, default=0.001, help="family-wise alpha per method (default: 0.001)")
+    rq1.add_argument(
+        "--exclude-out-of-domain",
+        action="store_true",
+        help="leave out faces their model's out-of-domain guard flagged (default: keep them, as the paper)",
+    )
     rq1.add_argument(
         "--correction",
         choices=CORRECTIONS,

@@ -107,7 +107,8 @@ def domain_counts(scores: pl.DataFrame) -> tuple[int, int]:
     """Faces (image × model) the guard flagged, and faces it judged at all, in a score table."""
     if "out_of_domain" not in scores.columns:
         return 0, 0
-    faces = scores.filter(pl.col("out_of_domain").is_not_null()).unique(["image_name", "model"])
+    key = [c for c in ("image_name", "model") if c in scores.columns]
+    faces = scores.filter(pl.col("out_of_domain").is_not_null()).unique(key)
     return int(faces["out_of_domain"].sum()), len(faces)
 
 

@@ -121,3 +121,12 @@ def test_cli_fit_domain_prints_its_summary_and_a_card_without_fold_needs_one(tin
         fit_domain(foldless, dataset)
     assert cli_main(["fit-domain", str(foldless), str(dataset.root)]) == 2
     assert "--fold" in capsys.readouterr().err
+
+
+def test_cli_train_fits_each_folds_guard_beside_its_card(tiny, tmp_path):
+    dataset, _ = tiny
+    argv = ["train", str(dataset.root), "--out", str(tmp_path), "--folds", "fold-1", "--architecture", "resnet18"]
+    assert cli_main([*argv, "--input-size", "32", "--epochs", "1", "--batch-size", "8", "--seed", "0"]) == 0
+    classifier = load_classifier(tmp_path / "classifier-fold-1.json")
+    assert classifier.domain is not None and classifier.domain.fitted_on["fold"] == "fold-1"
+    assert classifier.domain.fitted_on["n_train"] == len(names_in(dataset, "fold-1", "train"))

@@ -370,3 +370,19 @@ def test_in_domain_drops_flagged_faces_and_keeps_faces_without_a_verdict():
     assert domain_counts(table) == (1, 3)
     old = table.drop("out_of_domain")  # a table from before guards: nothing to exclude on
     assert in_domain(old).equals(old) and domain_counts(old) == (0, 0)
+
+
+def test_cli_rq1_can_exclude_out_of_domain_faces(tmp_path, capsys):
+    study = _random_study(seed=7)
+    names = sorted(set(study["image_name"]))
+    flagged = set(names[::7])  # a planted tenth or so of the faces
+    study = study.with_columns(out_of_domain=pl.col("image_name").is_in(list(flagged)))
+    path = tmp_path / "scores-val.parquet"
+    study.write_parquet(path)
+    assert main(["rq1", str(path), "--alpha", "0.01", "--out", str(tmp_path / "out"), "--exclude-out-of-domain"]) == 0
+    kept = study.filter(~pl.col("image_name").is_in(list(flagged)))
+    expected = compare_groups(kept, alpha=0.01)
+    tests = pl.read_csv(tmp_path / "out" / "rq1-tests.csv")
+    assert tests["n_syndrome"].to_list() == expected["n_syndrome"].to_list()
+    assert tests["n_reference"].to_list() == expected["n_reference"].to_list()
+    assert f"{len(flagged)} of {len(names)} faces out of domain" in capsys.readouterr().err
