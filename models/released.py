@@ -53,6 +53,7 @@ CHECKPOINT_NAME = re.compile(r"^epoch-(?P<epoch>\d+)-test_accuracy-(?P<accuracy>
 # Far above a ResNet-50 (95 MB of tensors, a 73 kB pickle): bounds memory for a hostile file.
 MAX_PICKLE_BYTES = 16 * 2**20
 MAX_TENSOR_BYTES = 2 * 2**30
+MAX_DEPTH = 16
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -249,10 +250,12 @@ def _children(module: SavedModule) -> Iterator[tuple[str, SavedModule]]:
         yield name, child
 
 
-def _named_modules(module: SavedModule, prefix: str = "") -> Iterator[tuple[str, SavedModule]]:
+def _named_modules(module: SavedModule, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, SavedModule]]:
+    if depth > MAX_DEPTH:  # theirs nest 4 deep (layer1.0.downsample.0); a hostile file could nest thousands
+        raise ModelError(f"the checkpoint's modules nest deeper than {MAX_DEPTH} levels; no ResNet-50 does")
     yield prefix, module
     for name, child in _children(module):
-        yield from _named_modules(child, f"{prefix}{name}.")
+        yield from _named_modules(child, f"{prefix}{name}.", depth + 1)
 
 
 def saved_state_dict(root: SavedModule) -> dict[str, torch.Tensor]:

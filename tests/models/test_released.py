@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +279,27 @@ def test_a_folder_without_their_checkpoints_and_unknown_folds_are_refused(tmp_pa
     with pytest.raises(ModelError, match="not a torch.save zip"):
         import_released_model(tmp_path, tmp_path / "out", fold="fold-1")
     assert not (tmp_path / "out").exists()
+
+
+def test_modules_nested_deeper_than_any_resnet_are_refused(tmp_path, monkeypatch):
+    """A file claiming to be their network but nesting modules far deeper than a ResNet is refused with a
+    message (a hostile pickle can nest thousands deep, which walking it would turn into a RecursionError)."""
+
+    class resnet50_adapted(torch.nn.Module):  # their class's name, under which pickle records it
+        pass
+
+    their_module = types.ModuleType("models.VGGFace2_ResNet")
+    resnet50_adapted.__module__ = their_module.__name__
+    resnet50_adapted.__qualname__ = "resnet50_adapted"
+    their_module.resnet50_adapted = resnet50_adapted  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, their_module.__name__, their_module)
+    root = resnet50_adapted()
+    inner: torch.nn.Module = root
+    for _ in range(100):
+        deeper = torch.nn.Sequential()
+        inner.add_module("deeper", deeper)
+        inner = deeper
+    path = tmp_path / "deep.pt"
+    torch.save(root, path)
+    with pytest.raises(ModelError, match="nest deeper than 16 levels"):
+        import_released_model(path, tmp_path / "out", fold=FOLD)
