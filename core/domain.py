@@ -26,7 +26,6 @@ from sklearn.covariance import LedoitWolf
 from core.errors import UserFacingError
 
 DEFAULT_PERCENTILE = 99.0
-SHRINKAGE = "ledoit-wolf"
 
 
 class DomainGuardError(UserFacingError, ValueError):
