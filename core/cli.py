@@ -660,6 +660,17 @@ def _add_profile(command: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_landmark_parser(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--landmark-parser",
+        choices=("landmarks68", "template"),  # core.pipeline.LANDMARK_PARSERS, without importing torch here
+        default="landmarks68",
+        help="parts of a face with neither a stored label map nor --parser: dlib's 68 landmarks (default; the "
+        "template when dlib is missing) or the five-point template (README 'Real faces': the 68-point model "
+        "is not for commercial use)",
+    )
+
+
 def _add_explain(commands: Subcommands) -> None:
     explain = commands.add_parser("explain", help="one photo -> JSON: landmarks, prediction, region scores per method")
     explain.add_argument("image", type=Path)
@@ -674,13 +685,7 @@ def _add_explain(commands: Subcommands) -> None:
         type=Path,
         help="face parser model card (JSON); default: parts drawn from dlib's 68 landmarks (--landmark-parser)",
     )
-    explain.add_argument(
-        "--landmark-parser",
-        choices=("landmarks68", "template"),  # core.pipeline.LANDMARK_PARSERS, without importing torch here
-        default="landmarks68",
-        help="parts of a face with neither --segmap nor --parser: dlib's 68 landmarks (default; the template "
-        "when dlib is missing) or the five-point template",
-    )
+    _add_landmark_parser(explain)
     explain.add_argument(
         "--segmap",
         type=Path,
@@ -835,8 +840,9 @@ def _add_extract(commands: Subcommands) -> None:
     extract.add_argument(
         "--parser",
         type=Path,
-        help="face parser card, for images without a stored label map (default: the landmark template)",
+        help="face parser card, for images without a stored label map (default: --landmark-parser)",
     )
+    _add_landmark_parser(extract)
     extract.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="images per batch (default 16)")
     extract.add_argument("--out", type=Path, help="Parquet path (default: <dataset>/results/scores-<split>.parquet)")
     extract.add_argument(

@@ -85,3 +85,18 @@ def test_a_new_field_is_a_new_flag():
     text = parser.format_help()
     assert "side in pixels (default: 8)" in text and "100% sure (default: a)" in text
     assert "turn off random flips" in text and "turn on chatty logs" in text
+
+
+@pytest.mark.parametrize("argv", [["explain", "face.jpg"], ["extract"]])
+def test_the_landmark_parser_flag_reaches_the_settings(argv):
+    """Issue 14: what parses a face with neither a stored map nor a parser is a flag of explain and extract,
+    and its choices are the pipeline's."""
+    from core.cli import _settings
+    from core.pipeline import LANDMARK_PARSERS
+
+    assert _settings(build_parser().parse_args([*argv, "--methods", "Gradient"])).landmark_parser == "landmarks68"
+    for choice in LANDMARK_PARSERS:
+        args = build_parser().parse_args([*argv, "--methods", "Gradient", "--landmark-parser", choice])
+        assert _settings(args).landmark_parser == choice
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--landmark-parser", "mediapipe"])
