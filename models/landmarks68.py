@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 from functools import lru_cache
-from importlib import resources
+from importlib.util import find_spec
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -52,17 +53,20 @@ def _models() -> tuple[Any, Any, Any]:
         import dlib
     except ImportError as error:
         raise DenseLandmarksUnavailable(_UNAVAILABLE.format(what="dlib is")) from error
-    model = resources.files(MODEL_PACKAGE).joinpath(MODEL_FILE) if _has_package(MODEL_PACKAGE) else None
-    if model is None or not model.is_file():
+    model = model_file()
+    if model is None:
         raise DenseLandmarksUnavailable(_UNAVAILABLE.format(what="dlib's 68-point model is"))
-    with resources.as_file(model) as path:
-        return dlib, dlib.get_frontal_face_detector(), dlib.shape_predictor(str(path))
+    return dlib, dlib.get_frontal_face_detector(), dlib.shape_predictor(str(model))
 
 
-def _has_package(name: str) -> bool:
-    from importlib.util import find_spec
-
-    return find_spec(name) is not None
+def model_file() -> Path | None:
+    """The 68-point model inside the installed ``face_recognition_models`` package, found without importing
+    it (its ``__init__`` imports ``pkg_resources``, which new setuptools no longer has); None if absent."""
+    spec = find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+    return path if path.is_file() else None
 
 
 def available() -> bool:

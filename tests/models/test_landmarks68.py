@@ -1,6 +1,8 @@
 """dlib's 68 points on a real photo (skimage's astronaut) against MTCNN, an independent detector: whole, they
 agree within the alignment check's threshold; cropped through an eye, the check warns."""
 
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -10,6 +12,7 @@ from skimage import data
 from core.align import detect_faces
 from core.landmark_parts import DISAGREEMENT_THRESHOLD_IOD, alignment_check, five_points
 from models.landmarks68 import available, box_from_five, box_iou, dlib_faces, landmarks_68, shape_68
+from tests.conftest import REPO
 
 CUT_AT = 215  # columns left of this are dropped: the cut runs through the image-left eye (MTCNN's x ≈ 205)
 
@@ -86,3 +89,27 @@ def test_a_box_from_five_points_is_a_square_around_eyes_and_mouth():
     # By hand: eye-mouth midpoints (60, 50) and (60, 90); scale 40 + 40 = 80, side 88, centre (60, 70).
     np.testing.assert_allclose(box_from_five(five), [16, 26, 104, 114])
     assert box_iou(np.array([0, 0, 10, 10]), np.array([5, 0, 15, 10])) == pytest.approx(50 / 150)
+
+
+def test_the_model_is_found_without_importing_its_package():
+    """face_recognition_models' __init__ imports pkg_resources, which new setuptools lacks."""
+    code = "import sys, models.landmarks68 as m; assert m.available(); print('face_recognition_models' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr
+
+
+def test_a_missing_model_package_is_reported_not_raised_as_a_crash(monkeypatch):
+    import models.landmarks68 as module
+
+    found = module.model_file()
+    assert found is not None and found.stat().st_size > 90_000_000
+    monkeypatch.setattr(module, "MODEL_PACKAGE", "no_such_package_here")
+    module._models.cache_clear()
+    try:
+        assert module.model_file() is None and not module.available()
+        with pytest.raises(module.DenseLandmarksUnavailable, match="68-point model is not installed"):
+            module.landmarks_68(
+                np.zeros((64, 64, 3), np.uint8), np.array([[20, 30], [40, 30], [30, 40], [22, 50], [38, 50]])
+            )
+    finally:
+        module._models.cache_clear()
