@@ -30,7 +30,6 @@ from core.dataset import Dataset, DatasetError, image_file, names_in, segmap_fil
 from core.errors import UserFacingError
 from core.pipeline import (
     ExplainSettings,
-    PreparedFace,
     class_probabilities,
     domain_scores,
     prepare_dataset_faces,
@@ -125,6 +124,19 @@ def extract_scores(
     the first problem is raised. ``progress(done, total, what)`` counts images × methods. The store,
     when given, is filled as the work goes and locked meanwhile.
     """
+    check_request(plan, settings)
+    run = ExtractionRun(plan, settings, store, progress)
+    try:
+        run.begin()
+        for work in run.batches:
+            run.record(score_batch(plan.dataset, plan.classifiers[work.model], work, settings, cache))
+    finally:
+        run.close()
+    return run.table()
+
+
+def check_request(plan: ExtractionPlan, settings: ExplainSettings) -> None:
+    """Refuse, before any work, what no batch could do: no method, or a label target a model lacks."""
     if not settings.methods:
         raise UserFacingError(f"no method chosen; choose from {', '.join(METHODS)}")
     images = plan.images()
@@ -132,98 +144,157 @@ def extract_scores(
         labels = plan.labels()
         for name, classifier in plan.classifiers.items():
             target_indices("label", classifier.card.classes, np.empty((0, 0)), [labels[n] for n in images[name]])
-    run = _Run(plan, settings, cache, store, progress, total=sum(map(len, images.values())) * len(settings.methods))
-    try:
-        if store is not None:
-            store.begin(_store_contents(plan, settings))
-        for name, classifier in plan.classifiers.items():
-            for start in range(0, len(images[name]), settings.batch_size):
-                run.score_batch(name, classifier, images[name][start : start + settings.batch_size], start)
-    finally:
-        if store is not None:
-            store.close()
-    return run.table()
+
+
+@dataclass(frozen=True)
+class BatchWork:
+    """One unit of work: rows ``start``… of model ``model``'s image list (its names, in order)."""
+
+    model: str
+    start: int
+    names: tuple[str, ...]
+
+
+def plan_batches(plan: ExtractionPlan, settings: ExplainSettings) -> list[BatchWork]:
+    """The plan cut into batches of ``settings.batch_size`` images per model, in plan order."""
+    images = plan.images()
+    return [
+        BatchWork(name, start, tuple(images[name][start : start + settings.batch_size]))
+        for name in plan.classifiers
+        for start in range(0, len(images[name]), settings.batch_size)
+    ]
 
 
 @dataclass
-class _Run:
-    """One extraction's state: what it was asked, and the score blocks and skipped photos so far."""
+class BatchResult:
+    """What one batch computed, before anything is written: the engines hand it to ``ExtractionRun.record``.
 
-    plan: ExtractionPlan
-    settings: ExplainSettings
-    cache: DiskCache | None
-    store: RelevanceStore | None
-    progress: Progress | None
-    total: int
-    done: int = 0
+    ``skipped`` maps an unusable photo to its message; ``outputs`` a usable one to its predicted and
+    target class and the target's probability; ``label_maps`` and each method's ``maps`` are rows of
+    the usable photos, in ``work.names`` order.
+    """
 
-    def __post_init__(self) -> None:
-        self.labels = self.plan.labels()
-        self.store_rows = self.plan.store_rows() if self.store is not None else {}
-        self.blocks: dict[tuple[str, str], list[pl.DataFrame]] = {}
-        self.skipped: dict[str, UserFacingError] = {}
+    work: BatchWork
+    skipped: dict[str, str]
+    usable: list[str]
+    outputs: dict[str, tuple[int, int, float]]
+    domain: np.ndarray | None
+    flags: np.ndarray | None
+    label_maps: np.ndarray | None
+    blocks: dict[str, pl.DataFrame]
+    maps: dict[str, np.ndarray]
 
-    def score_batch(self, model: str, classifier: Classifier, batch: list[str], start: int) -> None:
-        """Prepare, classify and score one batch of one model's images (rows ``start``… of its list)."""
-        size = classifier.card.input_size
-        faces, skipped = prepare_dataset_faces(self.plan.dataset, batch, size, self.settings, self.cache)
-        self.skipped.update(skipped)
-        rows = {name: start + i for i, name in enumerate(batch)}
-        usable = [n for n in batch if n in faces]
-        outputs = self._score_usable(model, classifier, [faces[n] for n in usable], usable, rows) if usable else {}
+
+def score_batch(
+    dataset: Dataset,
+    classifier: Classifier,
+    work: BatchWork,
+    settings: ExplainSettings,
+    cache: DiskCache | None = None,
+) -> BatchResult:
+    """Prepare, classify and score one batch of one model's images; writes nothing but cache entries."""
+    size = classifier.card.input_size
+    batch = list(work.names)
+    faces, skipped = prepare_dataset_faces(dataset, batch, size, settings, cache)
+    usable = [n for n in batch if n in faces]
+    result = BatchResult(work, {n: str(e) for n, e in skipped.items()}, usable, {}, None, None, None, {}, {})
+    if not usable:
+        return result
+    labels = dataset.labels
+    aligned, masks = stacked([faces[n] for n in usable])
+    probabilities = class_probabilities(classifier, aligned, cache)
+    classes = classifier.card.classes
+    targets = target_indices(settings.target, classes, probabilities, [labels[n] for n in usable])
+    predicted = probabilities.argmax(axis=1)
+    target_probability = probabilities[np.arange(len(usable)), targets].astype(np.float64)
+    domain = domain_scores(classifier, aligned, cache)
+    flags = None if domain is None or classifier.domain is None else classifier.domain.flags(domain)
+    per_image = pl.DataFrame(
+        {
+            "image_name": usable,
+            "label": [labels[n] for n in usable],
+            "predicted": [classes[p] for p in predicted],
+            "target": [classes[t] for t in targets],
+            "target_probability": target_probability,
+            "domain_score": domain,
+            "out_of_domain": flags,
+        },
+        schema={
+            c: SCORE_SCHEMA[c]
+            for c in ("image_name", "label", "predicted", "target", "target_probability", *DOMAIN_COLUMNS)
+        },
+    )
+    result.domain, result.flags = domain, flags
+    result.label_maps = np.stack([faces[n].label_map for n in usable])
+    for scored in score_faces(classifier, aligned, masks, targets, settings, cache):
+        result.blocks[scored.method] = score_block(
+            work.model, classifier.card.fold, scored.method, per_image, masks.names, scored.scores
+        )
+        result.maps[scored.method] = scored.maps
+    result.outputs = {
+        n: (int(p), int(t), float(q)) for n, p, t, q in zip(usable, predicted, targets, target_probability, strict=True)
+    }
+    return result
+
+
+class ExtractionRun:
+    """The writing side of one extraction, shared by the engines: it opens the store, writes each
+    ``BatchResult`` into it (in whatever order batches finish), counts progress and assembles the table."""
+
+    def __init__(
+        self,
+        plan: ExtractionPlan,
+        settings: ExplainSettings,
+        store: RelevanceStore | None = None,
+        progress: Progress | None = None,
+    ):
+        self.plan, self.settings, self.store, self.progress = plan, settings, store, progress
+        self.batches = plan_batches(plan, settings)
+        self.total = sum(len(w.names) for w in self.batches) * len(settings.methods)
+        self.done = 0
+        self.store_rows = plan.store_rows() if store is not None else {}
+        self.blocks: dict[tuple[str, str], list[tuple[int, pl.DataFrame]]] = {}
+        self.skipped: dict[str, str] = {}
+
+    def begin(self) -> None:
+        if self.store is not None:
+            self.store.begin(_store_contents(self.plan, self.settings))
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def record(self, result: BatchResult) -> None:
+        """Write one batch's results into the store (domain scores, label maps, maps, then predictions:
+        a row whose predictions are journaled has everything else too) and keep its score blocks."""
+        work, usable = result.work, result.usable
+        self.skipped.update(result.skipped)
+        rows = {name: work.start + i for i, name in enumerate(work.names)}
+        if self.store is not None and usable:
+            if result.domain is not None and result.flags is not None:
+                self.store.write_domain(
+                    work.model, [rows[n] for n in usable], result.domain.tolist(), result.flags.tolist()
+                )
+            assert result.label_maps is not None
+            self.store.write_label_maps([self.store_rows[n] for n in usable], result.label_maps)
+        for method in self.settings.methods:
+            if method in result.blocks:
+                self.blocks.setdefault((work.model, method), []).append((work.start, result.blocks[method]))
+                if self.store is not None:
+                    self.store.write_maps(work.model, method, [rows[n] for n in usable], result.maps[method])
         if self.store is not None:
             self.store.write_predictions(
-                model,
+                work.model,
                 list(rows.values()),
-                *zip(*(outputs.get(n, (SKIPPED, SKIPPED, float("nan"))) for n in batch), strict=True),
+                *zip(
+                    *(result.outputs.get(n, (SKIPPED, SKIPPED, float("nan"))) for n in work.names),
+                    strict=True,
+                ),
             )
         for method in self.settings.methods:
-            self.done += len(batch)
+            self.done += len(work.names)
             if self.progress is not None:
-                self.progress(self.done, self.total, f"{model} · {method}")
-
-    def _score_usable(
-        self, model: str, classifier: Classifier, faces: list[PreparedFace], names: list[str], rows: dict[str, int]
-    ) -> dict[str, tuple[int, int, float]]:
-        """Score blocks of every method; per image its predicted and target class and the target's probability."""
-        aligned, masks = stacked(faces)
-        probabilities = class_probabilities(classifier, aligned, self.cache)
-        classes = classifier.card.classes
-        targets = target_indices(self.settings.target, classes, probabilities, [self.labels[n] for n in names])
-        predicted = probabilities.argmax(axis=1)
-        target_probability = probabilities[np.arange(len(names)), targets].astype(np.float64)
-        domain = domain_scores(classifier, aligned, self.cache)
-        flags = None if domain is None or classifier.domain is None else classifier.domain.flags(domain)
-        per_image = pl.DataFrame(
-            {
-                "image_name": names,
-                "label": [self.labels[n] for n in names],
-                "predicted": [classes[p] for p in predicted],
-                "target": [classes[t] for t in targets],
-                "target_probability": target_probability,
-                "domain_score": domain,
-                "out_of_domain": flags,
-            },
-            schema={
-                c: SCORE_SCHEMA[c]
-                for c in ("image_name", "label", "predicted", "target", "target_probability", *DOMAIN_COLUMNS)
-            },
-        )
-        if self.store is not None and domain is not None and flags is not None:  # before the predictions:
-            # a store whose predictions are written then has the domain scores of those rows too
-            self.store.write_domain(model, [rows[n] for n in names], domain.tolist(), flags.tolist())
-        if self.store is not None:
-            self.store.write_label_maps([self.store_rows[n] for n in names], np.stack([f.label_map for f in faces]))
-        for result in score_faces(classifier, aligned, masks, targets, self.settings, self.cache):
-            self.blocks.setdefault((model, result.method), []).append(
-                score_block(model, classifier.card.fold, result.method, per_image, masks.names, result.scores)
-            )
-            if self.store is not None:
-                self.store.write_maps(model, result.method, [rows[n] for n in names], result.maps)
-        return {
-            n: (int(p), int(t), float(q))
-            for n, p, t, q in zip(names, predicted, targets, target_probability, strict=True)
-        }
+                self.progress(self.done, self.total, f"{work.model} · {method}")
 
     def table(self) -> pl.DataFrame:
         if self.skipped and not self.blocks:
@@ -239,7 +310,7 @@ class _Run:
             frame
             for name in self.plan.classifiers
             for method in self.settings.methods
-            for frame in self.blocks.get((name, method), [])
+            for _, frame in sorted(self.blocks.get((name, method), []), key=lambda block: block[0])
         ]
         return pl.concat(ordered) if ordered else pl.DataFrame(schema=SCORE_SCHEMA)
 
