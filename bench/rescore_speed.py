@@ -6,7 +6,8 @@ tiled), stored as five fold models like a ``val`` extraction. Reported for the p
 extended one: the mask computation (``region_masks`` on every map plus run-length encoding), its
 reload from the store's memo, the store's scoring per method, and side by side the same scores by
 ``core.score.region_scores`` on precomputed boolean masks (the straightforward way), with the
-largest difference between the two.
+largest difference between the two. The store's scoring runs both ways in the same run: with the compiled
+kernel (``core.score_kernel``, numba) and with the numpy path it replaces (``compiled=False``), interleaved.
 
     .venv/bin/python bench/rescore_speed.py          # about a minute; needs ~2 GB of RAM and /tmp
 """
@@ -14,6 +15,7 @@ largest difference between the two.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -21,16 +23,19 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+from unittest import mock
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import core.rescore
 from core.align import align_face, warp_to_aligned
 from core.regions import bundled_region_specs, region_masks
 from core.relevance_store import RelevanceStore, StoreContents, StoredModel
 from core.rescore import region_segments, rescore
-from core.score import region_scores
+from core.score import region_scores, segment_sums
+from core.score_kernel import available as kernel_available
 from core.synth.classes import DEFAULT_CLASSES
 from core.synth.dataset import plan_images
 from core.synth.faces import render_face
@@ -143,9 +148,11 @@ def main() -> None:
             f"store of 5 fold models × {len(METHODS)} methods written in {seconds:.1f} s "
             f"({per_method_mb:.0f} MB of float16 maps per method)\n"
         )
+        if not kernel_available():
+            print("numba is not installed: both columns run the numpy path\n")
         header = (
-            f"{'spec':<9} {'regions':>7} {'masks, one-off':>15} {'memo reload':>12} {'store: ms/method':>17} "
-            f"{'region_scores: ms/method':>25} {'ratio':>6} {'max |diff|':>11}"
+            f"{'spec':<9} {'regions':>7} {'masks, one-off':>15} {'memo reload':>12} {'numpy: ms/method':>17} "
+            f"{'compiled: ms/method':>20} {'gain':>5} {'region_scores: ms/method':>25} {'max |diff|':>11}"
         )
         print(header)
         print("-" * len(header))
@@ -154,23 +161,41 @@ def main() -> None:
             fresh = RelevanceStore(folder)
             mask_seconds, _ = timed(lambda: region_segments(fresh, spec))
             reload_seconds, _ = timed(lambda: region_segments(RelevanceStore(folder), spec))
-            rescore(fresh, spec, [METHODS[0]])  # warm: chunk plans built, maps in the page cache
-            per_method = min(best_of(args.repeats, lambda: rescore(fresh, spec, [m])) for m in METHODS)
+            rescore(fresh, spec, [METHODS[0]])  # warm: chunk plans built, kernel compiled, maps in the page cache
+            with numpy_path():
+                rescore(fresh, spec, [METHODS[0]])
+            compiled: list[float] = []
+            numpy: list[float] = []
+            for _ in range(args.repeats):  # interleaved, so both see the same load
+                for method in METHODS:
+                    compiled.append(timed(lambda: rescore(fresh, spec, [method]))[0])
+                    with numpy_path():
+                        numpy.append(timed(lambda: rescore(fresh, spec, [method]))[0])
             masks = region_masks(faces, spec).masks  # of the distinct faces only: independent of the store's
             direct_scores(store, METHODS[0], masks)  # warm
             direct = best_of(max(1, args.repeats // 2), lambda: direct_scores(store, METHODS[0], masks))
-            got = rescore(fresh, spec, [METHODS[0]])["score"].to_numpy()
             expected = direct_scores(store, METHODS[0], masks).reshape(-1)
-            diff = np.nanmax(np.abs(got - expected))
+            got = rescore(fresh, spec, [METHODS[0]])["score"].to_numpy()
+            with numpy_path():
+                got_numpy = rescore(fresh, spec, [METHODS[0]])["score"].to_numpy()
+            diff = max(np.nanmax(np.abs(got - expected)), np.nanmax(np.abs(got_numpy - expected)))
             print(
                 f"{name:<9} {len(spec.regions):>7} {mask_seconds:>13.1f} s {reload_seconds * 1e3:>9.0f} ms "
-                f"{per_method * 1e3:>14.0f} ms {direct * 1e3:>22.0f} ms {direct / per_method:>5.1f}× {diff:>11.1e}"
+                f"{min(numpy) * 1e3:>14.0f} ms {min(compiled) * 1e3:>17.0f} ms {min(numpy) / min(compiled):>4.1f}× "
+                f"{direct * 1e3:>22.0f} ms {diff:>11.1e}"
             )
+            print(f"{'':<9} compiled − numpy scores: max |diff| {np.nanmax(np.abs(got - got_numpy)):.1e}")
         print(
-            f"\nstore: best of {args.repeats} calls of rescore(store, spec, [method]) over all {args.images} maps, "
-            "masks memoised (target ≤ 100 ms); region_scores: core.score.region_scores on float32 maps and "
-            "precomputed bool masks, 256 maps per call; ratio: region_scores / store."
+            f"\nnumpy / compiled: best of {args.repeats} calls each of rescore(store, spec, [method]) over all "
+            f"{args.images} maps, the two interleaved, masks memoised (target ≤ 100 ms); region_scores: "
+            "core.score.region_scores on float32 maps and precomputed bool masks, 256 maps per call; "
+            "max |diff|: largest difference of either path to region_scores."
         )
+
+
+def numpy_path() -> mock._patch:
+    """Within: ``rescore`` sums with the numpy path (``segment_sums(compiled=False)``)."""
+    return mock.patch.object(core.rescore, "segment_sums", functools.partial(segment_sums, compiled=False))
 
 
 if __name__ == "__main__":
