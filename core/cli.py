@@ -256,6 +256,8 @@ def command_extract(args: argparse.Namespace) -> int:
     from core.relevance_store import RelevanceStore
     from core.score_table import write_score_table
 
+    if args.engine != "ray" and (args.address or args.actors):
+        raise UserFacingError("--address and --actors go with --engine ray")
     dataset = open_dataset(args.dataset or demo_dataset())
     cards = [Path(c.strip()) for c in args.models.split(",") if c.strip()] if args.models else None
     classifiers = _fold_classifiers(dataset, cards, args.folds)
@@ -268,13 +270,14 @@ def command_extract(args: argparse.Namespace) -> int:
             bar.set_postfix_str(what, refresh=False)
             bar.update(done - bar.n)
 
-        table = extract_scores(
-            ExtractionPlan(dataset, classifiers, args.split),
-            settings,
-            cache=None if args.no_cache else DiskCache(),
-            store=store,
-            progress=progress,
-        )
+        plan = ExtractionPlan(dataset, classifiers, args.split)
+        cache = None if args.no_cache else DiskCache()
+        if args.engine == "ray":  # only then is Ray imported
+            from core.extract_ray import extract_scores_ray
+
+            table = extract_scores_ray(plan, settings, cache, store, progress, address=args.address, actors=args.actors)
+        else:
+            table = extract_scores(plan, settings, cache=cache, store=store, progress=progress)
     out = write_score_table(table, args.out or dataset.layout.score_table(args.split))
     print(
         f"{table.height} rows ({table['image_name'].n_unique()} images × {len(classifiers)} model(s) × "
@@ -859,6 +862,21 @@ def _add_extract(commands: Subcommands) -> None:
         dest="no_cache",
         action="store_true",
         help="do not memoise attributions in XAI_CACHE_DIR (an interrupted run then starts over)",
+    )
+    extract.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: a pool of Ray actors, one per GPU or --actors CPU actors "
+        "(README: Extraction on a Ray cluster)",
+    )
+    extract.add_argument(
+        "--address",
+        help="with --engine ray: auto, HOST:PORT or ray://HOST:PORT of the cluster "
+        "(default: RAY_ADDRESS, else a Ray instance started here)",
+    )
+    extract.add_argument(
+        "--actors", type=int, help="with --engine ray: actors in the pool (default: one per GPU, else one per CPU)"
     )
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(run=command_extract)

@@ -8,6 +8,7 @@ that fills both for next time.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -25,6 +26,8 @@ from core.relevance_store import RelevanceStore
 from core.rescore import rescore
 from core.score_table import write_score_table
 from dashboard import jobs, resources, state
+
+ENGINE_ENV, RAY_ADDRESS_ENV = "XAI_EXTRACT_ENGINE", "XAI_RAY_ADDRESS"
 
 
 class ScoreSource(Enum):
@@ -154,16 +157,27 @@ def _extraction(view: state.View, dataset: Dataset, split: str):
     plan, settings, layout = ExtractionPlan(dataset, classifiers, split), view.settings(split=split), dataset.layout
 
     def work(job: jobs.Job) -> None:
-        table = extract_scores(
-            plan,
-            settings,
-            cache=DiskCache(resources.result_cache().directory),
-            store=RelevanceStore(layout.relevance_store(split)),
-            progress=job.report,
-        )
+        cache = DiskCache(resources.result_cache().directory)
+        store = RelevanceStore(layout.relevance_store(split))
+        if extraction_engine() == "ray":  # only then is Ray imported
+            from core.extract_ray import extract_scores_ray
+
+            address = os.environ.get(RAY_ADDRESS_ENV) or None
+            table = extract_scores_ray(plan, settings, cache, store, job.report, address=address)
+        else:
+            table = extract_scores(plan, settings, cache=cache, store=store, progress=job.report)
         write_score_table(table, layout.score_table(split))
 
     return work
+
+
+def extraction_engine() -> str:
+    """``XAI_EXTRACT_ENGINE``: ``local`` (default: this server's CPU or GPU) or ``ray`` (the cluster at
+    ``XAI_RAY_ADDRESS``; README, "Extraction on a Ray cluster")."""
+    engine = (os.environ.get(ENGINE_ENV) or "local").strip().lower()
+    if engine not in ("local", "ray"):
+        raise UserFacingError(f"{ENGINE_ENV} must be local or ray, not {engine!r}")
+    return engine
 
 
 @st.fragment(run_every=1.0)
