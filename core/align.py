@@ -57,12 +57,13 @@ def template_for(size: int) -> np.ndarray:
     return ARCFACE_TEMPLATE_112 * (size / 112)
 
 
-@lru_cache(maxsize=1)
-def default_detector():
-    """The bundled MTCNN on CPU: the one cached resource of this module (its weights ship in the wheel)."""
+@lru_cache(maxsize=4)
+def default_detector(device: str = "cpu"):
+    """The bundled MTCNN on ``device`` (a resolved name: ``cpu``, ``cuda:0``): the one cached resource of this
+    module, one per device (its weights ship in the wheel)."""
     from facenet_pytorch import MTCNN  # torch import cost is paid only when detection is needed
 
-    return MTCNN(keep_all=True, device="cpu")
+    return MTCNN(keep_all=True, device=device)
 
 
 def detect_faces(image: np.ndarray, detector=None) -> list[DetectedFace]:

@@ -264,11 +264,14 @@ def randomised_classifier(classifier: Classifier, layers: Sequence[str], seed: i
     initialisers; batch norms back to identity statistics), in the order given, from ``seed``.
 
     The original is never touched. The copy's fingerprint differs from the original's, so cached
-    attributions of one are never served for the other.
+    attributions of one are never served for the other. The new weights are drawn on the CPU (the CPU's
+    generator, whatever the device), so a GPU's copy holds the same weights as a CPU's; it then runs on
+    the original's device.
     """
     check_layers(classifier, layers)
+    device = classifier.device
     with model_lock(classifier.network):
-        network = copy.deepcopy(classifier.network)
+        network = copy.deepcopy(classifier.network).cpu()
     modules = dict(network.named_children())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -277,7 +280,7 @@ def randomised_classifier(classifier: Classifier, layers: Sequence[str], seed: i
                 reset = getattr(module, "reset_parameters", None)  # hasattr would leave it typed Tensor | Module
                 if reset is not None:
                     reset()
-    network.eval().requires_grad_(False)
+    network.to(device).eval().requires_grad_(False)
     fingerprint = hashlib.sha256(
         f"{classifier.fingerprint}\0randomised {','.join(layers)} seed {seed}\0"
         f"{model_fingerprint(network.state_dict())}".encode()

@@ -57,10 +57,12 @@ def fit_domain(
     faces: Faces | None = None,
     cache: DiskCache | None = None,
     percentile: float = DEFAULT_PERCENTILE,
+    device: str = "cpu",
 ) -> DomainFit:
     """Fit the guard of the classifier at ``card_path`` on ``fold`` of ``dataset`` (default: the card's
-    fold) and write it beside the card; ``faces`` supplies aligned faces (default: aligned here)."""
-    classifier = load_classifier(card_path, domain=False)
+    fold) and write it beside the card; ``faces`` supplies aligned faces (default: aligned here). The features
+    come from the classifier on ``device``."""
+    classifier = load_classifier(card_path, domain=False, device=device)
     fold = fold or classifier.card.fold
     if fold is None:
         raise UserFacingError(

@@ -24,6 +24,7 @@ from core import parse as parse_module
 from core.align import AlignedFace, align_face, detect_faces, warp_to_aligned
 from core.attribute import METHOD_NAMES, METHODS, attribute
 from core.dataset import Dataset, DatasetError, Photo, read_photo
+from core.devices import module_device, module_dtype, precision_tag, resolve_device
 from core.errors import ImageError, NoFaceError, UserFacingError
 from core.landmark_parts import AlignmentCheck, alignment_check
 from core.parse import ParsedFace, parse_face
@@ -64,7 +65,8 @@ class ExplainSettings:
     ``params`` maps a method name to overrides of its paper defaults. ``target`` is ``"predicted"``
     (the paper), ``"label"`` (each dataset image's true class), or one class name or index for all.
     ``parser`` is consulted only for faces without a stored label map, ``landmark_parser`` only for faces
-    with neither (see ``prepare_face``).
+    with neither (see ``prepare_face``). ``detector_device`` is where MTCNN looks for faces (``cpu``,
+    ``cuda:N``); the classifier and the parser run where they were loaded (``Classifier.device``).
     """
 
     methods: tuple[str, ...] = METHOD_NAMES
@@ -75,9 +77,11 @@ class ExplainSettings:
     target: str | int = "predicted"
     batch_size: int = 16
     landmark_parser: str = "landmarks68"
+    detector_device: str = "cpu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "detector_device", str(resolve_device(self.detector_device, "detector device")))
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise SettingsError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -117,9 +121,10 @@ class PreparedFace:
 
 
 @memoised("faces", depends=(align_module,))
-def found_faces(image: np.ndarray) -> tuple[np.ndarray, int]:
-    """Landmarks of the largest face and how many faces there were."""
-    faces = detect_faces(image)
+def found_faces(image: np.ndarray, device: str | None = None) -> tuple[np.ndarray, int]:
+    """Landmarks of the largest face and how many faces there were; MTCNN runs on ``device`` (None: the CPU,
+    so a CPU run's cache key has no device in it, and a GPU's does)."""
+    faces = detect_faces(image, align_module.default_detector(device or "cpu"))
     if not faces:
         raise NoFaceError(align_module.NO_FACE_MESSAGE)
     return faces[0].landmarks, len(faces)
@@ -138,20 +143,26 @@ def parsed_face(
     parser: FaceParser | None,
     stored_map: np.ndarray | None,
     aligned_landmarks68: np.ndarray | None = None,
+    parser_on: str | None = None,
 ) -> ParsedFace:
+    """The face's label map (``core.parse.parse_face``). ``parser_on`` is the parser's ``device_tag`` when it
+    is not the CPU's: it only keys the cache, so a label map parsed on a GPU is not served as a CPU one."""
     network = None if parser is None else functools.partial(predict_label_maps, parser)
     return parse_face(
         aligned, parser=network, stored_map=stored_map, landmarks=aligned_landmarks, landmarks68=aligned_landmarks68
     )
 
 
-def align_photo(photo: Photo, size: int, cache: DiskCache | None = None) -> tuple[AlignedFace, np.ndarray, list[str]]:
-    """The face aligned to size×size from the photo's landmarks, detected when it has none; the
-    landmarks used (5×2, photo pixels) and notes for the reader."""
+def align_photo(
+    photo: Photo, size: int, cache: DiskCache | None = None, device: str = "cpu"
+) -> tuple[AlignedFace, np.ndarray, list[str]]:
+    """The face aligned to size×size from the photo's landmarks, detected (on ``device``) when it has none;
+    the landmarks used (5×2, photo pixels) and notes for the reader."""
     notes = []
     landmarks = photo.landmarks
     if landmarks is None:
-        landmarks, n_faces = found_faces(photo.image, cache=cache)
+        on = {} if device == "cpu" else {"device": device}
+        landmarks, n_faces = found_faces(photo.image, **on, cache=cache)
         if n_faces > 1:
             notes.append(f"{n_faces} faces found; the largest was explained.")
     return align_face(photo.image, landmarks, size=size), np.asarray(landmarks, dtype=np.float64), notes
@@ -165,7 +176,7 @@ def prepare_face(photo: Photo, size: int, settings: ExplainSettings, cache: Disk
     default), then the landmark template (``core.parse.parse_face``). dlib's 68 points are also found for
     every detected face, to check its alignment (``alignment_check``).
     """
-    aligned, landmarks, notes = align_photo(photo, size, cache)
+    aligned, landmarks, notes = align_photo(photo, size, cache, settings.detector_device)
     stored = None
     if photo.label_map is not None:
         stored = stored_map_in_aligned_frame(photo.label_map, photo.image.shape, aligned.matrix, size)
@@ -176,7 +187,8 @@ def prepare_face(photo: Photo, size: int, settings: ExplainSettings, cache: Disk
     aligned68 = None
     if parse_from_68 and dense is not None:
         aligned68 = dense.points @ aligned.matrix[:, :2].T + aligned.matrix[:, 2]
-    parsed = parsed_face(aligned.image, aligned.landmarks, settings.parser, stored, aligned68, cache=cache)
+    parser_on = {} if settings.parser is None else _device_kwargs(settings.parser.network)
+    parsed = parsed_face(aligned.image, aligned.landmarks, settings.parser, stored, aligned68, **parser_on, cache=cache)
     masks = region_masks(parsed.label_map, settings.spec)
     notes.extend(
         f"Region {name!r} is empty on this face: its scores are NaN."
@@ -322,7 +334,7 @@ def class_probabilities(classifier: Classifier, aligned: np.ndarray, cache: Disk
     def compute(rows: list[int]) -> list[np.ndarray]:
         return list(classify(classifier, preprocess(aligned[rows], classifier.card))[0])
 
-    keys = [memo_key("probabilities", _model_salt(), classifier, face) for face in aligned]
+    keys = [memo_key("probabilities", _model_salt(), classifier, face, *device_parts(classifier)) for face in aligned]
     return np.stack(memoised_rows(cache, keys, compute))
 
 
@@ -333,7 +345,7 @@ def face_features(classifier: Classifier, aligned: np.ndarray, cache: DiskCache 
     def compute(rows: list[int]) -> list[np.ndarray]:
         return list(penultimate_features(classifier.network, preprocess(aligned[rows], classifier.card)))
 
-    keys = [memo_key("features", _features_salt(), classifier, face) for face in aligned]
+    keys = [memo_key("features", _features_salt(), classifier, face, *device_parts(classifier)) for face in aligned]
     return np.stack(memoised_rows(cache, keys, compute))
 
 
@@ -397,7 +409,7 @@ def attribution_sums(
         return list(zip(abs_sum, signed_sum, strict=True))
 
     keys = [
-        memo_key("attribution", _attribution_salt(), classifier, image, t, method, params)
+        memo_key("attribution", _attribution_salt(), classifier, image, t, method, params, *device_parts(classifier))
         for image, t in zip(images, targets, strict=True)
     ]
     found = memoised_rows(cache, keys, compute)
@@ -453,6 +465,27 @@ def score_faces(
     for method in settings.methods:
         maps = relevance_maps(classifier, aligned, targets, method, settings, cache)
         yield MethodScores(method, maps, region_scores(maps, masks.masks, masks.names))
+
+
+CPU_TAG = "cpu/float32"
+
+
+def device_tag(network) -> str:
+    """Where a network computes and at what precision (``core.devices.precision_tag``): ``cpu/float32``,
+    ``cuda/tf32`` …"""
+    return precision_tag(module_device(network), module_dtype(network))
+
+
+def device_parts(model: Classifier | FaceParser) -> tuple[str, ...]:
+    """The part a content key gets for the model's device: none on the CPU in float32 (the keys from before
+    devices), its ``device_tag`` elsewhere, so a map computed on a GPU is never served as a CPU one."""
+    tag = device_tag(model.network)
+    return () if tag == CPU_TAG else (tag,)
+
+
+def _device_kwargs(network) -> dict[str, str]:
+    tag = device_tag(network)
+    return {} if tag == CPU_TAG else {"parser_on": tag}
 
 
 @functools.lru_cache(maxsize=1)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.dataset import Dataset, DatasetError
+from core.devices import resolve_device
 from core.parse import LAPA_LABELS
 from core.pipeline import aligned_dataset_photos, stored_map_in_aligned_frame
 from core.train import PRECISIONS, check_precision, in_memory_format, training_autocast
@@ -51,7 +52,8 @@ class ParserConfig:
     precision: str = dataclasses.field(
         default="float32",
         metadata={
-            "help": "bfloat16 autocast: ~2× faster on CPUs with native bf16; auto: bfloat16 where the CPU has it",
+            "help": "bfloat16 autocast: ~2× faster on CPUs with native bf16; auto: bfloat16 where the device "
+            "(CPU or GPU) has it",
             "choices": PRECISIONS,
         },
     )
@@ -93,8 +95,16 @@ def intersection_over_union(predicted: np.ndarray, truth: np.ndarray) -> np.ndar
 
 
 def train_face_parser(
-    dataset: Dataset, config: ParserConfig, out_dir: Path, name: str = "parser", log=print
+    dataset: Dataset,
+    config: ParserConfig,
+    out_dir: Path,
+    name: str = "parser",
+    log=print,
+    device: str | torch.device = "cpu",
 ) -> ParserResult:
+    """Train the U-Net on ``device`` (as ``core.train.train_fold``: batches moved there, the shuffling on the
+    CPU), score it on the held-out faces, write it and its card."""
+    where = resolve_device(device)
     started = time.perf_counter()
     names = dataset.table["image_name"].to_list()
     faces, maps = aligned_faces_and_maps(dataset, names, config.input_size)
@@ -105,9 +115,11 @@ def train_face_parser(
     x = normalise_pixels(torch.from_numpy(faces).permute(0, 3, 1, 2).float(), card)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(maps.astype(np.int64))
-    network = _trained_parser(config, x, y, train, _class_weights(maps[train]), log)
+    network = _trained_parser(config, x, y, train, _class_weights(maps[train]), log, where)
     with torch.no_grad():
-        predicted = torch.cat([network(x[held[i : i + 64]]).argmax(1) for i in range(0, len(held), 64)]).numpy()
+        predicted = torch.cat(
+            [network(x[held[i : i + 64]].to(where)).argmax(1).cpu() for i in range(0, len(held), 64)]
+        ).numpy()
     iou = intersection_over_union(predicted.astype(np.int64), maps[held])
     card_path = save_face_parser(network, card, out_dir, name)
     table = pl.DataFrame({"label": list(range(len(LAPA_LABELS))), "name": list(LAPA_LABELS), "iou": iou})
@@ -140,11 +152,18 @@ def _class_weights(train_maps: np.ndarray) -> torch.Tensor:
 
 
 def _trained_parser(
-    config: ParserConfig, x: torch.Tensor, y: torch.Tensor, train: np.ndarray, class_weights: torch.Tensor, log
+    config: ParserConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train: np.ndarray,
+    class_weights: torch.Tensor,
+    log,
+    device: torch.device | str = "cpu",
 ) -> torch.nn.Module:
     """The U-Net trained on the ``train`` rows of x (normalised faces) and y (label maps), in eval mode."""
     torch.manual_seed(config.seed)
-    network = in_memory_format(build_face_parser(config.encoder, len(LAPA_LABELS)), torch.channels_last)
+    network = in_memory_format(build_face_parser(config.encoder, len(LAPA_LABELS)), torch.channels_last).to(device)
+    class_weights = class_weights.to(device)
     dice = smp.losses.DiceLoss("multiclass")
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = config.epochs * math.ceil(len(train) / config.batch_size)
@@ -164,10 +183,11 @@ def _trained_parser(
             batch = shuffled[start : start + config.batch_size]
             if len(batch) < 2:
                 continue
-            with training_autocast(config.precision):
-                logits = network(x[batch])
+            labels = y[batch].to(device)
+            with training_autocast(config.precision, device):
+                logits = network(x[batch].to(device))
             logits = logits.float()
-            loss = F.cross_entropy(logits, y[batch], weight=class_weights) + dice(logits, y[batch])
+            loss = F.cross_entropy(logits, labels, weight=class_weights) + dice(logits, labels)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from core.devices import module_device, resolve_device
 from core.domain import DomainGuard
 from core.errors import ModelError
 from models.domain_guard import feature_dim, read_domain_guard
@@ -193,8 +194,8 @@ def normalise_pixels(pixels: torch.Tensor, card: ModelCard) -> torch.Tensor:
     """RGB float pixels in 0..255, N×3×H×W -> the card's channel order, scale and mean/std."""
     if card.channel_order == "BGR":
         pixels = pixels.flip(1)
-    mean = torch.tensor(card.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(card.std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(card.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(card.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
     return ((pixels * (card.input_scale / 255.0) - mean) / std).contiguous()
 
 
@@ -349,7 +350,7 @@ def load_weights(network: nn.Module, card: ModelCard, card_path: str | Path, hea
     """Load the card's weights strictly into ``network``, freeze it in eval mode; return it and its fingerprint.
 
     Parameters stop requiring grad: attribution needs gradients of the input only, and the
-    backward pass is cheaper without weight gradients.
+    backward pass is cheaper without weight gradients. The weights are read and fingerprinted on the CPU.
     """
     weights_path = Path(card_path).parent / card.weights
     state_dict = load_state_dict_file(weights_path)
@@ -365,7 +366,8 @@ class Classifier:
     """A classifier ready for inference and attribution (eval mode, parameters frozen).
 
     ``fingerprint`` covers the weights and the card fields that change the outputs. ``domain`` is the
-    out-of-domain guard stored beside the card (``models.domain_guard``), when one was fitted.
+    out-of-domain guard stored beside the card (``models.domain_guard``), when one was fitted. The network
+    runs where its weights are (``device``): every step that feeds it moves its inputs there.
     """
 
     network: nn.Module
@@ -373,14 +375,20 @@ class Classifier:
     fingerprint: str
     domain: DomainGuard | None = None
 
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.network)
 
-def load_classifier(card_path: str | Path, domain: bool = True) -> Classifier:
+
+def load_classifier(card_path: str | Path, domain: bool = True, device: str | torch.device = "cpu") -> Classifier:
     """The card's classifier, with its out-of-domain guard when the card has one (a guard that is not
     this model's is refused with a ``DomainGuardError``); ``domain=False`` leaves the guard unread
-    (fitting a new one)."""
+    (fitting a new one). Its network is moved to ``device`` (``core.devices.resolve_device``'s names)."""
+    where = resolve_device(device)
     card = read_card(card_path, kind="classifier")
     network: nn.Module = build_resnet(card.architecture, len(card.classes))
     network, fingerprint = load_weights(network, card, card_path, head_key="fc.weight")
+    network = network.to(where)
     guard = read_domain_guard(card_path, fingerprint, feature_dim(network)) if domain else None
     return Classifier(network=network, card=card, fingerprint=fingerprint, domain=guard)
 
@@ -389,7 +397,8 @@ def classify(classifier: Classifier, batch: torch.Tensor) -> tuple[np.ndarray, n
     """Probabilities N×K (float32) and predicted class indices N for a preprocessed batch.
 
     Holds the model's lock: an attribution running in another thread may have merged its batch norms.
+    The batch goes to the model's device; the answers come back to the CPU.
     """
     with model_lock(classifier.network), torch.no_grad():
-        probabilities = torch.softmax(classifier.network(batch), dim=1)
+        probabilities = torch.softmax(classifier.network(batch.to(classifier.device)), dim=1).cpu()
     return probabilities.numpy(), probabilities.argmax(dim=1).numpy()

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from torch import nn
 
+from core.devices import module_device
 from core.domain import DomainGuard, DomainGuardError
 from models.locks import model_lock
 
@@ -60,16 +61,17 @@ def penultimate_features(network: nn.Module, batch: torch.Tensor, batch_size: in
     def catch(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         caught.append(inputs[0].detach().flatten(1))
 
+    device = module_device(network)
     with model_lock(network), torch.no_grad():
         handle = head.register_forward_hook(catch)
         try:
             for start in range(0, len(batch), batch_size):
-                network(batch[start : start + batch_size])
+                network(batch[start : start + batch_size].to(device))
         finally:
             handle.remove()
     if not caught:
         return np.zeros((0, dim), dtype=np.float64)
-    return torch.cat(caught).to(torch.float64).numpy()
+    return torch.cat(caught).cpu().to(torch.float64).numpy()
 
 
 def save_domain_guard(guard: DomainGuard, card_path: str | Path) -> Path:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.devices import module_device, resolve_device
 from core.errors import ModelError
 from core.parse import LAPA_LABELS, resize_label_map
 from models.checkpoint import (
@@ -41,14 +42,20 @@ def build_face_parser(encoder: str = "resnet18", classes: int = len(LAPA_LABELS)
 
 @dataclass(frozen=True)
 class FaceParser:
-    """A face parser ready for inference (eval mode, parameters frozen); ``fingerprint`` as for classifiers."""
+    """A face parser ready for inference (eval mode, parameters frozen); ``fingerprint`` and ``device`` as
+    for classifiers."""
 
     network: nn.Module
     card: ModelCard
     fingerprint: str
 
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.network)
 
-def load_face_parser(card_path: str | Path) -> FaceParser:
+
+def load_face_parser(card_path: str | Path, device: str | torch.device = "cpu") -> FaceParser:
+    where = resolve_device(device)
     card = read_card(card_path, kind="face_parser")
     if len(card.classes) != len(LAPA_LABELS):
         raise ModelError(
@@ -57,7 +64,7 @@ def load_face_parser(card_path: str | Path) -> FaceParser:
         )
     network = build_face_parser(card.architecture.removeprefix(PARSER_ARCHITECTURE_PREFIX), len(card.classes))
     network, fingerprint = load_weights(network, card, card_path, head_key=_HEAD_KEY)
-    return FaceParser(network=network, card=card, fingerprint=fingerprint)
+    return FaceParser(network=network.to(where), card=card, fingerprint=fingerprint)
 
 
 def save_face_parser(network: nn.Module, card: ModelCard, folder: str | Path, name: str) -> Path:
@@ -76,13 +83,14 @@ def predict_label_maps(parser: FaceParser, images: np.ndarray, batch_size: int =
     height, width = images.shape[1:3]
     size = parser.card.input_size
     label_maps = []
+    device = parser.device
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            pixels = torch.tensor(images[start : start + batch_size]).permute(0, 3, 1, 2).float()
+            pixels = torch.tensor(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float()
             if (height, width) != (size, size):
                 pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             logits = parser.network(normalise_pixels(pixels, parser.card))
-            label_maps.append(logits.argmax(dim=1).to(torch.uint8).numpy())
+            label_maps.append(logits.argmax(dim=1).to(torch.uint8).cpu().numpy())
     low_res = np.concatenate(label_maps) if label_maps else np.zeros((0, size, size), np.uint8)
     if (height, width) == (size, size):
         return low_res
