@@ -77,16 +77,18 @@ def _settings(args: argparse.Namespace, split: str | None = None, **fixed):
 
     regions = getattr(args, "regions", None)
     parser = getattr(args, "parser", None)
+    device = _device(args)
     chosen = {
         "methods": tuple(args.methods),
         "spec": PAPER_REGIONS if regions is None else RegionSpec.from_json(_read_text(regions, "region spec")),
         "mode": getattr(args, "mode", None) or "abs",
-        "parser": None if parser is None else load_face_parser(parser),
+        "parser": None if parser is None else load_face_parser(parser, device=device),
         "target": {None: "predicted", "true": "label"}.get(
             getattr(args, "target", None), getattr(args, "target", None)
         ),
         "batch_size": getattr(args, "batch_size", 16),
         "landmark_parser": getattr(args, "landmark_parser", "landmarks68"),
+        "detector_device": device,
     }
     settings = ExplainSettings(**{**chosen, **fixed})
     mode = fixed.get("mode") or getattr(args, "mode", None)
@@ -108,7 +110,7 @@ def command_explain(args: argparse.Namespace) -> int:
     file_shape = tuple(round(n) for n in np.array(image.shape[:2]) / factors[::-1])
     if stored_map is not None and stored_map.shape == file_shape != image.shape[:2]:
         stored_map = resize_label_map(stored_map, image.shape[:2])
-    classifier = load_classifier(_classifier_card(args.model))
+    classifier = load_classifier(_classifier_card(args.model), device=_device(args))
     landmarks = None if args.landmarks is None else args.landmarks * factors
     result = explain(
         Photo(image, landmarks, stored_map),
@@ -157,6 +159,7 @@ def command_train(args: argparse.Namespace) -> int:
             out,
             lambda subset: faces[[position[n] for n in subset]],
             log=lambda line: print(line, file=sys.stderr),
+            device=_device(args),
         )
         print(
             f"{fold}: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.3f}"
@@ -165,7 +168,9 @@ def command_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         results.append(result)
-        fitted = fit_domain(result.card_path, dataset, fold, lambda subset: faces[[position[n] for n in subset]])
+        fitted = fit_domain(
+            result.card_path, dataset, fold, lambda subset: faces[[position[n] for n in subset]], device=_device(args)
+        )
         print(f"{fold}: out-of-domain guard -> {fitted.path.name} {json.dumps(fitted.summary())}", file=sys.stderr)
     table = table2(results)
     table.write_csv(out / "table2.csv")
@@ -178,7 +183,13 @@ def command_fit_domain(args: argparse.Namespace) -> int:
     from core.dataset import open_dataset
     from core.fit_domain import fit_domain
 
-    fitted = fit_domain(args.card, open_dataset(args.dataset), args.fold, cache=DiskCache() if args.cache else None)
+    fitted = fit_domain(
+        args.card,
+        open_dataset(args.dataset),
+        args.fold,
+        cache=DiskCache() if args.cache else None,
+        device=_device(args),
+    )
     print(json.dumps({"card": str(args.card), **fitted.summary()}, indent=2))
     return 0
 
@@ -201,7 +212,11 @@ def command_train_parser(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.dataset)
     config = config_from_args(ParserConfig, args)
     result = train_face_parser(
-        dataset, config, Path(args.out or dataset.layout.models), log=lambda line: print(line, file=sys.stderr)
+        dataset,
+        config,
+        Path(args.out or dataset.layout.models),
+        log=lambda line: print(line, file=sys.stderr),
+        device=_device(args),
     )
     result.iou.write_csv(result.card_path.with_name("parser-iou.csv"))
     print(result.iou)
@@ -260,7 +275,7 @@ def command_extract(args: argparse.Namespace) -> int:
         raise UserFacingError("--address and --actors go with --engine ray")
     dataset = open_dataset(args.dataset or demo_dataset())
     cards = [Path(c.strip()) for c in args.models.split(",") if c.strip()] if args.models else None
-    classifiers = _fold_classifiers(dataset, cards, args.folds)
+    classifiers = _fold_classifiers(dataset, cards, args.folds, _device(args))
     settings = _settings(args, split=args.split)
     store = None if args.no_store else RelevanceStore(args.store or dataset.layout.relevance_store(args.split))
     with tqdm(total=0, unit="map", desc="extract", file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
@@ -288,14 +303,15 @@ def command_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fold_classifiers(dataset, cards: list[Path] | None, folds: str | None) -> dict:
-    """The classifiers to extract with: the cards given (default: the dataset's fold models), of ``folds``."""
+def _fold_classifiers(dataset, cards: list[Path] | None, folds: str | None, device: str = "cpu") -> dict:
+    """The classifiers to extract with: the cards given (default: the dataset's fold models), of ``folds``,
+    on ``device``."""
     from core.extract import load_classifiers
 
     cards = cards or dataset.layout.classifier_cards()
     if not cards:
         raise UserFacingError(f"no --models given and {dataset.layout.models} holds no classifier-fold-*.json card")
-    classifiers = load_classifiers(cards)
+    classifiers = load_classifiers(cards, device)
     if folds:
         wanted = {f.strip() for f in folds.split(",") if f.strip()}
         classifiers = {name: c for name, c in classifiers.items() if c.card.fold in wanted}
@@ -480,7 +496,7 @@ def _dataset_and_classifier(args: argparse.Namespace):
     cards = dataset.layout.classifier_cards()
     if args.model is None and not cards:
         raise UserFacingError(f"no --model given and {dataset.layout.models} holds no classifier-fold-*.json card")
-    return dataset, load_classifier(args.model or cards[0])
+    return dataset, load_classifier(args.model or cards[0], device=_device(args))
 
 
 def _faces_to_check(args: argparse.Namespace, dataset, classifier):
@@ -632,6 +648,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device(args: argparse.Namespace) -> str:
+    """The command's ``--device`` resolved (``core.devices.resolve_device``: auto = the first GPU, else the
+    CPU); ``cpu`` for a command without the flag."""
+    from core.devices import resolve_device
+
+    return str(resolve_device(getattr(args, "device", "cpu"), "--device"))
+
+
+def _add_device(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--device",
+        default="auto",
+        help="where the networks run: auto (default: the first GPU if PyTorch sees one, else the CPU), cpu, "
+        "cuda or cuda:N (README 'Running on a GPU')",
+    )
+
+
 def _add_methods(command: argparse.ArgumentParser) -> None:
     command.add_argument("--methods", type=_methods, default="all", help="comma-separated method names, or 'all'")
 
@@ -698,6 +731,7 @@ def _add_explain(commands: Subcommands) -> None:
     _add_mode(explain)
     _add_profile(explain)
     explain.add_argument("--cache", action="store_true", help="memoise results on disk (XAI_CACHE_DIR); off by default")
+    _add_device(explain)
     explain.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     explain.set_defaults(run=command_explain)
 
@@ -720,6 +754,7 @@ def _add_train(commands: Subcommands) -> None:
     train.add_argument("--out", type=Path, help="where checkpoints and cards go (default: <dataset>/models)")
     train.add_argument("--folds", help="comma-separated folds (default: all in partitions.csv)")
     add_config_flags(train, TrainConfig)
+    _add_device(train)
     train.set_defaults(run=command_train)
 
 
@@ -735,6 +770,7 @@ def _add_fit_domain(commands: Subcommands) -> None:
     fit.add_argument("dataset", type=Path, help="dataset folder with landmarks in partitions.csv")
     fit.add_argument("--fold", help="fold whose train/val faces to fit on (default: the card's fold)")
     fit.add_argument("--cache", action="store_true", help="memoise the features on disk (XAI_CACHE_DIR)")
+    _add_device(fit)
     fit.set_defaults(run=command_fit_domain)
 
 
@@ -745,6 +781,7 @@ def _add_train_parser(commands: Subcommands) -> None:
     parser_training.add_argument("dataset", type=Path, help="dataset folder with features/segmaps/")
     parser_training.add_argument("--out", type=Path, help="where the parser goes (default: <dataset>/models)")
     add_config_flags(parser_training, ParserConfig)
+    _add_device(parser_training)
     parser_training.set_defaults(run=command_train_parser)
 
 
@@ -757,6 +794,7 @@ def _add_benchmark(commands: Subcommands) -> None:
     benchmark.add_argument("--limit", type=int, help="use N test faces, evenly spaced over the split")
     benchmark.add_argument("--out", type=Path, help="CSV path (default: <dataset>/models/leaderboard.csv)")
     benchmark.add_argument("--cache", action="store_true", help="memoise attributions on disk")
+    _add_device(benchmark)
     benchmark.add_argument("--quiet", action="store_true")
     benchmark.set_defaults(run=command_benchmark)
 
@@ -811,6 +849,7 @@ def _add_check_flags(check: argparse.ArgumentParser) -> None:
     check.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="faces per attribution batch")
     check.add_argument("--out", type=Path, help="CSV of the per-method table (a second CSV is written beside it)")
     check.add_argument("--cache", action="store_true", help="memoise attributions on disk")
+    _add_device(check)
     check.add_argument("--quiet", action="store_true")
 
 
@@ -846,6 +885,7 @@ def _add_extract(commands: Subcommands) -> None:
         help="face parser card, for images without a stored label map (default: --landmark-parser)",
     )
     _add_landmark_parser(extract)
+    _add_device(extract)
     extract.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="images per batch (default 16)")
     extract.add_argument("--out", type=Path, help="Parquet path (default: <dataset>/results/scores-<split>.parquet)")
     extract.add_argument(
@@ -999,6 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(getattr(args, "methods", None), str):  # argparse does not convert the default
         args.methods = _methods(args.methods)
     try:
+        if hasattr(args, "device"):  # a bad name or a missing GPU: one line, before any work
+            args.device = _device(args)
         return args.run(args)
     except UserFacingError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -47,8 +47,9 @@ from models.checkpoint import Classifier, load_classifier
 SPLITS = ("val", "test", "all")
 
 
-def load_classifiers(card_paths: Sequence[str | Path]) -> dict[str, Classifier]:
-    """Classifiers by model name: the card's file stem, as the score table's ``model`` column says."""
+def load_classifiers(card_paths: Sequence[str | Path], device: str = "cpu") -> dict[str, Classifier]:
+    """Classifiers by model name: the card's file stem, as the score table's ``model`` column says; each on
+    ``device`` (``core.devices.resolve_device``'s names)."""
     classifiers = {}
     for path in card_paths:
         name = Path(path).stem
@@ -57,7 +58,7 @@ def load_classifiers(card_paths: Sequence[str | Path]) -> dict[str, Classifier]:
                 f"two model cards are named {name!r}; the score table tells models apart by "
                 "their card's file name, so rename one"
             )
-        classifiers[name] = load_classifier(path)
+        classifiers[name] = load_classifier(path, device=device)
     return classifiers
 
 
