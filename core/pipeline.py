@@ -19,6 +19,7 @@ import numpy as np
 from cache import DiskCache, memo_key, memoised, memoised_rows, source_salt
 from core import align as align_module
 from core import attribute as attribute_module
+from core import fused_rules as fused_rules_module
 from core import landmark_parts as landmark_parts_module
 from core import parse as parse_module
 from core.align import AlignedFace, align_face, detect_faces, warp_to_aligned
@@ -490,7 +491,7 @@ def _device_kwargs(network) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _attribution_salt() -> str:
-    return source_salt(attribute_module, checkpoint_module, resnet_module)
+    return source_salt(attribute_module, fused_rules_module, checkpoint_module, resnet_module)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,389 @@
+"""LRP composites and excitation backprop as one hand-written reverse pass over the project's ResNets.
+
+Zennit implements a rule per layer as a backward hook: autograd runs the layer's own backward, the
+hook throws that result away and re-evaluates the layer once per input/weight sign combination of
+its rule (z⁺: twice, α-β: four times), then takes one more gradient through those copies. The rules
+themselves are a few convolutions per layer. This module computes the same relevance directly:
+one forward pass that keeps each convolution's input, then one reverse sweep that applies each
+layer's rule with plain tensor operations (no autograd, no hooks). Two facts make it cheaper than
+Zennit's pass counts:
+
+- every convolution of a ResNet after the stem reads a ReLU (or max-pool of a ReLU) output, so the
+  negative-input half of z⁺ and α-β is exactly zero and is skipped (Zennit computes it and adds
+  zero);
+- α-β's positive and negative weight halves run as one convolution with both halves stacked along
+  the output channels, and their backward as one transposed convolution.
+
+The reference is Zennit itself (``tests/core/test_fused_rules.py`` compares the two on several
+networks, inputs and both canonizers to 1e-5 of the map's largest magnitude). What is reproduced,
+rule by rule, from Zennit 0.5.1:
+
+- canonizing (``canonizer="resnet"`` or ``"batchnorm-only"``): every batch norm merged into the
+  convolution before it (``w·γ/√(σ²+ε)``, ``(b-μ)·γ/√(σ²+ε)+β``); the merged batch norm is then
+  the identity with ε left in, i.e. a scale of ``1/√(1+ε)`` in the forward pass and ``Pass`` (no
+  change) in the reverse one. ``"resnet"`` also turns each block's residual addition into a ``Sum``
+  with the ``Norm`` rule (each summand's share ``x_k·R/stab(Σx)``); ``"batchnorm-only"`` leaves the
+  addition to the gradient (both branches get the whole relevance);
+- ReLUs pass relevance unchanged (``Pass``); max-pooling passes it to the maximum (the gradient);
+  the global average pool uses ``Norm``; the dense layer ``Epsilon``;
+- convolutions z⁺ (``ZPlus``: positive weights and biases, stabilised by ``stabilizer``) or
+  α=2, β=1 (``AlphaBeta``); the ``Flat`` variants give the first convolution the flat rule
+  (all weights one, no bias, independent of the input);
+- excitation backprop (``zennit.composites.ExcitationBackprop``, no canonizer): z⁺ on every
+  convolution and on the dense layer, batch norms and ReLUs by their gradient, ``Norm`` on the
+  average pool.
+
+Only networks whose structure is known are taken (``supports``): torchvision's ResNet forward with
+the attribution-safe blocks of ``models.resnet`` (matched by class name and module, since this layer
+may not import ``models``), no hooks. Anything else goes to the library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_input
+from torchvision.models import resnet as tv
+
+# (conv rule, first-layer rule, dense rule, canonized): what each Zennit composite maps to.
+COMPOSITES = {
+    "EpsilonPlus": ("zplus", "zplus", "epsilon"),
+    "EpsilonPlusFlat": ("zplus", "flat", "epsilon"),
+    "EpsilonAlpha2Beta1": ("alpha2beta1", "alpha2beta1", "epsilon"),
+    "EpsilonAlpha2Beta1Flat": ("alpha2beta1", "flat", "epsilon"),
+}
+_BLOCK_CLASSES = {("models.resnet", "BasicBlock"), ("models.resnet", "Bottleneck")}
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether ``model`` is one of the project's ResNets, unhooked, so the fused pass computes what it computes."""
+    if not isinstance(model, tv.ResNet):
+        return False
+    cls = type(model)
+    if cls.forward is not tv.ResNet.forward or cls._forward_impl is not tv.ResNet._forward_impl:
+        return False
+    if not (
+        type(model.conv1) is nn.Conv2d
+        and type(model.bn1) is nn.BatchNorm2d
+        and type(model.relu) is nn.ReLU
+        and type(model.maxpool) is nn.MaxPool2d
+        and type(model.avgpool) is nn.AdaptiveAvgPool2d
+        and model.avgpool.output_size in (1, (1, 1))
+        and type(model.fc) is nn.Linear
+    ):
+        return False
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        if type(layer) is not nn.Sequential:
+            return False
+        for block in layer:
+            if (type(block).__module__, type(block).__name__) not in _BLOCK_CLASSES:
+                return False
+            if "_overridden_forward" in vars(block) or hasattr(block, "canonizer_sum"):
+                return False
+            if block.downsample is not None and not (
+                type(block.downsample) is nn.Sequential
+                and len(block.downsample) == 2
+                and type(block.downsample[0]) is nn.Conv2d
+                and type(block.downsample[1]) is nn.BatchNorm2d
+            ):
+                return False
+    for module in model.modules():
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+            return False
+        if getattr(module, "_backward_pre_hooks", None):
+            return False
+        if isinstance(module, nn.BatchNorm2d) and (module.running_mean is None or not module.affine):
+            return False
+        if isinstance(module, nn.ReLU) and module.inplace:
+            return False
+    return not model.training
+
+
+def _stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Zennit's ``stabilize``: ``z + ε·sign(z)`` with sign(0) = +1."""
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
+
+
+@dataclass
+class _Conv:
+    """One convolution as the rules see it: its (possibly merged) weight and bias, and how it slides."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    # Unmerged batch norm after it (excitation backprop): the module itself, run as is.
+    bn: nn.BatchNorm2d | None = None
+    # Merged batch norm (canonized): the identity batch norm that is left scales by 1/sqrt(1 + eps).
+    identity_eps: float | None = None
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def conv_input_grad(self, shape: torch.Size, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return conv2d_input(shape, weight, grad, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x, self.weight, self.bias)
+        if self.bn is not None:
+            return self.bn(out)
+        if self.identity_eps is not None:
+            zeros = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
+            ones = torch.ones_like(zeros)
+            return F.batch_norm(out, zeros, ones, ones, zeros, False, 0.0, self.identity_eps)
+        return out
+
+
+def _conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, merge: bool) -> _Conv:
+    common = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+    if bn is None or not merge:
+        return _Conv(conv.weight, conv.bias, bn=bn, **common)  # type: ignore[arg-type]
+    # zennit.canonizers.MergeBatchNorm.merge_batch_norm, operation for operation.
+    assert bn.running_var is not None and bn.running_mean is not None
+    scale = bn.weight / (bn.running_var + bn.eps) ** 0.5
+    bias = conv.bias if conv.bias is not None else torch.zeros(1, dtype=conv.weight.dtype, device=conv.weight.device)
+    return _Conv(
+        conv.weight * scale[:, None, None, None],
+        (bias - bn.running_mean) * scale + bn.bias,
+        identity_eps=bn.eps,
+        **common,  # type: ignore[arg-type]
+    )
+
+
+@dataclass
+class _Block:
+    convs: list[_Conv]  # the main branch, in order
+    downsample: _Conv | None
+
+
+def _network(model: nn.Module, merge: bool) -> tuple[_Conv, list[_Block]]:
+    stem = _conv(model.conv1, model.bn1, merge)  # type: ignore[arg-type]
+    blocks = []
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:  # type: ignore[union-attr]
+            convs = [_conv(block.conv1, block.bn1, merge), _conv(block.conv2, block.bn2, merge)]
+            if hasattr(block, "conv3"):
+                convs.append(_conv(block.conv3, block.bn3, merge))
+            down = None if block.downsample is None else _conv(block.downsample[0], block.downsample[1], merge)
+            blocks.append(_Block(convs, down))
+    return stem, blocks
+
+
+# Reverse rules of one convolution: relevance at its output -> relevance at its input.
+
+
+def _zplus(conv: _Conv, x: torch.Tensor, relevance: torch.Tensor, stabilizer: float, signed: bool) -> torch.Tensor:
+    w_pos = conv.weight.clamp(min=0)
+    b_pos = None if conv.bias is None else conv.bias.clamp(min=0)
+    if not signed:  # x >= 0: the negative-input half is exactly zero
+        z = conv.conv(x, w_pos, b_pos)
+        return x * conv.conv_input_grad(x.shape, w_pos, relevance / _stabilize(z, stabilizer))
+    w_neg = conv.weight.clamp(max=0)
+    x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+    z = conv.conv(x_pos, w_pos, b_pos) + conv.conv(x_neg, w_neg, None)
+    grad = relevance / _stabilize(z, stabilizer)
+    return x_pos * conv.conv_input_grad(x.shape, w_pos, grad) + x_neg * conv.conv_input_grad(x.shape, w_neg, grad)
+
+
+def _alpha2beta1(
+    conv: _Conv, x: torch.Tensor, relevance: torch.Tensor, stabilizer: float, signed: bool
+) -> torch.Tensor:
+    w_pos, w_neg = conv.weight.clamp(min=0), conv.weight.clamp(max=0)
+    if conv.bias is None:
+        b_pos = b_neg = None
+    else:
+        b_pos, b_neg = conv.bias.clamp(min=0), conv.bias.clamp(max=0)
+    if not signed:
+        # Both weight halves in one convolution, stacked along the output channels, and back in one.
+        channels = w_pos.shape[0]
+        weight = torch.cat([w_pos, w_neg])
+        bias = None if b_pos is None or b_neg is None else torch.cat([b_pos, b_neg])
+        z = conv.conv(x, weight, bias)
+        grad = torch.cat(
+            [
+                2.0 * (relevance / _stabilize(z[:, :channels], stabilizer)),
+                -(relevance / _stabilize(z[:, channels:], stabilizer)),
+            ],
+            dim=1,
+        )
+        return x * conv.conv_input_grad(x.shape, weight, grad)
+    x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+    grad_pos = relevance / _stabilize(conv.conv(x_pos, w_pos, b_pos) + conv.conv(x_neg, w_neg, None), stabilizer)
+    grad_neg = relevance / _stabilize(conv.conv(x_pos, w_neg, b_neg) + conv.conv(x_neg, w_pos, None), stabilizer)
+
+    def back(weight, grad):
+        return conv.conv_input_grad(x.shape, weight, grad)
+
+    return 2 * (x_pos * back(w_pos, grad_pos) + x_neg * back(w_neg, grad_pos)) - 1 * (
+        x_pos * back(w_neg, grad_neg) + x_neg * back(w_pos, grad_neg)
+    )
+
+
+def _flat(conv: _Conv, x: torch.Tensor, relevance: torch.Tensor, stabilizer: float, signed: bool) -> torch.Tensor:
+    ones = torch.ones_like(conv.weight)
+    z = conv.conv(torch.ones_like(x), ones, torch.zeros(ones.shape[0], dtype=x.dtype, device=x.device))
+    return conv.conv_input_grad(x.shape, ones, relevance / _stabilize(z, stabilizer))
+
+
+_CONV_RULES = {"zplus": _zplus, "alpha2beta1": _alpha2beta1, "flat": _flat}
+
+
+def _output_relevance(logits: torch.Tensor, targets: torch.Tensor, initial: str) -> torch.Tensor:
+    onehot = F.one_hot(targets.to(logits.device), logits.shape[1]).to(logits.dtype)
+    if initial == "onehot":
+        return onehot
+    if initial == "logit":
+        return onehot * logits
+    raise ValueError(f"initial_relevance must be 'onehot' or 'logit', not {initial!r}")
+
+
+def _avgpool_norm(x: torch.Tensor, relevance: torch.Tensor, stabilizer: float) -> torch.Tensor:
+    """``Norm`` on the global average pool: ``x · (R / stab(mean x)) / (H·W)``."""
+    pooled = x.mean(dim=(2, 3))
+    grad = relevance / _stabilize(pooled, stabilizer)
+    return x * (grad / (x.shape[2] * x.shape[3]))[:, :, None, None]
+
+
+def _maxpool_backward(pool: nn.MaxPool2d, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    _, indices = F.max_pool2d(
+        x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode, return_indices=True
+    )
+    return torch.ops.aten.max_pool2d_with_indices_backward(
+        relevance,
+        x,
+        _pair(pool.kernel_size),
+        _pair(pool.stride),
+        _pair(pool.padding),
+        _pair(pool.dilation),
+        pool.ceil_mode,
+        indices,
+    )
+
+
+def _pair(value) -> list[int]:
+    return list(value) if isinstance(value, tuple | list) else [value, value]
+
+
+@torch.no_grad()
+def lrp(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    composite: str,
+    canonizer: str = "resnet",
+    epsilon: float = 1e-6,
+    stabilizer: float = 1e-6,
+    initial_relevance: str = "onehot",
+) -> torch.Tensor:
+    """The relevance Zennit's ``composite`` (one of ``COMPOSITES``) with ``canonizer`` gives, N×C×H×W."""
+    if composite not in COMPOSITES:
+        raise ValueError(f"composite must be one of {', '.join(COMPOSITES)}, not {composite!r}")
+    if canonizer not in ("resnet", "batchnorm-only"):
+        raise ValueError(f"canonizer must be one of resnet, batchnorm-only, not {canonizer!r}")
+    conv_rule, first_rule, _ = COMPOSITES[composite]
+    rule, first = _CONV_RULES[conv_rule], _CONV_RULES[first_rule]
+    residual_norm = canonizer == "resnet"
+    net = cast(tv.ResNet, model)
+    stem, blocks = _network(net, merge=True)
+    x = x.detach()
+
+    # Forward: keep what the reverse rules read.
+    stem_out = torch.relu(stem.forward(x))
+    h = net.maxpool(stem_out)
+    saved = []
+    for block in blocks:
+        inputs = [h]
+        out = h
+        for k, conv in enumerate(block.convs):
+            out = conv.forward(out)
+            if k < len(block.convs) - 1:
+                out = torch.relu(out)
+                inputs.append(out)
+        identity = h if block.downsample is None else block.downsample.forward(h)
+        saved.append((inputs, identity, out))
+        h = torch.relu(torch.stack([identity, out], dim=-1).sum(dim=-1) if residual_norm else out + identity)
+    pooled = torch.flatten(net.avgpool(h), 1)
+    logits = net.fc(pooled)
+
+    # Reverse sweep.
+    relevance = _output_relevance(logits, targets, initial_relevance)
+    grad = relevance / _stabilize(logits, epsilon)  # Epsilon on the dense layer
+    relevance = pooled * (grad @ net.fc.weight)
+    relevance = _avgpool_norm(h, relevance, stabilizer)
+    for block, (inputs, identity, out) in zip(reversed(blocks), reversed(saved)):
+        # ReLU after the addition: Pass.
+        if residual_norm:
+            grad = relevance / _stabilize(identity + out, stabilizer)
+            r_identity, r_branch = identity * grad, out * grad
+        else:
+            r_identity = r_branch = relevance
+        for conv, conv_input in zip(reversed(block.convs), reversed(inputs)):
+            r_branch = rule(conv, conv_input, r_branch, stabilizer, False)  # the ReLUs between: Pass
+        if block.downsample is not None:
+            r_identity = rule(block.downsample, inputs[0], r_identity, stabilizer, False)
+        relevance = r_branch + r_identity
+    relevance = _maxpool_backward(net.maxpool, stem_out, relevance)
+    return first(stem, x, relevance, stabilizer, True)
+
+
+@torch.no_grad()
+def excitation_backprop(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    stabilizer: float = 1e-6,
+    initial_relevance: str = "onehot",
+) -> torch.Tensor:
+    """The relevance of ``zennit.composites.ExcitationBackprop`` (no canonizer), N×C×H×W."""
+    net = cast(tv.ResNet, model)
+    stem, blocks = _network(net, merge=False)
+    x = x.detach()
+    stem_out = torch.relu(stem.forward(x))
+    h = net.maxpool(stem_out)
+    saved = []
+    for block in blocks:
+        inputs = [h]
+        out = h
+        for k, conv in enumerate(block.convs):
+            out = conv.forward(out)
+            if k < len(block.convs) - 1:
+                out = torch.relu(out)
+                inputs.append(out)
+        identity = h if block.downsample is None else block.downsample.forward(h)
+        h = torch.relu(out + identity)
+        saved.append((inputs, h))
+    pooled = torch.flatten(net.avgpool(h), 1)
+    logits = net.fc(pooled)
+
+    def bn_grad(conv: _Conv, relevance: torch.Tensor) -> torch.Tensor:
+        bn = conv.bn
+        assert bn is not None and bn.running_var is not None
+        return relevance * (bn.weight * torch.rsqrt(bn.running_var + bn.eps))[:, None, None]
+
+    relevance = _output_relevance(logits, targets, initial_relevance)
+    fc_w = net.fc.weight.clamp(min=0)
+    z = F.linear(pooled, fc_w, net.fc.bias.clamp(min=0) if net.fc.bias is not None else None)
+    relevance = pooled * ((relevance / _stabilize(z, stabilizer)) @ fc_w)
+    relevance = _avgpool_norm(h, relevance, stabilizer)
+    for block, (inputs, block_out) in zip(reversed(blocks), reversed(saved)):
+        relevance = torch.where(block_out > 0, relevance, 0.0)  # the ReLU's gradient
+        r_branch = relevance
+        for k in reversed(range(len(block.convs))):
+            conv = block.convs[k]
+            r_branch = bn_grad(conv, r_branch)
+            r_branch = _zplus(conv, inputs[k], r_branch, stabilizer, False)
+            if k > 0:
+                r_branch = torch.where(inputs[k] > 0, r_branch, 0.0)
+        r_identity = relevance
+        if block.downsample is not None:
+            r_identity = _zplus(block.downsample, inputs[0], bn_grad(block.downsample, r_identity), stabilizer, False)
+        relevance = r_branch + r_identity
+    relevance = _maxpool_backward(net.maxpool, stem_out, relevance)
+    relevance = torch.where(stem_out > 0, relevance, 0.0)
+    return _zplus(stem, x, bn_grad(stem, relevance), stabilizer, True)

@@ -1,0 +1,151 @@
+"""The fused LRP and excitation-backprop passes against the library they replace (Zennit, the reference).
+
+Agreement is measured as max |ours − Zennit| / max |Zennit| over the whole batch of maps (the max norm of the
+difference relative to the max norm of the reference) and must stay within 1e-5.
+"""
+
+import pytest
+import torch
+import torchvision
+
+from core import fused_rules
+from core.attribute import IMPLEMENTATIONS, METHODS, attribute
+from models.resnet import build_resnet
+from tests.conftest import randomised_batchnorm, tiny_resnet
+
+TOLERANCE = 1e-5
+FUSED = [name for name, spec in METHODS.items() if spec.fused is not None]
+LRP = [name for name in FUSED if name.startswith("LRP-")]
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    assert reference.abs().max() > 0
+    return float((ours - reference).abs().max() / reference.abs().max())
+
+
+def both(model, x, targets, method, params=None) -> tuple[torch.Tensor, torch.Tensor]:
+    fused = attribute(model, x, targets, method, params, implementation="fused")
+    library = attribute(model, x, targets, method, params, implementation="library")
+    return fused, library
+
+
+def test_the_lrp_composites_and_excitation_backprop_have_fused_rules():
+    assert set(FUSED) == {
+        "LRP-EpsilonPlus",
+        "LRP-EpsilonPlusFlat",
+        "LRP-EpsilonAlpha2Beta1",
+        "LRP-EpsilonAlpha2Beta1Flat",
+        "ExcitationBackprop",
+    }
+    assert IMPLEMENTATIONS == ("fused", "library")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("canonizer", ["resnet", "batchnorm-only"])
+@pytest.mark.parametrize("method", LRP)
+def test_lrp_equals_zennit_on_a_tiny_resnet18(method, canonizer, seed):
+    model = tiny_resnet(seed=seed)
+    assert fused_rules.supports(model)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(10 + seed))
+    targets = torch.tensor([0, 2, 3])
+    ours, zennit = both(model, x, targets, method, {"canonizer": canonizer})
+    assert relative_error(ours, zennit) <= TOLERANCE
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_excitation_backprop_equals_zennit_on_a_tiny_resnet18(seed):
+    model = tiny_resnet(seed=seed)
+    x = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(20 + seed))
+    ours, zennit = both(model, x, torch.tensor([1, 3, 0]), "ExcitationBackprop")
+    assert relative_error(ours, zennit) <= TOLERANCE
+
+
+@pytest.mark.parametrize("method", FUSED)
+def test_logit_output_relevance_and_other_stabilisers_equal_zennit(method):
+    model = tiny_resnet(seed=2)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    params = {"initial_relevance": "logit", "stabilizer": 1e-3}
+    if method.startswith("LRP-"):
+        params["epsilon"] = 0.01
+    ours, zennit = both(model, x, torch.tensor([1, 2]), method, params)
+    assert relative_error(ours, zennit) <= TOLERANCE
+
+
+def _resnet50(architecture: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = randomised_batchnorm(build_resnet(architecture, 5), 0, zero_bias=False).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["resnet50", "resnet50-caffe"])
+def test_every_fused_rule_equals_the_library_on_resnet50s_at_small_input(architecture):
+    model = _resnet50(architecture)
+    assert fused_rules.supports(model)
+    targets = torch.tensor([0, 4])
+    for seed, size in ((1, 64), (2, 72)):
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        for method in FUSED:
+            canonizers = ["resnet", "batchnorm-only"] if method in LRP else [None]
+            for canonizer in canonizers:
+                params = None if canonizer is None else {"canonizer": canonizer}
+                ours, library = both(model, x, targets, method, params)
+                assert relative_error(ours, library) <= TOLERANCE, (method, canonizer, seed)
+
+
+def test_the_fused_pass_runs_and_the_library_path_is_a_different_code_path(monkeypatch):
+    model = tiny_resnet()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = fused_rules.lrp
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_rules, "lrp", counting)
+    attribute(model, x, [1], "LRP-EpsilonPlusFlat")
+    assert calls == [1]
+    attribute(model, x, [1], "LRP-EpsilonPlusFlat", implementation="library")
+    assert calls == [1]
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        attribute(model, x, [1], "LRP-EpsilonPlusFlat", implementation="numba")
+
+
+def test_networks_it_does_not_know_go_to_the_library():
+    model = tiny_resnet()
+    assert fused_rules.supports(model)
+    # torchvision's own blocks share one ReLU module: not the structure the fused pass assumes.
+    assert not fused_rules.supports(torchvision.models.resnet18(num_classes=4).eval())
+    assert not fused_rules.supports(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3)))
+    handle = model.get_submodule("layer1.0.conv1").register_forward_hook(lambda m, i, o: None)
+    assert not fused_rules.supports(model)
+    handle.remove()
+    assert fused_rules.supports(model)
+    model.train()
+    assert not fused_rules.supports(model)
+    model.eval()
+
+
+def test_a_hooked_model_falls_back_to_the_library_and_gets_its_result():
+    model = tiny_resnet(seed=4)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    seen = []
+    handle = model.get_submodule("layer2.0.conv2").register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        hooked = attribute(model, x, [0, 1], "LRP-EpsilonAlpha2Beta1")
+    finally:
+        handle.remove()
+    assert seen  # the library's forward ran through the hooked module
+    assert torch.equal(hooked, attribute(model, x, [0, 1], "LRP-EpsilonAlpha2Beta1", implementation="library"))
+
+
+def test_unknown_composite_or_canonizer_is_refused():
+    model = tiny_resnet()
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="composite must be one of"):
+        fused_rules.lrp(model, x, torch.tensor([0]), "Gamma")
+    with pytest.raises(ValueError, match="canonizer must be one of"):
+        fused_rules.lrp(model, x, torch.tensor([0]), "EpsilonPlus", canonizer="none")
