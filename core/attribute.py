@@ -7,8 +7,9 @@ concurrent callers on one shared model are serialised instead of corrupting each
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -23,7 +24,7 @@ from zennit.attribution import Gradient, IntegratedGradients, SmoothGrad
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.torchvision import ResNetCanonizer
 
-from core import fused_rules
+from core.devices import device_batch, module_device
 from models.locks import model_lock
 
 
@@ -37,9 +38,6 @@ class Method:
     run: Callable[..., torch.Tensor] = field(repr=False)
     # (forward passes, backward passes) per image for (params, image side): the method's floor.
     passes: Callable[[Mapping[str, Any], int], tuple[int, int]] = field(repr=False)
-    # Our own fused reverse pass of the same rule (core.fused_rules), used where it supports the model;
-    # the library's ``run`` stays the reference (implementation="library").
-    fused: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
 
     def params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         unknown = set(overrides or {}) - set(self.defaults)
@@ -54,39 +52,95 @@ class Method:
 def _output_relevance(targets: torch.Tensor, initial: str):
     """Output relevance: the one-hot target (paper), or the target logit itself (textbook LRP)."""
     if initial == "onehot":
-        return lambda out: F.one_hot(targets, out.shape[1]).to(out.dtype)
+        return lambda out: F.one_hot(targets.to(out.device), out.shape[1]).to(out.dtype)
     if initial == "logit":
-        return lambda out: F.one_hot(targets, out.shape[1]).to(out.dtype) * out
+        return lambda out: F.one_hot(targets.to(out.device), out.shape[1]).to(out.dtype) * out
     raise ValueError(f"initial_relevance must be 'onehot' or 'logit', not {initial!r}")
 
 
-class _SeededSmoothGrad(SmoothGrad):
-    """Zennit's SmoothGrad with its noise drawn from a private generator, so a cached map is reproducible."""
+class _ChunkedPasses:
+    """Zennit's sampling attributors (SmoothGrad, IntegratedGradients) run one forward and backward pass per
+    sample; ``per_pass`` samples of the whole batch go through one pass instead (stacked along the batch, the
+    output relevance repeated per sample). 1, the CPU's value, is Zennit's own loop; a GPU gets more from its
+    free memory (``_samples_per_pass``). Each sample's gradient is the same either way (eval mode: no image
+    sees another), up to the rounding of a larger batch."""
+
+    per_pass = 1
+    n_iter: int
+    grad: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+    def gradients(self, samples: Iterable[torch.Tensor], attr_output_fn) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(output, gradient) of each sample, in order, ``per_pass`` samples a pass (drawn as they are needed)."""
+        pending = iter(samples)
+        while chunk := list(itertools.islice(pending, self.per_pass)):
+            if len(chunk) == 1:
+                yield self.grad(chunk[0], attr_output_fn)
+                continue
+            rows = len(chunk[0])
+
+            def repeated(out, fn=attr_output_fn, rows=rows):
+                return torch.cat([fn(part) for part in out.split(rows)])
+
+            outputs, gradients = self.grad(torch.cat(chunk), repeated)
+            yield from zip(outputs.split(rows), gradients.split(rows), strict=True)
+
+    def average(self, samples: Iterable[torch.Tensor], attr_output_fn) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last sample's output and the mean gradient over ``n_iter`` samples, summed in order as zennit does."""
+        result: torch.Tensor | None = None
+        output = None
+        for output, gradient in self.gradients(samples, attr_output_fn):  # noqa: B007 (the last output is kept)
+            if result is None:
+                result = torch.zeros_like(gradient)
+            result += gradient / self.n_iter
+        assert output is not None and result is not None  # n_iter >= 1
+        return output, result
+
+
+class _SeededSmoothGrad(_ChunkedPasses, SmoothGrad):
+    """Zennit's SmoothGrad with its noise drawn from a private generator on the input's device, so a cached
+    map is reproducible. On the CPU the generator and its draws are the ones before devices existed (the same
+    maps); a GPU's generator (Philox) draws other numbers from the same seed, so its maps differ from the CPU's
+    by their noise, reproducibly, and are cached apart (the key carries the device)."""
 
     def __init__(self, *args, seed: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
     def forward(self, input, attr_output_fn):
+        generator = torch.Generator(device=input.device).manual_seed(self.seed)
         dims = tuple(range(1, input.ndim))
         std = self.noise_level * (input.amax(dims, keepdim=True) - input.amin(dims, keepdim=True))
-        result = torch.zeros_like(input)
-        output = None
-        for n in range(self.n_iter):
-            # As zennit: the last sample is noise-free, so n_iter=1 equals the plain gradient.
-            if n == self.n_iter - 1:
-                noisy = input
-            else:
-                noise = torch.randn(input.shape, generator=self.generator, dtype=input.dtype)
-                noisy = input + noise * std
-            output, gradient = self.grad(noisy, attr_output_fn)
-            result += gradient / self.n_iter
+        # As zennit: the last sample is noise-free, so n_iter=1 equals the plain gradient. Drawn in order, one
+        # draw per sample, whatever per_pass is.
+        noisy = (
+            input + torch.randn(input.shape, generator=generator, dtype=input.dtype, device=input.device) * std
+            for _ in range(self.n_iter - 1)
+        )
+        return self.average(itertools.chain(noisy, [input]), attr_output_fn)
+
+
+class _ChunkedIntegratedGradients(_ChunkedPasses, IntegratedGradients):
+    """Zennit's IntegratedGradients, its path steps ``per_pass`` at a time (``_ChunkedPasses``)."""
+
+    def forward(self, input, attr_output_fn):
+        baseline = self.baseline_fn(input)
+        steps = (baseline + alpha * (input - baseline) for alpha in torch.linspace(1.0 / self.n_iter, 1.0, self.n_iter))
+        # The last step is the input itself: its output is the original output, as zennit returns.
+        output, result = self.average(steps, attr_output_fn)
+        result *= input - baseline
         return output, result
+
+
+def _samples_per_pass(x: torch.Tensor) -> int:
+    """Samples of the whole batch ``x`` one backward pass holds: 1 on the CPU, from free memory on a GPU."""
+    return max(1, device_batch(x.device, len(x), x[0].numel(), backward=True) // len(x))
 
 
 def _zennit(attributor_factory):
     def run(model, x, targets, initial_relevance="onehot", **params):
         attributor = attributor_factory(model, **params)
+        if isinstance(attributor, _ChunkedPasses):
+            attributor.per_pass = _samples_per_pass(x)
         with attributor:
             _, relevance = attributor(x, _output_relevance(targets, initial_relevance))
         return relevance
@@ -159,9 +213,10 @@ def _layer_gradcam(model, x, targets, layer="layer4", upsample="bicubic", relu_a
 def _occlusion(model, x, targets, window=15, stride=8, baseline=0.0, perturbations_per_eval=None):
     channels = x.shape[1]
     if perturbations_per_eval is None:
-        # Forward batches of about 16 images: larger ones run slower per image on a CPU (measured:
-        # 64 images in a batch cost 1.2× per image what 16 do), smaller ones pay per-call overhead.
-        perturbations_per_eval = max(1, 16 // len(x))
+        # Forward batches of about 16 images on a CPU: larger ones run slower per image there (measured:
+        # 64 images in a batch cost 1.2× per image what 16 do), smaller ones pay per-call overhead. On a GPU,
+        # as many as its free memory holds (core.devices.device_batch).
+        perturbations_per_eval = max(1, device_batch(x.device, 16, x[0].numel(), backward=False) // len(x))
     return Occlusion(model).attribute(
         x,
         sliding_window_shapes=(channels, window, window),
@@ -176,17 +231,6 @@ def _occlusion_passes(p, size):
     # Captum's count: the last window per axis may be cut by the border.
     positions = (math.ceil((size - p["window"]) / p["stride"]) + 1) ** 2
     return positions + 1, 0
-
-
-def _fused_lrp(composite: str):
-    def run(model, x, targets, **params):
-        return fused_rules.lrp(model, x, targets, composite, **params)
-
-    return run
-
-
-def _fused_excitation(model, x, targets, **params):
-    return fused_rules.excitation_backprop(model, x, targets, **params)
 
 
 def _z_plus_passes(p, size):
@@ -216,7 +260,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 "IntegratedGradients",
                 "zennit",
                 {**_GRAD, "n_iter": 20},
-                _zennit(lambda model, **p: IntegratedGradients(model, **p)),
+                _zennit(lambda model, **p: _ChunkedIntegratedGradients(model, **p)),
                 lambda p, size: (p["n_iter"], p["n_iter"]),
             ),
             Method(
@@ -235,16 +279,10 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 {**_GRAD, "stabilizer": 1e-6},
                 _zennit(_composite(zc.ExcitationBackprop)),
                 _z_plus_passes,
-                _fused_excitation,
             ),
             Method("DeconvNet", "zennit", dict(_GRAD), _zennit(_composite(zc.DeconvNet)), lambda p, size: (1, 1)),
             Method(
-                "LRP-EpsilonPlus",
-                "zennit",
-                dict(_LRP),
-                _zennit(_canonized_composite(zc.EpsilonPlus)),
-                _z_plus_passes,
-                _fused_lrp("EpsilonPlus"),
+                "LRP-EpsilonPlus", "zennit", dict(_LRP), _zennit(_canonized_composite(zc.EpsilonPlus)), _z_plus_passes
             ),
             Method(
                 "LRP-EpsilonPlusFlat",
@@ -252,7 +290,6 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 dict(_LRP),
                 _zennit(_canonized_composite(zc.EpsilonPlusFlat)),
                 _z_plus_passes,
-                _fused_lrp("EpsilonPlusFlat"),
             ),
             Method(
                 "LRP-EpsilonAlpha2Beta1",
@@ -260,7 +297,6 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 dict(_LRP),
                 _zennit(_canonized_composite(zc.EpsilonAlpha2Beta1)),
                 _alpha_beta_passes,
-                _fused_lrp("EpsilonAlpha2Beta1"),
             ),
             Method(
                 "LRP-EpsilonAlpha2Beta1Flat",
@@ -268,7 +304,6 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 dict(_LRP),
                 _zennit(_canonized_composite(zc.EpsilonAlpha2Beta1Flat)),
                 _alpha_beta_passes,
-                _fused_lrp("EpsilonAlpha2Beta1Flat"),
             ),
             # Captum's DeepLift runs input and baseline as one doubled batch: 2 forward, 2 backward rows.
             Method("DeepLIFT", "captum", {"multiply_by_inputs": True}, _deeplift, lambda p, size: (2, 2)),
@@ -305,16 +340,13 @@ METHODS: Mapping[str, Method] = MappingProxyType(
     }
 )
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
-# How a method with a fused rule runs: "fused" (core.fused_rules, where it supports the model; else the
-# library) or "library" (Zennit or Captum, the reference the fused rules are tested against).
-IMPLEMENTATIONS = ("fused", "library")
 # Cheap enough to score a whole dataset on a CPU in minutes: what the demo scores and the dashboard starts with.
 QUICK_METHODS: tuple[str, ...] = ("Gradient", "GuidedBackprop", "LRP-EpsilonPlusFlat", "LayerGradCam")
 
 
 def predicted_targets(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     with model_lock(model), torch.no_grad():
-        return model(batch).argmax(dim=1)
+        return model(batch.to(module_device(model))).argmax(dim=1)
 
 
 def attribute(
@@ -323,33 +355,31 @@ def attribute(
     targets: torch.Tensor | np.ndarray | list[int] | None,
     method: str,
     params: Mapping[str, Any] | None = None,
-    implementation: str = "fused",
 ) -> torch.Tensor:
     """Attribution N×C×H×W of ``targets`` (default: the predicted classes) for a batch of model inputs.
 
-    ``params`` overrides the paper's defaults of ``method`` (``METHODS[method].defaults``).
+    ``params`` overrides the paper's defaults of ``method`` (``METHODS[method].defaults``). The batch and
+    the targets go to the model's device (``core.devices.module_device``); the attribution stays there.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, not {implementation!r}")
     spec = METHODS[method]
     resolved = spec.params(params)
     if batch.ndim != 4:
         raise ValueError(f"batch must be N×C×H×W, got shape {tuple(batch.shape)}")
     if model.training:
         raise ValueError("attribution needs the model in eval mode (call model.eval())")
+    device = module_device(model)
     if targets is None:
         targets = predicted_targets(model, batch)
-    targets = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
+    if isinstance(targets, torch.Tensor):
+        targets = targets.detach().cpu().numpy()  # np.asarray cannot read a GPU tensor
+    targets = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1).to(device)
     if targets.shape[0] != batch.shape[0]:
         raise ValueError(f"{targets.shape[0]} targets for {batch.shape[0]} images")
-    x = batch.detach().clone().requires_grad_(True)
+    x = batch.detach().to(device).clone().requires_grad_(True)
     with model_lock(model):
-        if implementation == "fused" and spec.fused is not None and fused_rules.supports(model):
-            attribution = spec.fused(model, x, targets, **resolved)
-        else:
-            attribution = spec.run(model, x, targets, **resolved)
+        attribution = spec.run(model, x, targets, **resolved)
     return attribution.detach()
 
 
