@@ -24,6 +24,7 @@ from zennit.attribution import Gradient, IntegratedGradients, SmoothGrad
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.torchvision import ResNetCanonizer
 
+from core import fused_rules
 from core.devices import device_batch, module_device
 from models.locks import model_lock
 
@@ -38,6 +39,9 @@ class Method:
     run: Callable[..., torch.Tensor] = field(repr=False)
     # (forward passes, backward passes) per image for (params, image side): the method's floor.
     passes: Callable[[Mapping[str, Any], int], tuple[int, int]] = field(repr=False)
+    # Our own fused reverse pass of the same rule (core.fused_rules), used where it supports the model;
+    # the library's ``run`` stays the reference (implementation="library").
+    fused: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
 
     def params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         unknown = set(overrides or {}) - set(self.defaults)
@@ -233,6 +237,17 @@ def _occlusion_passes(p, size):
     return positions + 1, 0
 
 
+def _fused_lrp(composite: str):
+    def run(model, x, targets, **params):
+        return fused_rules.lrp(model, x, targets, composite, **params)
+
+    return run
+
+
+def _fused_excitation(model, x, targets, **params):
+    return fused_rules.excitation_backprop(model, x, targets, **params)
+
+
 def _z_plus_passes(p, size):
     return 3, 2
 
@@ -279,10 +294,16 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 {**_GRAD, "stabilizer": 1e-6},
                 _zennit(_composite(zc.ExcitationBackprop)),
                 _z_plus_passes,
+                _fused_excitation,
             ),
             Method("DeconvNet", "zennit", dict(_GRAD), _zennit(_composite(zc.DeconvNet)), lambda p, size: (1, 1)),
             Method(
-                "LRP-EpsilonPlus", "zennit", dict(_LRP), _zennit(_canonized_composite(zc.EpsilonPlus)), _z_plus_passes
+                "LRP-EpsilonPlus",
+                "zennit",
+                dict(_LRP),
+                _zennit(_canonized_composite(zc.EpsilonPlus)),
+                _z_plus_passes,
+                _fused_lrp("EpsilonPlus"),
             ),
             Method(
                 "LRP-EpsilonPlusFlat",
@@ -290,6 +311,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 dict(_LRP),
                 _zennit(_canonized_composite(zc.EpsilonPlusFlat)),
                 _z_plus_passes,
+                _fused_lrp("EpsilonPlusFlat"),
             ),
             Method(
                 "LRP-EpsilonAlpha2Beta1",
@@ -297,6 +319,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 dict(_LRP),
                 _zennit(_canonized_composite(zc.EpsilonAlpha2Beta1)),
                 _alpha_beta_passes,
+                _fused_lrp("EpsilonAlpha2Beta1"),
             ),
             Method(
                 "LRP-EpsilonAlpha2Beta1Flat",
@@ -304,6 +327,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 dict(_LRP),
                 _zennit(_canonized_composite(zc.EpsilonAlpha2Beta1Flat)),
                 _alpha_beta_passes,
+                _fused_lrp("EpsilonAlpha2Beta1Flat"),
             ),
             # Captum's DeepLift runs input and baseline as one doubled batch: 2 forward, 2 backward rows.
             Method("DeepLIFT", "captum", {"multiply_by_inputs": True}, _deeplift, lambda p, size: (2, 2)),
@@ -340,6 +364,9 @@ METHODS: Mapping[str, Method] = MappingProxyType(
     }
 )
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+# How a method with a fused rule runs: "fused" (core.fused_rules, where it supports the model; else the
+# library) or "library" (Zennit or Captum, the reference the fused rules are tested against).
+IMPLEMENTATIONS = ("fused", "library")
 # Cheap enough to score a whole dataset on a CPU in minutes: what the demo scores and the dashboard starts with.
 QUICK_METHODS: tuple[str, ...] = ("Gradient", "GuidedBackprop", "LRP-EpsilonPlusFlat", "LayerGradCam")
 
@@ -355,6 +382,7 @@ def attribute(
     targets: torch.Tensor | np.ndarray | list[int] | None,
     method: str,
     params: Mapping[str, Any] | None = None,
+    implementation: str = "fused",
 ) -> torch.Tensor:
     """Attribution N×C×H×W of ``targets`` (default: the predicted classes) for a batch of model inputs.
 
@@ -363,6 +391,8 @@ def attribute(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, not {implementation!r}")
     spec = METHODS[method]
     resolved = spec.params(params)
     if batch.ndim != 4:
@@ -379,7 +409,10 @@ def attribute(
         raise ValueError(f"{targets.shape[0]} targets for {batch.shape[0]} images")
     x = batch.detach().to(device).clone().requires_grad_(True)
     with model_lock(model):
-        attribution = spec.run(model, x, targets, **resolved)
+        if implementation == "fused" and spec.fused is not None and fused_rules.supports(model):
+            attribution = spec.fused(model, x, targets, **resolved)
+        else:
+            attribution = spec.run(model, x, targets, **resolved)
     return attribution.detach()
 
 
