@@ -1,16 +1,24 @@
-"""Seconds per image of every method, and its ratio to the method's floor, measured in one run.
+"""Milliseconds per image of every method, and its ratio to the method's floor, measured in one run.
 
-The floor of a method is its number of forward and backward passes per image (``method_passes``)
-times the raw model's pass times, measured here, on the same batch, just before. A ratio near 1
-means the wrapper, hooks and library add nothing beyond the passes the method needs.
+The floor of a method is its number of forward and backward passes per image (``method_passes``: Zennit's
+and Captum's pass counts, e.g. z⁺ 3f+2b, α-β 5f+4b, DeepLIFT one doubled f+b) times the raw model's pass
+times: a forward without gradients, and a forward plus the backward to the input with frozen weights.
+A single measurement of those is easily off by 2× on a shared machine, so the raw passes are measured in
+rounds interleaved with the methods (forward, forward+backward, then each method under test, round after
+round), and the table reports medians with their spread. A method with a fused rule (core.fused_rules) is
+timed both ways, ``fused`` (what ``attribute`` runs) and ``library`` (Zennit or Captum), in the same rounds.
+A ratio near 1 means the implementation adds nothing beyond the passes the method needs; below 1, it needs
+fewer passes than the library's count.
 
-    .venv/bin/python bench/attribution_speed.py                     # ResNet-50, 224 px, 4 images
-    .venv/bin/python bench/attribution_speed.py --arch resnet18 --methods Gradient,Occlusion
+    .venv/bin/python bench/attribution_speed.py                     # ResNet-50, 224 px, 4 images, all methods
+    .venv/bin/python bench/attribution_speed.py --methods LRP-EpsilonPlusFlat,ExcitationBackprop --rounds 7
+    .venv/bin/python bench/attribution_speed.py --arch resnet18 --size 112 --methods Gradient,Occlusion
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,18 +27,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.attribute import METHOD_NAMES, attribute, method_passes
+from core.attribute import METHOD_NAMES, METHODS, attribute, method_passes
 from core.library_warnings import quiet_library_warnings
 from models.resnet import build_resnet
 
 
-def best_of(repeats: int, run) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def spread(values: list[float], scale: float) -> str:
+    """min/median/max, scaled (e.g. to ms per image)."""
+    low, mid, high = min(values) * scale, statistics.median(values) * scale, max(values) * scale
+    return f"{low:.0f}/{mid:.0f}/{high:.0f}"
 
 
 def main() -> None:
@@ -40,9 +51,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4, help="batch size (images explained at once)")
     parser.add_argument("--classes", type=int, default=12)
     parser.add_argument("--methods", default=",".join(METHOD_NAMES))
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (methods under 5 s too)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (1 for methods over 20 s a batch)")
+    parser.add_argument(
+        "--implementation",
+        choices=("both", "fused", "library"),
+        default="both",
+        help="for methods with a fused rule: time ours, the library's, or both (default)",
+    )
     args = parser.parse_args()
     quiet_library_warnings()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}")
 
     torch.manual_seed(0)
     model = build_resnet(args.arch, args.classes).eval()
@@ -60,21 +81,54 @@ def main() -> None:
         out = model(inp)
         torch.autograd.grad(out[torch.arange(args.images), targets].sum(), inp)
 
-    forward_backward()  # warm-up: allocator, kernels, autograd
+    runs = []  # (label, method, implementation)
+    for method in methods:
+        if METHODS[method].fused is None or args.implementation == "library":
+            runs.append((method, "library"))
+        elif args.implementation == "fused":
+            runs.append((method, "fused"))
+        else:
+            runs += [(method, "fused"), (method, "library")]
+
+    # Warm-up: allocator, kernels, autograd, hook registration paths, lazy imports.
+    forward_backward()
     forward()
-    print(f"{args.arch} {args.size}px, batch {args.images}, {torch.get_num_threads()} threads")
-    print(f"{'method':28s} {'passes f/b':>10s} {'s/image':>9s} {'floor':>9s} {'ratio':>6s}")
-    for method in args.methods.split(","):
+    for method, implementation in runs:
+        attribute(model, x[:1], targets[:1], method, implementation=implementation)
+
+    t_f: list[float] = []
+    t_fb: list[float] = []
+    times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    for round_ in range(args.rounds):
+        for run in runs:
+            t_f.append(timed(forward))
+            t_fb.append(timed(forward_backward))
+            method, implementation = run
+            if round_ > 0 and statistics.median(times[run]) > 20:
+                continue  # a slow method (Occlusion, SmoothGrad on a big model): one round is enough
+            times[run].append(
+                timed(lambda m=method, i=implementation: attribute(model, x, targets, m, implementation=i))
+            )
+
+    per_image = 1000 / args.images  # seconds per batch -> ms per image
+    f, fb = statistics.median(t_f), statistics.median(t_fb)
+    print(f"{args.arch} {args.size}px, batch {args.images}, {torch.get_num_threads()} threads, {args.rounds} rounds")
+    print(
+        f"raw passes (ms/image, min/median/max over {len(t_f)} interleaved runs): "
+        f"forward {spread(t_f, per_image)}, forward+backward {spread(t_fb, per_image)}"
+    )
+    print(f"{'method':28s} {'impl':8s} {'passes f/b':>10s} {'ms/image':>9s} {'floor':>8s} {'ratio':>6s}", end="")
+    print("  spread (min/med/max ms)")
+    for run in runs:
+        method, implementation = run
         n_f, n_b = method_passes(method, size=args.size)
-        # The raw passes are re-measured beside each method, so load from elsewhere hits both alike.
-        t_f = best_of(args.repeats, forward) / args.images
-        t_fb = best_of(args.repeats, forward_backward) / args.images
-        floor = n_b * t_fb + (n_f - n_b) * t_f
-        repeats = args.repeats if floor * args.images < 5 else 1
-        attribute(model, x[:1], targets[:1], method)  # warm-up: hook registration paths, lazy imports
-        per_image = best_of(repeats, lambda m=method: attribute(model, x, targets, m)) / args.images
-        print(f"{method:28s} {n_f:>5d}/{n_b:<4d} {per_image:9.3f} {floor:9.3f} {per_image / floor:6.2f}", flush=True)
-    print(f"\nraw pass times beside the last method: forward {t_f:.4f} s/image, forward+backward {t_fb:.4f} s/image")
+        floor = n_b * fb + (n_f - n_b) * f
+        t = statistics.median(times[run])
+        print(
+            f"{method:28s} {implementation:8s} {n_f:>5d}/{n_b:<4d} {t * per_image:9.0f} {floor * per_image:8.0f} "
+            f"{t / floor:6.2f}  {spread(times[run], per_image)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
