@@ -15,11 +15,20 @@ from cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, DiskCache
 from cache.spec_store import SpecStore, default_spec_dir
 from core.annotations import AnnotationRead, load_annotations
 from core.dataset import Dataset, open_dataset
+from core.devices import resolve_device
 from core.hpo import region_counts
 from core.layout import DatasetLayout
 from models.checkpoint import Classifier, load_classifier
 from models.domain_guard import guard_path
 from models.parser import FaceParser, load_face_parser
+
+DEVICE_ENV = "XAI_DEVICE"  # where the dashboard's networks run: auto (default), cpu, cuda or cuda:N
+
+
+def device() -> str:
+    """``$XAI_DEVICE`` resolved (``core.devices.resolve_device``; unset: auto, the first GPU if there is one),
+    read on every call, so the models below are loaded again when it changes."""
+    return str(resolve_device(os.environ.get(DEVICE_ENV) or "auto", DEVICE_ENV))
 
 
 # Keyed by folder, read from the environment on every call, so a changed $XAI_CACHE_DIR is honoured.
@@ -42,15 +51,16 @@ def spec_store() -> SpecStore:
 
 
 @st.cache_resource(show_spinner="Loading the classifier …", max_entries=4)
-def classifier_from(card_path: str, modified: float, guard_modified: float = 0.0) -> Classifier:
+def classifier_from(card_path: str, modified: float, guard_modified: float = 0.0, device: str = "cpu") -> Classifier:
     """``modified`` (the card's mtime) is part of the key, so a retrained model is reloaded; and
-    ``guard_modified`` (its out-of-domain guard's), so a guard fitted later is picked up."""
-    return load_classifier(card_path)
+    ``guard_modified`` (its out-of-domain guard's), so a guard fitted later is picked up; ``device``, where
+    it runs."""
+    return load_classifier(card_path, device=device)
 
 
 @st.cache_resource(show_spinner="Loading the face parser …", max_entries=2)
-def parser_from(card_path: str, modified: float) -> FaceParser:
-    return load_face_parser(card_path)
+def parser_from(card_path: str, modified: float, device: str = "cpu") -> FaceParser:
+    return load_face_parser(card_path, device=device)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -68,11 +78,11 @@ def modified(path: str | Path) -> float:
 
 
 def classifier(card_path: str) -> Classifier:
-    return classifier_from(card_path, modified(card_path), modified(guard_path(card_path)))
+    return classifier_from(card_path, modified(card_path), modified(guard_path(card_path)), device())
 
 
 def parser(card_path: str) -> FaceParser:
-    return parser_from(card_path, modified(card_path))
+    return parser_from(card_path, modified(card_path), device())
 
 
 def dataset(root: str) -> Dataset:

@@ -74,7 +74,14 @@ class View:
         page's target). Scores of RQ1's or RQ2's ``split`` get the profile's relevance mode, if it has one."""
         parser = resources.parser(self.parser) if self.parser else None
         settings = ExplainSettings(
-            **{"methods": self.methods, "mode": self.mode, "spec": self.spec, "parser": parser, **changes}
+            **{
+                "methods": self.methods,
+                "mode": self.mode,
+                "spec": self.spec,
+                "parser": parser,
+                "detector_device": resources.device(),
+                **changes,
+            }
         )
         return apply(settings, self.fidelity, split=split, mode=changes.get("mode"))
 
@@ -137,6 +144,11 @@ def _spec_selector() -> tuple[RegionSpec, str]:
 def sidebar() -> View:
     """Draw the shared sidebar and remember its view for the pages of this run."""
     bar = st.sidebar
+    try:
+        resources.device()  # $XAI_DEVICE: a bad name or a missing GPU is one line, before any model loads
+    except UserFacingError as error:
+        st.error(str(error))
+        st.stop()
     bar.header("Data and model")
     dataset_path = bar.text_input(
         "Dataset folder",
