@@ -51,10 +51,10 @@ def resolve_device(name: str | torch.device | None = "auto", source: str = "devi
 
 def module_device(module: nn.Module) -> torch.device:
     """The device of a model's first parameter (or buffer); the CPU for a model with neither."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

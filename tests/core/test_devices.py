@@ -5,6 +5,7 @@ module that records where its inputs were, and a GPU's presence by patching ``to
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -222,9 +223,14 @@ def test_the_cache_key_carries_a_gpus_device_and_precision_and_not_the_cpus(monk
     image = np.zeros((32, 32, 3), np.uint8)
     salt = pipeline._attribution_salt()
     before = memo_key("attribution", salt, classifier, image, 1, "Gradient", {"initial_relevance": "onehot"})
-    keys = []
+    keys: list[str] = []
     sums = (np.zeros((32, 32)), np.zeros((32, 32)))
-    monkeypatch.setattr(pipeline, "memoised_rows", lambda cache, k, compute: keys.extend(k) or [sums])
+
+    def rows(cache, new_keys, compute):
+        keys.extend(new_keys)
+        return [sums]
+
+    monkeypatch.setattr(pipeline, "memoised_rows", rows)
     pipeline.attribution_sums(classifier, image[None], [1], "Gradient", {"initial_relevance": "onehot"})
     assert keys == [before]
     assert pipeline.device_parts(classifier) == ()
@@ -243,9 +249,12 @@ def test_the_detector_device_is_resolved_and_keys_found_faces_only_off_the_cpu(m
     with pytest.raises(DeviceError, match="detector device 'cuda'"):
         pipeline.ExplainSettings(detector_device="cuda")
     calls = []
-    monkeypatch.setattr(
-        pipeline, "found_faces", lambda image, cache=None, **on: calls.append(on) or (ASTRONAUT_LANDMARKS, 1)
-    )
+
+    def found(image, cache=None, **on):
+        calls.append(on)
+        return ASTRONAUT_LANDMARKS, 1
+
+    monkeypatch.setattr(pipeline, "found_faces", found)
     photo = pipeline.Photo(data.astronaut())
     pipeline.align_photo(photo, 32)
     pipeline.align_photo(photo, 32, device="cuda:1")
@@ -297,5 +306,6 @@ def test_every_command_that_runs_a_network_has_the_flag(command):
     from core.cli import build_parser
 
     parser = build_parser()
-    sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = commands.choices[command]
     assert any("--device" in action.option_strings and action.default == "auto" for action in sub._actions)
