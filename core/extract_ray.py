@@ -149,6 +149,9 @@ def _scored_batches(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the caller's progress() counts finished batches
     context.print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:  # its INFO and WARNING stay in Ray's log files
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
     size, cpus, gpus = pool_shape(ray.cluster_resources(), actors)
     classifiers = ray.put({name: _on(c, None) for name, c in plan.classifiers.items()})
     items = ray.data.from_items([{"index": i} for i in range(len(work))], override_num_blocks=len(work))

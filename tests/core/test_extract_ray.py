@@ -263,3 +263,23 @@ def test_the_local_engine_imports_no_ray_and_a_bad_address_is_one_line(tiny, tmp
     assert len(lines) == 1 and "cannot reach the Ray cluster at 127.0.0.1:" in lines[0], bad.stderr
     assert "Traceback" not in bad.stderr
     assert time.monotonic() - start < 120  # bounded: the interpreter's and torch's start-up, then a 10 s connect
+
+
+def test_ray_options_without_the_ray_engine_are_refused(tiny, capsys):
+    from core.cli import main as cli_main
+
+    dataset, _ = tiny
+    assert cli_main(["extract", str(dataset.root), "--actors", "2", "--no-store", "--no-cache"]) == 2
+    assert "--address and --actors go with --engine ray" in capsys.readouterr().err
+
+
+def test_the_dashboard_engine_comes_from_the_environment(monkeypatch):
+    from dashboard.scores import ENGINE_ENV, extraction_engine
+
+    monkeypatch.delenv(ENGINE_ENV, raising=False)
+    assert extraction_engine() == "local"
+    monkeypatch.setenv(ENGINE_ENV, " Ray ")
+    assert extraction_engine() == "ray"
+    monkeypatch.setenv(ENGINE_ENV, "spark")
+    with pytest.raises(UserFacingError, match="XAI_EXTRACT_ENGINE must be local or ray, not 'spark'"):
+        extraction_engine()
