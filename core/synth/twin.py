@@ -59,6 +59,7 @@ PROXIES = {"HP:0000158": "HP:0010808"}  # Macroglossia (BWS) is drawn as a protr
 ANNOTATED_SEVERITY = {1: 0.6, 2: 0.8, 3: 1.0}  # raters who marked a term -> its severity
 RING = 2.5  # the warp's residual is zero this many eye distances from the landmarks' centre
 GRID = 8  # pixels between the points where the warp is evaluated exactly
+MAX_SIDE = 4096  # largest photo side a twin writes (the size core.imageio reads without shrinking)
 PROBE = 64  # size of the cheap render that measures a person's own landmarks
 _BOX = ("bb_x1", "bb_y1", "bb_x2", "bb_y2")
 _POINTS = tuple(f"{axis}{i}" for i in range(1, 6) for axis in ("x", "y"))
@@ -127,6 +128,13 @@ def release_rows(release: Path, rows: int | None = None) -> pl.DataFrame:
     missing = [column for column in needed if column not in table.columns]
     if missing:
         raise TwinError(f"{path}: a twin needs the release's columns; missing {', '.join(missing)}")
+    try:
+        numbers = table.select([pl.col(c).cast(pl.Float64, strict=True) for c in (*_BOX, *_POINTS)])
+    except pl.exceptions.PolarsError:
+        raise TwinError(f"{path}: box and landmark columns must be numbers") from None
+    if not np.isfinite(numbers.to_numpy()).all() or numbers.to_numpy().max() > MAX_SIDE:
+        raise TwinError(f"{path}: box and landmark values must be finite and under {MAX_SIDE} pixels")
+    table = table.with_columns(numbers)
     labels = [label_from_name(name) for name in table["image_name"]]
     if None in labels:
         raise TwinError(f"{path}: every image name must start with '<label>Slide'")

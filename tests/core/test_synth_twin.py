@@ -168,3 +168,14 @@ def test_a_release_without_partitions_is_refused(tmp_path, capsys):
     (tmp_path / "metadata").mkdir()
     assert main(["twin", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "partitions.csv is missing" in capsys.readouterr().err
+
+
+def test_a_release_with_absurd_boxes_is_refused(tmp_path, capsys):
+    """A photo side comes from the box: a corrupt or hostile box must not allocate gigabytes."""
+    (tmp_path / "metadata").mkdir()
+    lines = (RELEASE / "metadata" / "partitions.csv").read_text(encoding="utf-8").splitlines()
+    header, row = lines[0], lines[1].split(",")
+    row[header.split(",").index("bb_x2")] = "1e7"
+    (tmp_path / "metadata" / "partitions.csv").write_text("\n".join([header, ",".join(row)]) + "\n")
+    assert main(["twin", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "finite and under 4096 pixels" in capsys.readouterr().err
