@@ -243,7 +243,9 @@ def command_demo(args: argparse.Namespace) -> int:
     from cache import DiskCache
     from core.demo import build_demo
 
-    report = build_demo(args.root, log=lambda line: print(line, file=sys.stderr, flush=True), cache=DiskCache())
+    report = build_demo(
+        args.root, log=lambda line: print(line, file=sys.stderr, flush=True), cache=DiskCache(), device=_device(args)
+    )
     if report["stages"]:
         print(json.dumps(report, indent=2))
     return 0
@@ -961,6 +963,7 @@ def _add_table2(commands: Subcommands) -> None:
 def _add_demo(commands: Subcommands) -> None:
     demo = commands.add_parser("demo", help="build the synthetic demo dataset and its models (idempotent)")
     demo.add_argument("--root", type=Path, help="where (default: data/demo, or $XAI_DATA_DIR/demo)")
+    _add_device(demo)
     demo.set_defaults(run=command_demo)
 
 

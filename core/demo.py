@@ -96,19 +96,24 @@ class _Stages:
 
 
 def build_demo(
-    root: Path | None = None, preset: DemoPreset = DemoPreset(), log=print, cache: DiskCache | None = None
+    root: Path | None = None,
+    preset: DemoPreset = DemoPreset(),
+    log=print,
+    cache: DiskCache | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Build (or confirm) the demo under ``root``; returns what was done and how long it took.
 
-    With a ``cache``, the cheap methods' attributions of the held-out faces are stored in it."""
-    build = _Build(DatasetLayout(Path(root or demo_dataset())), preset, log)
+    With a ``cache``, the cheap methods' attributions of the held-out faces are stored in it. The networks
+    train and run on ``device`` (a resolved name); the stages' markers do not depend on it."""
+    build = _Build(DatasetLayout(Path(root or demo_dataset())), preset, log, device)
     started = time.perf_counter()
     parser_digest = build.parser(build.dataset())
     dataset = open_dataset(build.layout.root)
     build.classifiers(dataset, parser_digest)
     build.domain_guards(dataset)
     if cache is not None and preset.cheap_methods:
-        _analyse(dataset, preset, cache, build.stages, log, build.report)
+        _analyse(dataset, preset, cache, build.stages, log, build.report, device)
     build.report["seconds"] = time.perf_counter() - started
     if not build.report["stages"]:
         log(f"the demo in {build.layout.root} is up to date")
@@ -122,6 +127,7 @@ class _Build:
     layout: DatasetLayout
     preset: DemoPreset
     log: Callable[[str], object]
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         self.stages = _Stages(self.layout.root)
@@ -174,6 +180,7 @@ class _Build:
             preset.parser,
             layout.models,
             log=lambda line: self.log("  " + line),
+            device=self.device,
         )
         result.iou.write_csv(layout.parser_iou)
         parser = load_face_parser(result.card_path)
@@ -196,7 +203,7 @@ class _Build:
             if self.stages.done(f"domain-{fold}", digest) and _has_its_guard(card):
                 continue
             self.log(f"fitting the {fold} classifier's out-of-domain guard …")
-            fitted = fit_domain(card, dataset, fold)
+            fitted = fit_domain(card, dataset, fold, device=self.device)
             self.log(f"  threshold {fitted.guard.threshold:.1f}; flagged: {fitted.summary()['flagged']}")
             self.report["stages"][f"domain-{fold}"] = fitted.summary()
             self.stages.mark(f"domain-{fold}", digest)
@@ -222,6 +229,7 @@ class _Build:
                 self.layout.models,
                 lambda subset: faces[[position[n] for n in subset]],  # noqa: B023 (used in this iteration only)
                 log=lambda line: self.log("  " + line),
+                device=self.device,
             )
             self.log(
                 f"  {fold}: val accuracy {result.val_accuracy:.3f}, test accuracy {result.test_accuracy:.3f} "
@@ -250,12 +258,14 @@ def _has_its_guard(card: Path) -> bool:
         return False
 
 
-def _analyse(dataset, preset: DemoPreset, cache: DiskCache, stages: _Stages, log, report: dict) -> None:
+def _analyse(
+    dataset, preset: DemoPreset, cache: DiskCache, stages: _Stages, log, report: dict, device: str = "cpu"
+) -> None:
     """What the dashboard opens on: the cheap methods' score tables and relevance stores for RQ1 (each
     fold model's val faces) and RQ2 (the annotated test faces), and their ground-truth leaderboard."""
     cards = [dataset.layout.classifier_card(fold) for fold in preset.folds]
-    settings = ExplainSettings(methods=preset.cheap_methods)
-    classifiers = load_classifiers(cards)
+    settings = ExplainSettings(methods=preset.cheap_methods, detector_device=device)
+    classifiers = load_classifiers(cards, device)
     digest = _hash(
         "analysis",
         [stages.digest_of(f"classifier-{fold}") for fold in preset.folds],

@@ -300,7 +300,8 @@ def test_cli_device_cpu_gives_what_no_flag_gives_and_cuda_one_line(card_path, tm
 
 
 @pytest.mark.parametrize(
-    "command", ["explain", "train", "fit-domain", "train-parser", "benchmark", "faithfulness", "sanity", "extract"]
+    "command",
+    ["explain", "train", "fit-domain", "train-parser", "benchmark", "faithfulness", "sanity", "extract", "demo"],
 )
 def test_every_command_that_runs_a_network_has_the_flag(command):
     from core.cli import build_parser
