@@ -194,6 +194,9 @@ def _scored(
             "cache_dir": None if cache is None else str(cache.directory),
             "work": work,
         },
+        # the actors import this project from where the driver has it (a shared filesystem on a cluster),
+        # also in a Ray session that someone else started
+        runtime_env={"env_vars": {"PYTHONPATH": _python_path()}},
         max_restarts=RETRIES,
         max_task_retries=RETRIES,
     )
@@ -247,8 +250,6 @@ def _connect(ray: Any, address: str | None) -> None:
             log_to_driver=False,
             logging_level=logging.ERROR,
             configure_logging=True,
-            # the workers import this project from where the driver has it (a shared filesystem on a cluster)
-            runtime_env={"env_vars": {"PYTHONPATH": _python_path()}},
         )
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         where = "on this machine (--address auto)" if address == "auto" else f"at {address}"

@@ -74,10 +74,7 @@ def ray_cluster():
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        object_store_memory=200 * 2**20,
-        runtime_env={
-            "env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        },
+        object_store_memory=200 * 2**20,  # no runtime_env: the engine itself gives its actors the project's path
     )
     yield ray
     ray.shutdown()
