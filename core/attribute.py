@@ -248,6 +248,10 @@ def _fused_excitation(model, x, targets, **params):
     return fused_rules.excitation_backprop(model, x, targets, **params)
 
 
+def _fused_deeplift(model, x, targets, multiply_by_inputs=True):
+    return fused_rules.deeplift(model, x, targets, multiply_by_inputs=multiply_by_inputs)
+
+
 def _z_plus_passes(p, size):
     return 3, 2
 
@@ -330,7 +334,14 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 _fused_lrp("EpsilonAlpha2Beta1Flat"),
             ),
             # Captum's DeepLift runs input and baseline as one doubled batch: 2 forward, 2 backward rows.
-            Method("DeepLIFT", "captum", {"multiply_by_inputs": True}, _deeplift, lambda p, size: (2, 2)),
+            Method(
+                "DeepLIFT",
+                "captum",
+                {"multiply_by_inputs": True},
+                _deeplift,
+                lambda p, size: (2, 2),
+                _fused_deeplift,
+            ),
             # Guided backprop and Grad-CAM each need their own forward and backward pass.
             Method(
                 "GuidedGradCam",

@@ -1,4 +1,4 @@
-"""LRP composites and excitation backprop as one hand-written reverse pass over the project's ResNets.
+"""LRP composites, excitation backprop and DeepLIFT as one hand-written reverse pass over the project's ResNets.
 
 Zennit implements a rule per layer as a backward hook: autograd runs the layer's own backward, the
 hook throws that result away and re-evaluates the layer once per input/weight sign combination of
@@ -32,6 +32,9 @@ rule by rule, from Zennit 0.5.1:
 - excitation backprop (``zennit.composites.ExcitationBackprop``, no canonizer): z⁺ on every
   convolution and on the dense layer, batch norms and ReLUs by their gradient, ``Norm`` on the
   average pool.
+
+DeepLIFT (``deeplift``) reproduces Captum 0.9's ``DeepLift`` with a zero baseline, quirks included (see
+the function), and is tested against it the same way.
 
 Only networks whose structure is known are taken (``supports``): torchvision's ResNet forward with
 the attribution-safe blocks of ``models.resnet`` (matched by class name and module, since this layer
@@ -387,3 +390,112 @@ def excitation_backprop(
     relevance = _maxpool_backward(net.maxpool, stem_out, relevance)
     relevance = torch.where(stem_out > 0, relevance, 0.0)
     return _zplus(stem, x, bn_grad(stem, relevance), stabilizer, True)
+
+
+def _bn_backward(bn: nn.BatchNorm2d, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient through an eval-mode batch norm: ``grad · γ/√(σ²+ε)`` per channel."""
+    assert bn.running_var is not None
+    return grad * (bn.weight * torch.rsqrt(bn.running_var + bn.eps))[:, None, None]
+
+
+def _rescale(grad: torch.Tensor, pre: tuple[torch.Tensor, torch.Tensor], out: tuple[torch.Tensor, torch.Tensor], eps):
+    """Captum's rescale rule on one ReLU (``deep_lift.nonlinear``): ``grad·Δout/Δin``, the plain gradient where
+    ``|Δin| < eps``."""
+    delta_in, delta_out = pre[0] - pre[1], out[0] - out[1]
+    return torch.where(delta_in.abs() < eps, torch.where(out[0] > 0, grad, 0.0), grad * delta_out / delta_in)
+
+
+def _maxpool_rescale(pool: nn.MaxPool2d, grad: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, eps) -> torch.Tensor:
+    """Captum's ``deep_lift.maxpool`` for the input half of its doubled batch. The reference half's gradient
+    at the pool's output equals the input half's (every layer above treats both halves alike), so it is not
+    computed; the reference's max positions come from pooling the reference once."""
+    kernel, stride, padding = pool.kernel_size, pool.stride, pool.padding
+    out_x, idx_x = F.max_pool2d(x, kernel, stride, padding, pool.dilation, pool.ceil_mode, True)
+    out_ref, idx_ref = F.max_pool2d(ref, kernel, stride, padding, pool.dilation, pool.ceil_mode, True)
+    delta_in = x - ref
+    cross_max = torch.max(out_x, out_ref)
+    size = list(x.shape)
+    to_x = F.max_unpool2d(grad * (cross_max - out_ref), idx_x, kernel, stride, padding, size)  # type: ignore[arg-type]
+    to_ref = F.max_unpool2d(
+        grad * (out_x - cross_max),
+        idx_ref.expand_as(idx_x).contiguous(),
+        kernel,  # type: ignore[arg-type]
+        stride,  # type: ignore[arg-type]
+        padding,  # type: ignore[arg-type]
+        size,
+    )
+    # Where |Δin| < eps Captum falls back to ``grad_input[0]``; its hook receives the gradient as one tensor,
+    # so that is the plain gradient of the batch's first image, for every image. Reproduced as it is.
+    plain = _maxpool_backward(pool, x[:1], grad[:1])
+    return torch.where(delta_in.abs() < eps, plain, (to_x + to_ref) / delta_in)
+
+
+@torch.no_grad()
+def deeplift(
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, multiply_by_inputs: bool = True, eps: float = 1e-10
+) -> torch.Tensor:
+    """Captum's ``DeepLift(model).attribute(x, baselines=0.0, target=targets)`` (rescale rule), N×C×H×W.
+
+    Captum runs input and baseline as one doubled batch and backpropagates both halves. The baseline is the
+    same zero image for every row, so its forward runs once (batch of one) and only the input half goes
+    backward: one forward of N+1 images and one backward of N, against Captum's 2N and 2N.
+    """
+    net = cast(tv.ResNet, model)
+    stem, blocks = _network(net, merge=False)
+    x = x.detach()
+    both = torch.cat([x, torch.zeros_like(x[:1])])  # the inputs, then the (one) baseline
+    n = len(x)
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return t[:n], t[n:]
+
+    stem_pre = stem.forward(both)
+    stem_out = torch.relu(stem_pre)
+    h = net.maxpool(stem_out)
+    saved = []
+    for block in blocks:
+        inputs, pres = [h], []
+        out = h
+        for k, conv in enumerate(block.convs):
+            out = conv.forward(out)
+            if k < len(block.convs) - 1:
+                pres.append(out)
+                out = torch.relu(out)
+                inputs.append(out)
+        identity = h if block.downsample is None else block.downsample.forward(h)
+        pre = out + identity
+        h = torch.relu(pre)
+        saved.append((inputs, pres, pre, h))
+    pooled = torch.flatten(net.avgpool(h), 1)
+    logits = net.fc(pooled)
+
+    grad = F.one_hot(targets.to(logits.device), logits.shape[1]).to(logits.dtype)[:n]
+    grad = (grad @ net.fc.weight)[:, :, None, None].expand(-1, -1, *h.shape[2:]) / (h.shape[2] * h.shape[3])
+    for block, (inputs, pres, pre, block_out) in zip(reversed(blocks), reversed(saved)):
+        grad = _rescale(grad, split(pre), split(block_out), eps)
+        g_branch = grad
+        for k in reversed(range(len(block.convs))):
+            conv = block.convs[k]
+            g_branch = _bn_backward(conv.bn, g_branch)  # type: ignore[arg-type]
+            g_branch = conv.conv_input_grad(inputs[k][:n].shape, conv.weight, g_branch)
+            if k > 0:
+                g_branch = _rescale(g_branch, split(pres[k - 1]), split(inputs[k]), eps)
+        g_identity = grad
+        if block.downsample is not None:
+            down = block.downsample
+            g_identity = down.conv_input_grad(inputs[0][:n].shape, down.weight, _bn_backward(down.bn, grad))  # type: ignore[arg-type]
+        grad = g_branch + g_identity
+    # The stem's ReLU feeds the max-pool directly. Captum's hook on the ReLU records the gradient at its output
+    # before the max-pool's hook rewrites it (tensor hooks run in the order they were registered), so the
+    # ReLU's multipliers apply to the max-pool's plain gradient; only where |Δin| < eps does the rewritten
+    # gradient pass (as the ReLU's own gradient). Reproduced as it is.
+    plain = _maxpool_backward(net.maxpool, stem_out[:n], grad)
+    grad = _maxpool_rescale(net.maxpool, grad, stem_out[:n], stem_out[n:], eps)
+    delta_in = stem_pre[:n] - stem_pre[n:]
+    grad = torch.where(
+        delta_in.abs() < eps,
+        torch.where(stem_out[:n] > 0, grad, 0.0),
+        plain * (stem_out[:n] - stem_out[n:]) / delta_in,
+    )
+    grad = stem.conv_input_grad(x.shape, stem.weight, _bn_backward(stem.bn, grad))  # type: ignore[arg-type]
+    return x * grad if multiply_by_inputs else grad

@@ -1,4 +1,5 @@
-"""The fused LRP and excitation-backprop passes against the library they replace (Zennit, the reference).
+"""The fused LRP, excitation-backprop and DeepLIFT passes against the libraries they replace (Zennit and Captum,
+the references).
 
 Agreement is measured as max |ours − Zennit| / max |Zennit| over the whole batch of maps (the max norm of the
 difference relative to the max norm of the reference) and must stay within 1e-5.
@@ -16,6 +17,7 @@ from tests.conftest import randomised_batchnorm, tiny_resnet
 TOLERANCE = 1e-5
 FUSED = [name for name, spec in METHODS.items() if spec.fused is not None]
 LRP = [name for name in FUSED if name.startswith("LRP-")]
+ZENNIT = [name for name in FUSED if METHODS[name].library == "zennit"]
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -36,6 +38,7 @@ def test_the_lrp_composites_and_excitation_backprop_have_fused_rules():
         "LRP-EpsilonAlpha2Beta1",
         "LRP-EpsilonAlpha2Beta1Flat",
         "ExcitationBackprop",
+        "DeepLIFT",
     }
     assert IMPLEMENTATIONS == ("fused", "library")
 
@@ -60,7 +63,27 @@ def test_excitation_backprop_equals_zennit_on_a_tiny_resnet18(seed):
     assert relative_error(ours, zennit) <= TOLERANCE
 
 
-@pytest.mark.parametrize("method", FUSED)
+@pytest.mark.parametrize("multiply_by_inputs", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_deeplift_equals_captum_on_a_tiny_resnet18(seed, multiply_by_inputs):
+    model = tiny_resnet(seed=seed)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(30 + seed))
+    ours, captum = both(model, x, torch.tensor([2, 0, 1]), "DeepLIFT", {"multiply_by_inputs": multiply_by_inputs})
+    assert relative_error(ours, captum) <= TOLERANCE
+
+
+def test_deeplift_equals_captum_on_images_that_share_pixels_with_the_baseline():
+    # Zero pixels and whole zero images make |Δin| < eps at ReLUs and at the max-pool: Captum's fallbacks.
+    model = tiny_resnet(seed=5, zero_bias=True)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    x[0, :, :16] = 0
+    x[2] = 0
+    ours, captum = both(model, x, torch.tensor([1, 1, 2]), "DeepLIFT")
+    assert relative_error(ours[:2], captum[:2]) <= TOLERANCE
+    assert torch.equal(ours[2], torch.zeros_like(ours[2])) and torch.equal(captum[2], torch.zeros_like(captum[2]))
+
+
+@pytest.mark.parametrize("method", ZENNIT)
 def test_logit_output_relevance_and_other_stabilisers_equal_zennit(method):
     model = tiny_resnet(seed=2)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
