@@ -230,6 +230,9 @@ def segment_sums(maps: np.ndarray, plans: Sequence[SumPlan], regions: int, compi
 def _compiled_segment_sums(maps: np.ndarray, plans: Sequence[SumPlan], regions: int) -> np.ndarray:
     flat = maps.reshape(-1)
     values = flat.view(np.uint16) if flat.dtype == np.float16 else flat.astype(np.float32, copy=False)
+    reach = max((end for plan in plans for _, end, _ in plan.copies), default=0)
+    if reach > values.size:  # the kernel does not check its reads: a short file is refused here
+        raise ValueError(f"the maps file has {values.size} values, the plans read up to {reach}")
     sums = np.zeros((plans[-1].hi if plans else 0, regions + 1), dtype=np.float64)
     for plan in plans:
         if len(plan.bounds):

@@ -113,3 +113,11 @@ def test_plans_need_ascending_rows():
     values, rows, images, _masks, segments, _plans = case(5, "paper", np.float16)
     with pytest.raises(ValueError, match="ascending"):
         plan_sums(segments, rows[::-1], images, values.shape[1] * values.shape[2])
+
+
+def test_a_maps_file_shorter_than_the_plans_is_refused_not_read_past():
+    values, _rows, _images, _masks, segments, plans = case(6, "paper", np.float16)
+    last = max(end for plan in plans for _, end, _ in plan.copies)
+    short = values.reshape(-1)[: last - 1]
+    with pytest.raises(ValueError, match="plans read up to"):
+        segment_sums(short, plans, len(segments.names), compiled=True)
