@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4, help="batch size (images explained at once)")
     parser.add_argument("--classes", type=int, default=12)
     parser.add_argument("--methods", default=",".join(METHOD_NAMES))
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (1 for methods over 20 s a batch)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (one for methods over 60 s a batch)")
     parser.add_argument(
         "--implementation",
         choices=("both", "fused", "library"),
@@ -104,7 +104,7 @@ def main() -> None:
             t_f.append(timed(forward))
             t_fb.append(timed(forward_backward))
             method, implementation = run
-            if round_ > 0 and statistics.median(times[run]) > 20:
+            if round_ > 0 and statistics.median(times[run]) > 60:
                 continue  # a slow method (Occlusion, SmoothGrad on a big model): one round is enough
             times[run].append(
                 timed(lambda m=method, i=implementation: attribute(model, x, targets, m, implementation=i))
