@@ -271,7 +271,7 @@ def test_explain_cli_runs_under_the_paper_profile(monkeypatch):
 
     monkeypatch.setattr(core.explain, "explain", fake_explain)
     monkeypatch.setattr("core.cli._classifier_card", lambda path: path)
-    monkeypatch.setattr("models.checkpoint.load_classifier", lambda path: None)
+    monkeypatch.setattr("models.checkpoint.load_classifier", lambda path, device=None: None)
     monkeypatch.setattr("core.imageio.load_image_and_scale", lambda path: (np.zeros((8, 8, 3), np.uint8), np.ones(2)))
     assert main(["explain", "face.jpg", "--profile", "paper", "--methods", "LayerDeepLIFT"]) == 2
     assert seen and seen[0].method_params("LayerDeepLIFT")["reduce_channels"] is False
