@@ -6,7 +6,15 @@ import torch
 
 import core.pipeline as pipeline_module
 from core.demo import DemoPreset
-from core.synth import FaceParams, render_face, sample_face_shape, sample_photo
+from core.synth import (
+    DEFAULT_CLASSES,
+    FaceParams,
+    SyntheticSpec,
+    generate_dataset,
+    render_face,
+    sample_face_shape,
+    sample_photo,
+)
 from core.train import TrainConfig
 from core.train_parser import ParserConfig
 from models.checkpoint import ModelCard
@@ -31,6 +39,19 @@ TINY = DemoPreset(
         seed=0,
     ),
 )
+
+
+def tiny_synthetic_dataset(root: Path, classes: tuple[str, ...], n_per_class: int, test_fraction: float) -> None:
+    """A small synthetic dataset of ``classes`` at 96 px, one photo per person, for jobs that need folds."""
+    spec = SyntheticSpec(
+        n_per_class=n_per_class,
+        seed=0,
+        size=96,
+        photos_per_person=1,
+        test_fraction=test_fraction,
+        classes=tuple(c for c in DEFAULT_CLASSES if c.label in classes),
+    )
+    generate_dataset(root, spec, workers=1)
 
 
 def tiny_card(classes: tuple[str, ...] = ("A", "B", "Unaffected"), input_size: int = 32, **changes) -> ModelCard:

@@ -27,10 +27,8 @@ from core.relevance_store import RelevanceStore, StoreError
 from core.rescore import rescore
 from core.score import region_scores
 from core.score_table import SCORE_SCHEMA
-from core.synth.classes import DEFAULT_CLASSES
-from core.synth.dataset import SyntheticSpec, generate_dataset
 from models.checkpoint import ModelCard, save_checkpoint
-from tests.conftest import REPO, counting_attributions, tiny_card, tiny_resnet
+from tests.conftest import REPO, counting_attributions, tiny_card, tiny_resnet, tiny_synthetic_dataset
 
 CLASSES = ("KS", "Unaffected", "WS")
 METHODS = ("Gradient", "LayerGradCam")
@@ -46,18 +44,7 @@ def card(fold: str | None) -> ModelCard:
 def tiny(tmp_path_factory):
     """18 faces of 3 classes, one per person: per class 2 test persons and one val person in folds 1-4."""
     root = tmp_path_factory.mktemp("extract") / "data"
-    generate_dataset(
-        root,
-        SyntheticSpec(
-            n_per_class=6,
-            seed=0,
-            size=96,
-            photos_per_person=1,
-            test_fraction=0.34,
-            classes=tuple(c for c in DEFAULT_CLASSES if c.label in CLASSES),
-        ),
-        workers=1,
-    )
+    tiny_synthetic_dataset(root, CLASSES, n_per_class=6, test_fraction=0.34)
     cards = [
         save_checkpoint(tiny_resnet(num_classes=3, seed=f), card(f"fold-{f}"), root / "models", f"classifier-fold-{f}")
         for f in (1, 2)

@@ -28,10 +28,8 @@ from core.extract import ExtractionPlan, extract_scores, load_classifiers
 from core.extract_ray import RayClusterError, _check_reachable, extract_scores_ray, pool_shape
 from core.pipeline import ExplainSettings
 from core.relevance_store import RelevanceStore
-from core.synth.classes import DEFAULT_CLASSES
-from core.synth.dataset import SyntheticSpec, generate_dataset
 from models.checkpoint import save_checkpoint
-from tests.conftest import REPO, tiny_card, tiny_resnet
+from tests.conftest import REPO, tiny_card, tiny_resnet, tiny_synthetic_dataset
 
 CLASSES = ("KS", "Unaffected", "WS")
 METHODS = ("Gradient", "LayerGradCam")
@@ -42,18 +40,7 @@ KEY = ["model", "method", "image_name", "region"]
 def tiny(tmp_path_factory):
     """18 faces of 3 classes (as tests/core/test_extract.py), two fold models of 64 px."""
     root = tmp_path_factory.mktemp("extract-ray") / "data"
-    generate_dataset(
-        root,
-        SyntheticSpec(
-            n_per_class=6,
-            seed=0,
-            size=96,
-            photos_per_person=1,
-            test_fraction=0.34,
-            classes=tuple(c for c in DEFAULT_CLASSES if c.label in CLASSES),
-        ),
-        workers=1,
-    )
+    tiny_synthetic_dataset(root, CLASSES, n_per_class=6, test_fraction=0.34)
     cards = [
         save_checkpoint(
             tiny_resnet(num_classes=3, seed=f),

@@ -18,12 +18,10 @@ from core.regions import PAPER_REGIONS
 from core.relevance_store import RelevanceStore
 from core.rescore import rescore
 from core.score_table import with_domain_columns
-from core.synth.classes import DEFAULT_CLASSES
-from core.synth.dataset import SyntheticSpec, generate_dataset
 from core.train import aligned_faces
 from models.checkpoint import load_classifier, save_checkpoint
 from models.domain_guard import guard_path
-from tests.conftest import tiny_card, tiny_resnet
+from tests.conftest import tiny_card, tiny_resnet, tiny_synthetic_dataset
 
 CLASSES = ("KS", "Unaffected", "WS")
 SIZE = 48
@@ -33,18 +31,7 @@ SIZE = 48
 def tiny(tmp_path_factory):
     """24 faces of 3 classes, one per person, with fold-1's train, val and test splits; one tiny classifier."""
     root = tmp_path_factory.mktemp("fit-domain") / "data"
-    generate_dataset(
-        root,
-        SyntheticSpec(
-            n_per_class=8,
-            seed=0,
-            size=96,
-            photos_per_person=1,
-            test_fraction=0.25,
-            classes=tuple(c for c in DEFAULT_CLASSES if c.label in CLASSES),
-        ),
-        workers=1,
-    )
+    tiny_synthetic_dataset(root, CLASSES, n_per_class=8, test_fraction=0.25)
     card = save_checkpoint(
         tiny_resnet(num_classes=3, seed=2),
         tiny_card(CLASSES, SIZE, fold="fold-1"),
