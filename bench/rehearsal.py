@@ -293,9 +293,14 @@ def main() -> None:
         "--rq2-methods", default=",".join(RQ2_METHODS), help="methods on the annotated test faces (RQ2, leaderboard)"
     )
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the twin and its trained models in --out: run the stages after train",
+    )
     args = parser.parse_args()
     quiet_library_warnings()
-    if args.out.exists():
+    if args.out.exists() and not args.resume:
         shutil.rmtree(args.out)
     r = Rehearsal(args)
     root, folds = str(args.out), args.folds.split(",")
@@ -304,12 +309,14 @@ def main() -> None:
     r.facts["command"] = " ".join(sys.argv)
 
     twin = ["twin", str(args.release), root, "--workers", str(args.workers)]
-    r.stage("twin", lambda: r.cli(*twin, *(["--rows", str(args.rows)] if args.rows else [])))
+    if not args.resume:
+        r.stage("twin", lambda: r.cli(*twin, *(["--rows", str(args.rows)] if args.rows else [])))
     dataset = open_dataset(args.out)
     held_out = {fold: len(names_in(dataset, fold, "val")) + len(names_in(dataset, fold, "test")) for fold in folds}
     r.facts |= {"images": dataset.table.height, "held_out_per_fold": held_out}
-    r.stage("train", lambda: r.cli("train", root, "--folds", args.folds, *train_flags(args.epochs)))
-    r.facts["table2"] = pl.read_csv(DatasetLayout(args.out).table2).to_dicts()
+    if not args.resume:
+        r.stage("train", lambda: r.cli("train", root, "--folds", args.folds, *train_flags(args.epochs)))
+        r.facts["table2"] = pl.read_csv(DatasetLayout(args.out).table2).to_dicts()
     r.stage(
         "extract val (4 quick methods)", lambda: r.cli("extract", root, "--split", "val", "--methods", quick, "--quiet")
     )
