@@ -44,7 +44,7 @@ may not import ``models``), no hooks. Anything else goes to the library.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -273,6 +273,39 @@ def _pair(value) -> list[int]:
     return list(value) if isinstance(value, tuple | list) else [value, value]
 
 
+class _BlockTrace(NamedTuple):
+    """What the reverse rules read of one residual block's forward pass."""
+
+    inputs: list[torch.Tensor]  # each convolution's input
+    identity: torch.Tensor  # the shortcut (downsampled where the block has a downsample)
+    branch: torch.Tensor  # the last convolution's output, before the addition
+    out: torch.Tensor  # the block's output, after the addition's ReLU
+
+
+def _forward(
+    net: tv.ResNet, stem: _Conv, blocks: list[_Block], x: torch.Tensor, stacked_sum: bool = False
+) -> tuple[torch.Tensor, list[_BlockTrace], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stem's ReLU output, each block's trace, the last block's output, the pooled features and the
+    logits. ``stacked_sum`` adds the residual as Zennit's canonizer does (a stacked sum), so the
+    rounding matches the library's."""
+    stem_out = torch.relu(stem.forward(x))
+    h = net.maxpool(stem_out)
+    traces = []
+    for block in blocks:
+        inputs = [h]
+        out = h
+        for k, conv in enumerate(block.convs):
+            out = conv.forward(out)
+            if k < len(block.convs) - 1:
+                out = torch.relu(out)
+                inputs.append(out)
+        identity = h if block.downsample is None else block.downsample.forward(h)
+        h = torch.relu(torch.stack([identity, out], dim=-1).sum(dim=-1) if stacked_sum else out + identity)
+        traces.append(_BlockTrace(inputs, identity, out, h))
+    pooled = torch.flatten(net.avgpool(h), 1)
+    return stem_out, traces, h, pooled, net.fc(pooled)
+
+
 @torch.no_grad()
 def lrp(
     model: nn.Module,
@@ -297,29 +330,15 @@ def lrp(
     x = x.detach()
 
     # Forward: keep what the reverse rules read.
-    stem_out = torch.relu(stem.forward(x))
-    h = net.maxpool(stem_out)
-    saved = []
-    for block in blocks:
-        inputs = [h]
-        out = h
-        for k, conv in enumerate(block.convs):
-            out = conv.forward(out)
-            if k < len(block.convs) - 1:
-                out = torch.relu(out)
-                inputs.append(out)
-        identity = h if block.downsample is None else block.downsample.forward(h)
-        saved.append((inputs, identity, out))
-        h = torch.relu(torch.stack([identity, out], dim=-1).sum(dim=-1) if residual_norm else out + identity)
-    pooled = torch.flatten(net.avgpool(h), 1)
-    logits = net.fc(pooled)
+    stem_out, traces, h, pooled, logits = _forward(net, stem, blocks, x, stacked_sum=residual_norm)
 
     # Reverse sweep.
     relevance = _output_relevance(logits, targets, initial_relevance)
     grad = relevance / _stabilize(logits, epsilon)  # Epsilon on the dense layer
     relevance = pooled * (grad @ net.fc.weight)
     relevance = _avgpool_norm(h, relevance, stabilizer)
-    for block, (inputs, identity, out) in zip(reversed(blocks), reversed(saved)):
+    for block, trace in zip(reversed(blocks), reversed(traces)):
+        inputs, identity, out = trace.inputs, trace.identity, trace.branch
         # ReLU after the addition: Pass.
         if residual_norm:
             grad = relevance / _stabilize(identity + out, stabilizer)
@@ -347,35 +366,20 @@ def excitation_backprop(
     net = cast(tv.ResNet, model)
     stem, blocks = _network(net, merge=False)
     x = x.detach()
-    stem_out = torch.relu(stem.forward(x))
-    h = net.maxpool(stem_out)
-    saved = []
-    for block in blocks:
-        inputs = [h]
-        out = h
-        for k, conv in enumerate(block.convs):
-            out = conv.forward(out)
-            if k < len(block.convs) - 1:
-                out = torch.relu(out)
-                inputs.append(out)
-        identity = h if block.downsample is None else block.downsample.forward(h)
-        h = torch.relu(out + identity)
-        saved.append((inputs, h))
-    pooled = torch.flatten(net.avgpool(h), 1)
-    logits = net.fc(pooled)
+    stem_out, traces, h, pooled, logits = _forward(net, stem, blocks, x)
 
     def bn_grad(conv: _Conv, relevance: torch.Tensor) -> torch.Tensor:
-        bn = conv.bn
-        assert bn is not None and bn.running_var is not None
-        return relevance * (bn.weight * torch.rsqrt(bn.running_var + bn.eps))[:, None, None]
+        assert conv.bn is not None
+        return _bn_backward(conv.bn, relevance)
 
     relevance = _output_relevance(logits, targets, initial_relevance)
     fc_w = net.fc.weight.clamp(min=0)
     z = F.linear(pooled, fc_w, net.fc.bias.clamp(min=0) if net.fc.bias is not None else None)
     relevance = pooled * ((relevance / _stabilize(z, stabilizer)) @ fc_w)
     relevance = _avgpool_norm(h, relevance, stabilizer)
-    for block, (inputs, block_out) in zip(reversed(blocks), reversed(saved)):
-        relevance = torch.where(block_out > 0, relevance, 0.0)  # the ReLU's gradient
+    for block, trace in zip(reversed(blocks), reversed(traces)):
+        inputs = trace.inputs
+        relevance = torch.where(trace.out > 0, relevance, 0.0)  # the ReLU's gradient
         r_branch = relevance
         for k in reversed(range(len(block.convs))):
             conv = block.convs[k]
