@@ -254,7 +254,7 @@ class TwinFace:
     """One row's person, photo nuisance and planted terms; its pose comes from the row's landmarks."""
 
     name: str
-    params: FaceParams  # size is a placeholder: the render size follows the row's eye distance
+    params: FaceParams  # its size is unused: each render sets its own (a probe, then one from the eye distance)
     landmarks: np.ndarray  # the row's real landmarks, 5×2
     size: tuple[int, int]  # the output photo's width, height
 
