@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import released_path
+from bench_setup import CLASSES, random_classifier_card, synthetic_photos
 
 from cache import DiskCache
 from core.attribute import attribute
@@ -34,10 +35,8 @@ from core.extract import ExtractionPlan, extract_scores, load_classifiers
 from core.library_warnings import quiet_library_warnings
 from core.pipeline import ExplainSettings
 from core.relevance_store import RelevanceStore
-from core.synth.classes import DEFAULT_CLASSES
-from core.synth.dataset import SyntheticSpec, generate_dataset
 from core.train import aligned_faces
-from models.checkpoint import ModelCard, preprocess, save_checkpoint
+from models.checkpoint import preprocess, save_checkpoint
 from models.resnet import build_resnet
 
 MEAN_BGR = np.array([91.4953, 103.8827, 131.0912])  # the released code's VGGFace2 mean (its dataset's comment)
@@ -65,24 +64,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "data"
-        generate_dataset(
-            root, SyntheticSpec(n_per_class=args.per_class, seed=0, size=224, photos_per_person=1), workers=1
-        )
+        synthetic_photos(root, args.per_class)
         dataset = open_dataset(root)
-        classes = tuple(c.label for c in DEFAULT_CLASSES)
-        card = ModelCard(
-            kind="classifier",
-            architecture=args.arch,
-            classes=classes,
-            input_size=args.size,
-            channel_order="RGB",
-            input_scale=1.0,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.25, 0.25, 0.25),
-            weights="w",
-            fold="fold-1",
-        )
-        network = build_resnet(args.arch, len(classes)).eval()
+        card = random_classifier_card(args.arch, args.size)
+        network = build_resnet(args.arch, len(CLASSES)).eval()
         classifiers = load_classifiers([save_checkpoint(network, card, root / "models", "classifier-fold-1")])
         classifier = classifiers["classifier-fold-1"]
         names = dataset.table["image_name"].to_list()

@@ -37,15 +37,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_setup import CLASSES, random_classifier_card, synthetic_photos
+
 from core.attribute import METHODS, attribute, method_passes
 from core.dataset import open_dataset
 from core.extract import ExtractionPlan, extract_scores, load_classifiers
 from core.library_warnings import quiet_library_warnings
 from core.pipeline import ExplainSettings
-from core.synth.classes import DEFAULT_CLASSES
-from core.synth.dataset import SyntheticSpec, generate_dataset
 from core.train import aligned_faces
-from models.checkpoint import ModelCard, load_classifier, preprocess, save_checkpoint
+from models.checkpoint import load_classifier, preprocess, save_checkpoint
 from models.resnet import build_resnet
 
 RELEASE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "nih-faces-release"
@@ -241,24 +241,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "data"
-        per_class = -(-args.photos // len(DEFAULT_CLASSES))
-        generate_dataset(root, SyntheticSpec(n_per_class=per_class, seed=0, size=224, photos_per_person=1), workers=1)
+        per_class = -(-args.photos // len(CLASSES))
+        synthetic_photos(root, per_class)
         dataset = open_dataset(root)
-        classes = tuple(c.label for c in DEFAULT_CLASSES)
-        card = ModelCard(
-            kind="classifier",
-            architecture=args.arch,
-            classes=classes,
-            input_size=args.size,
-            channel_order="RGB",
-            input_scale=1.0,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.25, 0.25, 0.25),
-            weights="w",
-            fold="fold-1",
-        )
+        card = random_classifier_card(args.arch, args.size)
         torch.manual_seed(0)
-        path = save_checkpoint(build_resnet(args.arch, len(classes)).eval(), card, root / "models", "classifier")
+        path = save_checkpoint(build_resnet(args.arch, len(CLASSES)).eval(), card, root / "models", "classifier")
         classifiers = classifier_on(Path(path), device)
         if not args.no_engines:
             engine_table(args, dataset, classifiers, device)
