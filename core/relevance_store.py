@@ -385,20 +385,8 @@ class RelevanceStore:
         """Class indices (``SKIPPED`` for an unusable photo) and the target's probability, per row."""
         contents = self.contents
         name = contents.predictions_file(contents.model(model))
-        known = self._predictions.setdefault(name, {})
-        new = [i for i, row in enumerate(rows) if int(row) not in known]
-        if not new:
-            return
-        entry = {
-            "file": name,
-            "rows": [int(rows[i]) for i in new],
-            "predicted": [int(predicted[i]) for i in new],
-            "target": [int(target[i]) for i in new],
-            "probability": [float(probability[i]) for i in new],
-        }
-        self._append(entry)
-        _apply(entry, self._done, self._predictions, self._domains)
-        self._rows = None
+        columns = {"predicted": (predicted, int), "target": (target, int), "probability": (probability, float)}
+        self._journal_rows(name, self._predictions, rows, columns)
 
     def write_domain(self, model: str, rows: Sequence[int], scores: Sequence[float], flags: Sequence[bool]) -> None:
         """Out-of-domain scores and flags of usable ``rows`` of a model with a guard (journaled like predictions)."""
@@ -406,16 +394,18 @@ class RelevanceStore:
         name = contents.domain_file(contents.model(model))
         if name is None:
             raise StoreError(f"model {model!r} has no out-of-domain guard in this store's manifest")
-        known = self._domains.setdefault(name, {})
+        self._journal_rows(name, self._domains, rows, {"domain_score": (scores, float), "out_of_domain": (flags, bool)})
+
+    def _journal_rows(
+        self, name: str, written: dict, rows: Sequence[int], columns: dict[str, tuple[Sequence, type]]
+    ) -> None:
+        """Journal the per-row values of ``rows`` not yet in ``written[name]`` (finished rows are kept)."""
+        known = written.setdefault(name, {})
         new = [i for i, row in enumerate(rows) if int(row) not in known]
         if not new:
             return
-        entry = {
-            "file": name,
-            "rows": [int(rows[i]) for i in new],
-            "domain_score": [float(scores[i]) for i in new],
-            "out_of_domain": [bool(flags[i]) for i in new],
-        }
+        entry: dict[str, Any] = {"file": name, "rows": [int(rows[i]) for i in new]}
+        entry |= {column: [kind(values[i]) for i in new] for column, (values, kind) in columns.items()}
         self._append(entry)
         _apply(entry, self._done, self._predictions, self._domains)
         self._rows = None
