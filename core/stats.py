@@ -103,6 +103,15 @@ def in_domain(scores: pl.DataFrame) -> pl.DataFrame:
     return scores.filter(pl.col("out_of_domain").is_null() | ~pl.col("out_of_domain"))
 
 
+# More flagged faces than this share is worth a warning: the guard's threshold flags about 1% of in-domain faces.
+UNUSUAL_FLAGGED_SHARE = 0.05
+
+
+def many_out_of_domain(flagged: int, judged: int) -> bool:
+    """Whether a table has clearly more out-of-domain faces than the guard flags by design."""
+    return flagged > UNUSUAL_FLAGGED_SHARE * judged
+
+
 def domain_counts(scores: pl.DataFrame) -> tuple[int, int]:
     """Faces (image × model) the guard flagged, and faces it judged at all, in a score table."""
     if "out_of_domain" not in scores.columns:

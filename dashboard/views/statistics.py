@@ -9,7 +9,15 @@ import polars as pl
 import streamlit as st
 
 from core.errors import UserFacingError
-from core.stats import CORRECTIONS, TTESTS, compare_groups, domain_counts, in_domain, significance_counts
+from core.stats import (
+    CORRECTIONS,
+    TTESTS,
+    compare_groups,
+    domain_counts,
+    in_domain,
+    many_out_of_domain,
+    significance_counts,
+)
 from dashboard import render, scores, state
 
 SPLIT = "val"  # each fold model's own held-out images: every image once over the folds
@@ -124,7 +132,7 @@ def domain_filter(table: pl.DataFrame) -> pl.DataFrame:
         "its validation faces), i.e. unlike the faces it was trained on. Off by default: on the split the "
         "threshold was calibrated on, about 1% are flagged by design.",
     )
-    if flagged > 0.05 * judged:
+    if many_out_of_domain(flagged, judged):
         st.warning(
             f"{flagged} of {judged} faces are unlike their model's training faces (out of domain); their "
             "region scores may not mean much."

@@ -386,3 +386,11 @@ def test_cli_rq1_can_exclude_out_of_domain_faces(tmp_path, capsys):
     assert tests["n_syndrome"].to_list() == expected["n_syndrome"].to_list()
     assert tests["n_reference"].to_list() == expected["n_reference"].to_list()
     assert f"{len(flagged)} of {len(names)} faces out of domain" in capsys.readouterr().err
+
+
+def test_a_warning_is_due_only_past_five_percent_flagged():
+    from core.stats import many_out_of_domain
+
+    assert not many_out_of_domain(5, 100)  # the guard flags ~1% by design; 5% is still unremarkable
+    assert many_out_of_domain(6, 100)
+    assert not many_out_of_domain(0, 0)
