@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,17 +44,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[str]:
-    """``streamlit run`` on 127.0.0.1 and a free port; yields the base URL, stops the server afterwards."""
+def serve(
+    env: dict[str, str] | None = None,
+    timeout: float = 90.0,
+    command: Sequence[str] | None = None,
+    started: Callable[[subprocess.Popen], None] | None = None,
+) -> Iterator[str]:
+    """``streamlit run`` on 127.0.0.1 and a free port; yields the base URL, stops the server afterwards.
+
+    ``command``: what starts Streamlit instead of ``python -m streamlit run dashboard/app.py`` (e.g. ``./run.sh
+    host FILE``); the options below are appended to it. ``started`` is given the process once it runs."""
     port = free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115 -- closed in the finally below, after the server stops
     server = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            str(APP),
+            *(command or (sys.executable, "-m", "streamlit", "run", str(APP))),
             "--server.headless",
             "true",
             "--server.port",
@@ -85,6 +89,8 @@ def serve(env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[
             if time.monotonic() > deadline:
                 raise RuntimeError(f"streamlit did not answer on {base} within {timeout:.0f} s")
             time.sleep(0.5)
+        if started is not None:
+            started(server)
         yield base
     finally:
         server.terminate()
@@ -97,8 +103,9 @@ def serve(env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[
 
 
 @contextlib.contextmanager
-def browser(profile: Path, width: int = 1600, height: int = 1100):
-    """A fresh Chromium (empty profile folder) as a Playwright browser context."""
+def browser(profile: Path, width: int = 1600, height: int = 1100, headers: dict[str, str] | None = None):
+    """A fresh Chromium (empty profile folder) as a Playwright browser context; ``headers`` go with every request
+    (e.g. the e-mail header an authenticating proxy sets)."""
     from playwright.sync_api import sync_playwright
 
     profile.mkdir(parents=True, exist_ok=True)
@@ -109,6 +116,7 @@ def browser(profile: Path, width: int = 1600, height: int = 1100):
             headless=True,
             args=CHROMIUM_ARGS,
             viewport={"width": width, "height": height},
+            extra_http_headers=headers,
         )
         try:
             yield context
