@@ -33,6 +33,7 @@ becomes NaN downstream) and ``region_masks`` warns, naming the region and the re
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import graphlib
 import hashlib
@@ -50,15 +51,37 @@ from core.parse import LAPA_LABELS
 
 EDGES = ("top", "bottom", "left", "right")
 REGION_SPECS_DIR = Path(__file__).with_name("region_specs")
+# Default caps on a spec from a user (``SpecCaps``; a hosted deployment's ``[limits]`` may change them).
+SPEC_BYTES, SPEC_REGIONS, NAME_CHARS = 64 * 1024, 32, 64
+_SHOWN_CHARS = 40  # how much of a user's value an error message quotes
+
+
+def shown(value) -> str:
+    """``repr(value)`` cut to a few dozen characters: an error quoting a stranger's 20 MB name stays one short line."""
+    text = (
+        repr(value) if not isinstance(value, str) or len(value) <= 4 * _SHOWN_CHARS else repr(value[: 4 * _SHOWN_CHARS])
+    )
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
+
+
+@dataclass(frozen=True)
+class SpecCaps:
+    """How large a spec from a user may be: its JSON bytes, its number of regions, and the length of its
+    own and its regions' names. ``RegionSpec.from_json`` checks them before it parses or builds anything
+    that grows with the text, so an oversized spec is refused in time proportional to nothing but its size."""
+
+    spec_bytes: int = SPEC_BYTES
+    regions: int = SPEC_REGIONS
+    name_chars: int = NAME_CHARS
 
 
 def _labels(value, where: str) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)):
-        raise RegionSpecError(f"{where}: labels must be a list of LaPa indices, got {value!r}")
+        raise RegionSpecError(f"{where}: labels must be a list of LaPa indices, got {shown(value)}")
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or not 0 <= item < len(LAPA_LABELS):
             raise RegionSpecError(
-                f"{where}: unknown label {item!r}; LaPa labels are 0..{len(LAPA_LABELS) - 1} "
+                f"{where}: unknown label {shown(item)}; LaPa labels are 0..{len(LAPA_LABELS) - 1} "
                 f"({', '.join(f'{i} {n}' for i, n in enumerate(LAPA_LABELS))})"
             )
     return tuple(int(item) for item in value)
@@ -66,13 +89,13 @@ def _labels(value, where: str) -> tuple[int, ...]:
 
 def _fraction(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RegionSpecError(f"{where}: expected a finite number, got {value!r}")
+        raise RegionSpecError(f"{where}: expected a finite number, got {shown(value)}")
     return float(value)  # 0 and 0.0 must serialise alike, or equal specs get different ids
 
 
 def _name(value, where: str) -> None:
     if not isinstance(value, str) or not value.strip():
-        raise RegionSpecError(f"{where}: expected a non-empty region name, got {value!r}")
+        raise RegionSpecError(f"{where}: expected a non-empty region name, got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -107,8 +130,10 @@ class EdgeLink:
     def __post_init__(self):
         _name(self.region, "edge link")
         if self.edge not in EDGES:
-            raise RegionSpecError(f"edge link to {self.region!r}: edge must be one of {EDGES}, got {self.edge!r}")
-        object.__setattr__(self, "offset", _fraction(self.offset, f"edge link to {self.region!r}: offset"))
+            raise RegionSpecError(
+                f"edge link to {shown(self.region)}: edge must be one of {EDGES}, got {shown(self.edge)}"
+            )
+        object.__setattr__(self, "offset", _fraction(self.offset, f"edge link to {shown(self.region)}: offset"))
 
 
 @dataclass(frozen=True)
@@ -126,19 +151,21 @@ class RegionRule:
     def __post_init__(self):
         _name(self.name, "region")
         if not isinstance(self.boxes, (list, tuple)) or not all(isinstance(box, BoxRule) for box in self.boxes):
-            raise RegionSpecError(f"region {self.name!r}: boxes must be a list of box rules")
+            raise RegionSpecError(f"region {shown(self.name)}: boxes must be a list of box rules")
         boxes = tuple(self.boxes)
-        labels = _labels(self.labels, f"region {self.name!r}")
+        labels = _labels(self.labels, f"region {shown(self.name)}")
         if bool(boxes) == bool(labels):
             raise RegionSpecError(
-                f"region {self.name!r}: give either boxes (around parts) or labels (their pixels), not "
+                f"region {shown(self.name)}: give either boxes (around parts) or labels (their pixels), not "
                 + ("both" if boxes else "neither")
             )
         object.__setattr__(self, "boxes", boxes)
         object.__setattr__(self, "labels", labels)
         for edge, link in self.links():
             if not isinstance(link, EdgeLink):
-                raise RegionSpecError(f"region {self.name!r}: {edge} must be an edge link or null, got {link!r}")
+                raise RegionSpecError(
+                    f"region {shown(self.name)}: {edge} must be an edge link or null, got {shown(link)}"
+                )
 
     def links(self) -> tuple[tuple[str, EdgeLink], ...]:
         return tuple((edge, getattr(self, edge)) for edge in EDGES if getattr(self, edge) is not None)
@@ -157,11 +184,13 @@ class GapSplit:
         _name(self.upper, "gap split")
         _name(self.lower, "gap split")
         if self.upper == self.lower:
-            raise RegionSpecError(f"gap split: upper and lower are both {self.upper!r}; name two regions")
+            raise RegionSpecError(f"gap split: upper and lower are both {shown(self.upper)}; name two regions")
         object.__setattr__(
             self,
             "extend_lower_bottom",
-            _fraction(self.extend_lower_bottom, f"gap split {self.upper}/{self.lower}: extend_lower_bottom"),
+            _fraction(
+                self.extend_lower_bottom, f"gap split {shown(self.upper)}/{shown(self.lower)}: extend_lower_bottom"
+            ),
         )
 
 
@@ -175,7 +204,7 @@ class RegionSpec:
 
     def __post_init__(self):
         if not isinstance(self.name, str):
-            raise RegionSpecError(f"region spec: name must be text, got {self.name!r}")
+            raise RegionSpecError(f"region spec: name must be text, got {shown(self.name)}")
         regions, splits = tuple(self.regions), tuple(self.gap_splits)
         if not regions:
             raise RegionSpecError("region spec: define at least one region")
@@ -185,21 +214,25 @@ class RegionSpec:
             raise RegionSpecError("region spec: gap_splits must be gap splits")
         object.__setattr__(self, "regions", regions)
         object.__setattr__(self, "gap_splits", splits)
-        names = [rule.name for rule in regions]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        # Counted and looked up in a set: checking a spec stays linear in its regions.
+        names = collections.Counter(rule.name for rule in regions)
+        duplicates = sorted(name for name, count in names.items() if count > 1)
         if duplicates:
-            raise RegionSpecError(f"region spec: region names must be unique; repeated: {duplicates}")
+            raise RegionSpecError(f"region spec: region names must be unique; repeated: {shown(duplicates)}")
+        known = shown(list(names))
         for rule in regions:
             for edge, link in rule.links():
                 if link.region not in names:
                     raise RegionSpecError(
-                        f"region {rule.name!r}: its {edge} links to unknown region {link.region!r}; known: {names}"
+                        f"region {shown(rule.name)}: its {edge} links to unknown region {shown(link.region)}; "
+                        f"known: {known}"
                     )
         for split in splits:
             for member in (split.upper, split.lower):
                 if member not in names:
                     raise RegionSpecError(
-                        f"gap split {split.upper}/{split.lower}: unknown region {member!r}; known: {names}"
+                        f"gap split {shown(split.upper)}/{shown(split.lower)}: unknown region {shown(member)}; "
+                        f"known: {known}"
                     )
         _evaluation_order(self)  # raises on cycles
 
@@ -208,18 +241,28 @@ class RegionSpec:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> RegionSpec:
+    def from_json(cls, text: str | bytes, caps: SpecCaps | None = SpecCaps()) -> RegionSpec:
+        """The spec a JSON text describes, refused with a one-line ``RegionSpecError`` when it is not one or
+        exceeds ``caps`` (checked before the text is parsed, and the regions and names before anything is
+        built). ``caps=None`` only for trusted files (the bundled specs)."""
+        if caps is not None:
+            _check_size(text, caps)
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RegionSpecError(f"region spec is not valid JSON: {error}") from None
         spec = _from_dict(cls, data, "region spec")
         regions = spec.get("regions")
         if not isinstance(regions, list):
             raise RegionSpecError("region spec: 'regions' must be a list of regions")
+        if caps is not None:
+            _check_count(len(regions), caps)
+            _check_name(spec.get("name"), "its name", caps)
         rules = []
         for i, region in enumerate(regions):
             rule = _from_dict(RegionRule, region, f"region #{i + 1}")
+            if caps is not None:
+                _check_name(rule.get("name"), f"region #{i + 1}'s name", caps)
             boxes = rule.get("boxes", [])
             if not isinstance(boxes, list):
                 raise RegionSpecError(f"region #{i + 1}: 'boxes' must be a list of boxes")
@@ -238,14 +281,50 @@ class RegionSpec:
         return _construct(cls, spec, "region spec")
 
 
+def _check_size(text: str | bytes, caps: SpecCaps) -> None:
+    # A str's characters are at most its UTF-8 bytes: a huge text is refused before it is encoded.
+    size = len(text) if isinstance(text, bytes) or len(text) > caps.spec_bytes else len(text.encode())
+    if size > caps.spec_bytes:
+        raise RegionSpecError(
+            f"region spec is {_amount(size)} of JSON; this server takes specs of at most {_amount(caps.spec_bytes)}"
+        )
+
+
+def _amount(size: int) -> str:
+    return f"{size} bytes" if size < 10 * 1024 else f"{size // 1024} KB"
+
+
+def _check_count(regions: int, caps: SpecCaps) -> None:
+    if regions > caps.regions:
+        raise RegionSpecError(f"region spec has {regions} regions; this server takes at most {caps.regions}")
+
+
+def _check_name(name, what: str, caps: SpecCaps) -> None:
+    if isinstance(name, str) and len(name) > caps.name_chars:
+        raise RegionSpecError(
+            f"region spec: {what} is {len(name)} characters long; names may have at most {caps.name_chars}"
+        )
+
+
+def check_caps(spec: RegionSpec, caps: SpecCaps = SpecCaps()) -> RegionSpec:
+    """``spec`` when it is within ``caps`` (an edited spec, before it is stored or used), else a one-line
+    ``RegionSpecError``; its JSON bytes are measured last, after the cheaper checks bounded them."""
+    _check_count(len(spec.regions), caps)
+    _check_name(spec.name, "its name", caps)
+    for i, rule in enumerate(spec.regions):
+        _check_name(rule.name, f"region #{i + 1}'s name", caps)
+    _check_size(spec.to_json(), caps)
+    return spec
+
+
 def _from_dict(cls, data, where: str) -> dict:
     """A copy of ``data`` with its keys checked against ``cls``'s fields (typos are errors)."""
     if not isinstance(data, dict):
-        raise RegionSpecError(f"{where}: expected a JSON object, got {data!r}")
+        raise RegionSpecError(f"{where}: expected a JSON object, got {shown(data)}")
     allowed = [field.name for field in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise RegionSpecError(f"{where}: unknown key(s) {unknown}; allowed: {allowed}")
+        raise RegionSpecError(f"{where}: unknown key(s) {shown(unknown)}; allowed: {allowed}")
     return dict(data)
 
 
@@ -263,7 +342,9 @@ def spec_id(spec: RegionSpec) -> str:
 
 def bundled_region_specs() -> dict[str, RegionSpec]:
     """The ready-made specs shipped in ``core/region_specs/``, by file stem."""
-    return {path.stem: RegionSpec.from_json(path.read_text()) for path in sorted(REGION_SPECS_DIR.glob("*.json"))}
+    return {
+        path.stem: RegionSpec.from_json(path.read_text(), caps=None) for path in sorted(REGION_SPECS_DIR.glob("*.json"))
+    }
 
 
 def _evaluation_order(spec: RegionSpec) -> list[tuple[str, str | int]]:

@@ -122,10 +122,20 @@ class RegionSegments:
 
     names: tuple[str, ...]
     starts: np.ndarray  # int32: first pixel of each run, per image, concatenated
-    regions: np.ndarray  # uint8: region index of each run
+    regions: np.ndarray  # region index of each run: uint8, uint16 beyond 255 regions (``region_index_dtype``)
     offsets: np.ndarray  # int64, N + 1: image i's runs are [offsets[i], offsets[i + 1])
     spans: np.ndarray  # int32, N × 2: first and end pixel of the runs (first to last region pixel)
     areas: np.ndarray  # int64, N × R: pixels of each region
+
+
+def region_index_dtype(regions: int) -> type[np.unsignedinteger]:
+    """The smallest unsigned type holding region indices 0..``regions`` (``regions`` itself means no
+    region): uint8 up to 255 regions, uint16 beyond (a stored spec's caps normally keep it far lower)."""
+    if regions <= np.iinfo(np.uint8).max:
+        return np.uint8
+    if regions <= np.iinfo(np.uint16).max:
+        return np.uint16
+    raise ValueError(f"a spec of {regions} regions is beyond any region index type here (at most 65535)")
 
 
 def encode_segments(label_maps: np.ndarray, spec: RegionSpec) -> RegionSegments:
@@ -138,7 +148,8 @@ def encode_segments(label_maps: np.ndarray, spec: RegionSpec) -> RegionSegments:
         warnings.simplefilter("ignore")
         masks = region_masks(np.asarray(label_maps), spec).masks
     n = len(masks)
-    index = np.full((n, masks.shape[2] * masks.shape[3]), len(names), dtype=np.uint8)
+    dtype = region_index_dtype(len(names))
+    index = np.full((n, masks.shape[2] * masks.shape[3]), len(names), dtype=dtype)
     for r in range(len(names)):
         index[masks[:, r].reshape(n, -1)] = r
     starts, regions = [], []
@@ -156,7 +167,7 @@ def encode_segments(label_maps: np.ndarray, spec: RegionSpec) -> RegionSegments:
     return RegionSegments(
         names,
         _concatenate(starts, np.int32),
-        _concatenate(regions, np.uint8),
+        _concatenate(regions, dtype),
         np.concatenate([[0], np.cumsum(counts)]),
         spans,
         masks.sum(axis=(2, 3)),
@@ -175,7 +186,7 @@ def join_segments(names: tuple[str, ...], n: int, parts: Sequence[tuple[np.ndarr
     return RegionSegments(
         names,
         _concatenate([p.starts for _, p in parts], np.int32),
-        _concatenate([p.regions for _, p in parts], np.uint8),
+        _concatenate([p.regions for _, p in parts], region_index_dtype(len(names))),
         np.concatenate([[0], np.cumsum(counts)]),
         spans,
         areas,

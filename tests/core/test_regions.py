@@ -17,7 +17,9 @@ from core.regions import (
     GapSplit,
     RegionRule,
     RegionSpec,
+    SpecCaps,
     bundled_region_specs,
+    check_caps,
     region_masks,
     spec_id,
 )
@@ -385,3 +387,75 @@ def test_specs_are_validated_when_built_in_code_too():
         GapSplit("nose", "nose")
     with pytest.raises(ValueError, match="integer"):
         region_masks(draw(HAND_PARTS).astype(float), PAPER_REGIONS)
+
+
+def _spec_text(regions: int, name: str = "s", region_name=lambda i: f"r{i}") -> str:
+    rules = [{"name": region_name(i), "labels": [1]} for i in range(regions)]
+    return json.dumps({"name": name, "regions": rules}, ensure_ascii=False)
+
+
+def test_a_spec_over_its_caps_is_refused_in_one_short_line_before_it_is_built():
+    huge_name = "x" * 20_000_000
+    text = _spec_text(1, name=huge_name)
+    with pytest.raises(RegionSpecError) as refused:
+        RegionSpec.from_json(text)  # the default caps: 64 KB of JSON
+    assert str(refused.value) == "region spec is 19531 KB of JSON; this server takes specs of at most 64 KB"
+    with pytest.raises(RegionSpecError) as refused:  # the same spec as bytes (an upload) is measured alike
+        RegionSpec.from_json(text.encode())
+    assert "19531 KB" in str(refused.value)
+    roomy = SpecCaps(spec_bytes=1 << 30)  # a server that takes large texts still caps names and regions
+    with pytest.raises(RegionSpecError, match="its name is 20000000 characters long; names may have at most 64"):
+        RegionSpec.from_json(text, caps=roomy)
+    with pytest.raises(RegionSpecError, match=r"region #2's name is 65 characters long"):
+        RegionSpec.from_json(_spec_text(2, region_name=lambda i: "y" * (64 + i)))
+    with pytest.raises(RegionSpecError, match="has 33 regions; this server takes at most 32"):
+        RegionSpec.from_json(_spec_text(33))
+    assert len(RegionSpec.from_json(_spec_text(32)).regions) == 32
+    # Multi-byte characters count as their UTF-8 bytes: 40 000 'é' are 80 000 bytes > 64 KB.
+    with pytest.raises(RegionSpecError, match="78 KB of JSON"):
+        RegionSpec.from_json(_spec_text(1, name="é" * 40_000), caps=SpecCaps(name_chars=10**6))
+    with pytest.raises(RegionSpecError, match="has 3 regions; this server takes at most 2"):
+        RegionSpec.from_json(_spec_text(3), caps=SpecCaps(regions=2))
+
+
+def test_check_caps_measures_an_edited_spec_and_errors_quote_little_of_a_strangers_text():
+    spec = bundled_region_specs()["extended"]
+    assert check_caps(spec) is spec and check_caps(PAPER_REGIONS, SpecCaps(regions=3)) is PAPER_REGIONS
+    with pytest.raises(RegionSpecError, match="has 7 regions; this server takes at most 6"):
+        check_caps(spec, SpecCaps(regions=6))
+    with pytest.raises(RegionSpecError, match="its name is 65 characters long"):
+        check_caps(dataclasses.replace(spec, name="n" * 65))
+    with pytest.raises(RegionSpecError, match="of JSON; this server takes specs of at most 100 bytes"):
+        check_caps(PAPER_REGIONS, SpecCaps(spec_bytes=100))
+    # Unbounded (caps=None, as for trusted files): a long bad value is quoted in a few dozen characters.
+    long_label = json.dumps({"regions": [{"name": "r", "labels": ["z" * 100_000]}]})
+    with pytest.raises(RegionSpecError) as refused:
+        RegionSpec.from_json(long_label, caps=None)
+    assert "unknown label 'zzzz" in str(refused.value) and len(str(refused.value)) < 400
+    with pytest.raises(RegionSpecError) as refused:
+        RegionSpec(
+            (RegionRule("w" * 100_000, labels=(1,)), RegionRule("v", labels=(1,), top=EdgeLink("q" * 10**5, "top")))
+        )
+    assert "links to unknown region 'qqq" in str(refused.value) and len(str(refused.value)) < 300
+
+
+def test_checking_a_spec_does_not_compare_every_region_with_every_other():
+    """Duplicate names and link targets were found with list.count and ``in list``: quadratic in the
+    regions. Counted here by comparisons of names (str.__eq__ is not patchable, so names are a str
+    subclass that counts): linear means a few per region."""
+    compared = [0]
+
+    class Name(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other):
+            compared[0] += 1
+            return str.__eq__(self, other)
+
+    count = 2000
+    regions = [
+        RegionRule(Name(f"r{i}"), labels=(1,), top=EdgeLink(Name(f"r{i - 1}"), "bottom") if i else None)
+        for i in range(count)
+    ]
+    RegionSpec(tuple(regions))
+    assert compared[0] < 10 * count

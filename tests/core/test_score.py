@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from core.score import region_scores, relevance_map
+from core.regions import EdgeLink, RegionRule, RegionSpec, region_masks
+from core.score import (
+    encode_segments,
+    plan_sums,
+    region_index_dtype,
+    region_means,
+    region_scores,
+    relevance_map,
+    segment_sums,
+)
 
 
 def test_abs_mode_sums_absolute_channels_then_min_max_per_image():
@@ -72,3 +81,32 @@ def test_abs_raw_mode_is_the_absolute_channel_sum_unnormalised_and_stored_in_flo
     assert stored_map_dtype("abs-raw") == np.float32 and stored_map_dtype("abs") == np.float16
     # float16 would lose such values: below its normal range they keep only a few bits.
     assert abs(float(np.float16(6e-5 / 7)) - 6e-5 / 7) > 1e-5 * 6e-5 / 7
+
+
+def test_three_hundred_regions_encode_as_uint16_and_score_like_their_masks():
+    """Beyond 255 regions the run index needs 16 bits (uint8 overflowed: the Regions page's crash). Region k
+    is the 4-pixel-wide stripe from column 4k (left at 'all''s left edge + k/512 × its 2048-px width, exact in
+    binary), so every region's area is known by hand and its score is its stripe's mean."""
+    height, width, count = 3, 2048, 300
+    stripes = tuple(
+        RegionRule(
+            f"s{k}",
+            labels=(1,),
+            left=EdgeLink("all", "left", k / 512),
+            right=EdgeLink("all", "left", (k + 1) / 512),
+        )
+        for k in range(count)
+    )
+    spec = RegionSpec((*stripes, RegionRule("all", labels=(1,))))
+    label_maps = np.ones((2, height, width), dtype=np.uint8)
+    segments = encode_segments(label_maps, spec)
+    assert segments.regions.dtype == np.uint16 and region_index_dtype(255) == np.uint8
+    expected_areas = np.array([4 * height] * count + [height * (width - 4 * count)])
+    np.testing.assert_array_equal(segments.areas, np.stack([expected_areas] * 2))
+    maps = np.random.default_rng(3).random((2, height, width)).astype(np.float32)
+    plans = plan_sums(segments, np.arange(2), np.arange(2), height * width)
+    sums = segment_sums(maps, plans, count + 1, compiled=False)
+    by_hand = [[maps[n, :, 4 * k : 4 * k + 4].mean() for k in range(count)] for n in range(2)]
+    np.testing.assert_allclose(region_means(sums, segments.areas)[:, :count], by_hand, rtol=1e-5)
+    masks = region_masks(label_maps, spec).masks
+    np.testing.assert_allclose(region_means(sums, segments.areas), region_scores(maps, masks), rtol=1e-5)
