@@ -8,8 +8,9 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
 
 from core.library_warnings import quiet_library_warnings
-from dashboard import state
+from dashboard import resources, state
 
+resources.keep_uploads_in_memory()  # before any upload can reach the server: nothing of a photo on disk
 quiet_library_warnings()
 st.set_page_config(page_title="Face region explanations", page_icon="🧬", layout="wide")
 
