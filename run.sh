@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One entry point for newcomers and CI:
-#   ./run.sh dashboard   set up, build the demo once, then open the dashboard (http://localhost:8501)
+#   ./run.sh dashboard   set up, build the demo once, then open the dashboard (http://localhost:8501, this machine only)
+#   ./run.sh host DEPLOYMENT.toml [streamlit options]
+#                        set up, then serve the deployment's datasets to signed-in people (README "Sign-in and roles")
 #   ./run.sh test        set up, then run every test (add pytest options: ./run.sh test -m "not slow")
 #   ./run.sh lint        set up, then only the static checks (ruff, ruff format, mypy, import-linter)
 #   ./run.sh cli ARGS    set up, then python -m core ARGS
 set -euo pipefail
+CALLER_DIR="$PWD"  # `./run.sh host FILE` takes FILE relative to where it was called
 cd "$(dirname "$0")"
 
 VENV="${VENV:-.venv}"
@@ -75,6 +78,33 @@ case "$command" in
     "$VENV/bin/python" -m core demo
     exec "$VENV/bin/python" -m streamlit run dashboard/app.py "$@"
     ;;
+  host)
+    if [ $# -lt 1 ]; then
+      echo "usage: ./run.sh host DEPLOYMENT.toml [streamlit options]" >&2
+      exit 2
+    fi
+    deployment="$(cd "$CALLER_DIR" && realpath -- "$1")"
+    shift
+    setup
+    # Read the file once here: a broken one stops the start with its message; its allowed hosts become
+    # Streamlit's (an empty list would accept any Host header, so it is refused).
+    hosts="$("$VENV/bin/python" -c '
+import sys
+from core.deployment import DeploymentError, read_deployment
+try:
+    hosts = read_deployment(sys.argv[1]).allowed_hosts
+except DeploymentError as error:
+    sys.exit(f"run.sh host: {error}")
+if not hosts:
+    sys.exit("run.sh host: set [server] allowed_hosts in the deployment file (the names people use to reach it)")
+print("\n".join(hosts))
+' "$deployment")"
+    host_args=()
+    while IFS= read -r name; do host_args+=(--server.allowedHosts "$name"); done <<< "$hosts"
+    # Every interface by default (a container behind its proxy); options after the file override it.
+    XAI_DEPLOYMENT="$deployment" exec "$VENV/bin/python" -m streamlit run dashboard/app.py \
+      --server.address 0.0.0.0 "${host_args[@]}" --client.toolbarMode viewer "$@"
+    ;;
   test)
     setup
     if [ "$XAI_LINT" = 1 ]; then lint; fi
@@ -91,7 +121,7 @@ case "$command" in
     exec "$VENV/bin/python" -m core "$@"
     ;;
   *)
-    echo "usage: ./run.sh dashboard | test [pytest options] | lint | cli COMMAND [options]" >&2
+    echo "usage: ./run.sh dashboard | host DEPLOYMENT.toml [streamlit options] | test [pytest options] | lint | cli COMMAND [options]" >&2
     exit 2
     ;;
 esac

@@ -8,11 +8,14 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
 
 from core.library_warnings import quiet_library_warnings
-from dashboard import resources, state
+from dashboard import hosting, resources, state
 
 resources.keep_uploads_in_memory()  # before any upload can reach the server: nothing of a photo on disk
 quiet_library_warnings()
 st.set_page_config(page_title="Face region explanations", page_icon="🧬", layout="wide")
+# Hosted mode: a signed-out visitor (or one without a role) sees the sign-in page and nothing else; the gate runs
+# before st.navigation, so no page can forget it. Local mode: a no-op.
+hosting.gate()
 
 # Page files live in views/, not pages/: AppTest runs a page in a pages/ folder as its own script.
 page = st.navigation(

@@ -18,6 +18,7 @@ from core.dataset import Dataset, open_dataset
 from core.devices import resolve_device
 from core.hpo import region_counts
 from core.layout import DatasetLayout
+from dashboard import hosting
 from models.checkpoint import Classifier, load_classifier
 from models.domain_guard import guard_path
 from models.parser import FaceParser, load_face_parser
@@ -56,11 +57,17 @@ def _spec_store(directory: str) -> SpecStore:
 
 
 def result_cache() -> DiskCache:
+    """Hosted mode: the deployment's cache folder; local: ``$XAI_CACHE_DIR`` or the default."""
+    current = hosting.deployment()
+    if current is not None:
+        return _result_cache(str(current.cache_dir))
     return _result_cache(str(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR))
 
 
 def spec_store() -> SpecStore:
-    return _spec_store(str(default_spec_dir()))
+    """Hosted mode: the deployment's spec folder; local: the default (``$XAI_DATA_DIR``)."""
+    current = hosting.deployment()
+    return _spec_store(str(current.spec_dir if current is not None else default_spec_dir()))
 
 
 @st.cache_resource(show_spinner="Loading the classifier …", max_entries=4)

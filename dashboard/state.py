@@ -21,13 +21,14 @@ import streamlit as st
 from cache.spec_store import UnknownSpecError
 from core.attribute import METHOD_NAMES, QUICK_METHODS
 from core.dataset import Dataset
+from core.deployment import Deployment
 from core.errors import UserFacingError
 from core.layout import demo_dataset
 from core.pipeline import ExplainSettings
 from core.profiles import PROFILE_NAMES, Profile, apply, profile
 from core.regions import RegionSpec, bundled_region_specs
 from core.score import RELEVANCE_MODES
-from dashboard import resources
+from dashboard import hosting, resources
 
 DATASET_ENV = "XAI_DATASET"
 URL: Final = "query-params"  # Final keeps the Literal type Streamlit's ``bind=`` wants
@@ -64,6 +65,7 @@ class View:
     spec_ref: str  # bundled name or stored id, as in the URL
     parser_is_default: bool = False  # ``parser`` is the dataset's own card, not one the user entered
     profile: str = PROFILE_NAMES[0]  # core.profiles: "project" or "paper"
+    dataset_id: str = ""  # hosted mode: the deployment's id of the dataset ("" in local mode)
 
     @property
     def fidelity(self) -> Profile:
@@ -141,6 +143,71 @@ def _spec_selector() -> tuple[RegionSpec, str]:
     return spec, reference
 
 
+@dataclass(frozen=True)
+class _Data:
+    """The sidebar's dataset, model and parser choice (local: free paths; hosted: the deployment's ids)."""
+
+    dataset: Dataset | None
+    dataset_path: str
+    card: str
+    cards: tuple[str, ...]
+    parser: str
+    parser_is_default: bool
+    dataset_id: str = ""
+
+
+UNKNOWN_ID = "The link names a {what} this service does not offer you; showing {shown} instead."
+
+
+def _by_id(bar, label: str, what: str, ids: list[str], key: str, **options) -> str:
+    """A selectbox of ids bound to the URL. An id that is unknown, or not visible to this person, gets the
+    same message (nobody can probe for what exists) and the first id instead."""
+    requested = st.session_state.get(key) or st.query_params.get(key)
+    if requested and requested not in ids:
+        bar.warning(UNKNOWN_ID.format(what=what, shown=ids[0]))
+        st.session_state.pop(key, None)
+        st.query_params.pop(key, None)
+    return bar.selectbox(label, ids, key=key, bind=URL, **options)
+
+
+def _hosted_data(bar, current: Deployment) -> _Data:
+    """Hosted mode: the datasets this person may open and their fold models, by id; no server path at all
+    (the parser is the deployment's, or the dataset's own card)."""
+    person = hosting.signed_in_person()
+    visible = current.visible(person) if person is not None else ()
+    if not visible:
+        st.info("No dataset is shared with you on this service yet; ask its administrator.")
+        st.stop()
+    dataset_id = _by_id(
+        bar,
+        "Dataset",
+        "dataset",
+        [entry.id for entry in visible],
+        "dataset",
+        on_change=_forget_dataset_choices,
+        help="The datasets this service shares with you, by id.",
+    )
+    entry = current.dataset(dataset_id)
+    if entry.title != entry.id:
+        bar.caption(entry.title)
+    dataset = None
+    try:
+        dataset = resources.dataset(str(entry.folder))
+    except UserFacingError as error:
+        bar.error(hosting.redact(str(error)))
+    cards = tuple(str(card) for card in entry.models.values())
+    card = ""
+    if entry.models:
+        model = _by_id(bar, "Fold model", "model", list(entry.models), "model", help="This dataset's models, by id.")
+        card = str(entry.models[model])
+    # The deployment's parser is chosen on purpose (photos too); the dataset's own card, as in local mode, only
+    # for its stored images (photos: dlib's landmarks).
+    parser, own = entry.parser, False
+    if parser is None and dataset is not None and dataset.layout.parser_card.is_file():
+        parser, own = dataset.layout.parser_card, True
+    return _Data(dataset, dataset_id, card, cards, str(parser) if parser else "", own, dataset_id)
+
+
 def sidebar() -> View:
     """Draw the shared sidebar and remember its view for the pages of this run."""
     bar = st.sidebar
@@ -150,6 +217,13 @@ def sidebar() -> View:
         st.error(str(error))
         st.stop()
     bar.header("Data and model")
+    current = hosting.deployment()
+    data = _hosted_data(bar, current) if current is not None else _local_data(bar)
+    return _explanation(bar, data)
+
+
+def _local_data(bar) -> _Data:
+    """Local mode: any folder and card the user names (they own the machine)."""
     dataset_path = bar.text_input(
         "Dataset folder",
         value=default_dataset(),
@@ -194,6 +268,17 @@ def sidebar() -> View:
         "upload): parts drawn from dlib's 68 landmarks, unless you enter a card other than the dataset's own here. "
         "Without dlib, a landmark template.",
     ).strip()
+    return _Data(
+        dataset,
+        dataset_path,
+        card,
+        tuple(map(str, cards)),
+        parser,
+        bool(parser) and parser == default_parser_value,
+    )
+
+
+def _explanation(bar, data: _Data) -> View:
     bar.header("Explanation")
     methods = bar.multiselect("Saliency methods", METHOD_NAMES, default=DEFAULT_METHODS, key="methods", bind=URL)
     mode = bar.selectbox(
@@ -218,12 +303,13 @@ def sidebar() -> View:
     if chosen_profile != PROFILE_NAMES[0]:
         bar.caption(f"Profile {chosen_profile}: {profile(chosen_profile).summary}.")
     view = View(
-        dataset=dataset,
-        dataset_path=dataset_path,
-        card=card,
-        cards=tuple(map(str, cards)),
-        parser=parser,
-        parser_is_default=bool(parser) and parser == default_parser_value,
+        dataset=data.dataset,
+        dataset_path=data.dataset_path,
+        card=data.card,
+        cards=data.cards,
+        parser=data.parser,
+        parser_is_default=data.parser_is_default,
+        dataset_id=data.dataset_id,
         methods=tuple(methods),
         mode=mode,
         spec=spec,
