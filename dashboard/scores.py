@@ -25,7 +25,7 @@ from core.regions import RegionSpec
 from core.relevance_store import RelevanceStore
 from core.rescore import rescore
 from core.score_table import write_score_table
-from dashboard import jobs, resources, state
+from dashboard import hosting, jobs, resources, state
 
 ENGINE_ENV, RAY_ADDRESS_ENV = "XAI_EXTRACT_ENGINE", "XAI_RAY_ADDRESS"
 
@@ -84,7 +84,7 @@ def shown_score_table(view: state.View, split: str) -> Scores | None:
         return None
     source = score_table(view, split)
     if source is None:
-        st.info(f"No region scores for split {split!r} of {view.dataset.root} yet.")
+        st.info(f"No region scores for split {split!r} of {hosting.dataset_label(view)} yet.")
         offer_extraction(view, split, missing=True)
         return None
     if source.note:
@@ -204,11 +204,17 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
     if job is not None and job.error:
         st.error(f"The extraction failed: {job.error}")
     if not view.cards:
-        if missing:
+        if missing and hosting.deployment() is not None:
+            st.info(f"No score table for split {split!r} and no fold model to make one with.")
+        elif missing:
             st.info(
                 f"No score table for split {split!r} and no fold models in {dataset.root / 'models'} to make "
                 f"one: run `python -m core extract {dataset.root} --split {split} --models CARD,…`."
             )
+        return False
+    if not hosting.may("analyst"):  # hosted mode: a viewer reads tables, an analyst makes them
+        if missing:
+            st.caption("Extracting region scores needs the analyst role.")
         return False
     label = (
         f"Extract region scores of split {split!r}"
@@ -224,7 +230,7 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
         try:
             work = _extraction(view, dataset, split)
         except UserFacingError as error:
-            st.error(str(error))
+            st.error(hosting.redact(str(error)))
             return False
         jobs.board().start(key, f"extracting split {split}", work)
         st.rerun()
