@@ -8,6 +8,7 @@ Nothing is cached unless a ``DiskCache`` is passed: uploaded photos stay in memo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -119,19 +120,59 @@ def _move_aside(directory: Path) -> Path | None:
         return target
 
 
+# A disk that is full, read-only or not there: the cache steps aside and results are computed without it.
+_UNWRITABLE = (
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_PERM,
+)
+
+
+def unusable(error: BaseException) -> str | None:
+    """Why the cache cannot be used, when ``error`` says its disk is full, read-only or unreachable (an
+    ``OSError`` such as ENOSPC, EROFS, EACCES, or SQLite's full/read-only/cannot-open/I/O errors); None for
+    any other error. The reason names no path (SQLite's messages do not; of an ``OSError`` only its
+    errno's description is kept)."""
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        return str(error) if code is not None and code & 0xFF in _UNWRITABLE else None
+    if isinstance(error, OSError):  # the system's words for its errno: diskcache's own strerror names the folder
+        return os.strerror(error.errno) if error.errno else type(error).__name__
+    return None
+
+
 class DiskCache:
     """A size-bounded diskcache whose damaged entries are dropped and recomputed, never fatal.
 
     A damaged database (``cache.db`` overwritten or truncated) is moved aside whole, never deleted,
     and a fresh cache starts in its place: results are recomputed instead of the app failing.
+    A cache whose disk is full or read-only (or whose folder cannot be created) gives up instead:
+    ``problem`` says why, every lookup misses, nothing is stored, and the caller's work goes on.
+    ``expire_days``: every entry stored expires that long after it was stored (``prune`` removes the
+    expired ones from disk; opening the cache prunes once).
     """
 
-    def __init__(self, directory: str | Path | None = None, size_limit_gb: float | None = None):
+    def __init__(
+        self, directory: str | Path | None = None, size_limit_gb: float | None = None, expire_days: float | None = None
+    ):
         self.directory = Path(directory or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+        self.problem: str | None = None
+        self._expire = None if expire_days is None else expire_days * 86400.0
         size_gb = size_limit_gb if size_limit_gb is not None else float(os.environ.get(CACHE_SIZE_ENV, DEFAULT_SIZE_GB))
         settings = {"size_limit": int(size_gb * 2**30), "eviction_policy": "least-recently-used"}
+        self._store: diskcache.Cache | None = None
         try:
-            self._store = diskcache.Cache(str(self.directory), **settings)
+            self._store = self._open(settings)
+            if self._expire is not None:
+                self._store.expire(retry=True)
+        except (OSError, sqlite3.Error) as error:
+            self._give_up(error)
+
+    def _open(self, settings: dict[str, Any]) -> diskcache.Cache:
+        try:
+            return diskcache.Cache(str(self.directory), **settings)
         except sqlite3.DatabaseError as error:
             if getattr(error, "sqlite_errorcode", None) not in _DAMAGED_DATABASE:
                 raise
@@ -142,19 +183,45 @@ class DiskCache:
                 error,
                 f"moved the folder to {moved}" if moved else "another process moved the folder aside",
             )
-            self._store = diskcache.Cache(str(self.directory), **settings)
+            return diskcache.Cache(str(self.directory), **settings)
+
+    def _give_up(self, error: BaseException) -> None:
+        """Stop using the disk when ``error`` says it is full or read-only; re-raise any other error."""
+        reason = unusable(error)
+        if reason is None:
+            raise error
+        if self.problem is None:
+            log.warning("the result cache cannot be used (%s): results are computed but not cached", reason)
+        self.problem = reason
+        store, self._store = self._store, None
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.close()
 
     def lookup(self, key: str) -> Any:
         """The stored value, or ``MISSING``; a damaged entry is deleted and reported as missing."""
+        if self._store is None:
+            return MISSING
         try:
             return self._store.get(key, default=MISSING, retry=True)
-        except Exception as error:  # a truncated value file, a bad pickle, a broken row
+        except Exception as error:  # a truncated value file, a bad pickle, a broken row; or a failing disk
+            if unusable(error) is not None and not isinstance(error, FileNotFoundError):
+                self._give_up(error)
+                return MISSING
             log.warning("cache entry %s was damaged (%s); recomputing", key[:12], type(error).__name__)
-            self._store.delete(key, retry=True)
+            try:
+                self._store.delete(key, retry=True)
+            except (OSError, sqlite3.Error) as failure:
+                self._give_up(failure)
             return MISSING
 
     def store(self, key: str, value: Any) -> None:
-        self._store.set(key, value, retry=True)
+        if self._store is None:
+            return
+        try:
+            self._store.set(key, value, expire=self._expire, retry=True)
+        except (OSError, sqlite3.Error) as error:
+            self._give_up(error)
 
     def get_or_compute(self, key: str, compute: Callable[[], Any]) -> Any:
         value = self.lookup(key)
@@ -164,16 +231,28 @@ class DiskCache:
         return value
 
     def __contains__(self, key: str) -> bool:
-        return key in self._store
+        return self._store is not None and key in self._store
+
+    def prune(self) -> int:
+        """Remove the expired entries from disk; how many."""
+        if self._store is None:
+            return 0
+        try:
+            return int(self._store.expire(retry=True))
+        except (OSError, sqlite3.Error) as error:
+            self._give_up(error)
+            return 0
 
     def clear(self) -> None:
-        self._store.clear(retry=True)
+        if self._store is not None:
+            self._store.clear(retry=True)
 
     def volume(self) -> int:
-        return self._store.volume()
+        return 0 if self._store is None else int(self._store.volume())
 
     def close(self) -> None:
-        self._store.close()
+        if self._store is not None:
+            self._store.close()
 
 
 def memo_key(namespace: str, salt: str, *parts: Any) -> str:

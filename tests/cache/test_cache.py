@@ -195,3 +195,92 @@ def test_default_directory_is_configurable(tmp_path, monkeypatch):
     cache = DiskCache()
     assert cache.directory == Path(tmp_path / "elsewhere")
     assert (tmp_path / "elsewhere").is_dir()
+
+
+def test_a_cache_folder_that_cannot_be_created_steps_aside_and_the_work_goes_on(tmp_path, caplog):
+    """A path under a regular file (ENOTDIR), like a read-only or full disk: no exception, results computed,
+    nothing stored, and the reason names no path."""
+    (tmp_path / "file").write_text("not a folder")
+    calls.clear()
+    with caplog.at_level("WARNING", logger="cache"):
+        cache = DiskCache(tmp_path / "file" / "cache")
+    assert cache.problem == "Not a directory"
+    x = np.arange(4)
+    np.testing.assert_array_equal(doubled(x, cache=cache), x * 2)
+    np.testing.assert_array_equal(doubled(x, cache=cache), x * 2)
+    assert len(calls) == 2  # nothing was cached
+    assert cache.volume() == 0 and "k" not in cache
+    assert str(tmp_path) not in caplog.text and "results are computed but not cached" in caplog.text
+
+
+def _full(*args, **kwargs):
+    import sqlite3
+
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorcode = sqlite3.SQLITE_FULL
+    raise error
+
+
+def test_a_full_disk_while_storing_gives_up_caching_without_failing(tmp_path, monkeypatch):
+    import diskcache
+
+    cache = DiskCache(tmp_path / "c")
+    x = np.arange(3)
+    doubled(x, cache=cache)  # stored while the disk had room
+    monkeypatch.setattr(diskcache.Cache, "set", _full)
+    calls.clear()
+    y = np.arange(5)
+    np.testing.assert_array_equal(doubled(y, cache=cache), y * 2)
+    assert cache.problem == "database or disk is full"
+    np.testing.assert_array_equal(doubled(x, cache=cache), x * 2)  # the cache is no longer read either
+    assert len(calls) == 2
+
+
+def test_a_read_only_disk_is_a_reason_without_a_path_and_other_errors_still_raise(tmp_path, monkeypatch):
+    import errno
+    import os
+    import sqlite3
+
+    import diskcache
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "c" / "ab" / "cd.val"))
+
+    cache = DiskCache(tmp_path / "c")
+    monkeypatch.setattr(diskcache.Cache, "set", read_only)
+    cache.store("k", b"v")
+    assert cache.problem == "Read-only file system"
+
+    def locked(*args, **kwargs):
+        error = sqlite3.OperationalError("database is locked")
+        error.sqlite_errorcode = sqlite3.SQLITE_BUSY
+        raise error
+
+    other = DiskCache(tmp_path / "d")
+    monkeypatch.setattr(diskcache.Cache, "set", locked)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        other.store("k", b"v")
+    assert other.problem is None
+
+
+def test_entries_expire_after_their_days_and_leave_the_disk(tmp_path, monkeypatch):
+    """Entries planted 8 and 6 days ago in a cache whose entries live 7 days: reopening removes the old one,
+    its value file included; the young one is still served."""
+    import time
+
+    now = time.time()
+    big = np.arange(200_000, dtype=np.float64)  # a value in a file of its own
+    for age, key, value in ((8, "old", big), (6, "young", b"young")):
+        monkeypatch.setattr(time, "time", lambda age=age: now - age * 86400)
+        planted = DiskCache(tmp_path / "uploads", expire_days=7)
+        planted.store(key, value)
+        planted.close()
+        monkeypatch.undo()
+    files = set((tmp_path / "uploads").rglob("*.val"))
+    assert len(files) == 1
+    cache = DiskCache(tmp_path / "uploads", expire_days=7)
+    assert cache.lookup("old") is MISSING and "old" not in cache
+    assert cache.lookup("young") == b"young"
+    assert not any(p.exists() for p in files)  # the old photo's result is gone from disk, not only hidden
+    cache.store("new", b"new")
+    assert cache.prune() == 0 and cache.lookup("new") == b"new"
