@@ -13,8 +13,10 @@ import hashlib
 import json
 import math
 import numbers
+import os
 import pickle
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,10 @@ CLASSIFIER_ARCHITECTURES = ARCHITECTURES
 PARSER_ARCHITECTURE_PREFIX = "unet-"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 ARCHITECTURE_METADATA = "architecture"  # safetensors header entry save_checkpoint writes
+# The largest card (JSON) and weights file read (a hosted deployment's [limits] card_bytes and weights_bytes):
+# a path typed into a URL is read only when it is a regular file under the cap, never a device or a pipe.
+CARD_BYTES = 1 << 20
+WEIGHTS_BYTES = 4 << 30
 # Card fields that change what a network's outputs mean; with the weights they key cached results.
 _OUTPUT_FIELDS = ("kind", "architecture", "classes", "input_size", "channel_order", "input_scale", "mean", "std")
 
@@ -69,17 +75,17 @@ class ModelCard:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def from_json(cls, source: str | Path) -> ModelCard:
-        """Read a card from a file path, or from JSON text (a string starting with ``{``)."""
+    def from_json(cls, source: str | Path, max_bytes: int = CARD_BYTES) -> ModelCard:
+        """Read a card from a file path (a regular file of at most ``max_bytes``), or from JSON text (a
+        string starting with ``{``)."""
         is_text = isinstance(source, str) and source.lstrip().startswith("{")
         where = "model card (JSON text)" if is_text else f"model card {source}"
-        try:
-            text = str(source) if is_text else Path(source).read_text(encoding="utf-8")
-        except OSError as error:
-            raise ModelError(f"{where}: cannot read it ({error.strerror}); check the path") from None
+        text: str | bytes = str(source) if is_text else read_regular_file(source, max_bytes, "model card")
         try:
             fields = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            if isinstance(error, UnicodeDecodeError):
+                raise ModelError(f"{where}: not UTF-8 text, so not a JSON card") from None
             raise ModelError(f"{where}: not valid JSON ({error.msg}, line {error.lineno})") from None
         if not isinstance(fields, dict):
             raise ModelError(f"{where}: expected a JSON object holding the card's fields")
@@ -163,8 +169,57 @@ def _canonical_fields(card: ModelCard) -> dict[str, object]:
     }
 
 
-def read_card(card_path: str | Path, kind: str) -> ModelCard:
-    card = ModelCard.from_json(Path(card_path))
+def _size(limit: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if limit >= scale and limit % scale == 0:
+            return f"{limit // scale} {unit}"
+    return f"{limit} bytes"
+
+
+def _refused(path: str | Path, limit: int, what: str) -> ModelError:
+    # One message whatever the reason (missing, unreadable, a folder, a device, a pipe, too large): a typed
+    # path learns nothing more about the server's files than that this one cannot be used.
+    return ModelError(f"{what} {path} cannot be read: it must be an existing, readable file of at most {_size(limit)}")
+
+
+def check_regular_file(path: str | Path, limit: int, what: str) -> Path:
+    """``path`` when it is a regular file (symbolic links followed) of at most ``limit`` bytes, else a
+    ``ModelError`` that says only that; for loaders that open the file by name themselves."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        raise _refused(path, limit, what) from None
+    if not stat.S_ISREG(status.st_mode) or status.st_size > limit:
+        raise _refused(path, limit, what)
+    return Path(path)
+
+
+def read_regular_file(path: str | Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path`` when it is a regular file of at most ``limit`` bytes, else a ``ModelError``.
+
+    Checked on the opened file (``fstat``), opened without blocking, so neither ``/dev/zero`` nor a pipe
+    nor a file swapped in between the check and the read is ever read from; at most ``limit + 1`` bytes
+    are read, so a file growing meanwhile is refused too."""
+    check_regular_file(path, limit, what)  # a cheap refusal before anything is opened
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, ValueError):
+        raise _refused(path, limit, what) from None
+    with os.fdopen(handle, "rb") as file:
+        status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode) or status.st_size > limit:
+            raise _refused(path, limit, what)
+        try:
+            data = file.read(limit + 1)
+        except OSError:
+            raise _refused(path, limit, what) from None
+    if len(data) > limit:
+        raise _refused(path, limit, what)
+    return data
+
+
+def read_card(card_path: str | Path, kind: str, max_bytes: int = CARD_BYTES) -> ModelCard:
+    card = ModelCard.from_json(Path(card_path), max_bytes=max_bytes)
     if card.kind != kind:
         raise ModelError(f"model card {card_path} describes a {card.kind}, but a {kind} is needed here")
     return card
@@ -213,11 +268,10 @@ def save_checkpoint(network: nn.Module, card: ModelCard, folder: str | Path, nam
     return card_path
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` or torch (``.pt/.pth/.bin``) file; pickled objects are refused unopened."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"weights file {path} not found; check the card's 'weights' field")
+def load_state_dict_file(path: str | Path, max_bytes: int = WEIGHTS_BYTES) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` or torch (``.pt/.pth/.bin``) file, a regular file of at most
+    ``max_bytes``; pickled objects are refused unopened."""
+    path = check_regular_file(path, max_bytes, "weights file (the card's 'weights' field)")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         try:
@@ -346,14 +400,16 @@ def recorded_architecture(weights_path: Path) -> str | None:
     return metadata.get(ARCHITECTURE_METADATA)
 
 
-def load_weights(network: nn.Module, card: ModelCard, card_path: str | Path, head_key: str) -> tuple[nn.Module, str]:
+def load_weights(
+    network: nn.Module, card: ModelCard, card_path: str | Path, head_key: str, max_bytes: int = WEIGHTS_BYTES
+) -> tuple[nn.Module, str]:
     """Load the card's weights strictly into ``network``, freeze it in eval mode; return it and its fingerprint.
 
     Parameters stop requiring grad: attribution needs gradients of the input only, and the
     backward pass is cheaper without weight gradients. The weights are read and fingerprinted on the CPU.
     """
     weights_path = Path(card_path).parent / card.weights
-    state_dict = load_state_dict_file(weights_path)
+    state_dict = load_state_dict_file(weights_path, max_bytes)
     _check_weights_fit(network, state_dict, card, weights_path, head_key)
     check_finite(state_dict, weights_path)
     network.load_state_dict(state_dict, strict=True)
@@ -380,14 +436,21 @@ class Classifier:
         return module_device(self.network)
 
 
-def load_classifier(card_path: str | Path, domain: bool = True, device: str | torch.device = "cpu") -> Classifier:
+def load_classifier(
+    card_path: str | Path,
+    domain: bool = True,
+    device: str | torch.device = "cpu",
+    card_bytes: int = CARD_BYTES,
+    weights_bytes: int = WEIGHTS_BYTES,
+) -> Classifier:
     """The card's classifier, with its out-of-domain guard when the card has one (a guard that is not
     this model's is refused with a ``DomainGuardError``); ``domain=False`` leaves the guard unread
-    (fitting a new one). Its network is moved to ``device`` (``core.devices.resolve_device``'s names)."""
+    (fitting a new one). Its network is moved to ``device`` (``core.devices.resolve_device``'s names).
+    The card and the weights are read only as regular files of at most ``card_bytes`` and ``weights_bytes``."""
     where = resolve_device(device)
-    card = read_card(card_path, kind="classifier")
+    card = read_card(card_path, kind="classifier", max_bytes=card_bytes)
     network: nn.Module = build_resnet(card.architecture, len(card.classes))
-    network, fingerprint = load_weights(network, card, card_path, head_key="fc.weight")
+    network, fingerprint = load_weights(network, card, card_path, head_key="fc.weight", max_bytes=weights_bytes)
     network = network.to(where)
     guard = read_domain_guard(card_path, fingerprint, feature_dim(network)) if domain else None
     return Classifier(network=network, card=card, fingerprint=fingerprint, domain=guard)

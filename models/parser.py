@@ -19,7 +19,9 @@ from core.devices import module_device, resolve_device
 from core.errors import ModelError
 from core.parse import LAPA_LABELS, resize_label_map
 from models.checkpoint import (
+    CARD_BYTES,
     PARSER_ARCHITECTURE_PREFIX,
+    WEIGHTS_BYTES,
     ModelCard,
     load_weights,
     normalise_pixels,
@@ -54,16 +56,23 @@ class FaceParser:
         return module_device(self.network)
 
 
-def load_face_parser(card_path: str | Path, device: str | torch.device = "cpu") -> FaceParser:
+def load_face_parser(
+    card_path: str | Path,
+    device: str | torch.device = "cpu",
+    card_bytes: int = CARD_BYTES,
+    weights_bytes: int = WEIGHTS_BYTES,
+) -> FaceParser:
+    """The card's face parser; the card and weights are read only as regular files under the two caps
+    (``?parser=/dev/zero`` is refused at once)."""
     where = resolve_device(device)
-    card = read_card(card_path, kind="face_parser")
+    card = read_card(card_path, kind="face_parser", max_bytes=card_bytes)
     if len(card.classes) != len(LAPA_LABELS):
         raise ModelError(
             f"model card {card_path}: a face parser predicts the {len(LAPA_LABELS)} LaPa classes "
             f"({', '.join(LAPA_LABELS)}), but the card lists {len(card.classes)}"
         )
     network = build_face_parser(card.architecture.removeprefix(PARSER_ARCHITECTURE_PREFIX), len(card.classes))
-    network, fingerprint = load_weights(network, card, card_path, head_key=_HEAD_KEY)
+    network, fingerprint = load_weights(network, card, card_path, head_key=_HEAD_KEY, max_bytes=weights_bytes)
     return FaceParser(network=network.to(where), card=card, fingerprint=fingerprint)
 
 

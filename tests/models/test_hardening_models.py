@@ -8,10 +8,12 @@ pickles and in the VGGFace2 file; a card with the wrong class count or architect
 from __future__ import annotations
 
 import builtins
+import os
 import pickle
 import shutil
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,9 @@ import torch
 
 from core.errors import ModelError
 from models.checkpoint import ModelCard, load_classifier, load_state_dict_file, save_checkpoint
+from models.parser import load_face_parser
 from models.vggface2 import vggface2_state_dict
-from tests.conftest import tiny_resnet
+from tests.conftest import tiny_card, tiny_resnet
 
 
 class Runs:
@@ -238,3 +241,67 @@ def _reshaped(state, key, shape):
 def test_weights_that_do_not_fit_the_card_are_refused_naming_the_layer(tmp_path, change, message):
     with pytest.raises(ModelError, match=message):
         load_classifier(saved_with(tmp_path, change))
+
+
+def _finishes(call):
+    """Run ``call`` in a thread and return what it raised; a read that never ends (the old ``?parser=/dev/zero``)
+    fails the test instead of hanging the suite."""
+    outcome: list[BaseException | None] = []
+
+    def run():
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as error:  # handed back to the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert outcome, "the loader is still reading"
+    return outcome[0]
+
+
+def test_cards_that_are_not_small_regular_files_are_refused_at_once_with_one_message(tmp_path):
+    """/dev/zero (read forever before), a FIFO (open blocked forever), a folder, a missing path and an
+    oversized card all give the same sentence naming only the typed path: it tells a prober nothing about
+    what is there."""
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_text(tiny_card(notes="n" * (1 << 20)).to_json(), encoding="utf-8")
+    paths = {
+        "/dev/zero": "/dev/zero",
+        "fifo": fifo,
+        "folder": tmp_path,
+        "missing": tmp_path / "absent.json",
+        "big": big,
+    }
+    messages = {}
+    for name, path in paths.items():
+        for load in (load_face_parser, load_classifier):
+            error = _finishes(lambda path=path, load=load: load(path))
+            assert isinstance(error, ModelError), (name, error)
+            messages[name] = str(error).replace(str(path), "PATH")
+    assert set(messages.values()) == {
+        "model card PATH cannot be read: it must be an existing, readable file of at most 1 MB"
+    }
+    assert ModelCard.from_json(big, max_bytes=2 << 20).notes == "n" * (1 << 20)  # a deployment may allow more
+
+
+def test_weights_are_read_only_as_regular_files_under_their_cap(tmp_path):
+    card_path = save_checkpoint(tiny_resnet(3), tiny_card(), tmp_path, "m")
+    size = (tmp_path / "m.safetensors").stat().st_size
+    with pytest.raises(
+        ModelError, match=r"weights file \(the card's 'weights' field\) .*m\.safetensors cannot be read"
+    ):
+        load_classifier(card_path, weights_bytes=size - 1)
+    assert load_classifier(card_path, weights_bytes=size).card.classes == ("A", "B", "Unaffected")
+    linked = tmp_path / "linked.json"
+    linked.symlink_to(card_path)  # a symbolic link to a regular file is fine
+    assert load_classifier(linked).fingerprint == load_classifier(card_path).fingerprint
+    (tmp_path / "m.safetensors").unlink()
+    os.mkfifo(tmp_path / "m.safetensors")
+    error = _finishes(lambda: load_classifier(card_path))
+    assert isinstance(error, ModelError) and "cannot be read" in str(error)
+    assert isinstance(_finishes(lambda: load_state_dict_file("/dev/zero")), ModelError)
