@@ -43,7 +43,8 @@ class Limits:
     spec_days: int = 90  # a stored spec (and its mask files) unused this long is pruned
     upload_cache_days: int = 7  # opted-in cached uploads expire
     result_versions: int = 3  # finished result versions kept per dataset × split (the current one included)
-    card_bytes: int = 1 << 20  # a model card (JSON) read from disk
+    card_bytes: int = 1 << 20  # a model card (JSON) read from disk (models.checkpoint.CARD_BYTES)
+    weights_bytes: int = 4 << 30  # a model's weights file read from disk (models.checkpoint.WEIGHTS_BYTES)
     display_pixels: int = 1024  # longest side of a photo sent to the browser
 
 
