@@ -1,0 +1,422 @@
+"""Issue 13's repros, replayed against a real ``./run.sh host`` server: each is refused or harmless.
+
+One server (``tests/dashboard/hosted.py``) serves a copy of the tiny dataset as id ``tiny``; the tests play the
+authenticating proxy (its e-mail header) and speak Streamlit's websocket protocol themselves
+(``tests/dashboard/streamlit_ws.py``), as a hostile visitor would; what only a browser shows (the rendered
+DOM, links, uploads) is checked in Chromium.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+from dashboard.screenshots import CHROMIUM, browser, settled
+from tests.dashboard.hosted import (
+    ANALYST,
+    DATASET_ID,
+    DATASET_TITLE,
+    SPEC_REGIONS,
+    STRANGER,
+    VIEWER,
+    Hosted,
+    hosted_server,
+    rss_kib,
+    tree_digest,
+)
+from tests.dashboard.streamlit_ws import Page, Refused
+
+pytestmark = pytest.mark.slow
+needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+
+PAGES = ("", "regions", "statistics", "hpo")
+VIEW = f"dataset={DATASET_ID}&model=fold-1&methods=Gradient"
+EXPLAIN_FACE = f"{VIEW}&source={quote('dataset image')}&split=test"
+INJECTION = "[Session expired – sign in again](https://evil.example)"
+UNKNOWN = "/no/such/place-7f3a"
+# Kinds of element that show data: none may reach a visitor without a role.
+DATA_ELEMENTS = {"arrow_data_frame", "imgs", "plotly_chart", "file_uploader", "code", "download_button", "progress"}
+
+
+@pytest.fixture(scope="module")
+def hosted(tiny_dataset, tmp_path_factory):
+    with hosted_server(tiny_dataset, tmp_path_factory.mktemp("hosted")) as server:
+        yield server
+
+
+def run_as(hosted: Hosted, email: str | None, page: str = "", query: str = VIEW) -> Page:
+    with hosted.session(email) as session:
+        return session.run(page, query)
+
+
+def leaks(texts, secrets) -> set[str]:
+    return {secret for secret in secrets for text in texts if secret in text}
+
+
+def server_paths(hosted: Hosted) -> tuple[str, ...]:
+    return tuple(secret for secret in hosted.secrets if "/" in secret)
+
+
+def file_names(hosted: Hosted) -> tuple[str, ...]:
+    return tuple(secret for secret in hosted.secrets if "/" not in secret)
+
+
+def class_labels(hosted: Hosted) -> set[str]:
+    import polars as pl
+
+    return set(pl.read_csv(hosted.dataset / "metadata" / "partitions.csv")["label"].unique().to_list())
+
+
+def kinds(page: Page) -> set[str]:
+    return {element.WhichOneof("type") for element in page.elements.values()}
+
+
+# Signed out, signed in without a role, signed in with one.
+def test_a_signed_out_visitor_sees_only_the_sign_in_page(hosted):
+    labels = class_labels(hosted)
+    for email in (None, STRANGER):
+        for page in PAGES:
+            for query in (VIEW, EXPLAIN_FACE, ""):
+                shown = run_as(hosted, email, page, query)
+                assert shown.exceptions == [], (email, page)
+                assert not kinds(shown) & DATA_ELEMENTS, (email, page, kinds(shown))
+                assert not leaks(shown.texts, (DATASET_TITLE, DATASET_ID, *labels, *hosted.secrets)), (email, page)
+                assert shown.of("selectbox") == [] and shown.of("text_input") == [], (email, page)
+    # The control: the same page for a viewer shows the dataset (so the checks above can see a leak).
+    viewer = run_as(hosted, VIEWER, "", EXPLAIN_FACE)
+    assert viewer.exceptions == []
+    assert leaks(viewer.texts, labels) and kinds(viewer) & DATA_ELEMENTS
+
+
+# Free paths in the URL.
+PLANTED = "Planted"
+
+
+@pytest.fixture(scope="module")
+def planted(hosted):
+    """A valid dataset and a valid classifier card at paths the deployment does not serve, marked so that
+    opening them shows: the dataset's images are named ``…Planted…`` (not ``…Slide…``), the card's classes
+    ``Planted0…``. Guessing their paths must open nothing."""
+    root = hosted.root / "planted" / "dataset"
+    shutil.copytree(hosted.dataset, root)
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):  # deepest first: renames keep parents
+        if path.is_file() and path.suffix in (".csv", ".json", ".jsonl", ".txt"):
+            path.write_text(path.read_text(encoding="utf-8").replace("Slide", PLANTED), encoding="utf-8")
+        if "Slide" in path.name:
+            path.rename(path.with_name(path.name.replace("Slide", PLANTED)))
+    card = root / "models" / "classifier-fold-1.json"
+    fields = json.loads(card.read_text(encoding="utf-8"))
+    fields["classes"] = [f"{PLANTED}{k}" for k in range(len(fields["classes"]))]
+    card.write_text(json.dumps(fields), encoding="utf-8")
+    return root, card
+
+
+def probes(hosted: Hosted, planted_dataset: Path, planted_card: Path) -> dict[str, list[str]]:
+    return {
+        "dataset": ["/etc", "/root", str(planted_dataset), str(hosted.dataset), "/dev/zero", UNKNOWN],
+        "card": ["/root", "/etc/passwd", str(planted_card), "/dev/zero", UNKNOWN],
+        "parser": ["/etc/passwd", "/dev/zero", str(planted_card), UNKNOWN],
+    }
+
+
+def messages(page: Page, probe: str) -> list[str]:
+    """What the page says (alerts, captions, markdown), with the probed value itself blanked out."""
+    said = [*page.alerts, *page.markdown]  # captions are markdown elements too
+    return sorted(text.replace(probe, "<probe>").replace(quote(probe, safe=""), "<probe>") for text in said)
+
+
+def test_free_paths_in_the_url_open_nothing_and_answer_alike(hosted, planted):
+    planted_dataset, planted_card = planted
+    for key, values in probes(hosted, planted_dataset, planted_card).items():
+        answers = {}
+        for value in values:
+            extra = "&model=other%20card" if key == "card" else ""
+            query = f"{EXPLAIN_FACE}&{key}={quote(value, safe='')}{extra}"
+            shown = run_as(hosted, ANALYST, "", query)
+            assert shown.exceptions == [], (key, value, shown.exceptions)
+            # Nothing at the path was opened: no face of the planted dataset, no prediction from the planted card.
+            assert not leaks(shown.texts, [PLANTED]), (key, value)
+            assert not leaks(shown.texts, server_paths(hosted)), (key, value)
+            answers[value] = messages(shown, value)
+        # One answer whatever exists at the path: the unknown path's.
+        differing = {value: said for value, said in answers.items() if said != answers[UNKNOWN]}
+        assert not differing, (key, answers[UNKNOWN], differing)
+
+
+def test_dev_zero_in_the_url_keeps_the_server_memory_bounded(hosted):
+    before = rss_kib(hosted.pid)
+    for key in ("parser", "card", "dataset"):
+        extra = "&model=other%20card" if key == "card" else ""
+        with hosted.session(ANALYST) as session:
+            session.timeout = 120  # the repro read without end
+            shown = session.run("", f"{EXPLAIN_FACE}&{key}=%2Fdev%2Fzero{extra}")
+            assert shown.exceptions == [], key
+    grown = rss_kib(hosted.pid) - before
+    # The repro grew the server by 1.4 GB in 4 s; a bounded read of a card (1 MB cap) costs next to nothing.
+    assert grown < 150 * 1024, f"the server grew by {grown / 1024:.0f} MiB"
+
+
+# Path probing through messages, links and the rendered page.
+@needs_chromium
+def test_no_page_link_or_error_shows_a_server_path_or_file_name(hosted, tmp_path):
+    views = [
+        ("", EXPLAIN_FACE),
+        ("", f"{EXPLAIN_FACE}&image=no-such-face.png"),
+        ("", f"{VIEW}&dataset=%2Fetc"),
+        ("", f"{VIEW}&model=no-such-model"),
+        ("", f"{VIEW}&spec=0123456789ab"),
+        ("regions", VIEW),
+        ("statistics", VIEW),
+        ("hpo", VIEW),
+    ]
+    with browser(tmp_path / "profile", headers={"X-Forwarded-Email": ANALYST}) as context:
+        page = context.new_page()
+        for path, query in views:
+            page.goto(f"{hosted.base}/{path}?{query}")
+            settled(page)
+            html = page.content()
+            hint = page.locator('[data-testid="stSidebar"] [data-testid="stCode"]')
+            link = hint.first.inner_text() if hint.count() else ""
+            assert "Traceback" not in html, (path, query)
+            assert not leaks([html, link, page.url], server_paths(hosted)), (path, query)
+            assert not leaks([html, link, page.url], file_names(hosted)), (path, query)
+    # What the server sends for a page, beyond what is drawn (help texts, widget options, chart data): no path.
+    for path, query in views:
+        shown = run_as(hosted, ANALYST, path, query)
+        assert not leaks(shown.texts, server_paths(hosted)), (path, query)
+
+
+# Markdown injection through a shared spec link.
+def spec_json(name: str, regions: list[str]) -> str:
+    return json.dumps(
+        {
+            "name": name,
+            "regions": [{"name": region, "boxes": [{"labels": [2 + r % 8]}]} for r, region in enumerate(regions)],
+            "gap_splits": [],
+        }
+    )
+
+
+def import_spec(hosted: Hosted, profile: Path, text: str, name: str = "spec.json") -> tuple[str | None, str]:
+    """Import a spec on the Regions page as the analyst: (the spec id the URL then carries, the page's text)."""
+    with browser(profile, headers={"X-Forwarded-Email": ANALYST}) as context:
+        page = context.new_page()
+        page.goto(f"{hosted.base}/regions?{VIEW}")
+        settled(page)
+        uploader = page.locator('[data-testid="stFileUploader"]').filter(has_text="Import a spec")
+        uploader.locator('input[type="file"]').set_input_files(
+            files=[{"name": name, "mimeType": "application/json", "buffer": text.encode()}]
+        )
+        page.wait_for_timeout(1000)
+        settled(page)
+        spec = parse_qs(urlsplit(page.url).query).get("spec", [None])[0]
+        return spec, page.inner_text("body")
+
+
+@needs_chromium
+def test_a_shared_spec_link_renders_no_injected_link(hosted, tmp_path):
+    spec, _ = import_spec(hosted, tmp_path / "analyst", spec_json(INJECTION, [INJECTION, "nose", "mouth"]))
+    assert spec is not None and re.fullmatch(r"[0-9a-f]{12}", spec), spec
+    with browser(tmp_path / "viewer", headers={"X-Forwarded-Email": VIEWER}) as context:
+        page = context.new_page()
+        for path, query in (("", f"{EXPLAIN_FACE}&spec={spec}"), ("regions", f"{VIEW}&spec={spec}")):
+            page.goto(f"{hosted.base}/{path}?{query}")
+            settled(page)
+            if not path:
+                page.get_by_text("Predicted ", exact=False).first.wait_for(timeout=180_000)
+                settled(page)
+            assert page.locator('a[href*="evil.example"]').count() == 0, path
+            # The name is shown, as text: what makes the missing anchor mean something.
+            assert "Session expired" in page.inner_text("body"), path
+
+
+# Spec caps.
+def test_an_oversized_spec_name_is_refused(hosted):
+    stored_before = set(tree_digest(hosted.state / "cache" / "specs")) if (hosted.state / "cache").exists() else set()
+    with hosted.session(ANALYST) as session:
+        page = session.run("regions", VIEW)
+        key = next((box.id for box in page.of("text_input") if box.id.endswith("-name")), None)
+        assert key is not None, "the analyst's Regions page has no spec name box"
+        started = time.monotonic()
+        try:
+            answer = session.run("regions", VIEW, values={key: WidgetState(string_value="x" * 20_000_000)})
+        except Refused:
+            answer = None  # closed for a message too big: refused before any of it was stored
+        seconds = time.monotonic() - started
+    specs = hosted.state / "cache" / "specs"
+    stored = tree_digest(specs) if specs.exists() else {}
+    new = {name for name in stored if name not in stored_before}
+    assert all((specs / name).stat().st_size < 64 * 1024 for name in new), new
+    if answer is not None:
+        assert answer.exceptions == []
+        assert any("name" in alert.lower() for alert in answer.alerts), answer.alerts
+    print(f"20 MB spec name refused in {seconds:.1f} s")
+
+
+@needs_chromium
+@pytest.mark.parametrize("regions", [SPEC_REGIONS + 1, 300])
+def test_a_spec_with_too_many_regions_is_refused_without_a_crash(hosted, tmp_path, regions):
+    spec, text = import_spec(hosted, tmp_path / "analyst", spec_json("many", [f"r{r}" for r in range(regions)]))
+    assert spec is None or spec in ("paper", "extended"), spec  # not stored, the view keeps its spec
+    assert "Traceback" not in text and "OverflowError" not in text
+    assert str(SPEC_REGIONS) in text and "region" in text.lower(), text[-2000:]
+
+
+def test_a_spec_of_more_than_255_regions_stored_before_the_caps_opens_without_a_crash(hosted):
+    """A stored spec over the cap (kept from before the caps, or a file put there): its link is refused with a
+    message or shown, never an OverflowError."""
+    from core.regions import RegionSpec, spec_id
+
+    spec = RegionSpec.from_json(spec_json("old", [f"r{r}" for r in range(300)]), caps=None)
+    identifier = spec_id(spec)
+    folder = hosted.state / "cache" / "specs"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{identifier}.json").write_text(spec.to_json(), encoding="utf-8")
+    for page in ("", "regions"):
+        shown = run_as(hosted, ANALYST, page, f"{EXPLAIN_FACE}&spec={identifier}")
+        assert shown.exceptions == [], (page, shown.exceptions)
+        assert not any("OverflowError" in text for text in shown.texts), page
+
+
+# Host header.
+def test_a_foreign_host_header_is_refused(hosted):
+    port = urlsplit(hosted.base).port
+    with pytest.raises(Refused), hosted.session(VIEWER, host=f"evil.example:{port}") as session:
+        session.run("", VIEW)
+    # The control: the allowed host (the address the server was reached by) runs the app.
+    assert run_as(hosted, VIEWER, "", VIEW).finished is not None
+
+
+# Jobs: a viewer pressing Extract, clear_cache during a job.
+def running(page: Page) -> bool:
+    """The page shows a job in progress (queued or running) for the split it offers to extract."""
+    return bool(page.of("progress")) or any(
+        re.search(r"\b(queued|running)\b", text, re.IGNORECASE) for text in (*page.alerts, *page.markdown)
+    )
+
+
+def extract_button(page: Page, split: str = "val") -> str | None:
+    return page.widget_id(f"extract-{split}")
+
+
+def audit_lines(hosted: Hosted) -> list[str]:
+    log = hosted.state / "jobs" / "audit.jsonl"
+    return log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+
+
+def wait_until_idle(hosted: Hosted, timeout: float = 600.0) -> Page:
+    deadline = time.monotonic() + timeout
+    while True:
+        page = run_as(hosted, ANALYST, "statistics", VIEW)
+        if not running(page):
+            return page
+        assert time.monotonic() < deadline, "the extraction job did not end"
+        time.sleep(2)
+
+
+def test_a_viewer_cannot_extract_not_even_with_a_crafted_message(hosted):
+    dataset_before = tree_digest(hosted.dataset)
+    analyst = run_as(hosted, ANALYST, "statistics", VIEW)
+    button = extract_button(analyst)
+    assert button is not None, "the analyst is offered no extraction (the control)"
+    with hosted.session(VIEWER) as viewer:
+        page = viewer.run("statistics", VIEW)
+        assert extract_button(page) is None
+        assert not any("Extract" in b.label for b in page.of("button"))
+        audit_before, results_before = audit_lines(hosted), tree_digest(hosted.state)
+        pressed = viewer.run("statistics", VIEW, triggers=(button,))  # the analyst's button id, as a click sends
+        assert pressed.exceptions == []
+        time.sleep(3)
+    assert not running(run_as(hosted, ANALYST, "statistics", VIEW))
+    assert audit_lines(hosted) == audit_before
+    assert {k: v for k, v in tree_digest(hosted.state).items() if "results" in k} == {
+        k: v for k, v in results_before.items() if "results" in k
+    }
+    assert tree_digest(hosted.dataset) == dataset_before
+    # The control: the same message from the analyst starts a job.
+    with hosted.session(ANALYST) as session:
+        session.run("statistics", VIEW)
+        session.run("statistics", VIEW, triggers=(button,))
+    deadline = time.monotonic() + 60
+    while len(audit_lines(hosted)) == len(audit_before) and not running(run_as(hosted, ANALYST, "statistics", VIEW)):
+        assert time.monotonic() < deadline, "the analyst's press started no job"
+        time.sleep(1)
+    wait_until_idle(hosted)
+    assert any(ANALYST in line for line in audit_lines(hosted))
+    assert not any(VIEWER in line for line in audit_lines(hosted))
+    assert tree_digest(hosted.dataset) == dataset_before  # results go to the state folder, never the dataset
+
+
+def test_clear_cache_during_a_job_hides_nothing_and_keeps_the_results(hosted):
+    wait_until_idle(hosted)
+    first = run_as(hosted, ANALYST, "statistics", VIEW)
+    if extract_button(first) is not None and not first.of("arrow_data_frame"):
+        with hosted.session(ANALYST) as session:  # no results yet: make the first version
+            session.run("statistics", VIEW)
+            session.run("statistics", VIEW, triggers=(extract_button(first),))
+        first = wait_until_idle(hosted)
+    tables_before = [t.data for t in first.of("arrow_data_frame")]
+    assert tables_before, "no score table after the first extraction"
+    # A slower job over more methods, then a stranger's clear_cache while it runs.
+    more = f"{VIEW}&methods=IntegratedGradients&methods=SmoothGrad&methods=Occlusion"
+    with hosted.session(ANALYST) as session:
+        page = session.run("statistics", more)
+        button = extract_button(page)
+        assert button is not None, "no offer to extract the added methods"
+        session.run("statistics", more, triggers=(button,))
+    assert running(run_as(hosted, ANALYST, "statistics", more)), "the job ended before the test could clear caches"
+    for email in (None, STRANGER, VIEWER):
+        with hosted.session(email) as stranger:
+            stranger.run("", "")
+            stranger.clear_cache()
+            stranger.run("", "")
+    after = run_as(hosted, ANALYST, "statistics", more)
+    assert running(after), "the running job vanished after clear_cache"
+    # The version readers had is intact while the job runs.
+    during = run_as(hosted, ANALYST, "statistics", VIEW)
+    assert [t.data for t in during.of("arrow_data_frame")] == tables_before
+    done = wait_until_idle(hosted)
+    assert [t.data for t in done.of("arrow_data_frame")] == tables_before  # the new version did not narrow Gradient's
+
+
+# Uploads stay in memory.
+def noisy_png(megabytes: float = 3.0) -> bytes:
+    """A face-sized noise photo whose PNG is about ``megabytes`` (noise does not compress)."""
+    side = int((megabytes * 1e6 / 3) ** 0.5)
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@needs_chromium
+def test_a_3_mb_upload_leaves_no_file_behind(hosted, tmp_path):
+    photo = noisy_png()
+    assert len(photo) > 2_500_000  # over Starlette's 1 MB spool threshold
+    before = tree_digest(hosted.root)
+    with browser(tmp_path / "profile", headers={"X-Forwarded-Email": VIEWER}) as context:
+        page = context.new_page()
+        page.goto(f"{hosted.base}/?{VIEW}&source=upload")
+        settled(page)
+        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+            files=[{"name": "patient-0042.png", "mimeType": "image/png", "buffer": photo}]
+        )
+        page.wait_for_timeout(2000)
+        settled(page)
+        assert "patient-0042" not in page.content()
+    after = tree_digest(hosted.root)
+    new = {name: digest for name, digest in after.items() if before.get(name) != digest}
+    assert list(hosted.tmp.iterdir()) == []
+    assert not {name for name in new if "patient-0042" in name}, new
+    for name in new:
+        assert photo[1000:1064] not in (hosted.root / name).read_bytes(), name
