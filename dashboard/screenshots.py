@@ -49,12 +49,14 @@ def serve(
     timeout: float = 90.0,
     command: Sequence[str] | None = None,
     started: Callable[[subprocess.Popen], None] | None = None,
+    port: int | None = None,
 ) -> Iterator[str]:
     """``streamlit run`` on 127.0.0.1 and a free port; yields the base URL, stops the server afterwards.
 
     ``command``: what starts Streamlit instead of ``python -m streamlit run dashboard/app.py`` (e.g. ``./run.sh
-    host FILE``); the options below are appended to it. ``started`` is given the process once it runs."""
-    port = free_port()
+    host FILE``); the options below are appended to it. ``started`` is given the process once it runs. ``port``:
+    this one rather than any free one (an OIDC redirect URI must name it before the server starts)."""
+    port = port or free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115 -- closed in the finally below, after the server stops
     server = subprocess.Popen(
         [
