@@ -233,6 +233,10 @@ class DiskCache:
     def __contains__(self, key: str) -> bool:
         return self._store is not None and key in self._store
 
+    def __len__(self) -> int:
+        """Entries stored (expired ones not yet pruned included)."""
+        return 0 if self._store is None else len(self._store)
+
     def prune(self) -> int:
         """Remove the expired entries from disk; how many."""
         if self._store is None:

@@ -28,5 +28,8 @@ page = st.navigation(
 )
 state.sidebar()
 link_slot = st.sidebar.empty()
+cache_slot = st.empty()  # above the page: a full or read-only cache disk is said once, the page still works
 page.run()
 state.link_hint(link_slot, page.url_path)
+if (notice := resources.cache_notice()) is not None:
+    cache_slot.warning(notice, icon="💾")

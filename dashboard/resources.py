@@ -5,7 +5,11 @@ Loading goes through core/models/cache; this module only decides how long each l
 
 # No ``from __future__ import annotations`` here: it binds the name ``annotations``, which this module
 # defines as a function (every annotation below is valid at run time).
+import json
 import os
+import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -15,6 +19,7 @@ from cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, DiskCache
 from cache.spec_store import SpecStore, default_spec_dir
 from core.annotations import AnnotationRead, load_annotations
 from core.dataset import Dataset, open_dataset
+from core.deployment import Limits
 from core.devices import resolve_device
 from core.hpo import region_counts
 from core.layout import DatasetLayout
@@ -51,17 +56,73 @@ def _result_cache(directory: str) -> DiskCache:
     return DiskCache(directory)
 
 
+@st.cache_resource(show_spinner="Opening the upload cache …")
+def _upload_cache(directory: str, days: int) -> DiskCache:
+    return DiskCache(directory, expire_days=days)
+
+
+_CACHES_USED = "_caches_used"  # session state: the caches handed out since the last cache_notice
+_PRUNE_SECONDS = 3600.0  # a long-lived upload cache drops its expired entries at least this often
+_pruned: dict[str, float] = {}
+
+
+def _usable(opener: Callable[..., DiskCache], kind: str, *key: object) -> DiskCache:
+    """The cache ``opener(*key)`` keeps for the server; one that gave up (full or read-only disk) is not kept,
+    so each run tries the disk again. Noted for ``cache_notice``."""
+    cache = opener(*key)
+    if cache.problem is not None:
+        opener.clear()  # type: ignore[attr-defined]  # st.cache_resource's
+        cache = opener(*key)
+    st.session_state.setdefault(_CACHES_USED, {})[kind] = cache
+    return cache
+
+
+def cache_notice() -> str | None:
+    """One line for the page when a cache this session used since the last call cannot be used (a full or
+    read-only disk, a folder that cannot be created): the pages work without it. Names the folder only in
+    local mode (the user owns the machine); hosted pages carry no server path."""
+    used: dict[str, DiskCache] = st.session_state.pop(_CACHES_USED, None) or {}
+    failing = [cache for cache in used.values() if cache.problem is not None]
+    if not failing:
+        return None
+    where = "" if hosting.hosted() else f" (cache folder {failing[0].directory})"
+    return (
+        f"Results are not being cached: {failing[0].problem}{where}. The pages work without the cache; "
+        "each result is computed again."
+    )
+
+
 @st.cache_resource(show_spinner=False)
 def _spec_store(directory: str) -> SpecStore:
     return SpecStore(directory)
 
 
+def _result_folder() -> Path:
+    current = hosting.deployment()
+    return current.cache_dir if current is not None else Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+
+
 def result_cache() -> DiskCache:
-    """Hosted mode: the deployment's cache folder; local: ``$XAI_CACHE_DIR`` or the default."""
+    """Hosted mode: the deployment's cache folder; local: ``$XAI_CACHE_DIR`` or the default. On a full or
+    read-only disk a cache that misses every lookup and stores nothing (``cache_notice`` says so)."""
+    return _usable(_result_cache, "results", str(_result_folder()))
+
+
+def upload_cache() -> DiskCache:
+    """Where results of an upload go when its user opts in: a cache of its own whose entries expire after
+    ``Limits.upload_cache_days`` (the deployment's, or the default in local mode). Hosted mode: the
+    deployment's ``upload_cache_dir``; local: ``uploads`` beside the result cache folder."""
     current = hosting.deployment()
     if current is not None:
-        return _result_cache(str(current.cache_dir))
-    return _result_cache(str(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR))
+        folder, days = current.upload_cache_dir, current.limits.upload_cache_days
+    else:
+        folder, days = _result_folder().with_name("uploads"), Limits().upload_cache_days
+    cache = _usable(_upload_cache, "uploads", str(folder), days)
+    now = time.monotonic()
+    if now - _pruned.setdefault(str(folder), now) > _PRUNE_SECONDS:  # opening pruned it
+        _pruned[str(folder)] = now
+        cache.prune()
+    return cache
 
 
 def spec_store() -> SpecStore:
@@ -71,15 +132,22 @@ def spec_store() -> SpecStore:
 
 
 @st.cache_resource(show_spinner="Loading the classifier …", max_entries=4)
-def classifier_from(card_path: str, modified: float, guard_modified: float = 0.0, device: str = "cpu") -> Classifier:
-    """``modified`` (the card's mtime) is part of the key, so a retrained model is reloaded; and
+def classifier_from(
+    card_path: str,
+    modified: float,
+    guard_modified: float = 0.0,
+    device: str = "cpu",
+    weights: tuple[int, int] = (0, 0),
+) -> Classifier:
+    """``modified`` (the card's mtime) is part of the key, so a retrained model is reloaded; ``weights`` (its
+    weights file's ``weights_stamp``), so weights replaced on disk under an untouched card are too;
     ``guard_modified`` (its out-of-domain guard's), so a guard fitted later is picked up; ``device``, where
     it runs."""
     return load_classifier(card_path, device=device)
 
 
 @st.cache_resource(show_spinner="Loading the face parser …", max_entries=2)
-def parser_from(card_path: str, modified: float, device: str = "cpu") -> FaceParser:
+def parser_from(card_path: str, modified: float, device: str = "cpu", weights: tuple[int, int] = (0, 0)) -> FaceParser:
     return load_face_parser(card_path, device=device)
 
 
@@ -97,12 +165,35 @@ def modified(path: str | Path) -> float:
         return 0.0
 
 
+_STAMPED_CARD_BYTES = 1 << 20  # a card read only for its weights' name; larger ones are left to the loader
+
+
+def weights_stamp(card_path: str | Path) -> tuple[int, int]:
+    """(modification time in ns, size) of the weights file the card names, or (0, 0) when the card or the file
+    cannot be read (the loader then names the problem). Only a regular card file is read, and at most 1 MB."""
+    card = Path(card_path)
+    try:
+        status = card.stat()
+        if not stat.S_ISREG(status.st_mode) or status.st_size > _STAMPED_CARD_BYTES:
+            return (0, 0)
+        with card.open("rb") as file:
+            name = json.loads(file.read(_STAMPED_CARD_BYTES + 1)).get("weights")
+        if not isinstance(name, str) or not name:
+            return (0, 0)
+        found = (card.parent / name).stat()
+    except (OSError, ValueError, AttributeError):  # AttributeError: a JSON card that is not an object
+        return (0, 0)
+    return (found.st_mtime_ns, found.st_size)
+
+
 def classifier(card_path: str) -> Classifier:
-    return classifier_from(card_path, modified(card_path), modified(guard_path(card_path)), device())
+    return classifier_from(
+        card_path, modified(card_path), modified(guard_path(card_path)), device(), weights_stamp(card_path)
+    )
 
 
 def parser(card_path: str) -> FaceParser:
-    return parser_from(card_path, modified(card_path), device())
+    return parser_from(card_path, modified(card_path), device(), weights_stamp(card_path))
 
 
 def dataset(root: str) -> Dataset:

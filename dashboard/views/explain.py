@@ -32,6 +32,7 @@ class Photo:
     name: str | None  # dataset image name
     label: str | None  # dataset label
     may_cache: bool  # results may go to the disk cache (never for an upload unless opted in)
+    uploaded: bool = False  # an upload's results, when cached, go to the upload cache, whose entries expire
 
     @property
     def source(self) -> SourcePhoto:
@@ -109,7 +110,7 @@ def photo_input(view: state.View, card_fold: str | None) -> Photo | None:
     )
     if upload is None:
         return None
-    return Photo(load_image(upload.getvalue()), None, None, None, None, may_cache=keep)
+    return Photo(load_image(upload.getvalue()), None, None, None, None, may_cache=keep, uploaded=True)
 
 
 def show_face(face: PreparedFace, image: np.ndarray) -> None:
@@ -231,7 +232,9 @@ def main() -> None:
         if photo is None:
             st.info("Upload a frontal face photo to explain it.")
             return
-        cache = resources.result_cache() if photo.may_cache else None
+        cache = None
+        if photo.may_cache:
+            cache = resources.upload_cache() if photo.uploaded else resources.result_cache()
         target = PREDICTED
         if classifier is not None:
             options = [PREDICTED, *classifier.card.classes]

@@ -44,3 +44,106 @@ def test_a_bad_xai_device_is_one_line_and_nothing_loads(on_tiny, monkeypatch):
         "build); use cpu or auto"
     ]
     assert asked == []
+
+
+def test_a_cache_folder_that_cannot_be_created_leaves_the_page_working_with_one_notice(on_tiny, tmp_path, monkeypatch):
+    """$XAI_CACHE_DIR under a regular file (as a read-only or full disk would): the explain page still
+    predicts and says once that nothing is cached, naming the folder in local mode only."""
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("XAI_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    resources._result_cache.clear()
+    app = open_app({"methods": "Gradient"})
+    no_trouble(app)
+    assert any(h.value.startswith("Predicted ") for h in app.subheader)
+    notices = [w.value for w in app.warning if "not being cached" in w.value]
+    assert notices == [
+        f"Results are not being cached: Not a directory (cache folder {tmp_path / 'file' / 'cache'}). "
+        "The pages work without the cache; each result is computed again."
+    ]
+    monkeypatch.setattr(resources.hosting, "hosted", lambda: True)  # hosted pages name no server path
+    app.run()
+    no_trouble(app)
+    assert [w.value for w in app.warning if "not being cached" in w.value] == [
+        "Results are not being cached: Not a directory. The pages work without the cache; each result is computed "
+        "again."
+    ]
+
+
+def test_a_full_disk_while_storing_is_a_notice_not_a_traceback(on_tiny, monkeypatch):
+    import sqlite3
+
+    import diskcache
+
+    def full(*args, **kwargs):
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise error
+
+    monkeypatch.setattr(diskcache.Cache, "set", full)
+    resources._result_cache.clear()
+    app = open_app({"methods": "Gradient"})
+    no_trouble(app)
+    assert any(h.value.startswith("Predicted ") for h in app.subheader)
+    assert [w.value for w in app.warning if "not being cached" in w.value] == [
+        f"Results are not being cached: database or disk is full (cache folder {resources._result_folder()}). "
+        "The pages work without the cache; each result is computed again."
+    ]
+    monkeypatch.undo()  # the disk has room again: the next run caches and says nothing
+    app.run()
+    no_trouble(app)
+    assert not [w.value for w in app.warning if "not being cached" in w.value]
+
+
+def test_an_opted_in_upload_is_cached_apart_and_its_entries_expire(on_tiny, tmp_path, monkeypatch):
+    """Opting in caches the upload's results in cache/uploads (never the shared result cache), with entries
+    that expire after Limits.upload_cache_days; an entry planted 8 days ago is gone when the cache opens."""
+    import time
+
+    from cache import MISSING, DiskCache
+    from core.deployment import Limits
+    from core.synth import plan_images
+    from core.synth.faces import render_face
+    from tests.dashboard.conftest import png_bytes
+
+    uploads = tmp_path / "cache" / "uploads"
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now - (Limits().upload_cache_days + 1) * 86400)
+    planted = DiskCache(uploads, expire_days=Limits().upload_cache_days)
+    planted.store("old upload", b"an old photo's result")
+    planted.close()
+    monkeypatch.setattr(time, "time", lambda: now)
+    resources._upload_cache.clear()
+    face = render_face(plan_images(1, seed=5, size=160)[0].params).image
+    app = open_app({"source": "upload", "methods": "Gradient"})
+    app.file_uploader(key="upload").upload("face.png", png_bytes(face), "image/png")
+    app.checkbox(key="keep_upload").check()
+    app.run()
+    no_trouble(app)
+    assert any(h.value.startswith("Predicted ") for h in app.subheader)
+    cache = resources.upload_cache()
+    assert cache.directory == uploads and cache.lookup("old upload") is MISSING
+    assert len(cache) > 0  # this upload's face, maps and scores
+    results = tmp_path / "cache" / "results"
+    assert not results.exists() or len(DiskCache(results)) == 0
+
+
+def test_weights_replaced_on_disk_under_an_untouched_card_are_reloaded(tiny_dataset, tmp_path):
+    import os
+    import shutil
+
+    from models.checkpoint import ModelCard, save_checkpoint
+    from tests.conftest import tiny_resnet
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_dataset / "models", models)
+    card_path = models / "classifier-fold-1.json"
+    card = ModelCard.from_json(card_path)
+    resources.classifier_from.clear()
+    before = resources.classifier(str(card_path))
+    assert resources.classifier(str(card_path)) is before
+    card_stamp = card_path.stat().st_mtime_ns
+    other = save_checkpoint(tiny_resnet(num_classes=len(card.classes), seed=7), card, tmp_path / "other", "retrained")
+    os.replace(other.parent / ModelCard.from_json(other).weights, models / card.weights)  # the weights only
+    assert card_path.stat().st_mtime_ns == card_stamp
+    after = resources.classifier(str(card_path))
+    assert after is not before and after.fingerprint != before.fingerprint
