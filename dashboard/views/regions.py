@@ -20,7 +20,7 @@ from core.parse import LAPA_LABELS
 from core.pipeline import prepare_dataset_faces
 from core.regions import RegionRule, RegionSpec
 from core.stats import compare_groups, hpo_correlation, significance_counts, table4_wide
-from dashboard import render, resources, scores, state
+from dashboard import hosting, render, resources, scores, state
 
 DRAFT, SOURCE, GENERATION, NOTICE = "_draft", "_draft_source", "_draft_generation", "_draft_notice"
 GROWTH = (-0.5, 1.5)
@@ -52,7 +52,10 @@ def _load_draft(spec: RegionSpec, reference: str) -> None:
 
 
 def _commit(spec: RegionSpec, structural: bool, note: str | None = None) -> None:
-    """Store the edited spec and make it the draft and the view's spec."""
+    """Store the edited spec and make it the draft and the view's spec (hosted mode: analysts only)."""
+    if not hosting.may("analyst"):
+        st.session_state[NOTICE] = Notice("Not saved: editing shared specs needs the analyst role.", refused=True)
+        return
     named = region_edits.without_bundled_name(spec)
     reference = resources.spec_store().reference(named)
     state.use_spec(reference)
@@ -113,6 +116,9 @@ def _add_split(upper_key: str, lower_key: str) -> None:
 def _import(key: str) -> None:
     upload = st.session_state.get(key)
     if upload is None:
+        return
+    if not hosting.may("analyst"):
+        st.session_state[NOTICE] = Notice("Not imported: saving shared specs needs the analyst role.", refused=True)
         return
     try:
         spec = RegionSpec.from_json(upload.getvalue().decode("utf-8", errors="replace"))
@@ -267,7 +273,7 @@ def preview(view: state.View, dataset: Dataset) -> None:
     size = resources.classifier(view.cards[0]).card.input_size if view.cards else 224
     faces, skipped = prepare_dataset_faces(dataset, names, size, view.settings(), resources.result_cache())
     for name, error in skipped.items():
-        st.warning(f"{name} cannot be previewed: {error}")
+        st.warning(f"{name} cannot be previewed: {hosting.redact(str(error))}")
     columns = st.columns(max(len(faces), 1))
     empty: dict[str, int] = {}
     for column, (name, face) in zip(columns, faces.items()):
@@ -308,7 +314,7 @@ def rescored_tables(view: state.View, dataset: Dataset) -> None:
                     test.table, resources.hpo_region_counts(dataset, **view.fidelity.region_count_options())
                 ).summary
             except UserFacingError as error:
-                st.info(str(error))
+                st.info(hosting.redact(str(error)))
             else:
                 st.plotly_chart(
                     render.heat_table(
@@ -336,10 +342,26 @@ def main() -> None:
         (st.error if notice.refused else st.info)(notice.text)
     editor, results = st.columns([1, 1], gap="large")
     with editor:
-        edit_spec(st.session_state[DRAFT])
-        st.divider()
-        key = "spec_upload"
-        st.file_uploader("Import a spec (JSON)", type=["json"], key=key, on_change=_import, args=(key,))
+        if hosting.may("analyst"):
+            edit_spec(st.session_state[DRAFT])
+            st.divider()
+            key = "spec_upload"
+            st.file_uploader("Import a spec (JSON)", type=["json"], key=key, on_change=_import, args=(key,))
+        else:  # hosted mode, a viewer: the spec is shown, not edited (every edit saves a shared spec)
+            st.caption("Editing and importing specs needs the analyst role; this is the spec in use.")
+            st.dataframe(
+                [
+                    {
+                        "region": rule.name,
+                        "parts": ", ".join(_label_name(label) for label in rule.labels),
+                        "boxes around": "; ".join(
+                            ", ".join(_label_name(label) for label in box.labels) for box in rule.boxes
+                        ),
+                    }
+                    for rule in view.spec.regions
+                ],
+                hide_index=True,
+            )
         st.download_button(
             "Export this spec (JSON)",
             data=view.spec.to_json(),
@@ -355,7 +377,7 @@ def main() -> None:
             preview(view, dataset)
             rescored_tables(view, dataset)
         except (UserFacingError, ValueError) as error:
-            st.error(str(error))
+            st.error(hosting.redact(str(error)))
 
 
 main()
