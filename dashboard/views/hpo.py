@@ -11,7 +11,7 @@ from core.dataset import Dataset
 from core.errors import UserFacingError
 from core.hpo import term_syndrome_chi2, term_tsne
 from core.stats import hpo_correlation, table4_wide
-from dashboard import render, resources, scores, state
+from dashboard import hosting, render, resources, scores, state
 
 SPLIT = "test"  # the HPO-annotated test images; every fold model scores them
 
@@ -102,6 +102,8 @@ def leaderboard(dataset: Dataset) -> None:
     path = dataset.layout.leaderboard
     if path.is_file():
         st.dataframe(pl.read_csv(path), hide_index=True, width="stretch")
+    elif hosting.deployment() is not None:  # the command names server paths: the admin runs it
+        st.info("No leaderboard for this dataset yet.")
     else:
         st.info(f"No leaderboard yet ({path} is missing). Make it with:")
         st.code(f"python -m core benchmark {dataset.root} --methods all", language="bash")
@@ -122,7 +124,7 @@ def main() -> None:
         try:
             counts = resources.hpo_region_counts(dataset, **view.fidelity.region_count_options())
         except UserFacingError as error:
-            st.info(f"This dataset has no HPO annotations, so RQ2 cannot be computed: {error}")
+            st.info(f"This dataset has no HPO annotations, so RQ2 cannot be computed: {hosting.redact(str(error))}")
         else:
             note = resources.annotation_note(dataset)
             if note:
@@ -131,7 +133,7 @@ def main() -> None:
             figure4(dataset, view)
         leaderboard(dataset)
     except UserFacingError as error:
-        st.error(str(error))
+        st.error(hosting.redact(str(error)))
 
 
 main()

@@ -18,7 +18,7 @@ from core.stats import (
     many_out_of_domain,
     significance_counts,
 )
-from dashboard import render, scores, state
+from dashboard import hosting, render, scores, state
 
 SPLIT = "val"  # each fold model's own held-out images: every image once over the folds
 
@@ -160,7 +160,7 @@ def main() -> None:
         tests = tests_of(source.table, **chosen, syndromes=profile_syndromes(view, source.table, chosen["reference"]))
         show(tests, source.table, chosen)
     except UserFacingError as error:
-        st.error(str(error))
+        st.error(hosting.redact(str(error)))
 
 
 def show(tests: pl.DataFrame, table: pl.DataFrame, chosen: dict) -> None:
