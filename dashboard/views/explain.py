@@ -17,7 +17,7 @@ from core.hpo import ontology_priors
 from core.imageio import load_image
 from core.pipeline import PreparedFace, prepare_face
 from core.reading import reading, syndrome_name
-from dashboard import render, resources, state
+from dashboard import hosting, render, resources, state
 
 DATASET_IMAGE, SAMPLE_PHOTO, UPLOAD = "dataset image", "sample photo", "upload"
 SPLITS = ("test", "val", "train", "all")
@@ -149,7 +149,7 @@ def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFr
     try:
         priors = expected_terms(target)
     except UserFacingError as error:
-        st.caption(str(error))
+        st.caption(hosting.redact(str(error)))
     if priors is not None:
         if priors.is_empty():
             st.caption("none listed")
@@ -160,7 +160,7 @@ def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFr
         try:
             annotations = resources.annotations(view.dataset)
         except UserFacingError as error:
-            st.caption(str(error))
+            st.caption(hosting.redact(str(error)))
         else:
             marked = annotations.filter((pl.col("image_name") == photo.name) & (pl.col("value") > 0))
             if marked.is_empty():
@@ -274,7 +274,7 @@ def main() -> None:
         show_prediction(result, photo, view)
         show_maps(result)
     except (UserFacingError, ValueError) as error:
-        st.error(str(error))
+        st.error(hosting.redact(str(error)))
 
 
 main()
