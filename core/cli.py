@@ -646,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_rq2,
         _add_twin,
     ):
+        _add_prune_specs,
         add_command(commands)
     return parser
 
@@ -1013,6 +1014,51 @@ def _add_rq1(commands: Subcommands) -> None:
     rq1.add_argument("--model", help="keep one model's rows (needed when several models scored the same images)")
     rq1.add_argument("--out", type=Path, help="folder for rq1-tests.csv and rq1-table3.csv (default: the table's)")
     rq1.set_defaults(run=command_rq1)
+def command_prune_specs(args: argparse.Namespace) -> int:
+    from cache.spec_store import SpecStore, default_spec_dir
+    from core.deployment import deployment_from_environment, read_deployment
+    from core.layout import DatasetLayout, demo_dataset
+    from core.relevance_store import prune_region_masks
+
+    deployment = read_deployment(args.deployment) if args.deployment else deployment_from_environment()
+    if deployment is not None:  # hosted: the deployment's spec folder, results and limit
+        store = SpecStore(deployment.spec_dir, deployment.limits)
+        results = [deployment.results(entry.id) for entry in deployment.datasets]
+    else:
+        store = SpecStore(default_spec_dir())
+        results = [DatasetLayout(root).results for root in (args.dataset or [demo_dataset()])]
+    days = store.limits.spec_days if args.days is None else args.days
+    if days < 1:
+        raise UserFacingError(f"--days must be at least 1, not {days}")
+    specs = store.prune(days)
+    masks = sum(prune_region_masks(folder, days) for folder in results)
+    print(f"pruned {len(specs)} stored spec(s) and {masks} region mask file(s) unused for {days} days")
+    return 0
+
+
+def _add_prune_specs(commands: Subcommands) -> None:
+    prune = commands.add_parser(
+        "prune-specs",
+        help="delete stored region specs and memoised region masks unused for a while (README 'Limits on what "
+        "users store'); the spec store also prunes itself daily when a spec is saved",
+    )
+    prune.add_argument(
+        "--deployment",
+        type=Path,
+        help="hosted mode: the deployment file (default: $XAI_DEPLOYMENT; unset: the local spec store)",
+    )
+    prune.add_argument(
+        "--dataset",
+        type=Path,
+        action="append",
+        help="local mode: a dataset whose results' region masks to prune (repeatable; default: the demo)",
+    )
+    prune.add_argument(
+        "--days", type=int, help="unused for this many days (default: the deployment's spec_days, else 90)"
+    )
+    prune.set_defaults(run=command_prune_specs)
+
+
 
 
 def _add_rq2(commands: Subcommands) -> None:

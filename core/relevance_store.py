@@ -13,7 +13,8 @@ relevance map of every image × fold model × method (float16), the aligned labe
                              predictions of a model the classes and probabilities themselves, and for
                              a model with an out-of-domain guard each image's domain score and flag
     region-masks/<label maps>/<key>.npz   memo: a region spec's masks over those label maps, run-length encoded
-                             (``core.score.RegionSegments``; ``core.rescore`` names and fills them)
+                             (``core.score.RegionSegments``; ``core.rescore`` names and fills them); one per
+                             spec ever scored, so ``prune_region_masks`` deletes those unused for a while
     .lock                    held (flock) while an extraction writes, so two writers never interleave
 
 Kill safety: data files are created under a temporary name and renamed into place; rows are written
@@ -29,6 +30,7 @@ the finished rows of unchanged files, and files nothing refers to any more are d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -37,6 +39,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,7 @@ from core.score import RegionSegments, stored_map_dtype
 FORMAT = 1
 SKIPPED = -1  # the predicted class stored for a photo that could not be used (unreadable, no face)
 _MANIFEST, _JOURNAL, _LOCK, _MASKS = "manifest.json", "journal.jsonl", ".lock", "region-masks"
+_DAY = 24 * 3600.0
 
 
 class StoreError(UserFacingError):
@@ -276,6 +280,9 @@ class RelevanceStore:
         if not path.is_file():
             return None
         try:
+            if time.time() - path.stat().st_mtime > _DAY:  # a use, for prune_region_masks (at most daily)
+                with contextlib.suppress(OSError):
+                    os.utime(path)
             with np.load(path) as data:
                 return RegionSegments(
                     tuple(str(n) for n in data["names"]),
@@ -534,3 +541,20 @@ def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
 def _key(*parts) -> str:
     """Content key of a store file (memoised: the image lists of a paper-sized dataset take ms to hash)."""
     return content_hash(*parts)[:20]
+
+
+def prune_region_masks(results: str | Path, days: int, now: float | None = None) -> int:
+    """Delete the memoised region masks of every relevance store under ``results`` not read or written for
+    ``days`` (each spec ever scored leaves one per store), and return how many. They are memos: a store
+    whose mask file is pruned, even between a reader's check and its read, computes the masks again
+    (milliseconds per face), so pruning needs no lock."""
+    cutoff = (time.time() if now is None else now) - days * _DAY
+    pruned = 0
+    for path in Path(results).rglob(f"{_MASKS}/*/*.npz"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                pruned += 1
+        except OSError:
+            continue
+    return pruned

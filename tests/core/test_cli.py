@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import time
 
 import pytest
 
-from core.cli import add_config_flags, build_parser, config_from_args
+from core.cli import add_config_flags, build_parser, config_from_args, main
 from core.train import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 from core.train_parser import ParserConfig
 from models.resnet import ARCHITECTURES
@@ -100,3 +102,23 @@ def test_the_landmark_parser_flag_reaches_the_settings(argv):
         assert _settings(args).landmark_parser == choice
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "--landmark-parser", "mediapipe"])
+
+
+def test_prune_specs_prunes_the_local_spec_store_and_a_datasets_region_masks(tmp_path, monkeypatch, capsys):
+    from cache.spec_store import SpecStore, default_spec_dir
+    from core.regions import PAPER_REGIONS
+
+    monkeypatch.delenv("XAI_DEPLOYMENT", raising=False)
+    monkeypatch.setenv("XAI_CACHE_DIR", str(tmp_path / "cache" / "results"))
+    store = SpecStore(default_spec_dir())
+    identifier = store.save(dataclasses.replace(PAPER_REGIONS, name="edited"))
+    masks = tmp_path / "data" / "results" / "relevance" / "val" / "region-masks" / "label-maps-x"
+    masks.mkdir(parents=True)
+    (masks / "k.npz").write_bytes(b"memo")
+    long_ago = time.time() - 100 * 24 * 3600
+    for path in (default_spec_dir() / f"{identifier}.json", masks / "k.npz"):
+        os.utime(path, (long_ago, long_ago))
+    assert main(["prune-specs", "--dataset", str(tmp_path / "data")]) == 0
+    assert "pruned 1 stored spec(s) and 1 region mask file(s) unused for 90 days" in capsys.readouterr().out
+    assert not (masks / "k.npz").exists() and not (default_spec_dir() / f"{identifier}.json").exists()
+    assert main(["prune-specs", "--days", "0"]) == 2

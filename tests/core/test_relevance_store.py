@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import time
 import warnings
 
 import numpy as np
@@ -11,7 +13,14 @@ import pytest
 import core.score as store_module  # the run-length kernel: where masks are drawn and spans merged
 from core.parse import landmark_template
 from core.regions import PAPER_REGIONS, RegionRule, RegionSpec, bundled_region_specs, region_masks
-from core.relevance_store import SKIPPED, RelevanceStore, StoreContents, StoredModel, StoreError
+from core.relevance_store import (
+    SKIPPED,
+    RelevanceStore,
+    StoreContents,
+    StoredModel,
+    StoreError,
+    prune_region_masks,
+)
 from core.rescore import rescore
 from core.score import region_scores
 from core.score_table import SCORE_SCHEMA
@@ -321,3 +330,22 @@ def test_domain_scores_are_journaled_per_guard_and_read_back_as_columns(tmp_path
         assert store.complete  # the maps and predictions stay; only the new guard's scores are not there yet
         assert store.rows()["domain_score"].null_count() == 4
     assert layout.maps_file(guarded, "Gradient") == refitted.maps_file(refitted.models[0], "Gradient")
+
+
+def test_unused_region_masks_are_pruned_and_a_pruned_memo_is_computed_again(full_store, tmp_path):
+    """Every spec scored leaves a mask file in the store: those not read for ``days`` go, used ones stay
+    (a read marks them), and a store whose memo was pruned re-scores the same numbers."""
+    old, used = bundled_region_specs()["extended"], PAPER_REGIONS
+    expected = rescore(full_store, old)
+    rescore(full_store, used)
+    masks = sorted((tmp_path / "store" / "region-masks").rglob("*.npz"))
+    assert len(masks) == 2
+    long_ago = time.time() - 100 * 24 * 3600
+    for path in masks:
+        os.utime(path, (long_ago, long_ago))
+    rescore(RelevanceStore(tmp_path / "store"), used)  # a fresh store object reads (and marks) the paper memo
+    assert prune_region_masks(tmp_path, days=90) == 1
+    (kept,) = (tmp_path / "store" / "region-masks").rglob("*.npz")
+    assert kept.stat().st_mtime > long_ago
+    assert rescore(RelevanceStore(tmp_path / "store"), old).equals(expected)
+    assert prune_region_masks(tmp_path / "nowhere", days=1) == 0
