@@ -645,8 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_rq1,
         _add_rq2,
         _add_twin,
-    ):
         _add_prune_specs,
+    ):
         add_command(commands)
     return parser
 
