@@ -17,14 +17,24 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import streamlit as st
 
+from core.dataset import Dataset
 from core.deployment import DEPLOYMENT_ENV, ROLES, Deployment, DeploymentError, Person, read_deployment
 
-if TYPE_CHECKING:
-    from dashboard.state import View
+
+class Viewed(Protocol):
+    """What ``dataset_label`` reads of ``dashboard.state.View`` (which imports this module, not the reverse)."""
+
+    @property
+    def dataset(self) -> Dataset | None: ...
+    @property
+    def dataset_path(self) -> str: ...
+    @property
+    def dataset_id(self) -> str: ...
+
 
 # An absolute path not already replaced by an id: a slash that does not follow a word, a dot, a colon or
 # another slash (so "1/3", "and/or" and URLs stay), then anything up to white space or a quote.
@@ -153,7 +163,7 @@ def gate() -> Person | None:
     return person
 
 
-def dataset_label(view: View) -> str:
+def dataset_label(view: Viewed) -> str:
     """How pages name the view's dataset: its title and id in hosted mode, its folder in local mode."""
     current = deployment()
     if current is not None and view.dataset_id:

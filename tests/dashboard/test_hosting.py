@@ -172,3 +172,30 @@ def test_a_broken_deployment_file_is_one_line_without_its_path(tmp_path, monkeyp
     monkeypatch.setenv(DEPLOYMENT_ENV, str(tmp_path / "missing.toml"))
     app.run()
     assert app.error[0].value.endswith(f"the deployment file ${DEPLOYMENT_ENV} cannot be read")
+
+
+def test_only_an_analyst_edits_or_imports_specs_on_the_regions_page(hosted):
+    viewer = open_hosted(_user("viewer@example.org"))
+    viewer.switch_page("views/regions.py").run()
+    assert not viewer.exception
+    assert "needs the analyst role" in " ".join(caption.value for caption in viewer.caption)
+    assert not viewer.get("file_uploader") and not viewer.text_input  # no import, no region name fields
+    analyst = open_hosted(_user("analyst@example.org"))
+    analyst.switch_page("views/regions.py").run()
+    assert not analyst.exception
+    assert analyst.get("file_uploader") and analyst.text_input
+
+
+def test_pages_name_the_dataset_by_title_and_id_and_only_an_analyst_gets_extract(hosted):
+    viewer = open_hosted(_user("viewer@example.org"))
+    viewer.switch_page("views/statistics.py").run()
+    assert not viewer.exception
+    assert any("of Clinic photos (clinic) yet" in info.value for info in viewer.info)
+    assert "needs the analyst role" in " ".join(caption.value for caption in viewer.caption)
+    assert not [button for button in viewer.button if button.label.startswith("Extract")]
+    assert str(hosted) not in _text(viewer)
+    analyst = open_hosted(_user("analyst@example.org"))
+    analyst.switch_page("views/statistics.py").run()
+    assert [button.label for button in analyst.button if button.label.startswith("Extract")] == [
+        "Extract region scores of split 'val'"
+    ]
