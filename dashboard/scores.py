@@ -202,7 +202,7 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
         _follow(key)
         return True
     if job is not None and job.error:
-        st.error(f"The extraction failed: {job.error}")
+        st.error(f"The extraction failed: {hosting.redact(job.error)}")
     if not view.cards:
         if missing and hosting.deployment() is not None:
             st.info(f"No score table for split {split!r} and no fold model to make one with.")
