@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import tomllib
@@ -258,3 +260,33 @@ def test_the_entrypoint_serves_health_and_refuses_a_foreign_host(tiny_dataset, t
     text = log.read_text(errors="replace")
     assert "Installing" not in text  # the venv matched requirements.txt: nothing was installed at start
     assert str(tiny_dataset) not in text  # no server path of a dataset in the log
+
+
+# The load benchmark (bench/hosted_load.py) is not a test; this only checks that it runs end to end.
+@pytest.mark.slow
+def test_the_hosted_load_bench_runs_with_two_sessions(tiny_dataset, tmp_path):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(tiny_dataset, dataset)  # --prepare writes the score tables into the dataset's results/
+    run = subprocess.run(
+        [sys.executable, "bench/hosted_load.py", "--dataset", str(dataset), "--prepare", "--sessions", "2"]
+        + ["--rounds", "1", "--timeout", "240"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert "warm-up: {'explain': True, 'statistics': True, 'hpo': True}" in lines
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in lines
+        if line.split()[:1] in (["explain"], ["statistics"], ["hpo"])
+    }
+    assert set(rows) == {"explain", "statistics", "hpo"}
+    for page, cells in rows.items():
+        # Per condition: n, p50, p95, max, failed. Every session opened every page once, with its own title.
+        without, with_job = cells[:5], cells[5:]
+        assert without[0] == with_job[0] == "2" and without[4] == with_job[4] == "0", (page, cells)
+        assert 0 < float(without[1]) <= float(without[2]) <= float(without[3])
+    assert any(line.startswith("with job:") and "job running" in line for line in lines), lines[-3:]
