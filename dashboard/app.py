@@ -8,7 +8,7 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
 
 from core.library_warnings import quiet_library_warnings
-from dashboard import hosting, resources, state
+from dashboard import hosting, render, resources, state
 
 resources.keep_uploads_in_memory()  # before any upload can reach the server: nothing of a photo on disk
 quiet_library_warnings()
@@ -32,4 +32,4 @@ cache_slot = st.empty()  # above the page: a full or read-only cache disk is sai
 page.run()
 state.link_hint(link_slot, page.url_path)
 if (notice := resources.cache_notice()) is not None:
-    cache_slot.warning(notice, icon="💾")
+    cache_slot.warning(render.markdown_escape(notice), icon="💾")

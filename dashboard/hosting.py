@@ -23,6 +23,7 @@ import streamlit as st
 
 from core.dataset import Dataset
 from core.deployment import DEPLOYMENT_ENV, ROLES, Deployment, DeploymentError, Person, read_deployment
+from dashboard.render import markdown_escape
 
 
 class Viewed(Protocol):
@@ -132,7 +133,9 @@ def _auth_configured() -> bool:
 def _sign_in_page(current: Deployment, person: Person | None) -> None:
     st.title("Face region explanations")
     if person is not None:  # signed in, but no role here
-        st.error(f"No access: {person.email} has no role on this service. Ask its administrator for one.")
+        st.error(
+            f"No access: {markdown_escape(person.email)} has no role on this service. Ask its administrator for one."
+        )
         if current.auth == "oidc":
             st.button("Sign out", on_click=st.logout)
         return
@@ -157,7 +160,7 @@ def gate() -> Person | None:
         _sign_in_page(current, person)
         st.stop()
     assert person is not None  # st.stop() raised otherwise
-    st.sidebar.caption(f"Signed in as {person.email} ({person.role})")
+    st.sidebar.caption(f"Signed in as {markdown_escape(person.email)} ({person.role})")
     if current.auth == "oidc":
         st.sidebar.button("Sign out", key="_sign_out", on_click=st.logout)
     return person

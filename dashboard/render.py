@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 import plotly.graph_objects as go
 import polars as pl
+from PIL import Image
 
 # One colour per LaPa label id (core.parse.LAPA_LABELS).
 LAPA_COLOURS = np.array(
@@ -73,8 +77,40 @@ def scaled_for_display(relevance: np.ndarray) -> np.ndarray:
     return relevance / top if top > 0 else np.zeros_like(relevance)
 
 
-def image_figure(image: np.ndarray, points: np.ndarray | None = None, height: int = 360) -> go.Figure:
-    figure = go.Figure(go.Image(z=image))
+DISPLAY_PIXELS = 1024  # longest side of a photo sent to the browser (core.deployment.Limits.display_pixels)
+
+
+def display_size(
+    image: np.ndarray, points: np.ndarray | None = None, limit: int = DISPLAY_PIXELS
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``image`` shrunk (never enlarged) so its longer side is at most ``limit`` pixels, and ``points`` (x, y in
+    pixels) moved with it: the browser gets a picture at the size it shows, not the full photo."""
+    height, width = image.shape[:2]
+    if max(height, width) <= limit:
+        return image, points
+    scale = limit / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+    if points is None:
+        return small, None
+    factors = np.array([size[0] / width, size[1] / height])
+    return small, (points + 0.5) * factors - 0.5  # pixel centres map to pixel centres
+
+
+def png_data_uri(image: np.ndarray) -> str:
+    """An RGB image as a PNG data URI (for ``go.Image(source=...)``: compressed bytes, not a JSON array)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_figure(
+    image: np.ndarray, points: np.ndarray | None = None, height: int = 360, limit: int = DISPLAY_PIXELS
+) -> go.Figure:
+    """The photo at display size (``display_size``) as a PNG, with ``points`` marked; the figure's JSON holds
+    a compressed picture of at most ``limit`` pixels a side, whatever the photo's size."""
+    image, points = display_size(image, points, limit)
+    figure = go.Figure(go.Image(source=png_data_uri(image)))
     if points is not None:
         figure.add_trace(
             go.Scatter(

@@ -44,6 +44,13 @@ def keep_uploads_in_memory() -> None:
         MultiPartParser.spool_max_size = limit
 
 
+def display_pixels() -> int:
+    """The longest side of a photo or overlay sent to the browser: the deployment's ``Limits.display_pixels``,
+    the same default in local mode."""
+    current = hosting.deployment()
+    return (current.limits if current is not None else Limits()).display_pixels
+
+
 def device() -> str:
     """``$XAI_DEVICE`` resolved (``core.devices.resolve_device``; unset: auto, the first GPU if there is one),
     read on every call, so the models below are loaded again when it changes."""
@@ -93,8 +100,14 @@ def cache_notice() -> str | None:
 
 
 @st.cache_resource(show_spinner=False)
-def _spec_store(directory: str) -> SpecStore:
-    return SpecStore(directory)
+def _spec_store(directory: str, limits: Limits) -> SpecStore:
+    return SpecStore(directory, limits)
+
+
+def limits() -> Limits:
+    """The deployment's limits in hosted mode; the same defaults (``Limits()``) in local mode."""
+    current = hosting.deployment()
+    return current.limits if current is not None else Limits()
 
 
 def _result_folder() -> Path:
@@ -128,7 +141,7 @@ def upload_cache() -> DiskCache:
 def spec_store() -> SpecStore:
     """Hosted mode: the deployment's spec folder; local: the default (``$XAI_DATA_DIR``)."""
     current = hosting.deployment()
-    return _spec_store(str(current.spec_dir if current is not None else default_spec_dir()))
+    return _spec_store(str(current.spec_dir if current is not None else default_spec_dir()), limits())
 
 
 @st.cache_resource(show_spinner="Loading the classifier …", max_entries=4)
@@ -138,17 +151,24 @@ def classifier_from(
     guard_modified: float = 0.0,
     device: str = "cpu",
     weights: tuple[int, int] = (0, 0),
+    caps: Limits = Limits(),  # noqa: B008 (frozen; its card and weights caps are part of the key)
 ) -> Classifier:
     """``modified`` (the card's mtime) is part of the key, so a retrained model is reloaded; ``weights`` (its
     weights file's ``weights_stamp``), so weights replaced on disk under an untouched card are too;
     ``guard_modified`` (its out-of-domain guard's), so a guard fitted later is picked up; ``device``, where
-    it runs."""
-    return load_classifier(card_path, device=device)
+    it runs; ``caps``, the largest card and weights file read."""
+    return load_classifier(card_path, device=device, card_bytes=caps.card_bytes, weights_bytes=caps.weights_bytes)
 
 
 @st.cache_resource(show_spinner="Loading the face parser …", max_entries=2)
-def parser_from(card_path: str, modified: float, device: str = "cpu", weights: tuple[int, int] = (0, 0)) -> FaceParser:
-    return load_face_parser(card_path, device=device)
+def parser_from(
+    card_path: str,
+    modified: float,
+    device: str = "cpu",
+    weights: tuple[int, int] = (0, 0),
+    caps: Limits = Limits(),  # noqa: B008 (as classifier_from's)
+) -> FaceParser:
+    return load_face_parser(card_path, device=device, card_bytes=caps.card_bytes, weights_bytes=caps.weights_bytes)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -188,12 +208,12 @@ def weights_stamp(card_path: str | Path) -> tuple[int, int]:
 
 def classifier(card_path: str) -> Classifier:
     return classifier_from(
-        card_path, modified(card_path), modified(guard_path(card_path)), device(), weights_stamp(card_path)
+        card_path, modified(card_path), modified(guard_path(card_path)), device(), weights_stamp(card_path), limits()
     )
 
 
 def parser(card_path: str) -> FaceParser:
-    return parser_from(card_path, modified(card_path), device(), weights_stamp(card_path))
+    return parser_from(card_path, modified(card_path), device(), weights_stamp(card_path), limits())
 
 
 def dataset(root: str) -> Dataset:

@@ -25,7 +25,7 @@ from core.regions import RegionSpec
 from core.relevance_store import RelevanceStore
 from core.rescore import rescore
 from core.score_table import write_score_table
-from dashboard import hosting, jobs, resources, state
+from dashboard import hosting, jobs, render, resources, state
 
 ENGINE_ENV, RAY_ADDRESS_ENV = "XAI_EXTRACT_ENGINE", "XAI_RAY_ADDRESS"
 
@@ -84,11 +84,11 @@ def shown_score_table(view: state.View, split: str) -> Scores | None:
         return None
     source = score_table(view, split)
     if source is None:
-        st.info(f"No region scores for split {split!r} of {hosting.dataset_label(view)} yet.")
+        st.info(render.markdown_escape(f"No region scores for split {split!r} of {hosting.dataset_label(view)} yet."))
         offer_extraction(view, split, missing=True)
         return None
     if source.note:
-        st.caption(f"Scores: {source.note}.")
+        st.caption(render.markdown_escape(f"Scores: {source.note}."))
     if source.unextracted or source.stale:
         offer_extraction(view, split, missing=False)
     if source.table.is_empty():
@@ -202,14 +202,15 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
         _follow(key)
         return True
     if job is not None and job.error:
-        st.error(f"The extraction failed: {hosting.redact(job.error)}")
+        st.error(render.markdown_escape(f"The extraction failed: {hosting.redact(job.error)}"))
     if not view.cards:
         if missing and hosting.deployment() is not None:
             st.info(f"No score table for split {split!r} and no fold model to make one with.")
         elif missing:
             st.info(
-                f"No score table for split {split!r} and no fold models in {dataset.root / 'models'} to make "
-                f"one: run `python -m core extract {dataset.root} --split {split} --models CARD,…`."
+                f"No score table for split {split!r} and no fold models in "
+                f"{render.markdown_escape(dataset.root / 'models')} to make one: run "
+                f"`python -m core extract {str(dataset.root).replace('`', '')} --split {split} --models CARD,…`."
             )
         return False
     if not hosting.may("analyst"):  # hosted mode: a viewer reads tables, an analyst makes them
@@ -230,7 +231,7 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
         try:
             work = _extraction(view, dataset, split)
         except UserFacingError as error:
-            st.error(hosting.redact(str(error)))
+            st.error(render.markdown_escape(hosting.redact(str(error))))
             return False
         jobs.board().start(key, f"extracting split {split}", work)
         st.rerun()

@@ -28,7 +28,7 @@ from core.pipeline import ExplainSettings
 from core.profiles import PROFILE_NAMES, Profile, apply, profile
 from core.regions import RegionSpec, bundled_region_specs
 from core.score import RELEVANCE_MODES
-from dashboard import hosting, resources
+from dashboard import hosting, render, resources
 
 DATASET_ENV = "XAI_DATASET"
 URL: Final = "query-params"  # Final keeps the Literal type Streamlit's ``bind=`` wants
@@ -122,7 +122,7 @@ def _spec_selector() -> tuple[RegionSpec, str]:
                 stored[reference] = store.load(reference)
             except UnknownSpecError as error:
                 if reference == requested:
-                    st.sidebar.warning(f"{error}. Showing the {DEFAULT_SPEC} spec instead.")
+                    st.sidebar.warning(render.markdown_escape(f"{error}. Showing the {DEFAULT_SPEC} spec instead."))
                     st.session_state.pop("spec", None)
     # The default first, so no index is passed: Streamlit warns when a widget given a default is also set
     # through the session state (as ``use_spec`` does).
@@ -137,8 +137,10 @@ def _spec_selector() -> tuple[RegionSpec, str]:
     )
     spec = specs[reference]
     st.sidebar.caption(
-        f"Regions: {', '.join(rule.name for rule in spec.regions)}"
-        + ("" if reference in bundled else f" (edited spec {spec.name or 'unnamed'!r})")
+        render.markdown_escape(
+            f"Regions: {', '.join(rule.name for rule in spec.regions)}"
+            + ("" if reference in bundled else f" (edited spec {spec.name or 'unnamed'!r})")
+        )
     )
     return spec, reference
 
@@ -189,12 +191,12 @@ def _hosted_data(bar, current: Deployment) -> _Data:
     )
     entry = current.dataset(dataset_id)
     if entry.title != entry.id:
-        bar.caption(entry.title)
+        bar.caption(render.markdown_escape(entry.title))
     dataset = None
     try:
         dataset = resources.dataset(str(entry.folder))
     except UserFacingError as error:
-        bar.error(hosting.redact(str(error)))
+        bar.error(render.markdown_escape(hosting.redact(str(error))))
     cards = tuple(str(card) for card in entry.models.values())
     card = ""
     if entry.models:
@@ -214,7 +216,7 @@ def sidebar() -> View:
     try:
         resources.device()  # $XAI_DEVICE: a bad name or a missing GPU is one line, before any model loads
     except UserFacingError as error:
-        st.error(str(error))
+        st.error(render.markdown_escape(str(error)))
         st.stop()
     bar.header("Data and model")
     current = hosting.deployment()
@@ -236,8 +238,8 @@ def _local_data(bar) -> _Data:
     dataset = None
     try:
         dataset = resources.dataset(dataset_path)
-    except UserFacingError as error:
-        bar.error(str(error))
+    except UserFacingError as error:  # it quotes the typed path
+        bar.error(render.markdown_escape(str(error)))
     cards = fold_model_cards(dataset)
     stems = [card.stem for card in cards]
     model = bar.selectbox(

@@ -75,7 +75,7 @@ def dataset_photo(dataset: Dataset, fold: str | None) -> Photo:
         raise UserFacingError(f"{fold} has no {split} images in this dataset; choose another split")
     labels = dataset.labels
     name = st.selectbox("Face", names, key="image", bind=state.URL)
-    st.caption(f"True label: {labels[name]}")
+    st.caption(f"True label: {render.markdown_escape(labels[name])}")
     photo = read_photo(dataset, name)
     return Photo(
         image=photo.image,
@@ -114,17 +114,20 @@ def photo_input(view: state.View, card_fold: str | None) -> Photo | None:
 
 
 def show_face(face: PreparedFace, image: np.ndarray) -> None:
+    limit = resources.display_pixels()  # the browser gets pictures at display size, never the full photo
     columns = st.columns(4)
     columns[0].markdown("**Photo and landmarks**")
-    columns[0].plotly_chart(render.image_figure(image, face.landmarks), width="stretch")
+    columns[0].plotly_chart(render.image_figure(image, face.landmarks, limit=limit), width="stretch")
     columns[1].markdown("**Aligned face**")
-    columns[1].plotly_chart(render.image_figure(face.aligned, face.aligned_landmarks), width="stretch")
-    columns[2].markdown(f"**Face parts** ({face.parse_source})")
-    columns[2].plotly_chart(render.image_figure(render.parts_rgb(face.aligned, face.label_map)), width="stretch")
+    columns[1].plotly_chart(render.image_figure(face.aligned, face.aligned_landmarks, limit=limit), width="stretch")
+    columns[2].markdown(f"**Face parts** ({render.markdown_escape(face.parse_source)})")
+    parts = render.parts_rgb(face.aligned, face.label_map)
+    columns[2].plotly_chart(render.image_figure(parts, limit=limit), width="stretch")
     columns[3].markdown("**Regions**: " + render.region_legend(face.region_names))
-    columns[3].plotly_chart(render.image_figure(render.regions_rgb(face.aligned, face.masks)), width="stretch")
+    regions = render.regions_rgb(face.aligned, face.masks)
+    columns[3].plotly_chart(render.image_figure(regions, limit=limit), width="stretch")
     for note in face.notes:
-        st.info(note)
+        st.info(render.markdown_escape(note))
 
 
 def show_alignment(face: PreparedFace) -> None:
@@ -145,22 +148,25 @@ def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFr
     """The ontology's facial terms for the explained class and, for dataset images, the raters' terms."""
     target = result.classes[result.target]
     priors = None
-    st.markdown(f"**Facial HPO terms the ontology expects for {syndrome_name(target)}**")
+    st.markdown(f"**Facial HPO terms the ontology expects for {render.markdown_escape(syndrome_name(target))}**")
     try:
         priors = expected_terms(target)
     except UserFacingError as error:
-        st.caption(hosting.redact(str(error)))
+        st.caption(render.markdown_escape(hosting.redact(str(error))))
     if priors is not None:
         if priors.is_empty():
             st.caption("none listed")
         else:
             st.dataframe(priors.sort("region"), hide_index=True, width="stretch", height=200)
     if photo.name is not None and view.dataset is not None:  # a named photo comes from the dataset
-        st.markdown(f"**Terms the raters annotated on {photo.name}** (true label {photo.label})")
+        st.markdown(
+            f"**Terms the raters annotated on {render.markdown_escape(photo.name)}** "
+            f"(true label {render.markdown_escape(photo.label)})"
+        )
         try:
             annotations = resources.annotations(view.dataset)
         except UserFacingError as error:
-            st.caption(hosting.redact(str(error)))
+            st.caption(render.markdown_escape(hosting.redact(str(error))))
         else:
             marked = annotations.filter((pl.col("image_name") == photo.name) & (pl.col("value") > 0))
             if marked.is_empty():
@@ -179,8 +185,10 @@ def show_prediction(result: Explanation, photo: Photo, view: state.View) -> None
     left, right = st.columns([3, 2])
     with left:
         st.subheader(
-            f"Predicted {result.classes[result.predicted]} "
-            f"({result.probabilities[result.predicted]:.2f}); explaining {result.classes[result.target]}"
+            render.markdown_escape(
+                f"Predicted {result.classes[result.predicted]} "
+                f"({result.probabilities[result.predicted]:.2f}); explaining {result.classes[result.target]}"
+            )
         )
         show_alignment(result.face)
         show_domain(result)
@@ -188,7 +196,7 @@ def show_prediction(result: Explanation, photo: Photo, view: state.View) -> None
         st.plotly_chart(render.probability_bars(result.classes, result.probabilities), width="stretch")
     with right:
         priors = show_terms(result, photo, view)
-    reading_slot.info(reading(result, priors))
+    reading_slot.info(render.markdown_escape(reading(result, priors)))  # plain text naming regions and classes
 
 
 def show_domain(result: Explanation) -> None:
@@ -211,14 +219,17 @@ def show_domain(result: Explanation) -> None:
 
 
 def show_maps(result: Explanation) -> None:
-    st.markdown(f"**Saliency maps** ({result.mode} relevance, explaining {result.classes[result.target]})")
+    target = render.markdown_escape(result.classes[result.target])
+    st.markdown(f"**Saliency maps** ({result.mode} relevance, explaining {target})")
     if result.mode == "abs-raw":
         st.caption("Raw Σ|a| has each method's own units: each map is shown divided by its maximum.")
     columns = st.columns(5)
+    limit = resources.display_pixels()
     for i, (method, relevance) in enumerate(result.maps.items()):
         with columns[i % 5]:
             shown = render.scaled_for_display(relevance) if result.mode == "abs-raw" else relevance
-            st.image(render.heatmap_rgb(result.face.aligned, shown), caption=method, width="stretch")
+            overlay, _ = render.display_size(render.heatmap_rgb(result.face.aligned, shown), limit=limit)
+            st.image(overlay, caption=method, width="stretch")
     st.markdown("**Region scores per method** (mean relevance inside each region, paper eq. 4)")
     st.plotly_chart(render.region_score_bars(result.scores, result.face.region_names), width="stretch")
 
@@ -274,7 +285,7 @@ def main() -> None:
         show_prediction(result, photo, view)
         show_maps(result)
     except (UserFacingError, ValueError) as error:
-        st.error(hosting.redact(str(error)))
+        st.error(render.markdown_escape(hosting.redact(str(error))))
 
 
 main()

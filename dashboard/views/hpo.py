@@ -75,7 +75,8 @@ def figure4(dataset: Dataset, view: state.View) -> None:
     keep = view.fidelity.figure4_keep_unlisted
     st.subheader("Figure 4: the annotations themselves")
     if keep and resources.annotation_note(dataset):
-        st.caption(f"Profile {view.profile}: {resources.annotation_note(dataset, keep_unlisted=True)}")
+        note = resources.annotation_note(dataset, keep_unlisted=True)
+        st.caption(render.markdown_escape(f"Profile {view.profile}: {note}"))
     left, right = st.columns(2)
     with left:
         st.markdown(f"**χ² of each term against the syndrome label** ({statistic})")
@@ -105,7 +106,7 @@ def leaderboard(dataset: Dataset) -> None:
     elif hosting.deployment() is not None:  # the command names server paths: the admin runs it
         st.info("No leaderboard for this dataset yet.")
     else:
-        st.info(f"No leaderboard yet ({path} is missing). Make it with:")
+        st.info(render.markdown_escape(f"No leaderboard yet ({path} is missing). Make it with:"))
         st.code(f"python -m core benchmark {dataset.root} --methods all", language="bash")
 
 
@@ -124,16 +125,20 @@ def main() -> None:
         try:
             counts = resources.hpo_region_counts(dataset, **view.fidelity.region_count_options())
         except UserFacingError as error:
-            st.info(f"This dataset has no HPO annotations, so RQ2 cannot be computed: {hosting.redact(str(error))}")
+            st.info(
+                render.markdown_escape(
+                    f"This dataset has no HPO annotations, so RQ2 cannot be computed: {hosting.redact(str(error))}"
+                )
+            )
         else:
             note = resources.annotation_note(dataset)
             if note:
-                st.warning(note)
+                st.warning(render.markdown_escape(note))
             correlation(view, counts)
             figure4(dataset, view)
         leaderboard(dataset)
     except UserFacingError as error:
-        st.error(hosting.redact(str(error)))
+        st.error(render.markdown_escape(hosting.redact(str(error))))
 
 
 main()

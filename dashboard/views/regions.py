@@ -8,6 +8,7 @@ An edit the spec refuses is shown with its message and the last valid spec stays
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from core.dataset import Dataset, names_in
 from core.errors import UserFacingError
 from core.parse import LAPA_LABELS
 from core.pipeline import prepare_dataset_faces
-from core.regions import RegionRule, RegionSpec
+from core.regions import RegionRule, RegionSpec, check_caps
 from core.stats import compare_groups, hpo_correlation, significance_counts, table4_wide
 from dashboard import hosting, render, resources, scores, state
 
@@ -57,7 +58,12 @@ def _commit(spec: RegionSpec, structural: bool, note: str | None = None) -> None
         st.session_state[NOTICE] = Notice("Not saved: editing shared specs needs the analyst role.", refused=True)
         return
     named = region_edits.without_bundled_name(spec)
-    reference = resources.spec_store().reference(named)
+    try:
+        reference = resources.spec_store().reference(named)  # within the caps (``_edited`` checked the edit)
+    except UserFacingError as error:
+        st.session_state[NOTICE] = Notice(f"Not saved: {error}", refused=True)
+        _fresh_widgets()
+        return
     state.use_spec(reference)
     st.session_state[DRAFT] = named
     st.session_state[SOURCE] = reference
@@ -68,9 +74,12 @@ def _commit(spec: RegionSpec, structural: bool, note: str | None = None) -> None
 
 def _edited(edit: Callable, *args):
     """``edit(draft, *args)``, or None with the refusal shown: the last valid spec stays in use, and the
-    widgets show it again rather than the refused value."""
+    widgets show it again rather than the refused value. An edit past the server's caps (regions, name
+    length, bytes: ``Limits``) is refused like any other."""
     try:
-        return edit(st.session_state[DRAFT], *args)
+        edited = edit(st.session_state[DRAFT], *args)
+        check_caps(edited[0] if isinstance(edited, tuple) else edited, resources.spec_store().caps)
+        return edited
     except UserFacingError as error:
         st.session_state[NOTICE] = Notice(f"Not applied: {error}", refused=True)
         _fresh_widgets()
@@ -120,8 +129,8 @@ def _import(key: str) -> None:
     if not hosting.may("analyst"):
         st.session_state[NOTICE] = Notice("Not imported: saving shared specs needs the analyst role.", refused=True)
         return
-    try:
-        spec = RegionSpec.from_json(upload.getvalue().decode("utf-8", errors="replace"))
+    try:  # measured against the caps before it is decoded or parsed
+        spec = RegionSpec.from_json(upload.getvalue(), caps=resources.spec_store().caps)
     except UserFacingError as error:
         st.session_state[NOTICE] = Notice(f"Not imported: {error}", refused=True)
         return
@@ -138,7 +147,7 @@ def edit_region(index: int, region: RegionRule, count: int) -> None:
     with st.container(border=True):
         title, up, down, remove = st.columns([6, 1, 1, 1], vertical_alignment="center")
         kind = "boxes around parts" if region.boxes else "pixels of labels"
-        title.markdown(f"**{index + 1}. {region.name}** · {kind}")
+        title.markdown(f"**{index + 1}. {render.markdown_escape(region.name)}** · {kind}")
         up.button(
             ":material/arrow_upward:",
             key=_key("up", index),
@@ -160,7 +169,7 @@ def edit_region(index: int, region: RegionRule, count: int) -> None:
             key=_key("remove", index),
             on_click=_remove_region,
             args=(index,),
-            help=f"Remove {region.name}",
+            help=f"Remove {render.markdown_escape(region.name)}",
         )
         for b, box in enumerate(region.boxes):
             labels, remove_box = st.columns([8, 1], vertical_alignment="bottom")
@@ -210,7 +219,7 @@ def edit_region(index: int, region: RegionRule, count: int) -> None:
         for edge, link in region.links():
             key = _key("offset", index, edge)
             st.number_input(
-                f"{edge} edge at {link.region}'s {link.edge} edge, plus × its size",
+                f"{edge} edge at {render.markdown_escape(link.region)}'s {link.edge} edge, plus × its size",
                 value=float(link.offset),
                 step=0.05,
                 key=key,
@@ -221,7 +230,14 @@ def edit_region(index: int, region: RegionRule, count: int) -> None:
 
 def edit_spec(draft: RegionSpec) -> None:
     key = _key("name")
-    st.text_input("Spec name", value=draft.name, key=key, on_change=_set, args=(region_edits.rename, key))
+    st.text_input(
+        "Spec name",
+        value=draft.name,
+        key=key,
+        on_change=_set,
+        args=(region_edits.rename, key),
+        max_chars=resources.spec_store().caps.name_chars,  # the browser's bound; _edited checks it again
+    )
     for index, region in enumerate(draft.regions):
         edit_region(index, region, len(draft.regions))
     templates = [rule.name for rule in region_edits.region_templates(draft)]
@@ -235,7 +251,8 @@ def edit_spec(draft: RegionSpec) -> None:
         left, right = st.columns([5, 1], vertical_alignment="bottom")
         key = _key("extend", s)
         left.slider(
-            f"{split.upper} / {split.lower}: extend {split.lower}'s bottom by × the gap",
+            f"{render.markdown_escape(split.upper)} / {render.markdown_escape(split.lower)}: extend "
+            f"{render.markdown_escape(split.lower)}'s bottom by × the gap",
             0.0,
             2.0,
             value=float(split.extend_lower_bottom),
@@ -273,17 +290,22 @@ def preview(view: state.View, dataset: Dataset) -> None:
     size = resources.classifier(view.cards[0]).card.input_size if view.cards else 224
     faces, skipped = prepare_dataset_faces(dataset, names, size, view.settings(), resources.result_cache())
     for name, error in skipped.items():
-        st.warning(f"{name} cannot be previewed: {hosting.redact(str(error))}")
+        st.warning(render.markdown_escape(f"{name} cannot be previewed: {hosting.redact(str(error))}"))
     columns = st.columns(max(len(faces), 1))
     empty: dict[str, int] = {}
     for column, (name, face) in zip(columns, faces.items()):
-        column.image(render.regions_rgb(face.aligned, face.masks), caption=name, width="stretch")
+        column.image(
+            render.regions_rgb(face.aligned, face.masks), caption=render.markdown_escape(name), width="stretch"
+        )
         for region, mask in zip(face.region_names, face.masks):
             if not mask.any():
                 empty[region] = empty.get(region, 0) + 1
     st.markdown("Regions: " + render.region_legend([rule.name for rule in view.spec.regions]))
     for region, n in empty.items():
-        st.warning(f"Region {region!r} is empty on {n} of {len(names)} preview faces: its scores are NaN there.")
+        st.warning(
+            f"Region {render.markdown_escape(repr(region))} is empty on {n} of {len(names)} preview faces: its "
+            "scores are NaN there."
+        )
 
 
 def rescored_tables(view: state.View, dataset: Dataset) -> None:
@@ -296,7 +318,7 @@ def rescored_tables(view: state.View, dataset: Dataset) -> None:
                 f"{'Statistics' if split == 'val' else 'HPO correlation'} page, then edits re-score here."
             )
         elif table.origin is not scores.ScoreSource.STORE:
-            st.info(f"Split {split!r}: {table.note}.")
+            st.info(render.markdown_escape(f"Split {split!r}: {table.note}."))
     if val is not None and val.origin is scores.ScoreSource.STORE:
         with st.container():
             st.markdown(f"**Table 3** (split val, re-scored in {val.seconds * 1000:.0f} ms; paper's test settings)")
@@ -314,7 +336,7 @@ def rescored_tables(view: state.View, dataset: Dataset) -> None:
                     test.table, resources.hpo_region_counts(dataset, **view.fidelity.region_count_options())
                 ).summary
             except UserFacingError as error:
-                st.info(hosting.redact(str(error)))
+                st.info(render.markdown_escape(hosting.redact(str(error))))
             else:
                 st.plotly_chart(
                     render.heat_table(
@@ -339,7 +361,7 @@ def main() -> None:
         _load_draft(view.spec, view.spec_ref)
     notice = st.session_state.get(NOTICE)
     if notice is not None:
-        (st.error if notice.refused else st.info)(notice.text)
+        (st.error if notice.refused else st.info)(render.markdown_escape(notice.text))
     editor, results = st.columns([1, 1], gap="large")
     with editor:
         if hosting.may("analyst"):
@@ -366,7 +388,8 @@ def main() -> None:
             "Export this spec (JSON)",
             data=view.spec.to_json(),
             mime="application/json",
-            file_name=f"{view.spec.name or 'regions'}-{view.spec_ref}.json".replace(" ", "-"),
+            file_name=re.sub(r"[^\w.-]+", "-", f"{view.spec.name or 'regions'}-{view.spec_ref}", flags=re.ASCII)
+            + ".json",
         )
     with results:
         dataset = view.dataset
@@ -377,7 +400,7 @@ def main() -> None:
             preview(view, dataset)
             rescored_tables(view, dataset)
         except (UserFacingError, ValueError) as error:
-            st.error(hosting.redact(str(error)))
+            st.error(render.markdown_escape(hosting.redact(str(error))))
 
 
 main()

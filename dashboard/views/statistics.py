@@ -54,7 +54,8 @@ def profile_syndromes(view: state.View, table: pl.DataFrame, reference: str) -> 
     options = view.fidelity.rq1_options(labels, reference)
     missing = view.fidelity.missing_syndromes(labels)
     if missing:
-        st.caption(f"Profile {view.profile}: the scores have no {', '.join(missing)}; the family is the rest.")
+        absent = render.markdown_escape(", ".join(missing))
+        st.caption(f"Profile {view.profile}: the scores have no {absent}; the family is the rest.")
     return tuple(options["syndromes"]) if "syndromes" in options else None
 
 
@@ -160,7 +161,7 @@ def main() -> None:
         tests = tests_of(source.table, **chosen, syndromes=profile_syndromes(view, source.table, chosen["reference"]))
         show(tests, source.table, chosen)
     except UserFacingError as error:
-        st.error(hosting.redact(str(error)))
+        st.error(render.markdown_escape(hosting.redact(str(error))))
 
 
 def show(tests: pl.DataFrame, table: pl.DataFrame, chosen: dict) -> None:
