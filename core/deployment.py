@@ -135,6 +135,11 @@ class Deployment:
     def audit_log(self) -> Path:
         return self.state_dir / "jobs" / "audit.jsonl"
 
+    @property
+    def image_id_key(self) -> Path:
+        """A random key, made on first use, that turns image names into opaque ids for links and pages."""
+        return self.state_dir / "keys" / "image-ids.key"
+
 
 def _id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not _ID.match(value):

@@ -13,8 +13,11 @@ its ``groups_claim``. ``mode = "proxy"`` trusts the e-mail an authenticating rev
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -175,6 +178,41 @@ def dataset_label(view: Viewed) -> str:
     if view.dataset is not None:
         return str(view.dataset.root)
     return view.dataset_path
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _image_key(path: str) -> bytes:
+    """The deployment's image-id key: read, or made once (32 random bytes, owner-only) and kept across restarts
+    so that links stay valid."""
+    key_file = Path(path)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass  # made earlier, or by another server process just now
+    else:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+    key = key_file.read_bytes()
+    if len(key) != 32:
+        raise DeploymentError("the image-id key in the state folder is damaged; delete it (old links stop working)")
+    return key
+
+
+def image_ids(names: list[str]) -> dict[str, str]:
+    """Opaque id -> image name, in the names' order. Hosted mode: a keyed hash (HMAC-SHA256 under the
+    deployment's own random key, 12 hex digits), so neither a link nor a page carries a patient's file name and
+    an id cannot be turned back into a guessed name; stable across restarts. Local mode: the names themselves."""
+    current = deployment()
+    if current is None:
+        return {name: name for name in names}
+    key = _image_key(str(current.image_id_key))
+    return {"img-" + hmac.new(key, name.encode(), hashlib.sha256).hexdigest()[:12]: name for name in names}
+
+
+def image_label(name: str) -> str:
+    """How pages name a dataset image: its opaque id in hosted mode, its file name in local mode."""
+    return next(iter(image_ids([name])))
 
 
 def _known_paths(current: Deployment) -> list[tuple[str, str]]:

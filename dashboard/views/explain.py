@@ -74,7 +74,8 @@ def dataset_photo(dataset: Dataset, fold: str | None) -> Photo:
     if not names:
         raise UserFacingError(f"{fold} has no {split} images in this dataset; choose another split")
     labels = dataset.labels
-    name = st.selectbox("Face", names, key="image", bind=state.URL)
+    ids = hosting.image_ids(names)  # hosted mode: opaque ids in the page and the link; local: the file names
+    name = ids[st.selectbox("Face", list(ids), key="image", bind=state.URL)]
     st.caption(f"True label: {render.markdown_escape(labels[name])}")
     photo = read_photo(dataset, name)
     return Photo(
@@ -160,7 +161,7 @@ def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFr
             st.dataframe(priors.sort("region"), hide_index=True, width="stretch", height=200)
     if photo.name is not None and view.dataset is not None:  # a named photo comes from the dataset
         st.markdown(
-            f"**Terms the raters annotated on {render.markdown_escape(photo.name)}** "
+            f"**Terms the raters annotated on {render.markdown_escape(hosting.image_label(photo.name))}** "
             f"(true label {render.markdown_escape(photo.label)})"
         )
         try:

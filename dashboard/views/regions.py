@@ -290,12 +290,16 @@ def preview(view: state.View, dataset: Dataset) -> None:
     size = resources.classifier(view.cards[0]).card.input_size if view.cards else 224
     faces, skipped = prepare_dataset_faces(dataset, names, size, view.settings(), resources.result_cache())
     for name, error in skipped.items():
-        st.warning(render.markdown_escape(f"{name} cannot be previewed: {hosting.redact(str(error))}"))
+        st.warning(
+            render.markdown_escape(f"{hosting.image_label(name)} cannot be previewed: {hosting.redact(str(error))}")
+        )
     columns = st.columns(max(len(faces), 1))
     empty: dict[str, int] = {}
     for column, (name, face) in zip(columns, faces.items()):
         column.image(
-            render.regions_rgb(face.aligned, face.masks), caption=render.markdown_escape(name), width="stretch"
+            render.regions_rgb(face.aligned, face.masks),
+            caption=render.markdown_escape(hosting.image_label(name)),
+            width="stretch",
         )
         for region, mask in zip(face.region_names, face.masks):
             if not mask.any():

@@ -199,3 +199,20 @@ def test_pages_name_the_dataset_by_title_and_id_and_only_an_analyst_gets_extract
     assert [button.label for button in analyst.button if button.label.startswith("Extract")] == [
         "Extract region scores of split 'val'"
     ]
+
+
+def test_images_travel_by_opaque_ids_that_stay_stable_and_name_no_file(hosted, tmp_path):
+    names = sorted(path.name for path in (hosted / "clinic" / "images").rglob("*") if path.is_file())
+    app = open_hosted(_user("viewer@example.org"), {"source": "dataset image", "split": "val"})
+    assert not app.exception
+    face = app.selectbox(key="image")
+    assert face.options and all(option.startswith("img-") and len(option) == 16 for option in face.options)
+    assert len(set(face.options)) == len(face.options)
+    # The key is made once, owner-only, and the same image gets the same id in a new session (links keep working).
+    key = tmp_path / "state" / "keys" / "image-ids.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    chosen = face.options[1]
+    again = open_hosted(_user("viewer@example.org"), {"source": "dataset image", "split": "val", "image": chosen})
+    assert again.selectbox(key="image").value == chosen and f"image={chosen}" in again.sidebar.code[0].value
+    page = _text(again) + again.sidebar.code[0].value
+    assert not [name for name in names if name in page or Path(name).stem in page]
