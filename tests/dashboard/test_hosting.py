@@ -216,3 +216,6 @@ def test_images_travel_by_opaque_ids_that_stay_stable_and_name_no_file(hosted, t
     assert again.selectbox(key="image").value == chosen and f"image={chosen}" in again.sidebar.code[0].value
     page = _text(again) + again.sidebar.code[0].value
     assert not [name for name in names if name in page or Path(name).stem in page]
+    # An id made under another key (a deleted key file) falls back to the first face.
+    stale = open_hosted(_user("viewer@example.org"), {"source": "dataset image", "split": "val", "image": "img-0"})
+    assert not stale.exception and stale.selectbox(key="image").value == face.options[0]
