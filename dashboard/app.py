@@ -7,11 +7,12 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run` puts only dashboard/ on the path
 
-from core.library_warnings import quiet_library_warnings
+from core.library_warnings import quiet_library_warnings, warnings_without_data
 from dashboard import hosting, render, resources, state
 
 resources.keep_uploads_in_memory()  # before any upload can reach the server: nothing of a photo on disk
 quiet_library_warnings()
+warnings_without_data()  # a warning's text may name photos: the server log gets it at DEBUG only
 st.set_page_config(page_title="Face region explanations", page_icon="🧬", layout="wide")
 # Hosted mode: a signed-out visitor (or one without a role) sees the sign-in page and nothing else; the gate runs
 # before st.navigation, so no page can forget it. Local mode: a no-op.
