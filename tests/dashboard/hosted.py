@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dashboard.screenshots import REPO, serve
 from tests.dashboard.streamlit_ws import Session
+from tests.dashboard.write_recorder import recording_env
 
 DATASET_ID = "tiny"
 DATASET_TITLE = "Tiny synthetic faces"
@@ -110,6 +111,7 @@ class Hosted:
     dataset: Path
     state: Path
     tmp: Path  # the server's $TMPDIR
+    writes: Path  # every file the server opens for writing (tests/dashboard/write_recorder.py)
     pid: int = 0
     secrets: tuple[str, ...] = field(default=())  # server paths and file names no page may show
 
@@ -133,7 +135,9 @@ def hosted_server(tiny_dataset: Path, root: Path) -> Iterator[Hosted]:
     names = [path.name for path in (dataset / "images").rglob("*") if path.is_file()]
     secrets = (str(root), str(REPO), str(dataset), str(state), "tiny-faces", "deployment.toml", *names)
     processes: list[subprocess.Popen] = []
+    recording, writes = recording_env(root / "recorder")
     env = {
+        **recording,
         "TMPDIR": str(tmp),
         # Local mode's knobs, pointed somewhere visible: hosted mode keeps everything under its state folder.
         "XAI_CACHE_DIR": str(root / "local-cache"),
@@ -148,4 +152,4 @@ def hosted_server(tiny_dataset: Path, root: Path) -> Iterator[Hosted]:
         command=[str(REPO / "run.sh"), "host", str(toml)],
         started=processes.append,
     ) as base:
-        yield Hosted(base, root, dataset, state, tmp, streamlit_pid(processes[0].pid), secrets)
+        yield Hosted(base, root, dataset, state, tmp, writes, streamlit_pid(processes[0].pid), secrets)

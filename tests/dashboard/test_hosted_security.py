@@ -8,7 +8,6 @@ DOM, links, uploads) is checked in Chromium.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -16,9 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
-import numpy as np
 import pytest
-from PIL import Image
 from streamlit.proto.WidgetStates_pb2 import WidgetState
 
 from dashboard.screenshots import CHROMIUM, browser, settled
@@ -35,6 +32,7 @@ from tests.dashboard.hosted import (
     tree_digest,
 )
 from tests.dashboard.streamlit_ws import Page, Refused
+from tests.dashboard.write_recorder import large_photo, written
 
 pytestmark = pytest.mark.slow
 needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
@@ -167,33 +165,54 @@ def test_dev_zero_in_the_url_keeps_the_server_memory_bounded(hosted):
 
 
 # Path probing through messages, links and the rendered page.
-@needs_chromium
-def test_no_page_link_or_error_shows_a_server_path_or_file_name(hosted, tmp_path):
-    views = [
-        ("", EXPLAIN_FACE),
-        ("", f"{EXPLAIN_FACE}&image=no-such-face.png"),
-        ("", f"{VIEW}&dataset=%2Fetc"),
-        ("", f"{VIEW}&model=no-such-model"),
-        ("", f"{VIEW}&spec=0123456789ab"),
-        ("regions", VIEW),
-        ("statistics", VIEW),
-        ("hpo", VIEW),
-    ]
-    with browser(tmp_path / "profile", headers={"X-Forwarded-Email": ANALYST}) as context:
+PROBED_VIEWS = [
+    ("", EXPLAIN_FACE),
+    ("", f"{EXPLAIN_FACE}&image=no-such-face.png"),
+    ("", f"{VIEW}&dataset=%2Fetc"),
+    ("", f"{VIEW}&model=no-such-model"),
+    ("", f"{VIEW}&spec=0123456789ab"),
+    ("regions", VIEW),
+    ("statistics", VIEW),
+    ("hpo", VIEW),
+]
+
+
+def rendered(hosted: Hosted, profile: Path) -> dict[tuple[str, str], list[str]]:
+    """Per probed view: the whole rendered DOM (text, attributes, links) and the address bar, in Chromium."""
+    shown = {}
+    with browser(profile, headers={"X-Forwarded-Email": ANALYST}) as context:
         page = context.new_page()
-        for path, query in views:
+        for path, query in PROBED_VIEWS:
             page.goto(f"{hosted.base}/{path}?{query}")
             settled(page)
-            html = page.content()
-            hint = page.locator('[data-testid="stSidebar"] [data-testid="stCode"]')
-            link = hint.first.inner_text() if hint.count() else ""
-            assert "Traceback" not in html, (path, query)
-            assert not leaks([html, link, page.url], server_paths(hosted)), (path, query)
-            assert not leaks([html, link, page.url], file_names(hosted)), (path, query)
-    # What the server sends for a page, beyond what is drawn (help texts, widget options, chart data): no path.
-    for path, query in views:
-        shown = run_as(hosted, ANALYST, path, query)
-        assert not leaks(shown.texts, server_paths(hosted)), (path, query)
+            shown[path, query] = [page.content(), page.url]
+    return shown
+
+
+def link_hints(hosted: Hosted) -> dict[tuple[str, str], list[str]]:
+    """Per probed view: the sidebar's "Copy link to this view" (code blocks) and every string the server sent."""
+    hints = {}
+    for path, query in PROBED_VIEWS:
+        page = run_as(hosted, ANALYST, path, query)
+        assert page.exceptions == [], (path, query, page.exceptions)
+        hints[path, query] = [code.code_text for code in page.of("code")]
+        assert any("?" in hint for hint in hints[path, query]), (path, query, "no link hint")
+        hints[path, query].extend(page.texts)
+    return hints
+
+
+@needs_chromium
+def test_no_page_link_or_error_shows_a_server_path(hosted, tmp_path):
+    for view, texts in {**rendered(hosted, tmp_path / "profile"), **link_hints(hosted)}.items():
+        assert "Traceback" not in texts[0], view
+        assert not leaks(texts, server_paths(hosted)), view
+
+
+@needs_chromium
+def test_no_page_or_link_names_an_image_file(hosted, tmp_path):
+    """Opaque ids for images in links and on pages: a shared link or a screenshot names no patient's file."""
+    for view, texts in {**rendered(hosted, tmp_path / "profile"), **link_hints(hosted)}.items():
+        assert not leaks(texts, file_names(hosted)), view
 
 
 # Markdown injection through a shared spec link.
@@ -233,7 +252,7 @@ def test_a_shared_spec_link_renders_no_injected_link(hosted, tmp_path):
             page.goto(f"{hosted.base}/{path}?{query}")
             settled(page)
             if not path:
-                page.get_by_text("Predicted ", exact=False).first.wait_for(timeout=180_000)
+                page.get_by_text("Predicted ", exact=False).first.wait_for(timeout=300_000)
                 settled(page)
             assert page.locator('a[href*="evil.example"]').count() == 0, path
             # The name is shown, as text: what makes the missing anchor mean something.
@@ -390,33 +409,30 @@ def test_clear_cache_during_a_job_hides_nothing_and_keeps_the_results(hosted):
 
 
 # Uploads stay in memory.
-def noisy_png(megabytes: float = 3.0) -> bytes:
-    """A face-sized noise photo whose PNG is about ``megabytes`` (noise does not compress)."""
-    side = int((megabytes * 1e6 / 3) ** 0.5)
-    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @needs_chromium
 def test_a_3_mb_upload_leaves_no_file_behind(hosted, tmp_path):
-    photo = noisy_png()
-    assert len(photo) > 2_500_000  # over Starlette's 1 MB spool threshold
+    wait_until_idle(hosted)  # no job writing meanwhile
+    photo = large_photo()
+    assert len(photo) > 3 * 2**20  # far over Starlette's 1 MB spool threshold
     before = tree_digest(hosted.root)
     with browser(tmp_path / "profile", headers={"X-Forwarded-Email": VIEWER}) as context:
         page = context.new_page()
         page.goto(f"{hosted.base}/?{VIEW}&source=upload")
         settled(page)
+        start = hosted.writes.stat().st_size
         page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
             files=[{"name": "patient-0042.png", "mimeType": "image/png", "buffer": photo}]
         )
-        page.wait_for_timeout(2000)
+        page.get_by_text("Predicted ", exact=False).first.wait_for(timeout=300_000)
         settled(page)
-        assert "patient-0042" not in page.content()
+        opened = written(hosted.writes, start)
+    # The server opened no file for writing while it received and explained the photo (not a spooled part,
+    # not a cache entry) ...
+    assert opened == [], opened
+    # ... and nothing of it is anywhere under the test's folders (dataset, state, caches, $TMPDIR).
     after = tree_digest(hosted.root)
-    new = {name: digest for name, digest in after.items() if before.get(name) != digest}
+    new = [name for name, digest in after.items() if before.get(name) != digest and "recorder" not in name]
     assert list(hosted.tmp.iterdir()) == []
-    assert not {name for name in new if "patient-0042" in name}, new
+    assert not [name for name in new if "patient-0042" in name], new
     for name in new:
         assert photo[1000:1064] not in (hosted.root / name).read_bytes(), name
