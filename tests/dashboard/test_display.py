@@ -22,10 +22,10 @@ def test_display_size_shrinks_the_long_side_and_moves_points_with_the_picture():
     image = np.zeros((3000, 4000, 3), np.uint8)
     image[1500:1520, 2000:2020] = 255  # a white square whose centre is (2009.5, 1509.5)
     small, points = render.display_size(image, np.array([[2009.5, 1509.5], [-0.5, -0.5]]), limit=1024)
-    assert small.shape == (768, 1024, 3)
+    assert small.shape == (768, 1024, 3) and points is not None
     rows, columns = np.nonzero(small[..., 0] > 127)
-    np.testing.assert_allclose(points[0], [columns.mean(), rows.mean()], atol=0.5)
-    np.testing.assert_allclose(points[1], [-0.5, -0.5])  # the picture's corner stays its corner
+    np.testing.assert_allclose(points[0], np.array([columns.mean(), rows.mean()]), atol=0.5)
+    np.testing.assert_allclose(points[1], np.array([-0.5, -0.5]))  # the picture's corner stays its corner
     face = np.zeros((224, 224, 3), np.uint8)
     same, kept = render.display_size(face, None, limit=1024)
     assert same is face and kept is None  # never enlarged

@@ -12,6 +12,11 @@ from core.pipeline import ExplainSettings
 from tests.dashboard.conftest import no_trouble, open_app
 
 
+def _printed(message: warnings.WarningMessage) -> None:
+    """What Python does with a warning nobody catches: print it to stderr."""
+    sys.stderr.write(warnings.formatwarning(message.message, message.category, message.filename, message.lineno))
+
+
 def test_explaining_and_extracting_log_no_photo_name_or_dataset_path_above_debug(
     tiny_dataset, tmp_path, monkeypatch, caplog, capfd
 ):
@@ -27,7 +32,7 @@ def test_explaining_and_extracting_log_no_photo_name_or_dataset_path_above_debug
         # As in a server process: every warning printed to stderr (not recorded by pytest), unless the app's
         # policy takes it.
         warnings.simplefilter("always")
-        monkeypatch.setattr(warnings, "_showwarnmsg_impl", lambda msg: sys.stderr.write(warnings._formatwarnmsg(msg)))
+        monkeypatch.setattr(warnings, "_showwarnmsg_impl", _printed)
         app = open_app({"methods": "Gradient"})  # the server's first page: explains a dataset face
         no_trouble(app)
         classifiers = load_classifiers(sorted((root / "models").glob("classifier-fold-1.json")))
