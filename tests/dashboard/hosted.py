@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,10 +147,29 @@ def hosted_server(tiny_dataset: Path, root: Path) -> Iterator[Hosted]:
         "XAI_DEVICE": "cpu",
         "PYTHONUNBUFFERED": "1",
     }
-    with serve(
-        {**os.environ, **env},
-        timeout=180,
-        command=[str(REPO / "run.sh"), "host", str(toml)],
-        started=processes.append,
-    ) as base:
-        yield Hosted(base, root, dataset, state, tmp, writes, streamlit_pid(processes[0].pid), secrets)
+    # The extraction worker, as the deployment recipe runs it beside the app (deploy/compose.yaml); its writes
+    # are not the web server's, so it runs without the recorder.
+    worker_log = (root / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "core", "worker", "--deployment", str(toml)],
+        cwd=REPO,
+        env={**os.environ, **{k: v for k, v in env.items() if k not in recording}},
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with serve(
+            {**os.environ, **env},
+            timeout=180,
+            command=[str(REPO / "run.sh"), "host", str(toml)],
+            started=processes.append,
+        ) as base:
+            yield Hosted(base, root, dataset, state, tmp, writes, streamlit_pid(processes[0].pid), secrets)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        worker_log.close()
