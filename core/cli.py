@@ -279,7 +279,7 @@ def command_extract(args: argparse.Namespace) -> int:
     cards = [Path(c.strip()) for c in args.models.split(",") if c.strip()] if args.models else None
     classifiers = _fold_classifiers(dataset, cards, args.folds, _device(args))
     settings = _settings(args, split=args.split)
-    store = None if args.no_store else RelevanceStore(args.store or dataset.layout.relevance_store(args.split))
+    store = None if args.no_store else RelevanceStore(args.store or dataset.layout.plain_relevance_store(args.split))
     with tqdm(total=0, unit="map", desc="extract", file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
 
         def progress(done: int, total: int, what: str) -> None:
@@ -295,7 +295,7 @@ def command_extract(args: argparse.Namespace) -> int:
             table = extract_scores_ray(plan, settings, cache, store, progress, address=args.address, actors=args.actors)
         else:
             table = extract_scores(plan, settings, cache=cache, store=store, progress=progress)
-    out = write_score_table(table, args.out or dataset.layout.score_table(args.split))
+    out = write_score_table(table, args.out or dataset.layout.plain_score_table(args.split))
     print(
         f"{table.height} rows ({table['image_name'].n_unique()} images × {len(classifiers)} model(s) × "
         f"{len(settings.methods)} method(s) × {len(settings.spec.regions)} regions) -> {out}"
@@ -641,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_benchmark,
         _add_checks,
         _add_extract,
+        _add_worker,
         _add_demo,
         _add_rq1,
         _add_rq2,
@@ -925,6 +926,42 @@ def _add_extract(commands: Subcommands) -> None:
     extract.set_defaults(run=command_extract)
 
 
+def command_worker(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from core.deployment import deployment_from_environment, read_deployment
+    from core.job_queue import JobQueue, run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Stopped as a service is stopped (SIGTERM): the running jobs' processes are killed on the way out, and
+    # their half-built versions removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    deployment = read_deployment(args.deployment) if args.deployment else deployment_from_environment()
+    return run_worker(JobQueue.for_deployment(deployment), idle_exit_s=args.idle_exit)
+
+
+def _add_worker(commands: Subcommands) -> None:
+    worker = commands.add_parser(
+        "worker",
+        help="run the dashboard's extraction jobs: serves the job queue (one worker per queue; README "
+        "'Jobs and results in hosted mode')",
+    )
+    worker.add_argument(
+        "--deployment",
+        type=Path,
+        help="hosted mode: the deployment file (default: $XAI_DEPLOYMENT; unset: local mode's queue beside "
+        "the result cache)",
+    )
+    worker.add_argument(
+        "--idle-exit",
+        dest="idle_exit",
+        type=float,
+        help="exit after this many seconds with nothing to do (default: serve until stopped)",
+    )
+    worker.set_defaults(run=command_worker)
+
+
 def _add_import_model(commands: Subcommands) -> None:
     imported = commands.add_parser(
         "import-model",
@@ -981,39 +1018,6 @@ def _add_twin(commands: Subcommands) -> None:
     twin.set_defaults(run=command_twin)
 
 
-def _add_rq1(commands: Subcommands) -> None:
-    from core.stats import CORRECTIONS, TTESTS
-
-    rq1 = commands.add_parser("rq1", help="RQ1: each syndrome vs the reference, per method and region -> Table 3")
-    rq1.add_argument("scores", type=Path, help="score table (Parquet), e.g. <dataset>/results/scores-val.parquet")
-    rq1.add_argument("--reference", default="Unaffected", help="label of the reference group (default: Unaffected)")
-    rq1.add_argument("--alpha", type=float, default=0.001, help="family-wise alpha per method (default: 0.001)")
-    rq1.add_argument(
-        "--exclude-out-of-domain",
-        action="store_true",
-        help="leave out faces their model's out-of-domain guard flagged (default: keep them, as the paper)",
-    )
-    rq1.add_argument(
-        "--correction",
-        choices=CORRECTIONS,
-        default="bonferroni",
-        help="multiple-testing correction over one method's tests (default: bonferroni)",
-    )
-    rq1.add_argument(
-        "--ttest",
-        choices=TTESTS,
-        default="paper",
-        help="paper = pingouin's default (Welch when group sizes differ), student, welch",
-    )
-    rq1.add_argument(
-        "--syndromes",
-        help="comma-separated labels to compare, each method's correction family (default: all but the "
-        "reference; with --profile paper the released five: 22q11DS, Angelman, KS, NS, WS)",
-    )
-    _add_profile(rq1)
-    rq1.add_argument("--model", help="keep one model's rows (needed when several models scored the same images)")
-    rq1.add_argument("--out", type=Path, help="folder for rq1-tests.csv and rq1-table3.csv (default: the table's)")
-    rq1.set_defaults(run=command_rq1)
 def command_prune_specs(args: argparse.Namespace) -> int:
     from cache.spec_store import SpecStore, default_spec_dir
     from core.deployment import deployment_from_environment, read_deployment
@@ -1059,6 +1063,39 @@ def _add_prune_specs(commands: Subcommands) -> None:
     prune.set_defaults(run=command_prune_specs)
 
 
+def _add_rq1(commands: Subcommands) -> None:
+    from core.stats import CORRECTIONS, TTESTS
+
+    rq1 = commands.add_parser("rq1", help="RQ1: each syndrome vs the reference, per method and region -> Table 3")
+    rq1.add_argument("scores", type=Path, help="score table (Parquet), e.g. <dataset>/results/scores-val.parquet")
+    rq1.add_argument("--reference", default="Unaffected", help="label of the reference group (default: Unaffected)")
+    rq1.add_argument("--alpha", type=float, default=0.001, help="family-wise alpha per method (default: 0.001)")
+    rq1.add_argument(
+        "--exclude-out-of-domain",
+        action="store_true",
+        help="leave out faces their model's out-of-domain guard flagged (default: keep them, as the paper)",
+    )
+    rq1.add_argument(
+        "--correction",
+        choices=CORRECTIONS,
+        default="bonferroni",
+        help="multiple-testing correction over one method's tests (default: bonferroni)",
+    )
+    rq1.add_argument(
+        "--ttest",
+        choices=TTESTS,
+        default="paper",
+        help="paper = pingouin's default (Welch when group sizes differ), student, welch",
+    )
+    rq1.add_argument(
+        "--syndromes",
+        help="comma-separated labels to compare, each method's correction family (default: all but the "
+        "reference; with --profile paper the released five: 22q11DS, Angelman, KS, NS, WS)",
+    )
+    _add_profile(rq1)
+    rq1.add_argument("--model", help="keep one model's rows (needed when several models scored the same images)")
+    rq1.add_argument("--out", type=Path, help="folder for rq1-tests.csv and rq1-table3.csv (default: the table's)")
+    rq1.set_defaults(run=command_rq1)
 
 
 def _add_rq2(commands: Subcommands) -> None:

@@ -287,10 +287,10 @@ def _analyse(
                 ExtractionPlan(dataset, classifiers, split),
                 settings,
                 cache=cache,
-                store=RelevanceStore(dataset.layout.relevance_store(split)),
+                store=RelevanceStore(dataset.layout.plain_relevance_store(split)),
                 progress=progress,
             )
-        write_score_table(table, dataset.layout.score_table(split))
+        write_score_table(table, dataset.layout.plain_score_table(split))
         report["stages"][f"scores-{split}"] = {
             "images": table["image_name"].n_unique(),
             "seconds": time.perf_counter() - started,

@@ -37,6 +37,7 @@ class Limits:
 
     jobs_running: int = 1  # extraction jobs running at once, server-wide
     jobs_per_user: int = 1  # a user's queued + running jobs
+    job_threads: int = 2  # torch threads of one job's process (it also runs at a lower CPU priority)
     spec_bytes: int = 64 * 1024  # a region spec's JSON
     spec_regions: int = 32
     name_chars: int = 64  # a spec's or a region's name

@@ -28,13 +28,30 @@ def demo_dataset() -> Path:
 
 
 @dataclass(frozen=True)
+class CurrentResults:
+    """The score table and relevance store of one split that readers use now, resolved once (both from one
+    version, so a reader never mixes two); ``version`` is None for the unversioned files ``extract`` writes."""
+
+    score_table: Path
+    relevance_store: Path
+    version: int | None
+
+
+@dataclass(frozen=True)
 class DatasetLayout:
-    """The paths of one dataset folder; properties name files that may or may not exist yet."""
+    """The paths of one dataset folder; properties name files that may or may not exist yet.
+
+    ``results_root``: where extraction jobs write versioned results (hosted mode: the deployment's
+    ``results(dataset_id)``, outside the dataset's possibly read-only folder); None: ``results/``.
+    """
 
     root: Path
+    results_root: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+        if self.results_root is not None:
+            object.__setattr__(self, "results_root", Path(self.results_root))
 
     # What the dataset brings.
     @property
@@ -128,12 +145,63 @@ class DatasetLayout:
     def results(self) -> Path:
         return self.root / "results"
 
-    def score_table(self, split: str) -> Path:
+    def plain_score_table(self, split: str) -> Path:
+        """Where ``python -m core extract`` writes a split's score table by default (unversioned)."""
         return self.results / f"scores-{split}.parquet"
 
-    def relevance_store(self, split: str) -> Path:
-        """One store per split: a store mirrors one score table."""
+    def plain_relevance_store(self, split: str) -> Path:
+        """One store per split: a store mirrors one score table (``extract``'s default, unversioned)."""
         return self.results / "relevance" / split
+
+    def score_table(self, split: str) -> Path:
+        """The score table readers use: ``current_results(split).score_table``."""
+        return self.current_results(split).score_table
+
+    def relevance_store(self, split: str) -> Path:
+        """The relevance store readers use: ``current_results(split).relevance_store``."""
+        return self.current_results(split).relevance_store
+
+    # Versioned results, written by extraction jobs (core.job_queue): each finished job is a new folder
+    # versions/<split>/<n>/ (scores.parquet, relevance/); the text file versions/<split>/current names the
+    # one readers use and is replaced atomically (os.replace) only once a version is complete.
+    def versions(self, split: str) -> Path:
+        return (self.results_root or self.results) / "versions" / split
+
+    def version(self, split: str, number: int) -> Path:
+        return self.versions(split) / str(number)
+
+    def current_version_file(self, split: str) -> Path:
+        return self.versions(split) / "current"
+
+    def version_score_table(self, folder: Path) -> Path:
+        return folder / "scores.parquet"
+
+    def version_relevance_store(self, folder: Path) -> Path:
+        return folder / "relevance"
+
+    def current_version(self, split: str) -> int | None:
+        """The version ``current`` names, or None when there is none (or the pointer is unreadable)."""
+        try:
+            text = self.current_version_file(split).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(text) if text.isdigit() and self.version(split, int(text)).is_dir() else None
+
+    def current_results(self, split: str) -> CurrentResults:
+        """What readers use for ``split``, resolved once: the current version when there is one and it is newer
+        than the unversioned score table ``extract`` wrote (so a later ``extract`` run wins, as it always did),
+        else the unversioned files."""
+        number = self.current_version(split)
+        if number is not None:
+            plain = self.plain_score_table(split)
+            try:
+                newer = plain.stat().st_mtime_ns <= self.current_version_file(split).stat().st_mtime_ns
+            except OSError:
+                newer = True  # no unversioned table: the version it is
+            if newer:
+                folder = self.version(split, number)
+                return CurrentResults(self.version_score_table(folder), self.version_relevance_store(folder), number)
+        return CurrentResults(self.plain_score_table(split), self.plain_relevance_store(split), None)
 
     def faithfulness_table(self, blank: str, split: str) -> Path:
         return self.results / f"faithfulness-{blank}-{split}.csv"

@@ -1,91 +1,71 @@
-"""Long work (a dataset extraction) off the script thread, so no page or session waits for it.
+"""Extraction jobs as the pages see them: submitted to the queue on disk, run by a worker process.
 
-One board per server process; at most one running job per key (e.g. dataset × split), whoever
-started it. The work reports progress into its ``Job``; pages poll it from an
-``st.fragment(run_every=…)``, which reruns only the fragment until the job ends. The work
-function must not call Streamlit: it runs in a plain thread.
+The web server never extracts in its own threads. A page submits a ``core.job_queue.JobRequest``
+to the queue (hosted mode: the deployment's ``jobs_db``; local mode: ``jobs/`` beside the result
+cache) and polls it from an ``st.fragment(run_every=…)``; a worker process (``python -m core
+worker``, started here when none serves the queue) runs the job in its own lower-priority process
+with its own models and publishes a new result version when it is complete. Nothing of a job lives
+in a Streamlit cache, so a ``clear_cache`` message (which any client may send) cannot hide or lose it.
 """
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import streamlit as st
-
-from core.errors import UserFacingError
+from core.job_queue import Job, JobQueue, worker_alive
+from core.layout import REPO_ROOT
+from dashboard import hosting
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Job:
-    description: str
-    done: int = 0
-    total: int = 0
-    what: str = ""
-    error: str | None = None
-    finished: bool = False
-    started: float = field(default_factory=time.monotonic)
-    ended: float | None = None
-
-    def report(self, done: int, total: int, what: str = "") -> None:
-        """The ``progress(done, total, what)`` callback core functions take."""
-        self.done, self.total, self.what = done, total, what
-
-    @property
-    def fraction(self) -> float:
-        return min(self.done / self.total, 1.0) if self.total else 0.0
-
-    def status(self) -> str:
-        elapsed = time.monotonic() - self.started
-        text = f"{self.description}: {self.done}/{self.total or '?'} {self.what} ({elapsed:.0f} s"
-        if 0 < self.done < self.total:
-            text += f", about {elapsed / self.done * (self.total - self.done):.0f} s left"
-        return text + ")"
+WORKER_IDLE_EXIT_S = 300  # a worker the dashboard started leaves after this long with nothing to do
+_RESPAWN_AFTER_S = 30.0  # a worker just started takes a few seconds to import torch and take its lock
+_spawned: dict[str, float] = {}  # queue file -> when this server last started a worker for it
+_spawn_lock = threading.Lock()
 
 
-class JobBoard:
-    def __init__(self):
-        self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
-
-    def start(self, key: str, description: str, work: Callable[[Job], None]) -> Job:
-        """Start ``work(job)`` in a thread, unless a job with this key is still running (that one is returned)."""
-        with self._lock:
-            running = self._jobs.get(key)
-            if running is not None and not running.finished:
-                return running
-            job = self._jobs[key] = Job(description)
-        threading.Thread(target=self._run, args=(job, work), name=f"job: {description}", daemon=True).start()
-        return job
-
-    def get(self, key: str) -> Job | None:
-        return self._jobs.get(key)
-
-    def forget(self, key: str) -> None:
-        with self._lock:
-            job = self._jobs.get(key)
-            if job is not None and job.finished:
-                del self._jobs[key]
-
-    @staticmethod
-    def _run(job: Job, work: Callable[[Job], None]) -> None:
-        try:
-            work(job)
-        except UserFacingError as error:
-            job.error = str(error)
-        except Exception as error:  # shown to the user as type and message; the log keeps the traceback
-            log.exception("job %r failed", job.description)
-            job.error = f"{type(error).__name__}: {error}"
-        finally:
-            job.ended = time.monotonic()
-            job.finished = True
+def queue() -> JobQueue:
+    """This server's queue (a handle to files: cheap, made per call)."""
+    return JobQueue.for_deployment(hosting.deployment())
 
 
-@st.cache_resource(show_spinner=False)
-def board() -> JobBoard:
-    return JobBoard()
+def who() -> str:
+    """The visitor as the queue knows them: the signed-in e-mail in hosted mode, the login name locally."""
+    person = hosting.signed_in_person()
+    if person is not None:
+        return person.email
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "local"
+
+
+def may_cancel(job: Job) -> bool:
+    """The submitter, or an analyst (in local mode: the one user)."""
+    return job.submitter == who() or hosting.may("analyst")
+
+
+def ensure_worker(jobs: JobQueue) -> None:
+    """Start ``python -m core worker`` when no worker serves ``jobs`` (a hosted deployment may instead run
+    the worker as its own service; then this finds it alive and starts nothing)."""
+    key = str(jobs.db)
+    with _spawn_lock:
+        if time.monotonic() - _spawned.get(key, -_RESPAWN_AFTER_S) < _RESPAWN_AFTER_S or worker_alive(jobs):
+            return
+        _spawned[key] = time.monotonic()
+        # The environment carries $XAI_DEPLOYMENT (hosted) or $XAI_CACHE_DIR (local): the worker finds the
+        # same queue. Its own session: a page's rerun or a stopped script does not stop its jobs.
+        subprocess.Popen(
+            [sys.executable, "-m", "core", "worker", "--idle-exit", str(WORKER_IDLE_EXIT_S)],
+            cwd=REPO_ROOT,
+            env=os.environ.copy(),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.info("started an extraction worker")

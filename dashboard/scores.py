@@ -2,13 +2,13 @@
 
 In order: re-scored from the relevance store under the current region spec (fast, any spec);
 else the Parquet table ``extract`` wrote (the spec it was extracted with); else nothing, and
-``offer_extraction`` runs ``core.extract.extract_scores`` in a background job (``dashboard.jobs``)
-that fills both for next time.
+``offer_extraction`` submits an extraction job (``dashboard.jobs``, ``core.job_queue``): a worker
+process writes a new result version, and readers switch to it only once it is complete. Store and
+table come from ``DatasetLayout.current_results``, resolved once per read: a page never mixes versions.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -17,17 +17,15 @@ from pathlib import Path
 import polars as pl
 import streamlit as st
 
-from cache import DiskCache
-from core.dataset import Dataset
 from core.errors import UserFacingError
-from core.extract import ExtractionPlan, extract_scores
+from core.job_queue import ENGINE_ENV, RAY_ADDRESS_ENV, Job, JobError, JobRequest, dataset_token, extraction_engine
+from core.layout import DatasetLayout
 from core.regions import RegionSpec
 from core.relevance_store import RelevanceStore
 from core.rescore import rescore
-from core.score_table import write_score_table
 from dashboard import hosting, jobs, render, resources, state
 
-ENGINE_ENV, RAY_ADDRESS_ENV = "XAI_EXTRACT_ENGINE", "XAI_RAY_ADDRESS"
+__all__ = ["ENGINE_ENV", "RAY_ADDRESS_ENV", "extraction_engine"]  # where they were before core.job_queue
 
 
 class ScoreSource(Enum):
@@ -102,7 +100,8 @@ def score_table(view: state.View, split: str) -> Scores | None:
     if view.dataset is None:
         return None
     started = time.perf_counter()
-    folder = view.dataset.layout.relevance_store(split)
+    current = results_layout(view).current_results(split)  # one version for the store and the table
+    folder = current.relevance_store
     store = _store(str(folder), _version(folder)) if folder.is_dir() else None
     if store is not None and store.exists and store.complete:
         contents = store.contents
@@ -130,7 +129,7 @@ def score_table(view: state.View, split: str) -> Scores | None:
                 time.perf_counter() - started,
                 stale,
             )
-    path = view.dataset.layout.score_table(split)
+    path = current.score_table
     if path.is_file():
         table = _read_table(str(path), resources.modified(path))
         caveat = (
@@ -147,46 +146,77 @@ def score_table(view: state.View, split: str) -> Scores | None:
     return None
 
 
-def _job_key(dataset: Dataset, split: str) -> str:
-    return f"extract {dataset.root.resolve()} {split}"
+def results_layout(view: state.View) -> DatasetLayout:
+    """The view's dataset layout with where its jobs write: hosted mode, the deployment's results folder of the
+    dataset (its own folder may be read-only); local mode, the dataset's ``results/``."""
+    assert view.dataset is not None
+    current = hosting.deployment()
+    dataset_id = getattr(view, "dataset_id", None)
+    if current is not None and dataset_id:
+        return DatasetLayout(view.dataset.root, current.results(dataset_id))
+    return view.dataset.layout
 
 
-def _extraction(view: state.View, dataset: Dataset, split: str):
-    """The work of one extraction, with every model loaded here, on the script thread."""
-    classifiers = {Path(card).stem: resources.classifier(card) for card in view.cards}
-    plan, settings, layout = ExtractionPlan(dataset, classifiers, split), view.settings(split=split), dataset.layout
-
-    def work(job: jobs.Job) -> None:
-        cache = DiskCache(resources.result_cache().directory)
-        store = RelevanceStore(layout.relevance_store(split))
-        if extraction_engine() == "ray":  # only then is Ray imported
-            from core.extract_ray import extract_scores_ray
-
-            address = os.environ.get(RAY_ADDRESS_ENV) or None
-            table = extract_scores_ray(plan, settings, cache, store, job.report, address=address)
-        else:
-            table = extract_scores(plan, settings, cache=cache, store=store, progress=job.report)
-        write_score_table(table, layout.score_table(split))
-
-    return work
+def _dataset_id(view: state.View) -> str:
+    """The dataset's id in hosted mode; locally an opaque token of its folder (the audit log names no folder)."""
+    dataset_id = getattr(view, "dataset_id", None)
+    if hosting.deployment() is not None and dataset_id:
+        return str(dataset_id)
+    assert view.dataset is not None
+    return dataset_token(view.dataset.root)
 
 
-def extraction_engine() -> str:
-    """``XAI_EXTRACT_ENGINE``: ``local`` (default: this server's CPU or GPU) or ``ray`` (the cluster at
-    ``XAI_RAY_ADDRESS``; README, "Extraction on a Ray cluster")."""
-    engine = (os.environ.get(ENGINE_ENV) or "local").strip().lower()
-    if engine not in ("local", "ray"):
-        raise UserFacingError(f"{ENGINE_ENV} must be local or ray, not {engine!r}")
-    return engine
+def _request(view: state.View, split: str) -> JobRequest:
+    """What the worker needs to run the view's extraction of ``split``: plain data, no loaded model."""
+    assert view.dataset is not None
+    current = hosting.deployment()
+    dataset_id = _dataset_id(view)
+    return JobRequest.from_settings(
+        view.settings(split=split),
+        dataset=str(view.dataset.root),
+        dataset_id=dataset_id,
+        split=split,
+        cards=tuple(view.cards),
+        profile=view.profile,
+        parser=view.parser or None,
+        results_root=None if current is None else str(current.results(dataset_id)),
+        cache_dir=str(resources.result_cache().directory),
+    )
+
+
+def _failure(job: Job) -> str:
+    """A failed job's message; in hosted mode without server paths, and its text only for an analyst (it may
+    name a photo)."""
+    if hosting.deployment() is not None and not hosting.may("analyst"):
+        return "The last extraction failed; an analyst can see why and run it again."
+    return render.markdown_escape(f"The extraction failed: {hosting.redact(job.error or '')}")
 
 
 @st.fragment(run_every=1.0)
-def _follow(key: str) -> None:
-    """Redraws itself every second while the job runs; reruns the whole page once it ends."""
-    job = jobs.board().get(key)
-    if job is None or job.finished:
+def _follow(job_id: int) -> None:
+    """Redraws itself every second while the job is queued or runs; reruns the whole page once it ends."""
+    queue = jobs.queue()
+    job = queue.get(job_id)
+    if job is None or not job.active:
         st.rerun(scope="app")
-    st.progress(job.fraction, text=job.status())
+        return
+    jobs.ensure_worker(queue)  # a worker that stopped (or a restarted server) is replaced
+    by = f", submitted by {job.submitter}"
+    if job.state == "queued":
+        ahead = queue.position(job) - 1
+        place = "next to start" if ahead == 0 else f"{ahead} job(s) ahead of it"
+        st.progress(0.0, text=render.markdown_escape(f"{job.status()}: {place}{by}"))
+    else:
+        st.progress(job.fraction, text=render.markdown_escape(job.status() + by))
+    if jobs.may_cancel(job) and st.button(
+        "Cancel", key=f"cancel-job-{job.id}", help="Stops the job; the results pages read now stay as they are."
+    ):
+        try:
+            queue.cancel(job.id, jobs.who(), analyst=hosting.may("analyst"))
+        except JobError as error:
+            st.error(render.markdown_escape(str(error)))
+            return
+        st.rerun(scope="app")
 
 
 def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
@@ -196,13 +226,17 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
     dataset = view.dataset
     if dataset is None:
         return False
-    key = _job_key(dataset, split)
-    job = jobs.board().get(key)
-    if job is not None and not job.finished:
-        _follow(key)
+    try:
+        queue = jobs.queue()
+        job = queue.latest(f"{_dataset_id(view)} {split}")
+    except JobError as error:
+        st.warning(render.markdown_escape(f"Extraction jobs are unavailable here: {error}"))
+        return False
+    if job is not None and job.active:
+        _follow(job.id)
         return True
-    if job is not None and job.error:
-        st.error(render.markdown_escape(f"The extraction failed: {hosting.redact(job.error)}"))
+    if job is not None and job.state == "failed" and job.error:
+        st.error(_failure(job))
     if not view.cards:
         if missing and hosting.deployment() is not None:
             st.info(f"No score table for split {split!r} and no fold model to make one with.")
@@ -223,16 +257,18 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
         else f"Extract {', '.join(view.methods)} for split {split!r} again (adds missing methods)"
     )
     help_text = (
-        f"Runs {len(view.methods)} method(s) over the {split} images of {len(view.cards)} fold model(s) in "
-        "the background (other pages stay usable; the same as `python -m core extract`), and keeps the "
-        "relevance maps so that region edits re-score without any model."
+        f"Runs {len(view.methods)} method(s) over the {split} images of {len(view.cards)} fold model(s) in a "
+        "worker process (other pages stay usable; the same as `python -m core extract`), and keeps the "
+        "relevance maps so that region edits re-score without any model. Pages switch to the new results only "
+        "when the job is complete, and keep every method they had."
     )
     if st.button(label, key=f"extract-{split}", type="primary" if missing else "secondary", help=help_text):
+        hosting.require("analyst")  # the check that counts: a viewer's crafted click never queues a job
         try:
-            work = _extraction(view, dataset, split)
-        except UserFacingError as error:
+            queue.submit(_request(view, split), jobs.who())
+        except UserFacingError as error:  # a limit (JobError), or settings that cannot be used
             st.error(render.markdown_escape(hosting.redact(str(error))))
             return False
-        jobs.board().start(key, f"extracting split {split}", work)
+        jobs.ensure_worker(queue)
         st.rerun()
     return False
