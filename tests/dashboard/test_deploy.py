@@ -133,7 +133,13 @@ def test_the_worker_is_its_own_service_running_the_queue_worker(compose):
     worker = compose["services"]["worker"]
     assert worker["entrypoint"][-5:] == ["-m", "core", "worker", "--deployment", "/config/deploy.toml"]
     assert worker["healthcheck"] == {"disable": True}
-    assert "ports" not in worker and worker.get("network_mode") == "none"
+    assert "ports" not in worker and worker["networks"] == ["worker-only"]
+    assert compose["networks"]["worker-only"] == {"internal": True}  # no route out, no other service on it
+    assert not [
+        name
+        for name, service in compose["services"].items()
+        if "worker-only" in service.get("networks", []) and name != "worker"
+    ]
 
 
 def _caddy_site(path: Path) -> str:
