@@ -1,9 +1,11 @@
-"""Pictures for the pages: colours and overlays only, no science."""
+"""Pictures for the pages: colours and overlays only, no science; and ``markdown_escape`` for text from users."""
 
 from __future__ import annotations
 
 import base64
 import io
+import re
+import string
 
 import numpy as np
 import plotly.graph_objects as go
@@ -41,6 +43,28 @@ REGION_COLOURS = np.array(
     ],
     dtype=np.uint8,
 )
+
+
+# Every ASCII punctuation character may be backslash-escaped in CommonMark and then reads as itself: links,
+# images, emphasis, code, HTML, entities, headings, lists, tables, math ($), directives (:red[…]) and GFM's
+# bare-URL autolinks (https://…, www.…, a@b.c need those characters unescaped and contiguous) all need one.
+_ESCAPED = re.compile("[" + re.escape(string.punctuation) + "]")
+_WORD_JOINER = "\u2060"  # invisible; breaks :name: (emoji, :material/…: icons) that Streamlit looks up after parsing
+_LINE_BREAKS = re.compile(r"[\r\n\t\f\v\u2028\u2029\x85]")
+
+
+def markdown_escape(text: object) -> str:
+    """``text`` as Markdown that Streamlit renders as exactly that text, whatever it holds: no link, image,
+    emphasis, heading, list, table, code, HTML, math, colour directive, emoji shortcode or Material icon.
+    For every user-controlled name (spec and region names, dataset titles, file names, error text quoting
+    them) put into ``st.markdown``/``caption``/``info``/``warning``/``error``/``success``/``write``, widget
+    labels, help texts and image captions. Line breaks become spaces: a name is one line, and a new line
+    could start a block (a heading, a table) of its own.
+
+    Streamlit replaces ``:material/`` in the source and looks up ``:shortcode:`` emoji in the parsed text,
+    where a backslash no longer shows; so a colon is also followed by an invisible word joiner."""
+    escaped = _ESCAPED.sub(lambda match: "\\" + match.group(), _LINE_BREAKS.sub(" ", str(text)))
+    return escaped.replace(":", ":" + _WORD_JOINER)
 
 
 def label_map_rgb(label_map: np.ndarray) -> np.ndarray:
@@ -135,9 +159,10 @@ _MARKDOWN_COLOURS = ("red", "green", "blue", "orange", "violet")
 
 
 def region_legend(names) -> str:
-    """Region names coloured as their masks are (markdown)."""
+    """Region names coloured as their masks are (markdown; the names escaped)."""
     return ", ".join(
-        f":{_MARKDOWN_COLOURS[r]}[**{name}**]" if r < len(_MARKDOWN_COLOURS) else name for r, name in enumerate(names)
+        f":{_MARKDOWN_COLOURS[r]}[**{markdown_escape(name)}**]" if r < len(_MARKDOWN_COLOURS) else markdown_escape(name)
+        for r, name in enumerate(names)
     )
 
 

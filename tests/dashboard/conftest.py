@@ -2,6 +2,7 @@
 and data folders for every test, and the AppTest helpers."""
 
 import io
+import re
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -51,6 +52,12 @@ def open_app(query: dict | None = None, page: str | None = None) -> AppTest:
     if page is not None:
         app.switch_page(page).run()
     return app
+
+
+def plain(markdown: str) -> str:
+    """What a reader sees of text ``dashboard.render.markdown_escape`` made Markdown-safe: without its
+    backslashes and word joiners (so a test can look for a phrase, or make sure a path is absent)."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown).replace("\u2060", "")
 
 
 def no_trouble(app: AppTest) -> None:

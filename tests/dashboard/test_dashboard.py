@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from core.dataset import names_in, open_dataset
-from tests.dashboard.conftest import no_trouble, open_app, png_bytes
+from tests.dashboard.conftest import no_trouble, open_app, plain, png_bytes
 
 
 def test_explain_opens_on_a_held_out_dataset_face_with_prediction_maps_scores_and_reading(on_tiny):
@@ -31,7 +31,7 @@ def test_explain_shows_the_terms_raters_annotated_on_a_dataset_image(on_tiny):
     app = open_app({"split": split, "image": name, "methods": "Gradient"})
     no_trouble(app)
     assert app.selectbox(key="image").value == name
-    assert any(m.value.startswith(f"**Terms the raters annotated on {name}**") for m in app.markdown)
+    assert any(plain(m.value).startswith(f"**Terms the raters annotated on {name}**") for m in app.markdown)
 
 
 def test_target_class_and_methods_come_from_the_url(on_tiny):
@@ -110,7 +110,7 @@ def test_a_folder_that_is_not_a_dataset_is_a_message(tmp_path):
     (tmp_path / "folder").mkdir()
     app = open_app({"dataset": str(tmp_path / "folder")})
     assert not app.exception
-    assert any("partitions.csv is missing" in e.value for e in app.sidebar.error)
+    assert any("partitions.csv is missing" in plain(e.value) for e in app.sidebar.error)
 
 
 def test_a_dataset_photo_over_4096_px_is_shown_with_its_landmarks_and_label_map(tmp_path, monkeypatch):
@@ -142,7 +142,7 @@ def test_a_dataset_photo_over_4096_px_is_shown_with_its_landmarks_and_label_map(
     assert any(m.value == "**Face parts** (stored)" for m in app.markdown)
     app = open_app(page="views/regions.py")
     no_trouble(app)
-    assert [shown.caption for image in app.get("image") for shown in image.proto.imgs] == ["WSSlide1.png"]
+    assert [plain(shown.caption) for image in app.get("image") for shown in image.proto.imgs] == ["WSSlide1.png"]
 
 
 def test_cached_annotations_are_read_again_when_partitions_csv_changes(tmp_path):

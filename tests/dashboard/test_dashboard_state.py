@@ -8,7 +8,7 @@ import pytest
 
 from cache.spec_store import SpecStore, UnknownSpecError, default_spec_dir
 from core.regions import PAPER_REGIONS, BoxRule, RegionSpec, bundled_region_specs, spec_id
-from tests.dashboard.conftest import link_of, no_trouble, open_app
+from tests.dashboard.conftest import link_of, no_trouble, open_app, plain
 
 WIDE_MOUTH = dataclasses.replace(
     PAPER_REGIONS,
@@ -97,7 +97,7 @@ def test_an_edited_spec_opens_from_its_id_and_an_unknown_id_falls_back_to_the_pa
     app = open_app({"spec": identifier, "methods": "Gradient"})
     no_trouble(app)
     assert app.sidebar.selectbox(key="spec").value == identifier
-    assert "edited spec 'wide mouth'" in app.sidebar.caption[-1].value
+    assert "edited spec 'wide mouth'" in plain(app.sidebar.caption[-1].value)
     unknown = open_app({"spec": "0123456789ab", "methods": "Gradient"})
     assert not unknown.exception
     assert any("not stored on this server" in w.value and "paper" in w.value for w in unknown.sidebar.warning)

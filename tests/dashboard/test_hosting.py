@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.deployment import DEPLOYMENT_ENV
 from dashboard import hosting
-from tests.dashboard.conftest import APP
+from tests.dashboard.conftest import APP, plain
 
 AUTH = {
     "redirect_uri": "http://localhost:8501/oauth2callback",
@@ -74,8 +74,8 @@ def open_hosted(user: dict, query: dict | None = None, auth: bool = True) -> App
 
 
 def _text(app: AppTest) -> str:
-    parts = [
-        element.value
+    parts = [  # as a reader sees it: a path escaped for Markdown must still be found
+        plain(element.value)
         for kind in ("markdown", "caption", "error", "warning", "info", "title")
         for element in getattr(app, kind)
     ]
@@ -116,7 +116,7 @@ def test_a_viewer_sees_only_their_datasets_by_id_and_no_path_box(hosted):
     assert dataset.options == ["clinic"] and dataset.value == "clinic"
     assert app.sidebar.selectbox(key="model").options == ["f1"]
     assert not app.sidebar.text_input  # no dataset, card or parser path
-    assert "Signed in as viewer@example.org (viewer)" in [caption.value for caption in app.sidebar.caption]
+    assert "Signed in as viewer@example.org (viewer)" in [plain(caption.value) for caption in app.sidebar.caption]
     assert str(hosted) not in _text(app)
     link = app.sidebar.code[0].value
     assert "dataset=clinic" in link and "model=f1" in link and "card=" not in link and "parser=" not in link
@@ -190,7 +190,7 @@ def test_pages_name_the_dataset_by_title_and_id_and_only_an_analyst_gets_extract
     viewer = open_hosted(_user("viewer@example.org"))
     viewer.switch_page("views/statistics.py").run()
     assert not viewer.exception
-    assert any("of Clinic photos (clinic) yet" in info.value for info in viewer.info)
+    assert any("of Clinic photos (clinic) yet" in plain(info.value) for info in viewer.info)
     assert "needs the analyst role" in " ".join(caption.value for caption in viewer.caption)
     assert not [button for button in viewer.button if button.label.startswith("Extract")]
     assert str(hosted) not in _text(viewer)

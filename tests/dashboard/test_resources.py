@@ -3,7 +3,7 @@
 import torch
 
 import dashboard.resources as resources
-from tests.dashboard.conftest import no_trouble, open_app
+from tests.dashboard.conftest import no_trouble, open_app, plain
 
 
 def test_xai_device_reaches_the_loaded_classifier(on_tiny, monkeypatch):
@@ -39,7 +39,7 @@ def test_a_bad_xai_device_is_one_line_and_nothing_loads(on_tiny, monkeypatch):
     monkeypatch.setattr(resources, "load_classifier", lambda *args, **kwargs: asked.append(args))
     app = open_app()
     assert not app.exception
-    assert [e.value for e in app.error] == [
+    assert [plain(e.value) for e in app.error] == [
         "XAI_DEVICE 'cuda': PyTorch sees no CUDA GPU on this machine (no driver, no GPU, or a CPU-only torch "
         "build); use cpu or auto"
     ]
@@ -55,7 +55,7 @@ def test_a_cache_folder_that_cannot_be_created_leaves_the_page_working_with_one_
     app = open_app({"methods": "Gradient"})
     no_trouble(app)
     assert any(h.value.startswith("Predicted ") for h in app.subheader)
-    notices = [w.value for w in app.warning if "not being cached" in w.value]
+    notices = [plain(w.value) for w in app.warning if "not being cached" in w.value]
     assert notices == [
         f"Results are not being cached: Not a directory (cache folder {tmp_path / 'file' / 'cache'}). "
         "The pages work without the cache; each result is computed again."
@@ -63,7 +63,7 @@ def test_a_cache_folder_that_cannot_be_created_leaves_the_page_working_with_one_
     monkeypatch.setattr(resources.hosting, "hosted", lambda: True)  # hosted pages name no server path
     app.run()
     no_trouble(app)
-    assert [w.value for w in app.warning if "not being cached" in w.value] == [
+    assert [plain(w.value) for w in app.warning if "not being cached" in w.value] == [
         "Results are not being cached: Not a directory. The pages work without the cache; each result is computed "
         "again."
     ]
@@ -84,14 +84,14 @@ def test_a_full_disk_while_storing_is_a_notice_not_a_traceback(on_tiny, monkeypa
     app = open_app({"methods": "Gradient"})
     no_trouble(app)
     assert any(h.value.startswith("Predicted ") for h in app.subheader)
-    assert [w.value for w in app.warning if "not being cached" in w.value] == [
+    assert [plain(w.value) for w in app.warning if "not being cached" in w.value] == [
         f"Results are not being cached: database or disk is full (cache folder {resources._result_folder()}). "
         "The pages work without the cache; each result is computed again."
     ]
     monkeypatch.undo()  # the disk has room again: the next run caches and says nothing
     app.run()
     no_trouble(app)
-    assert not [w.value for w in app.warning if "not being cached" in w.value]
+    assert not [plain(w.value) for w in app.warning if "not being cached" in w.value]
 
 
 def test_an_opted_in_upload_is_cached_apart_and_its_entries_expire(on_tiny, tmp_path, monkeypatch):
