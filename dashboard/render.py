@@ -67,6 +67,12 @@ def markdown_escape(text: object) -> str:
     return escaped.replace(":", ":" + _WORD_JOINER)
 
 
+def plotly_escape(text: object) -> str:
+    """``text`` for a Plotly label (legend, axis, tick, hover): Plotly reads ``<a href=…>``, ``<b>`` and other
+    tags in them, so a region name like ``<a href="https://…">`` would be a link; entities show as the text."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def label_map_rgb(label_map: np.ndarray) -> np.ndarray:
     return LAPA_COLOURS[np.clip(label_map, 0, len(LAPA_COLOURS) - 1)]
 
@@ -183,7 +189,9 @@ def region_score_bars(scores, region_names) -> go.Figure:
     figure = go.Figure()
     for r, region in enumerate(region_names):
         colour = "rgb({}, {}, {})".format(*REGION_COLOURS[r % len(REGION_COLOURS)])
-        figure.add_bar(name=region, x=list(scores), y=[values[r] for values in scores.values()], marker_color=colour)
+        figure.add_bar(
+            name=plotly_escape(region), x=list(scores), y=[values[r] for values in scores.values()], marker_color=colour
+        )
     return figure.update_layout(barmode="group", height=340, yaxis_title="region score C_i", margin=dict(t=10))
 
 
@@ -203,8 +211,8 @@ def heat_table(
     figure = go.Figure(
         go.Heatmap(
             z=values,
-            x=columns,
-            y=[str(v) for v in table[index]],
+            x=[plotly_escape(column) for column in columns],  # region names come from users' specs
+            y=[plotly_escape(v) for v in table[index]],
             text=labels,
             texttemplate="%{text}",
             textfont=dict(size=13),
@@ -225,7 +233,12 @@ def group_boxes(table: pl.DataFrame, reference: str) -> go.Figure:
     figure = go.Figure()
     for label in labels:
         rows = table.filter(pl.col("label") == label)
-        figure.add_box(x=rows["region"].to_list(), y=rows["score"].to_list(), name=label, boxmean=True)
+        figure.add_box(
+            x=[plotly_escape(region) for region in rows["region"].to_list()],
+            y=rows["score"].to_list(),
+            name=plotly_escape(label),
+            boxmean=True,
+        )
     return figure.update_layout(
         boxmode="group",
         height=360,
@@ -250,7 +263,7 @@ def count_scatter(points: pl.DataFrame, region: str) -> go.Figure:
         )
     return figure.update_layout(
         height=360,
-        xaxis_title=f"HPO terms marked in the {region} region (raters summed)",
+        xaxis_title=f"HPO terms marked in the {plotly_escape(region)} region (raters summed)",
         yaxis_title="region score C_i",
         margin=dict(l=0, r=0, t=10, b=0),
     )

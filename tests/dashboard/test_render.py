@@ -3,10 +3,12 @@ the escaping code) rendering every escaped case back to exactly its text, with n
 
 import html
 
+import numpy as np
+import polars as pl
 import pytest
 from markdown_it import MarkdownIt
 
-from dashboard.render import markdown_escape, region_legend
+from dashboard.render import heat_table, markdown_escape, plotly_escape, region_legend, region_score_bars
 
 WJ = "\u2060"  # the word joiner after every colon
 
@@ -59,3 +61,14 @@ def test_region_legend_colours_escaped_names():
     legend = region_legend(["eye", "[x](https://evil.example)"])
     assert legend == f":red[**eye**], :green[**\\[x\\]\\(https\\:{WJ}\\/\\/evil\\.example\\)**]"
     assert "<a" not in MarkdownIt("commonmark").render(legend)
+
+
+def test_plotly_labels_carry_region_names_as_text():
+    """Plotly reads tags in labels (``<a href>`` becomes a link); names go in as entities it shows as text."""
+    evil = '<a href="https://evil.example">sign in</a> & more'
+    assert plotly_escape(evil) == '&lt;a href="https://evil.example"&gt;sign in&lt;/a&gt; &amp; more'
+    bars = region_score_bars({"Gradient": np.array([0.5, 0.25])}, ["eye", evil])
+    assert [trace.name for trace in bars.data] == ["eye", plotly_escape(evil)]
+    table = pl.DataFrame({"method": ["Gradient"], "eye": [1.0], evil: [2.0]})
+    heat = heat_table(table, "method", (0, 3))
+    assert list(heat.data[0].x) == ["eye", plotly_escape(evil)] and list(heat.data[0].y) == ["Gradient"]
