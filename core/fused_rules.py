@@ -43,7 +43,10 @@ may not import ``models``), no hooks. Anything else goes to the library.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
 import torch
@@ -111,9 +114,23 @@ def _stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     return torch.where(z >= 0, z + epsilon, z - epsilon)
 
 
-@dataclass
+def _stabilize_nonnegative_(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``_stabilize`` of a ``z`` that should hold no negative value (a z⁺ or a pooled ReLU output), in place
+    where it holds none: then ``z + ε`` everywhere is exactly ``_stabilize`` (−0 counts as ≥ 0 in both), at one
+    read-only pass (the minimum) and one in-place add instead of four passes and three new tensors. Where a
+    convolution's rounding left a negative value (or a NaN), the general rule runs. On a GPU the check would
+    wait for the device, so the general rule runs there."""
+    if z.device.type == "cpu" and (z.numel() == 0 or bool(z.min() >= 0)):
+        return z.add_(epsilon)
+    return _stabilize(z, epsilon)
+
+
+@dataclass(eq=False)
 class _Conv:
-    """One convolution as the rules see it: its (possibly merged) weight and bias, and how it slides."""
+    """One convolution as the rules see it: its (possibly merged) weight and bias, and how it slides.
+
+    The sign-split weights the rules convolve with (``positive``, ``stacked``) are made on first use and kept
+    with the prepared network (``_prepared``), so a model explained again does not clamp them again."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -125,6 +142,10 @@ class _Conv:
     bn: nn.BatchNorm2d | None = None
     # Merged batch norm (canonized): the identity batch norm that is left scales by 1/sqrt(1 + eps).
     identity_eps: float | None = None
+    _positive: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
+    _stacked: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
+    _identity: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _flat: tuple[tuple, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -137,10 +158,41 @@ class _Conv:
         if self.bn is not None:
             return self.bn(out)
         if self.identity_eps is not None:
-            zeros = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
-            ones = torch.ones_like(zeros)
+            if self._identity is None:
+                zeros = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
+                self._identity = (zeros, torch.ones_like(zeros))
+            zeros, ones = self._identity
             return F.batch_norm(out, zeros, ones, ones, zeros, False, 0.0, self.identity_eps)
         return out
+
+    def positive(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(w⁺, b⁺)``: the weight and bias clamped at zero from below."""
+        if self._positive is None:
+            bias = None if self.bias is None else self.bias.clamp(min=0)
+            self._positive = (self.weight.clamp(min=0), bias)
+        return self._positive
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``w⁺`` and ``w⁻`` stacked along the output channels (and the biases likewise): α-β's one convolution.
+        ``positive`` then reads the first half of it rather than keeping a copy of its own."""
+        if self._stacked is None:
+            w_pos, b_pos = self.positive()
+            weight = torch.cat([w_pos, self.weight.clamp(max=0)])
+            bias = None if self.bias is None or b_pos is None else torch.cat([b_pos, self.bias.clamp(max=0)])
+            self._stacked = (weight, bias)
+            channels = w_pos.shape[0]
+            self._positive = (weight[:channels], None if bias is None else bias[:channels])
+        return self._stacked
+
+    def flat(self, x: torch.Tensor, stabilizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat rule's all-ones weight and its stabilised ``z`` for inputs shaped as ``x`` (it reads only the
+        shape): kept for the last shape seen."""
+        key = (tuple(x.shape), x.dtype, x.device, stabilizer)
+        if self._flat is None or self._flat[0] != key:
+            ones = torch.ones_like(self.weight, dtype=x.dtype)
+            z = self.conv(torch.ones_like(x), ones, torch.zeros(ones.shape[0], dtype=x.dtype, device=x.device))
+            self._flat = (key, ones, _stabilize(z, stabilizer))
+        return self._flat[1], self._flat[2]
 
 
 def _conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, merge: bool) -> _Conv:
@@ -178,15 +230,82 @@ def _network(model: nn.Module, merge: bool) -> tuple[_Conv, list[_Block]]:
     return stem, blocks
 
 
+# The prepared networks (merged weights, sign-split copies) of the models explained last, so that explaining
+# one model batch after batch prepares it once. Not a hidden copy of a model: every call checks that the
+# model's parameters and buffers are the very tensors they were (same storage, which the entry keeps alive
+# so its address cannot be reused; same shape, strides, dtype, device), unmodified (the version counter
+# that every in-place edit bumps), and that its convolutions' geometry and batch norms' eps are unchanged;
+# anything else prepares the model again. ``model.to(...)``, ``load_state_dict``, ``reset_parameters``,
+# ``param.data = ...`` and in-place edits under ``torch.no_grad()`` are all seen. Not seen: an in-place edit
+# through ``param.data`` (PyTorch does not count those), the same blind spot autograd has. Bounded: at most
+# ``MEMO_MODELS`` models (least recently used dropped), weakly referenced (a deleted model is not kept),
+# ResNet-50: ~0.1 GB per merged or unmerged network and its w⁺, ~0.2 GB more once α-β ran.
+MEMO_MODELS = 2
+
+
+@dataclass(eq=False)
+class _Prepared:
+    model: weakref.ref
+    signature: tuple
+    sources: tuple[torch.Tensor, ...]  # aliases of the model's tensors: their storage cannot be freed and reused
+    networks: dict[bool, tuple[_Conv, list[_Block]]]
+
+
+_memo: OrderedDict[int, _Prepared] = OrderedDict()
+_memo_lock = threading.Lock()
+
+
+def _signature(model: nn.Module) -> tuple[tuple, tuple[torch.Tensor, ...]] | None:
+    """What a prepared network depends on; None where the version counters cannot be read (inference-mode
+    tensors), and then nothing is kept."""
+    tensors = tuple(model.parameters()) + tuple(model.buffers())
+    try:
+        state = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version) for t in tensors)
+    except RuntimeError:
+        return None
+    geometry = tuple(
+        (m.stride, m.padding, m.dilation, m.groups) if isinstance(m, nn.Conv2d) else m.eps
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.BatchNorm2d)
+    )
+    return (state, geometry), tuple(t.detach() for t in tensors)
+
+
+def _prepared(model: nn.Module, merge: bool) -> tuple[_Conv, list[_Block]]:
+    """The model's network for the rules (``_network``), from the memo where it is still valid."""
+    signed = _signature(model)
+    if signed is None:
+        return _network(model, merge)
+    signature, sources = signed
+    key = id(model)
+    with _memo_lock:
+        entry = _memo.get(key)
+        if entry is None or entry.model() is not model or entry.signature != signature:
+            entry = _Prepared(weakref.ref(model), signature, sources, {})
+            _memo[key] = entry
+        _memo.move_to_end(key)
+        while len(_memo) > MEMO_MODELS:
+            _memo.popitem(last=False)
+        if merge not in entry.networks:
+            entry.networks[merge] = _network(model, merge)
+        return entry.networks[merge]
+
+
+def clear_memo() -> None:
+    """Forget every prepared network (they are made again on the next call)."""
+    with _memo_lock:
+        _memo.clear()
+
+
 # Reverse rules of one convolution: relevance at its output -> relevance at its input.
 
 
 def _zplus(conv: _Conv, x: torch.Tensor, relevance: torch.Tensor, stabilizer: float, signed: bool) -> torch.Tensor:
-    w_pos = conv.weight.clamp(min=0)
-    b_pos = None if conv.bias is None else conv.bias.clamp(min=0)
-    if not signed:  # x >= 0: the negative-input half is exactly zero
-        z = conv.conv(x, w_pos, b_pos)
-        return x * conv.conv_input_grad(x.shape, w_pos, relevance / _stabilize(z, stabilizer))
+    w_pos, b_pos = conv.positive()
+    if not signed:  # x >= 0: the negative-input half is exactly zero, and z >= 0
+        z = _stabilize_nonnegative_(conv.conv(x, w_pos, b_pos), stabilizer)
+        grad = torch.div(relevance, z, out=z)
+        return conv.conv_input_grad(x.shape, w_pos, grad).mul_(x)
     w_neg = conv.weight.clamp(max=0)
     x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
     z = conv.conv(x_pos, w_pos, b_pos) + conv.conv(x_neg, w_neg, None)
@@ -197,25 +316,21 @@ def _zplus(conv: _Conv, x: torch.Tensor, relevance: torch.Tensor, stabilizer: fl
 def _alpha2beta1(
     conv: _Conv, x: torch.Tensor, relevance: torch.Tensor, stabilizer: float, signed: bool
 ) -> torch.Tensor:
+    if not signed:
+        # Both weight halves in one convolution, stacked along the output channels, and back in one; the
+        # halves of z become the gradient in place: 2·R/stab(z⁺) and −R/stab(z⁻).
+        weight, bias = conv.stacked()
+        channels = weight.shape[0] // 2
+        z = conv.conv(x, weight, bias)
+        z_pos, z_neg = z[:, :channels], z[:, channels:]
+        torch.div(relevance, _stabilize_nonnegative_(z_pos, stabilizer), out=z_pos).mul_(2.0)
+        torch.div(relevance, _stabilize(z_neg, stabilizer), out=z_neg).neg_()
+        return conv.conv_input_grad(x.shape, weight, z).mul_(x)
     w_pos, w_neg = conv.weight.clamp(min=0), conv.weight.clamp(max=0)
     if conv.bias is None:
         b_pos = b_neg = None
     else:
         b_pos, b_neg = conv.bias.clamp(min=0), conv.bias.clamp(max=0)
-    if not signed:
-        # Both weight halves in one convolution, stacked along the output channels, and back in one.
-        channels = w_pos.shape[0]
-        weight = torch.cat([w_pos, w_neg])
-        bias = None if b_pos is None or b_neg is None else torch.cat([b_pos, b_neg])
-        z = conv.conv(x, weight, bias)
-        grad = torch.cat(
-            [
-                2.0 * (relevance / _stabilize(z[:, :channels], stabilizer)),
-                -(relevance / _stabilize(z[:, channels:], stabilizer)),
-            ],
-            dim=1,
-        )
-        return x * conv.conv_input_grad(x.shape, weight, grad)
     x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
     grad_pos = relevance / _stabilize(conv.conv(x_pos, w_pos, b_pos) + conv.conv(x_neg, w_neg, None), stabilizer)
     grad_neg = relevance / _stabilize(conv.conv(x_pos, w_neg, b_neg) + conv.conv(x_neg, w_pos, None), stabilizer)
@@ -229,9 +344,8 @@ def _alpha2beta1(
 
 
 def _flat(conv: _Conv, x: torch.Tensor, relevance: torch.Tensor, stabilizer: float, signed: bool) -> torch.Tensor:
-    ones = torch.ones_like(conv.weight)
-    z = conv.conv(torch.ones_like(x), ones, torch.zeros(ones.shape[0], dtype=x.dtype, device=x.device))
-    return conv.conv_input_grad(x.shape, ones, relevance / _stabilize(z, stabilizer))
+    ones, z = conv.flat(x, stabilizer)
+    return conv.conv_input_grad(x.shape, ones, relevance / z)
 
 
 _CONV_RULES = {"zplus": _zplus, "alpha2beta1": _alpha2beta1, "flat": _flat}
@@ -247,16 +361,26 @@ def _output_relevance(logits: torch.Tensor, targets: torch.Tensor, initial: str)
 
 
 def _avgpool_norm(x: torch.Tensor, relevance: torch.Tensor, stabilizer: float) -> torch.Tensor:
-    """``Norm`` on the global average pool: ``x · (R / stab(mean x)) / (H·W)``."""
+    """``Norm`` on the global average pool: ``x · (R / stab(mean x)) / (H·W)`` (``x`` a ReLU output, ≥ 0)."""
     pooled = x.mean(dim=(2, 3))
-    grad = relevance / _stabilize(pooled, stabilizer)
+    grad = relevance / _stabilize_nonnegative_(pooled, stabilizer)
     return x * (grad / (x.shape[2] * x.shape[3]))[:, :, None, None]
 
 
-def _maxpool_backward(pool: nn.MaxPool2d, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    _, indices = F.max_pool2d(
+def _maxpool(pool: nn.MaxPool2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The max-pool's output and where each maximum came from (for its backward)."""
+    return F.max_pool2d(
         x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode, return_indices=True
     )
+
+
+def _maxpool_backward(
+    pool: nn.MaxPool2d, x: torch.Tensor, relevance: torch.Tensor, indices: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The max-pool's gradient: ``relevance`` to each window's maximum (``indices`` from ``_maxpool``, or found
+    again)."""
+    if indices is None:
+        _, indices = _maxpool(pool, x)
     return torch.ops.aten.max_pool2d_with_indices_backward(
         relevance,
         x,
@@ -279,17 +403,25 @@ class _BlockTrace(NamedTuple):
     inputs: list[torch.Tensor]  # each convolution's input
     identity: torch.Tensor  # the shortcut (downsampled where the block has a downsample)
     branch: torch.Tensor  # the last convolution's output, before the addition
-    out: torch.Tensor  # the block's output, after the addition's ReLU
+    pre: torch.Tensor  # the addition, before its ReLU (the block's output is its ReLU: the next block's input)
 
 
-def _forward(
-    net: tv.ResNet, stem: _Conv, blocks: list[_Block], x: torch.Tensor, stacked_sum: bool = False
-) -> tuple[torch.Tensor, list[_BlockTrace], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The stem's ReLU output, each block's trace, the last block's output, the pooled features and the
-    logits. ``stacked_sum`` adds the residual as Zennit's canonizer does (a stacked sum), so the
-    rounding matches the library's."""
-    stem_out = torch.relu(stem.forward(x))
-    h = net.maxpool(stem_out)
+class _Trace(NamedTuple):
+    """What the reverse rules read of the forward pass."""
+
+    stem_out: torch.Tensor  # the stem's ReLU output
+    pool_indices: torch.Tensor  # where the max-pool took each maximum
+    blocks: list[_BlockTrace]
+    h: torch.Tensor  # the last block's output
+    pooled: torch.Tensor
+    logits: torch.Tensor
+
+
+def _forward(net: tv.ResNet, stem: _Conv, blocks: list[_Block], x: torch.Tensor) -> _Trace:
+    """One forward pass that keeps what the reverse rules read. The residual addition is a plain ``+``: the sum
+    of two floats is one rounding in any order, so it equals Zennit's stacked sum to the bit."""
+    stem_out = stem.forward(x).relu_()
+    h, pool_indices = _maxpool(net.maxpool, stem_out)
     traces = []
     for block in blocks:
         inputs = [h]
@@ -297,13 +429,14 @@ def _forward(
         for k, conv in enumerate(block.convs):
             out = conv.forward(out)
             if k < len(block.convs) - 1:
-                out = torch.relu(out)
+                out = out.relu_()
                 inputs.append(out)
         identity = h if block.downsample is None else block.downsample.forward(h)
-        h = torch.relu(torch.stack([identity, out], dim=-1).sum(dim=-1) if stacked_sum else out + identity)
-        traces.append(_BlockTrace(inputs, identity, out, h))
+        pre = out + identity
+        h = torch.relu(pre)
+        traces.append(_BlockTrace(inputs, identity, out, pre))
     pooled = torch.flatten(net.avgpool(h), 1)
-    return stem_out, traces, h, pooled, net.fc(pooled)
+    return _Trace(stem_out, pool_indices, traces, h, pooled, net.fc(pooled))
 
 
 @torch.no_grad()
@@ -326,22 +459,22 @@ def lrp(
     rule, first = _CONV_RULES[conv_rule], _CONV_RULES[first_rule]
     residual_norm = canonizer == "resnet"
     net = cast(tv.ResNet, model)
-    stem, blocks = _network(net, merge=True)
+    stem, blocks = _prepared(net, merge=True)
     x = x.detach()
 
     # Forward: keep what the reverse rules read.
-    stem_out, traces, h, pooled, logits = _forward(net, stem, blocks, x, stacked_sum=residual_norm)
+    trace = _forward(net, stem, blocks, x)
 
     # Reverse sweep.
-    relevance = _output_relevance(logits, targets, initial_relevance)
-    grad = relevance / _stabilize(logits, epsilon)  # Epsilon on the dense layer
-    relevance = pooled * (grad @ net.fc.weight)
-    relevance = _avgpool_norm(h, relevance, stabilizer)
-    for block, trace in zip(reversed(blocks), reversed(traces)):
-        inputs, identity, out = trace.inputs, trace.identity, trace.branch
+    relevance = _output_relevance(trace.logits, targets, initial_relevance)
+    grad = relevance / _stabilize(trace.logits, epsilon)  # Epsilon on the dense layer
+    relevance = trace.pooled * (grad @ net.fc.weight)
+    relevance = _avgpool_norm(trace.h, relevance, stabilizer)
+    for block, block_trace in zip(reversed(blocks), reversed(trace.blocks)):
+        inputs, identity, out = block_trace.inputs, block_trace.identity, block_trace.branch
         # ReLU after the addition: Pass.
         if residual_norm:
-            grad = relevance / _stabilize(identity + out, stabilizer)
+            grad = relevance / _stabilize(block_trace.pre, stabilizer)
             r_identity, r_branch = identity * grad, out * grad
         else:
             r_identity = r_branch = relevance
@@ -349,8 +482,8 @@ def lrp(
             r_branch = rule(conv, conv_input, r_branch, stabilizer, False)  # the ReLUs between: Pass
         if block.downsample is not None:
             r_identity = rule(block.downsample, inputs[0], r_identity, stabilizer, False)
-        relevance = r_branch + r_identity
-    relevance = _maxpool_backward(net.maxpool, stem_out, relevance)
+        relevance = r_branch.add_(r_identity)
+    relevance = _maxpool_backward(net.maxpool, trace.stem_out, relevance, trace.pool_indices)
     return first(stem, x, relevance, stabilizer, True)
 
 
@@ -364,22 +497,23 @@ def excitation_backprop(
 ) -> torch.Tensor:
     """The relevance of ``zennit.composites.ExcitationBackprop`` (no canonizer), N×C×H×W."""
     net = cast(tv.ResNet, model)
-    stem, blocks = _network(net, merge=False)
+    stem, blocks = _prepared(net, merge=False)
     x = x.detach()
-    stem_out, traces, h, pooled, logits = _forward(net, stem, blocks, x)
+    trace = _forward(net, stem, blocks, x)
+    stem_out, pooled = trace.stem_out, trace.pooled
 
     def bn_grad(conv: _Conv, relevance: torch.Tensor) -> torch.Tensor:
         assert conv.bn is not None
         return _bn_backward(conv.bn, relevance)
 
-    relevance = _output_relevance(logits, targets, initial_relevance)
+    relevance = _output_relevance(trace.logits, targets, initial_relevance)
     fc_w = net.fc.weight.clamp(min=0)
     z = F.linear(pooled, fc_w, net.fc.bias.clamp(min=0) if net.fc.bias is not None else None)
     relevance = pooled * ((relevance / _stabilize(z, stabilizer)) @ fc_w)
-    relevance = _avgpool_norm(h, relevance, stabilizer)
-    for block, trace in zip(reversed(blocks), reversed(traces)):
-        inputs = trace.inputs
-        relevance = torch.where(trace.out > 0, relevance, 0.0)  # the ReLU's gradient
+    relevance = _avgpool_norm(trace.h, relevance, stabilizer)
+    for block, block_trace in zip(reversed(blocks), reversed(trace.blocks)):
+        inputs = block_trace.inputs
+        relevance = torch.where(block_trace.pre > 0, relevance, 0.0)  # the ReLU's gradient
         r_branch = relevance
         for k in reversed(range(len(block.convs))):
             conv = block.convs[k]
@@ -390,8 +524,8 @@ def excitation_backprop(
         r_identity = relevance
         if block.downsample is not None:
             r_identity = _zplus(block.downsample, inputs[0], bn_grad(block.downsample, r_identity), stabilizer, False)
-        relevance = r_branch + r_identity
-    relevance = _maxpool_backward(net.maxpool, stem_out, relevance)
+        relevance = r_branch.add_(r_identity)
+    relevance = _maxpool_backward(net.maxpool, stem_out, relevance, trace.pool_indices)
     relevance = torch.where(stem_out > 0, relevance, 0.0)
     return _zplus(stem, x, bn_grad(stem, relevance), stabilizer, True)
 
@@ -445,7 +579,7 @@ def deeplift(
     backward: one forward of N+1 images and one backward of N, against Captum's 2N and 2N.
     """
     net = cast(tv.ResNet, model)
-    stem, blocks = _network(net, merge=False)
+    stem, blocks = _prepared(net, merge=False)
     x = x.detach()
     both = torch.cat([x, torch.zeros_like(x[:1])])  # the inputs, then the (one) baseline
     n = len(x)

@@ -172,3 +172,94 @@ def test_unknown_composite_or_canonizer_is_refused():
         fused_rules.lrp(model, x, torch.tensor([0]), "Gamma")
     with pytest.raises(ValueError, match="canonizer must be one of"):
         fused_rules.lrp(model, x, torch.tensor([0]), "EpsilonPlus", canonizer="none")
+
+
+# The memo of prepared networks (merged weights, sign-split copies): reused while the model is unchanged, made
+# again as soon as any parameter or buffer changes, and checked against the library after every change.
+
+
+def _count_preparations(monkeypatch) -> list[bool]:
+    calls: list[bool] = []
+    real = fused_rules._network
+
+    def counting(model, merge):
+        calls.append(merge)
+        return real(model, merge)
+
+    monkeypatch.setattr(fused_rules, "_network", counting)
+    return calls
+
+
+def test_a_model_explained_again_is_prepared_once_with_the_same_result(monkeypatch):
+    fused_rules.clear_memo()
+    calls = _count_preparations(monkeypatch)
+    model = tiny_resnet(seed=6)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    first = attribute(model, x, [0, 1], "LRP-EpsilonAlpha2Beta1")
+    again = attribute(model, x, [0, 1], "LRP-EpsilonPlusFlat")  # the same merged network, other weights' signs
+    third = attribute(model, x, [0, 1], "LRP-EpsilonAlpha2Beta1")
+    assert calls == [True]
+    assert torch.equal(first, third)
+    attribute(model, x, [0, 1], "ExcitationBackprop")  # the unmerged network: prepared once more
+    attribute(model, x, [0, 1], "DeepLIFT")
+    assert calls == [True, False]
+    fused_rules.clear_memo()
+    assert torch.equal(attribute(model, x, [0, 1], "LRP-EpsilonPlusFlat"), again)
+
+
+def _edits():
+    def in_place(model):
+        with torch.no_grad():
+            model.get_submodule("layer2.0.conv1").weight.mul_(-1.5)
+
+    def data_assigned(model):
+        conv = model.get_submodule("layer3.1.conv2")
+        conv.weight.data = torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(1))
+
+    def buffer_replaced(model):
+        bn = model.get_submodule("layer1.0.bn2")
+        bn.running_var = 0.1 + torch.rand(bn.num_features, generator=torch.Generator().manual_seed(2))
+
+    def loaded(model):
+        model.load_state_dict(tiny_resnet(seed=9).state_dict())
+
+    def eps_changed(model):
+        model.get_submodule("layer4.1.bn1").eps = 0.5
+
+    def fc_replaced(model):
+        fc = model.fc
+        model.fc = torch.nn.Linear(fc.in_features, fc.out_features).requires_grad_(False)
+
+    return [in_place, data_assigned, buffer_replaced, loaded, eps_changed, fc_replaced]
+
+
+@pytest.mark.parametrize("edit", _edits(), ids=lambda edit: edit.__name__)
+@pytest.mark.parametrize("method", ["LRP-EpsilonAlpha2Beta1", "ExcitationBackprop", "DeepLIFT"])
+def test_a_changed_model_is_prepared_again_and_still_equals_the_library(monkeypatch, edit, method):
+    fused_rules.clear_memo()
+    calls = _count_preparations(monkeypatch)
+    model = tiny_resnet(seed=7)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    before = attribute(model, x, [2, 3], method)
+    edit(model)
+    assert fused_rules.supports(model)
+    ours, library = both(model, x, [2, 3], method)
+    assert len(calls) == 2  # prepared before and after the edit
+    assert not torch.allclose(ours, before)  # the edit changed the maps, and the memo did not hide it
+    assert relative_error(ours, library) <= TOLERANCE
+
+
+def test_the_memo_is_bounded_and_keeps_no_model_alive():
+    import gc
+    import weakref
+
+    fused_rules.clear_memo()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    models = [tiny_resnet(seed=s) for s in range(fused_rules.MEMO_MODELS + 2)]
+    for model in models:
+        attribute(model, x, [0], "LRP-EpsilonPlusFlat")
+    assert len(fused_rules._memo) == fused_rules.MEMO_MODELS
+    last = weakref.ref(models[-1])
+    del model, models
+    gc.collect()
+    assert last() is None
