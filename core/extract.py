@@ -31,13 +31,14 @@ from core.errors import UserFacingError
 from core.pipeline import (
     ExplainSettings,
     class_probabilities,
+    device_tag,
     domain_scores,
     prepare_dataset_faces,
     score_faces,
     stacked,
     target_indices,
 )
-from core.relevance_store import SKIPPED, RelevanceStore, StoreContents, StoredModel, StoreError
+from core.relevance_store import SKIPPED, RelevanceStore, StoreContents, StoredModel, StoreError, stored_device
 from core.rescore import Progress
 from core.score_table import DOMAIN_COLUMNS, SCORE_SCHEMA, score_block
 from models import checkpoint as checkpoint_module
@@ -342,6 +343,7 @@ def _store_contents(plan: ExtractionPlan, settings: ExplainSettings) -> StoreCon
             c.fingerprint,
             tuple(rows[n] for n in plan_images[name]),
             None if c.domain is None else c.domain.key,
+            stored_device(device_tag(c.network)),
         )
         for name, c in plan.classifiers.items()
     )

@@ -54,6 +54,7 @@ from core.score import RegionSegments, stored_map_dtype
 
 FORMAT = 1
 SKIPPED = -1  # the predicted class stored for a photo that could not be used (unreadable, no face)
+CPU_FLOAT32 = "cpu/float32"  # ``core.devices.precision_tag`` of the CPU in float32: what a store assumes unsaid
 _MANIFEST, _JOURNAL, _LOCK, _MASKS = "manifest.json", "journal.jsonl", ".lock", "region-masks"
 _DAY = 24 * 3600.0
 
@@ -72,6 +73,10 @@ class StoredModel:
     fingerprint: str
     images: tuple[int, ...]
     domain: str | None = None  # content key of the model's out-of-domain guard (core.domain); None: no guard
+    # Where its predictions and maps were computed and at what precision (``core.devices.precision_tag``:
+    # ``cuda/tf32`` …); None for the CPU in float32, as in stores written before devices (``stored_device``).
+    # A GPU's SmoothGrad noise and rounding differ from the CPU's, so it is part of the files' keys.
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,10 @@ class StoreContents:
 
     def predictions_file(self, model: StoredModel) -> str:
         names = tuple(self.image_names[i] for i in model.images)
-        key = _key("predictions", self.size, self.faces_key, model.fingerprint, names, self.target, self.code_version)
+        on = () if model.device is None else (model.device,)  # the CPU's keys are those from before devices
+        key = _key(
+            "predictions", self.size, self.faces_key, model.fingerprint, names, self.target, self.code_version, *on
+        )
         return f"predictions-{key}"
 
     def maps_file(self, model: StoredModel, method: str) -> str:
@@ -113,6 +121,11 @@ class StoreContents:
         if model.domain is None:
             return None
         return f"domain-{_key('domain', self.predictions_file(model), model.domain)}"
+
+    def computed_elsewhere(self, tag: str) -> tuple[StoredModel, ...]:
+        """The models whose maps were computed on another device or precision than ``tag``
+        (``core.devices.precision_tag``, e.g. ``cpu/float32``): to a reader there, other settings."""
+        return tuple(m for m in self.models if (m.device or CPU_FLOAT32) != tag)
 
     def model(self, name: str) -> StoredModel:
         for model in self.models:
@@ -484,6 +497,11 @@ class RelevanceStore:
         entries, _ = _journal_entries(self.root / _JOURNAL)
         for entry in entries:
             _apply(entry, self._done, self._predictions, self._domains)
+
+
+def stored_device(tag: str) -> str | None:
+    """What ``StoredModel.device`` records for a model computing at ``tag``: None for ``cpu/float32``."""
+    return None if tag == CPU_FLOAT32 else tag
 
 
 def _apply(entry: dict, done: dict[str, set[int]], predictions: dict[str, dict], domains: dict[str, dict]) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import streamlit as st
 
+from core.devices import precision_tag, resolve_device
 from core.errors import UserFacingError
 from core.job_queue import ENGINE_ENV, RAY_ADDRESS_ENV, Job, JobError, JobRequest, dataset_token, extraction_engine
 from core.layout import DatasetLayout
@@ -120,7 +121,16 @@ def score_table(view: state.View, split: str) -> Scores | None:
                     f"the stored maps of {', '.join(other)} were made with other method settings than the "
                     f"{view.profile} profile's (extract again to replace them)",
                 )
-            stale = methods if contents.mode != wanted.mode else tuple(other)
+            # Maps computed on another device or precision (a GPU's SmoothGrad noise and rounding are its own).
+            here = precision_tag(resolve_device(resources.device()))
+            elsewhere = contents.computed_elsewhere(here)
+            if elsewhere:
+                where = ", ".join(sorted({m.device or "cpu/float32" for m in elsewhere}))
+                caveats += (
+                    f"the stored maps were computed on {where}, not on this dashboard's {here} (extract again "
+                    "to replace them)",
+                )
+            stale = methods if contents.mode != wanted.mode or elsewhere else tuple(other)
             return Scores(
                 table,
                 ScoreSource.STORE,

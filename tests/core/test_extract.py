@@ -441,3 +441,21 @@ def test_cli_paper_profile_extracts_raw_sums_kept_in_float32_and_rescored_alike(
     paper = sorted_table(table.filter(pl.col("method") == "LayerDeepLIFT"))["score"]
     assert len(project) == len(paper) and float(project.max()) <= 1.0  # type: ignore[arg-type]
     assert not np.allclose(project, paper)
+
+
+def test_the_store_records_where_its_maps_were_computed_and_another_device_replaces_them(tiny, tmp_path, monkeypatch):
+    # No GPU here: the classifiers' device tag is faked for the store (the cache keys are not involved).
+    dataset, classifiers = tiny
+    plan, settings = ExtractionPlan(dataset, classifiers, "test"), ExplainSettings(methods=("Gradient",), batch_size=4)
+    monkeypatch.setattr("core.extract.device_tag", lambda network: "cuda/tf32")
+    extract_scores(plan, settings, store=RelevanceStore(tmp_path / "store"))
+    gpu = RelevanceStore(tmp_path / "store")
+    assert gpu.complete and {m.device for m in gpu.contents.models} == {"cuda/tf32"}
+    assert len(gpu.contents.computed_elsewhere("cpu/float32")) == len(classifiers)
+    gpu_files = {gpu.contents.maps_file(m, "Gradient") for m in gpu.contents.models}
+    monkeypatch.undo()
+    extract_scores(plan, settings, store=RelevanceStore(tmp_path / "store"))
+    cpu = RelevanceStore(tmp_path / "store")
+    assert cpu.complete and all(m.device is None for m in cpu.contents.models)
+    assert cpu.contents.computed_elsewhere("cpu/float32") == ()
+    assert not any((tmp_path / "store" / name).exists() for name in gpu_files)  # replaced, not mixed

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 import core.score as store_module  # the run-length kernel: where masks are drawn and spans merged
+from cache import content_hash
 from core.parse import landmark_template
 from core.regions import PAPER_REGIONS, RegionRule, RegionSpec, bundled_region_specs, region_masks
 from core.relevance_store import (
@@ -349,3 +350,50 @@ def test_unused_region_masks_are_pruned_and_a_pruned_memo_is_computed_again(full
     assert kept.stat().st_mtime > long_ago
     assert rescore(RelevanceStore(tmp_path / "store"), old).equals(expected)
     assert prune_region_masks(tmp_path / "nowhere", days=1) == 0
+
+
+def test_a_store_computed_on_another_device_is_told_apart_and_not_kept(tmp_path, data):
+    # No GPU here: the device is a label ("cuda/tf32", what core.devices.precision_tag gives a GPU by default).
+    n, maps = data
+    with RelevanceStore(tmp_path) as store:
+        store.begin(contents(n))
+        fill(store, n, maps)
+        cpu_files = {store.contents.maps_file(m, "Gradient") for m in store.contents.models}
+    cpu = RelevanceStore(tmp_path)
+    assert cpu.complete and all(m.device is None for m in cpu.contents.models)
+    assert cpu.contents.computed_elsewhere("cpu/float32") == ()
+    assert [m.name for m in cpu.contents.computed_elsewhere("cuda/tf32")] == [m.name for m in cpu.contents.models]
+    # A CPU store's keys are the ones from before devices (stores written then stay valid): the same hash parts.
+    model = cpu.contents.models[0]
+    names = tuple(f"img{i}.png" for i in model.images)
+    before = content_hash("predictions", SIZE, "faces", "f1", names, "predicted", "v1")[:20]
+    assert cpu.contents.predictions_file(model) == f"predictions-{before}"
+
+    on_gpu = contents(n)
+    on_gpu = dataclasses.replace(
+        on_gpu, models=tuple(dataclasses.replace(m, device="cuda/tf32") for m in on_gpu.models)
+    )
+    with RelevanceStore(tmp_path) as store:
+        store.begin(on_gpu)
+        # Nothing computed on the CPU counts for the GPU's files: every map and prediction is missing again.
+        assert len(store.missing()) == 2 * (1 + len(on_gpu.methods))
+        gpu_files = {store.contents.maps_file(m, "Gradient") for m in store.contents.models}
+        fill(store, n, maps)
+    assert not gpu_files & cpu_files and not any((tmp_path / name).exists() for name in cpu_files)
+    gpu = RelevanceStore(tmp_path)
+    assert gpu.complete and {m.device for m in gpu.contents.models} == {"cuda/tf32"}
+    assert gpu.contents.computed_elsewhere("cuda/tf32") == ()
+    assert len(gpu.contents.computed_elsewhere("cpu/float32")) == 2
+
+
+def test_a_manifest_from_before_devices_reads_as_the_cpu(tmp_path, data):
+    n, maps = data
+    with RelevanceStore(tmp_path) as store:
+        store.begin(contents(n))
+        fill(store, n, maps)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for model in manifest["models"]:
+        assert model.pop("device") is None
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    old = RelevanceStore(tmp_path)
+    assert old.complete and old.contents.computed_elsewhere("cpu/float32") == ()
