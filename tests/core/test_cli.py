@@ -122,3 +122,29 @@ def test_prune_specs_prunes_the_local_spec_store_and_a_datasets_region_masks(tmp
     assert "pruned 1 stored spec(s) and 1 region mask file(s) unused for 90 days" in capsys.readouterr().out
     assert not (masks / "k.npz").exists() and not (default_spec_dir() / f"{identifier}.json").exists()
     assert main(["prune-specs", "--days", "0"]) == 2
+
+
+def test_prune_specs_in_hosted_mode_uses_the_deployments_folders_and_limit(tmp_path, monkeypatch, capsys):
+    from cache.spec_store import SpecStore
+    from core.deployment import read_deployment
+    from core.regions import PAPER_REGIONS
+
+    toml = tmp_path / "deployment.toml"
+    toml.write_text(
+        f'[server]\nstate_dir = "{tmp_path / "state"}"\n[limits]\nspec_days = 10\n'
+        f'[datasets.clinic]\nfolder = "{tmp_path / "clinic"}"\n',
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("XAI_DEPLOYMENT", str(toml))
+    deployment = read_deployment(toml)
+    store = SpecStore(deployment.spec_dir, deployment.limits)
+    old, recent = (store.save(dataclasses.replace(PAPER_REGIONS, name=name)) for name in ("old", "recent"))
+    masks = deployment.results("clinic") / "versions" / "val" / "1" / "relevance" / "region-masks" / "maps"
+    masks.mkdir(parents=True)
+    (masks / "k.npz").write_bytes(b"memo")
+    eleven_days = time.time() - 11 * 24 * 3600
+    for path in (deployment.spec_dir / f"{old}.json", masks / "k.npz"):
+        os.utime(path, (eleven_days, eleven_days))
+    assert main(["prune-specs"]) == 0
+    assert "pruned 1 stored spec(s) and 1 region mask file(s) unused for 10 days" in capsys.readouterr().out
+    assert [path.stem for path in deployment.spec_dir.glob("*.json")] == [recent]
