@@ -201,7 +201,7 @@ def test_statistics_extracts_in_the_background_when_nothing_was_extracted(tiny_d
     root = fresh_copy(tiny_dataset, tmp_path / "dataset")
     app = open_app(query(root, methods="Gradient"), page=STATISTICS)
     no_trouble(app)
-    assert any("No region scores for split 'val'" in i.value for i in app.info)
+    assert any("No region scores for split 'val'" in plain(i.value) for i in app.info)
     app.button(key="extract-val").click().run()
     deadline = time.monotonic() + 300
     while not app.dataframe and time.monotonic() < deadline:
