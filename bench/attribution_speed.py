@@ -10,9 +10,16 @@ timed both ways, ``fused`` (what ``attribute`` runs) and ``library`` (Zennit or 
 A ratio near 1 means the implementation adds nothing beyond the passes the method needs; below 1, it needs
 fewer passes than the library's count.
 
+On a machine shared with other work, wall-clock times swing with the load (a ResNet-50 forward has been
+measured anywhere from 35 ms to over a second per image). ``--clock cpu`` times with the CPU time this
+process used (``time.process_time``) instead, which waiting for other processes does not inflate; with
+``--threads 1`` no time is spent in idle worker threads either, so ratios stay comparable under load (they
+are single-core ratios, not the 2-thread ones).
+
     .venv/bin/python bench/attribution_speed.py                     # ResNet-50, 224 px, 4 images, all methods
     .venv/bin/python bench/attribution_speed.py --methods LRP-EpsilonPlusFlat,ExcitationBackprop --rounds 7
     .venv/bin/python bench/attribution_speed.py --arch resnet18 --size 112 --methods Gradient,Occlusion
+    .venv/bin/python bench/attribution_speed.py --methods LRP-EpsilonPlusFlat --clock cpu --threads 1  # under load
 """
 
 from __future__ import annotations
@@ -31,11 +38,14 @@ from core.attribute import METHOD_NAMES, METHODS, attribute, method_passes
 from core.library_warnings import quiet_library_warnings
 from models.resnet import build_resnet
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
 
 def timed(run) -> float:
-    start = time.perf_counter()
+    start = clock()
     run()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def spread(values: list[float], scale: float) -> str:
@@ -58,7 +68,18 @@ def main() -> None:
         default="both",
         help="for methods with a fused rule: time ours, the library's, or both (default)",
     )
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (default); cpu: this process's CPU time, which other processes' load does not inflate",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's own choice)")
     args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     quiet_library_warnings()
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -112,7 +133,10 @@ def main() -> None:
 
     per_image = 1000 / args.images  # seconds per batch -> ms per image
     f, fb = statistics.median(t_f), statistics.median(t_fb)
-    print(f"{args.arch} {args.size}px, batch {args.images}, {torch.get_num_threads()} threads, {args.rounds} rounds")
+    print(
+        f"{args.arch} {args.size}px, batch {args.images}, {torch.get_num_threads()} threads, {args.rounds} rounds, "
+        f"{args.clock} clock"
+    )
     print(
         f"raw passes (ms/image, min/median/max over {len(t_f)} interleaved runs): "
         f"forward {spread(t_f, per_image)}, forward+backward {spread(t_fb, per_image)}"
