@@ -16,6 +16,7 @@ from core.dataset import open_dataset
 from core.deployment import Limits
 from core.extract import ExtractionPlan, extract_scores, load_classifiers
 from core.job_queue import (
+    Job,
     JobError,
     JobQueue,
     JobRequest,
@@ -97,6 +98,18 @@ def digest(folder: Path) -> dict[str, str]:
     }
 
 
+def get(queue: JobQueue, job_id: int) -> Job:
+    job = queue.get(job_id)
+    assert job is not None
+    return job
+
+
+def claim(queue: JobQueue) -> Job:
+    job = queue.claim()
+    assert job is not None
+    return job
+
+
 def audit(queue: JobQueue) -> list[dict]:
     return [json.loads(line) for line in queue.audit_log.read_text().splitlines()]
 
@@ -116,13 +129,13 @@ def test_per_user_and_global_limits_with_the_refusal_message(dataset, tmp_path):
         queue.submit(request(dataset, split="test"), "alice@clinic.org")
     other = queue.submit(request(dataset, split="test"), "bob@clinic.org")
     assert queue.position(other) == 2
-    assert queue.claim().id == first.id
+    assert claim(queue).id == first.id
     assert queue.claim() is None  # one running job server-wide: bob's waits
-    assert queue.position(queue.get(other.id)) == 1
+    assert queue.position(get(queue, other.id)) == 1
     with pytest.raises(JobError, match="allows 1 per person"):  # running counts too
         queue.submit(request(dataset, methods=("Gradient",)), "alice@clinic.org")
     queue.finish(first.id, "done")
-    assert queue.claim().id == other.id
+    assert claim(queue).id == other.id
 
 
 def test_two_jobs_of_one_dataset_and_split_never_run_at_once(dataset, tmp_path):
@@ -130,9 +143,9 @@ def test_two_jobs_of_one_dataset_and_split_never_run_at_once(dataset, tmp_path):
     a = queue.submit(request(dataset, methods=("Gradient",)), "a@x")
     b = queue.submit(request(dataset, methods=("LayerGradCam",)), "a@x")
     c = queue.submit(request(dataset, split="test"), "a@x")
-    assert [queue.claim().id, queue.claim().id, queue.claim()] == [a.id, c.id, None]
+    assert [claim(queue).id, claim(queue).id, queue.claim()] == [a.id, c.id, None]
     queue.finish(a.id, "done")
-    assert queue.claim().id == b.id
+    assert claim(queue).id == b.id
 
 
 def test_cancel_by_the_submitter_or_an_analyst_only(dataset, tmp_path):
@@ -140,7 +153,7 @@ def test_cancel_by_the_submitter_or_an_analyst_only(dataset, tmp_path):
     job = queue.submit(request(dataset), "alice@x")
     with pytest.raises(JobError, match="only the person who submitted a job, or an analyst"):
         queue.cancel(job.id, "mallory@x")
-    assert queue.get(job.id).state == "queued"
+    assert get(queue, job.id).state == "queued"
     cancelled = queue.cancel(job.id, "carol@x", analyst=True)
     assert cancelled.state == "cancelled" and cancelled.cancel_by == "carol@x"
     assert queue.claim() is None
@@ -166,8 +179,8 @@ def test_a_version_never_narrows_and_the_plain_results_stay_untouched(dataset, t
     plain = digest(layout.results)  # (after re-scoring: that memoises the spec's masks in the store)
     queue = queue_in(tmp_path / "jobs")
     job = queue.submit(request(dataset, results_root=tmp_path / "results"), "alice@x")
-    assert run_job(queue, queue.claim()) == 1
-    assert queue.get(job.id).state == "done"
+    assert run_job(queue, claim(queue)) == 1
+    assert get(queue, job.id).state == "done"
     current = layout.current_results("val")
     assert current.version == 1 and current.score_table.is_relative_to(tmp_path / "results")
     store = RelevanceStore(current.relevance_store)
@@ -192,7 +205,7 @@ def test_another_relevance_mode_recomputes_what_the_store_cannot_keep(dataset, t
     """A store holds one relevance mode: a job in another mode re-extracts A and B too, so nothing is lost."""
     queue = queue_in(tmp_path / "jobs")
     queue.submit(request(dataset, mode="positive"), "alice@x")
-    assert run_job(queue, queue.claim()) == 1
+    assert run_job(queue, claim(queue)) == 1
     current = DatasetLayout(dataset).current_results("val")
     store = RelevanceStore(current.relevance_store)
     assert store.contents.mode == "positive" and set(store.contents.methods) == {*OLD, NEW}
@@ -296,25 +309,25 @@ def test_cancel_and_kill_leave_the_current_version_whole(dataset, tmp_path):
     try:
         # A first job publishes version 1 (A, B kept, C added) in its own process.
         first = queue.submit(request(dataset, results_root=results), "alice@x")
-        wait_for(lambda: queue.get(first.id).state == "done", "the first job", worker=worker)
+        wait_for(lambda: get(queue, first.id).state == "done", "the first job", worker=worker)
         assert layout.current_version("val") == 1
         published = digest(layout.versions("val"))
         expected = rescore(RelevanceStore(layout.current_results("val").relevance_store), PAPER_REGIONS)
 
         # Cancel mid-run: the worker kills the job's process; nothing of it becomes visible.
         slow = queue.submit(slow_request(dataset, results), "alice@x")
-        running = wait_for(lambda: (j := queue.get(slow.id)).done > 0 and j, "progress", worker=worker)
+        running = wait_for(lambda: (j := get(queue, slow.id)).done > 0 and j, "progress", worker=worker)
         assert alive(running.pid) and staging_folder(layout, "all", slow.id).exists()
         queue.cancel(slow.id, "alice@x")
-        ended = wait_for(lambda: (j := queue.get(slow.id)).state != "running" and j, "the cancel", worker=worker)
+        ended = wait_for(lambda: (j := get(queue, slow.id)).state != "running" and j, "the cancel", worker=worker)
         assert ended.state == "cancelled" and not alive(running.pid)
         assert not staging_folder(layout, "all", slow.id).exists() and layout.current_version("all") is None
 
         # Killed from outside mid-run (a crash, an OOM kill): failed; the current version intact and readable.
         killed = queue.submit(slow_request(dataset, results, split="val"), "alice@x")
-        running = wait_for(lambda: (j := queue.get(killed.id)).done > 0 and j, "progress", worker=worker)
+        running = wait_for(lambda: (j := get(queue, killed.id)).done > 0 and j, "progress", worker=worker)
         os.kill(running.pid, 9)
-        ended = wait_for(lambda: (j := queue.get(killed.id)).state != "running" and j, "the kill", worker=worker)
+        ended = wait_for(lambda: (j := get(queue, killed.id)).state != "running" and j, "the kill", worker=worker)
         assert ended.state == "failed" and "exit code" in ended.error
         assert not staging_folder(layout, "val", killed.id).exists()
     finally:

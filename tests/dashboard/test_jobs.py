@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import streamlit as st
 
-from core.job_queue import JobQueue, local_jobs_dir, worker_alive
+from core.job_queue import Job, JobQueue, local_jobs_dir, worker_alive
 from core.layout import DatasetLayout
 from core.relevance_store import RelevanceStore
 from dashboard import jobs
@@ -25,6 +25,12 @@ def short_lived_workers(monkeypatch):
 def local_queue() -> JobQueue:
     folder = local_jobs_dir()
     return JobQueue(folder / "queue.sqlite", folder / "audit.jsonl")
+
+
+def get(queue: JobQueue, job_id: int) -> Job:
+    job = queue.get(job_id)
+    assert job is not None
+    return job
 
 
 @pytest.mark.slow
@@ -48,14 +54,14 @@ def test_clear_cache_during_a_job_leaves_it_visible_and_running(tiny_dataset, tm
     st.cache_resource.clear()
     app.run()
     no_trouble(app)
-    assert local_queue().get(job.id).active and app.get("progress"), "still listed and shown after clear_cache"
+    assert get(local_queue(), job.id).active and app.get("progress"), "still listed and shown after clear_cache"
     deadline = time.monotonic() + 600
     while not app.dataframe and time.monotonic() < deadline:
         assert not app.exception and not app.error
         time.sleep(1)
         app.run()
     no_trouble(app)
-    assert local_queue().get(job.id).state == "done"
+    assert get(local_queue(), job.id).state == "done"
     current = DatasetLayout(root).current_results("val")
     assert current.version == 1 and RelevanceStore(current.relevance_store).complete
     assert pl.read_parquet(current.score_table)["method"].unique().to_list() == ["Gradient"]
@@ -75,6 +81,6 @@ def test_the_page_shows_a_queued_job_with_its_place_and_cancels_it(tiny_dataset,
     assert "queued" in bar.proto.text and "next to start" in bar.proto.text and jobs.who() in bar.proto.text
     app.button(key=f"cancel-job-{job.id}").click().run()
     no_trouble(app)
-    assert local_queue().get(job.id).state == "cancelled"
+    assert get(local_queue(), job.id).state == "cancelled"
     assert not app.get("progress") and app.button(key="extract-val")  # offered again
     assert DatasetLayout(root).current_results("val").version is None
