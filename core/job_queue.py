@@ -507,9 +507,10 @@ def staging_folder(layout: DatasetLayout, split: str, job_id: int) -> Path:
 
 
 def stage_version(layout: DatasetLayout, split: str, job_id: int) -> Path:
-    """A staging folder holding a copy of the current results (relevance store files hard-linked where
-    possible: the store only ever writes rows its journal does not claim, which no reader of the current
-    version reads; the small manifest and journal are copied, and are replaced, never edited, on write)."""
+    """A staging folder holding a copy of the current results. A published version's array files are
+    hard-linked: a version is never written again, and the store writes into a file only rows its journal
+    does not claim, which no reader of that version reads (manifest and journal are replaced, never edited).
+    The unversioned files ``extract`` writes are copied: a later ``extract`` run may write into them."""
     staging = staging_folder(layout, split, job_id)
     if staging.exists():
         shutil.rmtree(staging)
@@ -517,7 +518,8 @@ def stage_version(layout: DatasetLayout, split: str, job_id: int) -> Path:
     current = layout.current_results(split)
     store = layout.version_relevance_store(staging)
     if current.relevance_store.is_dir():
-        shutil.copytree(current.relevance_store, store, copy_function=_link_or_copy, ignore=_no_lock)
+        copy = _link_or_copy if current.version is not None else shutil.copy2
+        shutil.copytree(current.relevance_store, store, copy_function=copy, ignore=_no_lock)
     if current.score_table.is_file():
         shutil.copy2(current.score_table, staging / "previous.parquet")
     return staging

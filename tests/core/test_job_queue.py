@@ -16,6 +16,7 @@ from core.dataset import open_dataset
 from core.deployment import Limits
 from core.extract import ExtractionPlan, extract_scores, load_classifiers
 from core.job_queue import (
+    NICENESS,
     Job,
     JobError,
     JobQueue,
@@ -199,6 +200,17 @@ def test_a_version_never_narrows_and_the_plain_results_stay_untouched(dataset, t
     np.testing.assert_allclose(added["score"].to_numpy(), direct["score"].to_numpy(), rtol=1e-5, atol=1e-8)
     assert digest(layout.results) == plain  # the dataset's own results: not one byte changed
     assert not staging_folder(layout, "val", job.id).exists()
+    # The audit log: who, what, when, the outcome; no photo, file or folder name.
+    lines = audit(queue)
+    assert [line["event"] for line in lines] == ["submitted", "started", "ended"]
+    assert {(line["who"], line["dataset"], line["split"], tuple(line["methods"])) for line in lines} == {
+        ("alice@x", "tiny", "val", (NEW,))
+    }
+    assert lines[-1]["outcome"] == "done" and lines[-1]["started"] <= lines[-1]["ended"]
+    text = queue.audit_log.read_text()
+    names = open_dataset(dataset).table["image_name"].to_list()
+    assert not [n for n in names if Path(n).stem in text]
+    assert str(dataset) not in text and "classifier-fold" not in text and str(tmp_path) not in text
 
 
 def test_another_relevance_mode_recomputes_what_the_store_cannot_keep(dataset, tmp_path):
@@ -318,6 +330,8 @@ def test_cancel_and_kill_leave_the_current_version_whole(dataset, tmp_path):
         slow = queue.submit(slow_request(dataset, results), "alice@x")
         running = wait_for(lambda: (j := get(queue, slow.id)).done > 0 and j, "progress", worker=worker)
         assert alive(running.pid) and staging_folder(layout, "all", slow.id).exists()
+        # The job's own process, at a lower CPU priority than this one.
+        assert os.getpriority(os.PRIO_PROCESS, running.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
         queue.cancel(slow.id, "alice@x")
         ended = wait_for(lambda: (j := get(queue, slow.id)).state != "running" and j, "the cancel", worker=worker)
         assert ended.state == "cancelled" and not alive(running.pid)
@@ -375,3 +389,30 @@ def test_one_worker_per_queue(tmp_path):
     finally:
         started.join()
     assert not worker_alive(queue)
+
+
+@pytest.mark.slow
+def test_a_job_runs_on_the_ray_engine_when_the_environment_says_so(dataset, tmp_path, monkeypatch):
+    """``XAI_EXTRACT_ENGINE=ray`` in the job's environment: the batches go to Ray actors; the version is the
+    same as the local engine's (against a direct local extraction)."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
+    monkeypatch.setenv("XAI_EXTRACT_ENGINE", "ray")
+    queue = queue_in(tmp_path / "jobs")
+    queue.submit(request(dataset, results_root=tmp_path / "results"), "alice@x")
+    try:
+        assert run_job(queue, claim(queue)) == 1
+    finally:
+        if started:
+            ray.shutdown()
+    table = pl.read_parquet(DatasetLayout(dataset, tmp_path / "results").current_results("val").score_table)
+    assert set(table["method"]) == {*OLD, NEW}
+    cards = DatasetLayout(dataset).classifier_cards()
+    direct = extract_scores(
+        ExtractionPlan(open_dataset(dataset), load_classifiers(cards), "val"), ExplainSettings(methods=(NEW,))
+    ).sort(KEY)
+    added = table.filter(pl.col("method") == NEW).sort(KEY)
+    assert added.select(KEY).equals(direct.select(KEY))
+    np.testing.assert_allclose(added["score"].to_numpy(), direct["score"].to_numpy(), rtol=1e-5, atol=1e-8)
