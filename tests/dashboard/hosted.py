@@ -23,6 +23,7 @@ from tests.dashboard.write_recorder import recording_env
 
 DATASET_ID = "tiny"
 DATASET_TITLE = "Tiny synthetic faces"
+BROKEN_ID = "broken"
 HEADER = "X-Forwarded-Email"
 VIEWER, ANALYST = "viewer@clinic.example", "analyst@clinic.example"
 STRANGER = "stranger@elsewhere.example"  # signed in at the proxy, but the deployment gives them no role
@@ -30,7 +31,7 @@ ALLOWED_HOST = "127.0.0.1"
 SPEC_REGIONS = 12  # [limits] spec_regions of the test deployment
 
 
-def deployment_toml(dataset: Path, state: Path) -> str:
+def deployment_toml(dataset: Path, broken: Path, state: Path) -> str:
     models = sorted((dataset / "models").glob("classifier-fold-*.json"))
     lines = [
         "[server]",
@@ -54,6 +55,13 @@ def deployment_toml(dataset: Path, state: Path) -> str:
         "",
         f"[datasets.{DATASET_ID}.models]",
         *(f'{card.stem.removeprefix("classifier-")} = "{card}"' for card in models),
+        "",
+        # A dataset whose folder is not a dataset and whose model card is missing: its errors name server paths
+        # unless the page redacts them.
+        f"[datasets.{BROKEN_ID}]",
+        f'folder = "{broken}"',
+        f"[datasets.{BROKEN_ID}.models]",
+        f'm1 = "{broken / "models" / "classifier-m1.json"}"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -86,12 +94,17 @@ def streamlit_pid(root: int) -> int:
     raise AssertionError(f"no `streamlit run` process under {root}")
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process, in KiB (/proc/PID/status)."""
+def memory_kib(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory in KiB (/proc/PID/status): ``VmRSS`` now, ``VmHWM`` its peak."""
     for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Start ``VmHWM`` again from the current RSS (``clear_refs`` 5, Linux 4.0+), so a passing spike shows."""
+    (Path("/proc") / str(pid) / "clear_refs").write_text("5")
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -128,13 +141,15 @@ class Hosted:
 def hosted_server(tiny_dataset: Path, root: Path) -> Iterator[Hosted]:
     """``./run.sh host`` on a copy of ``tiny_dataset`` (served as id ``tiny``), state and $TMPDIR under ``root``."""
     dataset, state, tmp = root / "datasets" / "tiny-faces", root / "state", root / "tmp"
+    broken = root / "datasets" / "broken-set"
     shutil.copytree(tiny_dataset, dataset)
+    (broken / "images").mkdir(parents=True)
     state.mkdir(parents=True)
     tmp.mkdir()
     toml = root / "deployment.toml"
-    toml.write_text(deployment_toml(dataset, state), encoding="utf-8")
+    toml.write_text(deployment_toml(dataset, broken, state), encoding="utf-8")
     names = [path.name for path in (dataset / "images").rglob("*") if path.is_file()]
-    secrets = (str(root), str(REPO), str(dataset), str(state), "tiny-faces", "deployment.toml", *names)
+    secrets = (str(root), str(REPO), str(dataset), str(state), "tiny-faces", "broken-set", "deployment.toml", *names)
     processes: list[subprocess.Popen] = []
     recording, writes = recording_env(root / "recorder")
     env = {
