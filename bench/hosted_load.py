@@ -8,11 +8,16 @@ file written to a temporary folder that serves DATASET by id, with its state (ca
 versioned results) in that folder, so the run leaves the dataset as it was. Then:
 
 1. Warm-up, not measured: one session opens each page once (fills the result cache for the Explain page).
-2. ``--sessions`` Chromium browser contexts (Playwright on Debian's /usr/bin/chromium, one browser) each open
-   the warm pages ``--rounds`` times: Explain (the first held-out face of the dataset, ``--methods``),
-   Statistics (RQ1), HPO correlation (RQ2), each session starting at a different page. A page's latency runs
-   from navigation to the app settled: its title drawn, the script finished (``data-test-script-state``
-   ``notRunning``) and no running indicator. An exception or error box on the page counts as a failure.
+2. ``--sessions`` sessions each open the warm pages ``--rounds`` times: Explain (the first face of the
+   dataset, ``--methods``), Statistics (RQ1), HPO correlation (RQ2), each session starting at a different
+   page. ``--client browser`` (default): Chromium browser contexts (Playwright on Debian's /usr/bin/chromium,
+   one browser); a page's latency runs from navigation to the app settled: its title drawn, the script
+   finished (``data-test-script-state`` ``notRunning``) and no running indicator. ``--client ws``: websocket
+   clients speaking Streamlit's protocol (``tests/dashboard/streamlit_ws.py``), one thread each; a page's
+   latency runs from opening a new session (a page load opens one) to the server's ``script_finished``,
+   without the browser's own work, so on a small machine it is the server's share. Either way, a page that
+   is not the one asked for (its title: a sign-in page when the proxy header is lost) or that shows an
+   exception or error counts as a failure, not a time.
 3. The same again while an extraction job runs: ``--job queue`` submits it the way the dashboard's Extract
    button does (a ``JobRequest`` in the deployment's queue) and runs the queue's worker
    (``python -m core worker --deployment FILE``) beside the server; ``--job process`` runs
@@ -170,6 +175,48 @@ async def measure(base: str, query: str, sessions: int, rounds: int, condition: 
             await browser.close()
 
 
+def ws_session(base: str, query: str, index: int, rounds: int, condition: Condition, timeout_s: float) -> None:
+    """One session of websocket clients: a new connection per page load, as a browser tab opens one."""
+    from streamlit.proto.Alert_pb2 import Alert
+
+    from tests.dashboard.streamlit_ws import Session
+
+    order = list(PAGES)
+    order = order[index % len(order) :] + order[: index % len(order)]
+    time.sleep(random.Random(index).uniform(0, 0.5))
+    for _ in range(rounds):
+        for name in order:
+            start = time.perf_counter()
+            try:
+                with Session(base, headers={HEADER: READER}, timeout=timeout_s) as client:
+                    page = client.run(PAGES[name], query)
+            except Exception:  # refused, closed or timed out: counted, the session goes on
+                condition.failures[name] += 1
+                continue
+            elapsed = time.perf_counter() - start
+            titles = [heading.body for heading in page.of("heading")]
+            errors = page.exceptions + [a.body for a in page.of("alert") if a.format == Alert.ERROR]
+            if any(title.startswith(TITLES[name]) for title in titles) and not errors:
+                condition.latencies[name].append(elapsed)
+            else:
+                condition.failures[name] += 1
+
+
+def measure_ws(base: str, query: str, sessions: int, rounds: int, condition: Condition, timeout_s: float) -> None:
+    import threading
+
+    threads = [
+        threading.Thread(target=ws_session, args=(base, query, i, rounds, condition, timeout_s))
+        for i in range(sessions)
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    condition.seconds = time.perf_counter() - start
+
+
 async def warm_up(base: str, query: str, timeout_s: float) -> dict[str, bool]:
     """One session opens every page once; True per page that loaded without a problem."""
     condition = Condition("warm-up")
@@ -303,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2, help="times each session opens each page")
     parser.add_argument("--methods", default="Gradient,LayerGradCam", help="the Explain page's methods")
+    parser.add_argument("--client", choices=("browser", "ws"), default="browser", help="what a session is")
     parser.add_argument("--job", choices=("queue", "process"), help="how the job runs (default: queue if present)")
     parser.add_argument("--job-methods", default=JOB_METHODS)
     parser.add_argument("--timeout", type=float, default=300, help="seconds one page may take before it fails")
@@ -322,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     kind = args.job or default_job_kind()
     query = "&".join(f"methods={method}" for method in methods)
     print(
-        f"{args.sessions} sessions × {args.rounds} rounds × {len(PAGES)} pages; job: {kind} "
+        f"{args.sessions} {args.client} sessions × {args.rounds} rounds × {len(PAGES)} pages; job: {kind} "
         f"({args.job_methods}, split test); {os.cpu_count()} CPUs",
         flush=True,
     )
@@ -337,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
                 condition.job = "job running" if job.wait_running() else "JOB NOT RUNNING at start"
             condition.load = (os.getloadavg()[0], 0.0)
             try:
-                asyncio.run(measure(base, query, args.sessions, args.rounds, condition, args.timeout))
+                if args.client == "ws":
+                    measure_ws(base, query, args.sessions, args.rounds, condition, args.timeout)
+                else:
+                    asyncio.run(measure(base, query, args.sessions, args.rounds, condition, args.timeout))
             finally:
                 condition.load = (condition.load[0], os.getloadavg()[0])
                 if job is not None:

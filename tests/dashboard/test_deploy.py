@@ -270,12 +270,13 @@ def test_the_entrypoint_serves_health_and_refuses_a_foreign_host(tiny_dataset, t
 
 # The load benchmark (bench/hosted_load.py) is not a test; this only checks that it runs end to end.
 @pytest.mark.slow
-def test_the_hosted_load_bench_runs_with_two_sessions(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("client", ["browser", "ws"])
+def test_the_hosted_load_bench_runs_with_two_sessions(client, tiny_dataset, tmp_path):
     dataset = tmp_path / "dataset"
     shutil.copytree(tiny_dataset, dataset)  # --prepare writes the score tables into the dataset's results/
     run = subprocess.run(
         [sys.executable, "bench/hosted_load.py", "--dataset", str(dataset), "--prepare", "--sessions", "2"]
-        + ["--rounds", "1", "--timeout", "240"],
+        + ["--rounds", "1", "--timeout", "240", "--client", client],
         cwd=REPO,
         capture_output=True,
         text=True,
