@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+import polars as pl
 import streamlit as st
 
 from core.dataset import Dataset
@@ -213,6 +214,16 @@ def image_ids(names: list[str]) -> dict[str, str]:
 def image_label(name: str) -> str:
     """How pages name a dataset image: its opaque id in hosted mode, its file name in local mode."""
     return next(iter(image_ids([name])))
+
+
+def with_image_ids(table: pl.DataFrame) -> pl.DataFrame:
+    """``table`` with its ``image_name`` column as pages may show or hand out: opaque ids in hosted mode
+    (``image_ids``), the names themselves in local mode. For tables and charts that reach the browser."""
+    if deployment() is None or "image_name" not in table.columns:
+        return table
+    names = table["image_name"].unique(maintain_order=True).to_list()
+    label = {name: identifier for identifier, name in image_ids(names).items()}
+    return table.with_columns(pl.col("image_name").replace_strict(label, return_dtype=pl.String))
 
 
 def _known_paths(current: Deployment) -> list[tuple[str, str]]:

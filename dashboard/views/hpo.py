@@ -65,7 +65,7 @@ def correlation(view: state.View, counts: pl.DataFrame) -> None:
     points = source.table.filter((pl.col("method") == method) & (pl.col("region") == region)).join(
         counts.filter(pl.col("region") == region).select("image_name", "count"), on="image_name"
     )
-    st.plotly_chart(render.count_scatter(points, region), width="stretch")
+    st.plotly_chart(render.count_scatter(hosting.with_image_ids(points), region), width="stretch")
 
 
 def figure4(dataset: Dataset, view: state.View) -> None:
@@ -88,7 +88,10 @@ def figure4(dataset: Dataset, view: state.View) -> None:
             + ")"
         )
         st.plotly_chart(
-            render.tsne_scatter(tsne_of(str(dataset.root), version, **tsne, keep_unlisted=keep)), width="stretch"
+            render.tsne_scatter(
+                hosting.with_image_ids(tsne_of(str(dataset.root), version, **tsne, keep_unlisted=keep))
+            ),
+            width="stretch",
         )
 
 

@@ -188,7 +188,7 @@ def show(tests: pl.DataFrame, table: pl.DataFrame, chosen: dict) -> None:
         )
     st.subheader("Every test")
     st.dataframe(tests, hide_index=True, width="stretch")
-    downloads(tests, table)
+    downloads(tests, hosting.with_image_ids(table))
 
 
 main()

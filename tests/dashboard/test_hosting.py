@@ -1,8 +1,11 @@
 """Hosted mode in AppTest: the sign-in gate, roles, datasets by id per person, and paths kept off the page."""
 
+import hashlib
+import hmac
 import shutil
 from pathlib import Path
 
+import polars as pl
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -219,3 +222,15 @@ def test_images_travel_by_opaque_ids_that_stay_stable_and_name_no_file(hosted, t
     # An id made under another key (a deleted key file) falls back to the first face.
     stale = open_hosted(_user("viewer@example.org"), {"source": "dataset image", "split": "val", "image": "img-0"})
     assert not stale.exception and stale.selectbox(key="image").value == face.options[0]
+
+
+def test_tables_and_charts_that_reach_the_browser_carry_image_ids_not_file_names(hosted, tmp_path, monkeypatch):
+    table = pl.DataFrame(
+        {"image_name": ["patient-0001.jpg", "patient-0002.jpg", "patient-0001.jpg"], "score": [1, 2, 3]}
+    )
+    shown = hosting.with_image_ids(table)
+    key = (tmp_path / "state" / "keys" / "image-ids.key").read_bytes()  # made by the call above
+    expected = ["img-" + hmac.new(key, name.encode(), hashlib.sha256).hexdigest()[:12] for name in table["image_name"]]
+    assert shown["image_name"].to_list() == expected and shown["score"].to_list() == [1, 2, 3]
+    monkeypatch.delenv(DEPLOYMENT_ENV)
+    assert hosting.with_image_ids(table).equals(table)
