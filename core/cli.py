@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import UserFacingError
-from core.library_warnings import quiet_library_warnings
+from core.library_warnings import quiet_library_warnings, warnings_without_data
 
 if typing.TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -938,7 +938,9 @@ def command_worker(args: argparse.Namespace) -> int:
     # their half-built versions removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     deployment = read_deployment(args.deployment) if args.deployment else deployment_from_environment()
-    return run_worker(JobQueue.for_deployment(deployment), idle_exit_s=args.idle_exit)
+    # A job's warnings may name photos (those an extraction left out): the server's log policy, in every job.
+    warnings_without_data()
+    return run_worker(JobQueue.for_deployment(deployment), idle_exit_s=args.idle_exit, prepare=warnings_without_data)
 
 
 def _add_worker(commands: Subcommands) -> None:

@@ -36,7 +36,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -600,8 +600,10 @@ def run_job(queue: JobQueue, job: Job, threads: int | None = None) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         queue.finish(job.id, "failed", str(error))
         return 0
-    except Exception as error:  # shown as type and message; the worker's log keeps the traceback
-        log.exception("job %d failed", job.id)
+    except Exception as error:  # shown to its submitter as type and message; the log has the traceback at DEBUG
+        # An error's text may name a photo or a server path: the log says at ERROR only which kind it was.
+        log.error("job %d failed: %s", job.id, type(error).__name__)
+        log.debug("job %d failed", job.id, exc_info=True)
         shutil.rmtree(staging, ignore_errors=True)
         queue.finish(job.id, "failed", f"{type(error).__name__}: {error}")
         return 0
@@ -670,8 +672,13 @@ def _extract(plan: ExtractionPlan, settings: ExplainSettings, cache, store: Rele
     return extract_scores(plan, settings, cache=cache, store=store, progress=progress)
 
 
-def _job_process(db: str, audit_log: str, limits: Limits, job_id: int) -> None:
-    """The body of a job's own process: lower priority, bounded threads, then ``run_job``."""
+def _job_process(
+    db: str, audit_log: str, limits: Limits, job_id: int, prepare: Callable[[], None] | None = None
+) -> None:
+    """The body of a job's own process: ``prepare`` (the front end's log policy: a spawned process starts
+    without it), lower priority, bounded threads, then ``run_job``."""
+    if prepare is not None:
+        prepare()
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     import torch
@@ -690,8 +697,9 @@ class Worker:
     """Serves one queue: claims jobs up to the global limit, runs each in its own process, kills cancelled
     ones, and cleans up after a process that died. One worker per queue (``run`` holds its lock)."""
 
-    def __init__(self, queue: JobQueue):
+    def __init__(self, queue: JobQueue, prepare: Callable[[], None] | None = None):
         self.queue = queue
+        self.prepare = prepare  # run first in each job's process (a module-level function: it is pickled)
         self.children: dict[int, multiprocessing.process.BaseProcess] = {}
         self._context = multiprocessing.get_context("spawn")
 
@@ -728,7 +736,7 @@ class Worker:
                 break
             process = self._context.Process(
                 target=_job_process,
-                args=(str(self.queue.db), str(self.queue.audit_log), self.queue.limits, job.id),
+                args=(str(self.queue.db), str(self.queue.audit_log), self.queue.limits, job.id, self.prepare),
                 name=f"extraction job {job.id}",
                 daemon=False,
             )
@@ -765,9 +773,11 @@ def worker_alive(queue: JobQueue) -> bool:
     return False
 
 
-def run_worker(queue: JobQueue, poll_s: float = 0.5, idle_exit_s: float | None = None) -> int:
+def run_worker(
+    queue: JobQueue, poll_s: float = 0.5, idle_exit_s: float | None = None, prepare: Callable[[], None] | None = None
+) -> int:
     """Serve ``queue`` until stopped (or idle for ``idle_exit_s``); returns at once, 0, when another worker
-    already serves it."""
+    already serves it. ``prepare`` runs first in every job's process."""
     queue.worker_lock.parent.mkdir(parents=True, exist_ok=True)
     with open(queue.worker_lock, "a") as lock:
         try:
@@ -775,7 +785,7 @@ def run_worker(queue: JobQueue, poll_s: float = 0.5, idle_exit_s: float | None =
         except BlockingIOError:
             log.info("another worker serves this queue")
             return 0
-        worker = Worker(queue)
+        worker = Worker(queue, prepare)
         worker.recover()
         idle_since = time.monotonic()
         try:

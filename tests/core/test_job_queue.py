@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from core.dataset import open_dataset
+from core.dataset import names_in, open_dataset
 from core.deployment import Limits
 from core.extract import ExtractionPlan, extract_scores, load_classifiers
 from core.job_queue import (
@@ -36,7 +38,7 @@ from core.relevance_store import RelevanceStore
 from core.rescore import rescore
 from core.score_table import write_score_table
 from models.checkpoint import save_checkpoint
-from tests.conftest import tiny_card, tiny_resnet, tiny_synthetic_dataset
+from tests.conftest import REPO, tiny_card, tiny_resnet, tiny_synthetic_dataset
 
 CLASSES = ("KS", "Unaffected", "WS")
 SIZE = 64
@@ -416,3 +418,24 @@ def test_a_job_runs_on_the_ray_engine_when_the_environment_says_so(dataset, tmp_
     added = table.filter(pl.col("method") == NEW).sort(KEY)
     assert added.select(KEY).equals(direct.select(KEY))
     np.testing.assert_allclose(added["score"].to_numpy(), direct["score"].to_numpy(), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_the_worker_command_logs_no_photo_name_or_dataset_path_from_a_jobs_warnings(dataset, tmp_path):
+    """A job's process is spawned without the server's log policy unless the worker hands it over: an
+    extraction that leaves a broken photo out warns with the photo's path, which must reach DEBUG only."""
+    names = open_dataset(dataset).table["image_name"].to_list()
+    broken = names_in(open_dataset(dataset), "fold-1", "val")[0]
+    (DatasetLayout(dataset).images / broken).write_bytes(b"not a picture")
+    environment = {**os.environ, "XAI_CACHE_DIR": str(tmp_path / "cache" / "results")}
+    environment.pop("XAI_DEPLOYMENT", None)
+    jobs = tmp_path / "cache" / "jobs"  # local mode's queue: beside $XAI_CACHE_DIR (local_jobs_dir)
+    queue = JobQueue(jobs / "queue.sqlite", jobs / "audit.jsonl")
+    job = queue.submit(request(dataset), "someone")
+    command = [sys.executable, "-m", "core", "worker", "--idle-exit", "1"]
+    finished = subprocess.run(command, env=environment, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert get(queue, job.id).state == "done"
+    for text in (finished.stderr, finished.stdout):
+        assert str(dataset) not in text and [name for name in names if name in text] == []
+    assert "UserWarning at" in finished.stderr  # the warning was raised in the job, and said without its text
