@@ -113,6 +113,17 @@ def claim(queue: JobQueue) -> Job:
     return job
 
 
+def assert_added_as_extracted(table: pl.DataFrame, dataset: Path) -> None:
+    """The job's rows of the new method equal a direct extraction of it on the same dataset."""
+    cards = DatasetLayout(dataset).classifier_cards()
+    direct = extract_scores(
+        ExtractionPlan(open_dataset(dataset), load_classifiers(cards), "val"), ExplainSettings(methods=(NEW,))
+    ).sort(KEY)
+    added = table.filter(pl.col("method") == NEW).sort(KEY)
+    assert added.select(KEY).equals(direct.select(KEY))
+    np.testing.assert_allclose(added["score"].to_numpy(), direct["score"].to_numpy(), rtol=1e-5, atol=1e-8)
+
+
 def audit(queue: JobQueue) -> list[dict]:
     return [json.loads(line) for line in queue.audit_log.read_text().splitlines()]
 
@@ -193,13 +204,7 @@ def test_a_version_never_narrows_and_the_plain_results_stay_untouched(dataset, t
     # A and B as the old store scores them; C as a direct extraction computes it.
     kept = table.filter(pl.col("method").is_in(list(OLD))).sort(KEY)
     np.testing.assert_allclose(kept["score"].to_numpy(), before.sort(KEY)["score"].to_numpy())
-    cards = DatasetLayout(dataset).classifier_cards()
-    direct = extract_scores(
-        ExtractionPlan(open_dataset(dataset), load_classifiers(cards), "val"), ExplainSettings(methods=(NEW,))
-    ).sort(KEY)
-    added = table.filter(pl.col("method") == NEW).sort(KEY)
-    assert added.select(KEY).equals(direct.select(KEY))
-    np.testing.assert_allclose(added["score"].to_numpy(), direct["score"].to_numpy(), rtol=1e-5, atol=1e-8)
+    assert_added_as_extracted(table, dataset)
     assert digest(layout.results) == plain  # the dataset's own results: not one byte changed
     assert not staging_folder(layout, "val", job.id).exists()
     # The audit log: who, what, when, the outcome; no photo, file or folder name.
@@ -411,13 +416,7 @@ def test_a_job_runs_on_the_ray_engine_when_the_environment_says_so(dataset, tmp_
             ray.shutdown()
     table = pl.read_parquet(DatasetLayout(dataset, tmp_path / "results").current_results("val").score_table)
     assert set(table["method"]) == {*OLD, NEW}
-    cards = DatasetLayout(dataset).classifier_cards()
-    direct = extract_scores(
-        ExtractionPlan(open_dataset(dataset), load_classifiers(cards), "val"), ExplainSettings(methods=(NEW,))
-    ).sort(KEY)
-    added = table.filter(pl.col("method") == NEW).sort(KEY)
-    assert added.select(KEY).equals(direct.select(KEY))
-    np.testing.assert_allclose(added["score"].to_numpy(), direct["score"].to_numpy(), rtol=1e-5, atol=1e-8)
+    assert_added_as_extracted(table, dataset)
 
 
 @pytest.mark.slow

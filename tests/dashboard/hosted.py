@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dashboard.screenshots import REPO, serve
+from dashboard.screenshots import REPO, serve, stop
 from tests.dashboard.streamlit_ws import Session
 from tests.dashboard.write_recorder import recording_env
 
@@ -181,10 +181,5 @@ def hosted_server(tiny_dataset: Path, root: Path) -> Iterator[Hosted]:
         ) as base:
             yield Hosted(base, root, dataset, state, tmp, writes, streamlit_pid(processes[0].pid), secrets)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop(worker)
         worker_log.close()
