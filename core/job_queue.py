@@ -761,6 +761,9 @@ class Worker:
         shutil.rmtree(staging_folder(job.request.layout(), job.split, job.id), ignore_errors=True)
 
 
+LOCK_PATIENCE_S = 2.0  # how long a starting worker waits for the queue's lock (a probe holds it for microseconds)
+
+
 def worker_alive(queue: JobQueue) -> bool:
     """True when a worker holds this queue's lock."""
     queue.worker_lock.parent.mkdir(parents=True, exist_ok=True)
@@ -776,15 +779,22 @@ def worker_alive(queue: JobQueue) -> bool:
 def run_worker(
     queue: JobQueue, poll_s: float = 0.5, idle_exit_s: float | None = None, prepare: Callable[[], None] | None = None
 ) -> int:
-    """Serve ``queue`` until stopped (or idle for ``idle_exit_s``); returns at once, 0, when another worker
+    """Serve ``queue`` until stopped (or idle for ``idle_exit_s``); returns soon, 0, when another worker
     already serves it. ``prepare`` runs first in every job's process."""
     queue.worker_lock.parent.mkdir(parents=True, exist_ok=True)
     with open(queue.worker_lock, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another worker serves this queue")
-            return 0
+        # ``worker_alive`` takes the lock for an instant to probe it: a worker starting at that instant must not
+        # take the probe for another worker and leave, so it retries for a while before it gives way.
+        deadline = time.monotonic() + LOCK_PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.info("another worker serves this queue")
+                    return 0
+                time.sleep(0.05)
         worker = Worker(queue, prepare)
         worker.recover()
         idle_since = time.monotonic()

@@ -1,7 +1,9 @@
 """Extraction jobs (issue 13): limits, cancel, kills, versioned results that never narrow, the audit log."""
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -388,14 +390,28 @@ def test_cancel_and_kill_leave_the_current_version_whole(dataset, tmp_path):
 def test_one_worker_per_queue(tmp_path):
     queue = queue_in(tmp_path / "jobs")
     assert not worker_alive(queue)
-    started = threading.Thread(target=run_worker, args=(queue,), kwargs={"poll_s": 0.05, "idle_exit_s": 1.0})
+    started = threading.Thread(target=run_worker, args=(queue,), kwargs={"poll_s": 0.05, "idle_exit_s": 8.0})
     started.start()
     try:
         wait_for(lambda: worker_alive(queue), "the worker", seconds=10)
-        assert run_worker(queue, idle_exit_s=0) == 0  # a second one leaves at once
+        assert run_worker(queue, idle_exit_s=0) == 0  # a second one gives way ...
+        assert worker_alive(queue)  # ... to the first, which still serves
     finally:
         started.join()
     assert not worker_alive(queue)
+
+
+def test_a_worker_starting_while_the_dashboard_probes_the_lock_still_serves(tmp_path, caplog):
+    """``worker_alive`` holds the lock for an instant; a worker starting then must not mistake it for a worker.
+    Planted: the lock held for 0.3 s (a slow probe) while the worker starts."""
+    queue = queue_in(tmp_path / "jobs")
+    queue.worker_lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(queue.worker_lock, "a") as probe:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        threading.Timer(0.3, fcntl.flock, args=(probe, fcntl.LOCK_UN)).start()
+        with caplog.at_level(logging.INFO, logger="core.job_queue"):
+            assert run_worker(queue, poll_s=0.01, idle_exit_s=0) == 0
+    assert "another worker serves this queue" not in caplog.text  # it waited for the probe, then served
 
 
 @pytest.mark.slow

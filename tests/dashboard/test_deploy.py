@@ -235,7 +235,7 @@ def test_the_entrypoint_serves_health_and_refuses_a_foreign_host(tiny_dataset, t
     )
     port = free_port()
     log = tmp_path / "server.log"
-    environment = {**os.environ, "VENV": str(REPO / ".venv"), "HOME": str(tmp_path)}
+    environment = {**os.environ, "VENV": sys.prefix, "HOME": str(tmp_path)}  # the venv running the tests
     environment.pop("XAI_DEPLOYMENT", None)
     with log.open("wb") as output:
         server = subprocess.Popen(
