@@ -130,7 +130,7 @@ def display_size(
 def png_data_uri(image: np.ndarray) -> str:
     """An RGB image as a PNG data URI (for ``go.Image(source=...)``: compressed bytes, not a JSON array)."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)  # encoded on every page run: speed first
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -220,7 +220,7 @@ def dataset(root: str) -> Dataset:
     return dataset_from(root, modified(DatasetLayout(Path(root)).partitions))
 
 
-@st.cache_data(show_spinner="Reading the HPO annotations …", max_entries=4)
+@st.cache_resource(show_spinner="Reading the HPO annotations …", max_entries=4)
 def _annotation_read(root: str, version: tuple[float, ...], keep_unlisted: bool = False) -> AnnotationRead:
     """The read and its note together: a cached read raises no warning on the next run, so the page shows
     the note itself (``annotation_note``)."""
@@ -231,7 +231,7 @@ def _annotations(root: str, version: tuple[float, ...], keep_unlisted: bool = Fa
     return _annotation_read(root, version, keep_unlisted).table
 
 
-@st.cache_data(show_spinner=False, max_entries=4)
+@st.cache_resource(show_spinner=False, max_entries=4)
 def _region_counts(root: str, version: tuple[float, ...], weighting: str = "counts") -> pl.DataFrame:
     return region_counts(_annotations(root, version), weighting=weighting)
 

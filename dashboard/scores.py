@@ -67,12 +67,12 @@ def _store(folder: str, version: float) -> RelevanceStore:
     return RelevanceStore(folder)
 
 
-@st.cache_data(show_spinner="Re-scoring from the stored relevance maps …", max_entries=16)
+@st.cache_resource(show_spinner="Re-scoring from the stored relevance maps …", max_entries=16)
 def _rescored(folder: str, version: float, spec_json: str, methods: tuple[str, ...]) -> pl.DataFrame:
     return rescore(_store(folder, version), RegionSpec.from_json(spec_json), list(methods))
 
 
-@st.cache_data(show_spinner="Reading the score table …", max_entries=4)
+@st.cache_resource(show_spinner="Reading the score table …", max_entries=4)
 def _read_table(path: str, modified: float) -> pl.DataFrame:
     return pl.read_parquet(path)
 

@@ -16,7 +16,7 @@ from dashboard import hosting, render, resources, scores, state
 SPLIT = "test"  # the HPO-annotated test images; every fold model scores them
 
 
-@st.cache_data(show_spinner="Running t-SNE on the annotations …", max_entries=4)
+@st.cache_resource(show_spinner="Running t-SNE on the annotations …", max_entries=4)
 def tsne_of(
     root: str,
     version: tuple[float, ...],
@@ -29,7 +29,7 @@ def tsne_of(
     return term_tsne(annotations, perplexity=perplexity, init=init, method=method)
 
 
-@st.cache_data(show_spinner=False, max_entries=4)
+@st.cache_resource(show_spinner=False, max_entries=4)
 def chi2_of(
     root: str, version: tuple[float, ...], statistic: str = "contingency", keep_unlisted: bool = False
 ) -> pl.DataFrame:

@@ -27,7 +27,7 @@ def _frame_key(table: pl.DataFrame) -> int:
     return int(table.hash_rows().sum()) ^ hash(tuple(table.columns))
 
 
-@st.cache_data(
+@st.cache_resource(
     show_spinner="Testing every method × syndrome × region …", max_entries=16, hash_funcs={pl.DataFrame: _frame_key}
 )
 def tests_of(
