@@ -216,6 +216,11 @@ def image_label(name: str) -> str:
     return next(iter(image_ids([name])))
 
 
+def shown_error(error: BaseException) -> str:
+    """An error's text as a page shows it: server paths redacted (hosted mode), Markdown escaped."""
+    return markdown_escape(redact(str(error)))
+
+
 def with_image_ids(table: pl.DataFrame) -> pl.DataFrame:
     """``table`` with its ``image_name`` column as pages may show or hand out: opaque ids in hosted mode
     (``image_ids``), the names themselves in local mode. For tables and charts that reach the browser."""

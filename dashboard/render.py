@@ -12,6 +12,8 @@ import plotly.graph_objects as go
 import polars as pl
 from PIL import Image
 
+from core.deployment import Limits
+
 # One colour per LaPa label id (core.parse.LAPA_LABELS).
 LAPA_COLOURS = np.array(
     [
@@ -107,7 +109,7 @@ def scaled_for_display(relevance: np.ndarray) -> np.ndarray:
     return relevance / top if top > 0 else np.zeros_like(relevance)
 
 
-DISPLAY_PIXELS = 1024  # longest side of a photo sent to the browser (core.deployment.Limits.display_pixels)
+DISPLAY_PIXELS = Limits().display_pixels  # longest side of a photo sent to the browser, by default
 
 
 def display_size(

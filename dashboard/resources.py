@@ -7,7 +7,6 @@ Loading goes through core/models/cache; this module only decides how long each l
 # defines as a function (every annotation below is valid at run time).
 import json
 import os
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +20,11 @@ from core.annotations import AnnotationRead, load_annotations
 from core.dataset import Dataset, open_dataset
 from core.deployment import Limits
 from core.devices import resolve_device
+from core.errors import ModelError
 from core.hpo import region_counts
 from core.layout import DatasetLayout
 from dashboard import hosting
-from models.checkpoint import Classifier, load_classifier
+from models.checkpoint import CARD_BYTES, Classifier, load_classifier, read_regular_file
 from models.domain_guard import guard_path
 from models.parser import FaceParser, load_face_parser
 
@@ -185,23 +185,16 @@ def modified(path: str | Path) -> float:
         return 0.0
 
 
-_STAMPED_CARD_BYTES = 1 << 20  # a card read only for its weights' name; larger ones are left to the loader
-
-
 def weights_stamp(card_path: str | Path) -> tuple[int, int]:
     """(modification time in ns, size) of the weights file the card names, or (0, 0) when the card or the file
-    cannot be read (the loader then names the problem). Only a regular card file is read, and at most 1 MB."""
-    card = Path(card_path)
+    cannot be read (the loader then names the problem). The card is read as the loader reads it: a regular file
+    under the card cap (``models.checkpoint.read_regular_file``)."""
     try:
-        status = card.stat()
-        if not stat.S_ISREG(status.st_mode) or status.st_size > _STAMPED_CARD_BYTES:
-            return (0, 0)
-        with card.open("rb") as file:
-            name = json.loads(file.read(_STAMPED_CARD_BYTES + 1)).get("weights")
+        name = json.loads(read_regular_file(card_path, CARD_BYTES, "model card")).get("weights")
         if not isinstance(name, str) or not name:
             return (0, 0)
-        found = (card.parent / name).stat()
-    except (OSError, ValueError, AttributeError):  # AttributeError: a JSON card that is not an object
+        found = (Path(card_path).parent / name).stat()
+    except (ModelError, OSError, ValueError, AttributeError):  # AttributeError: a JSON card that is not an object
         return (0, 0)
     return (found.st_mtime_ns, found.st_size)
 

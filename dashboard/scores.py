@@ -19,14 +19,12 @@ import streamlit as st
 
 from core.devices import precision_tag, resolve_device
 from core.errors import UserFacingError
-from core.job_queue import ENGINE_ENV, RAY_ADDRESS_ENV, Job, JobError, JobRequest, dataset_token, extraction_engine
+from core.job_queue import Job, JobError, JobRequest, dataset_token
 from core.layout import DatasetLayout
 from core.regions import RegionSpec
 from core.relevance_store import RelevanceStore
 from core.rescore import rescore
 from dashboard import hosting, jobs, render, resources, state
-
-__all__ = ["ENGINE_ENV", "RAY_ADDRESS_ENV", "extraction_engine"]  # where they were before core.job_queue
 
 
 class ScoreSource(Enum):
@@ -161,17 +159,15 @@ def results_layout(view: state.View) -> DatasetLayout:
     dataset (its own folder may be read-only); local mode, the dataset's ``results/``."""
     assert view.dataset is not None
     current = hosting.deployment()
-    dataset_id = getattr(view, "dataset_id", None)
-    if current is not None and dataset_id:
-        return DatasetLayout(view.dataset.root, current.results(dataset_id))
+    if current is not None and view.dataset_id:
+        return DatasetLayout(view.dataset.root, current.results(view.dataset_id))
     return view.dataset.layout
 
 
 def _dataset_id(view: state.View) -> str:
     """The dataset's id in hosted mode; locally an opaque token of its folder (the audit log names no folder)."""
-    dataset_id = getattr(view, "dataset_id", None)
-    if hosting.deployment() is not None and dataset_id:
-        return str(dataset_id)
+    if hosting.deployment() is not None and view.dataset_id:
+        return view.dataset_id
     assert view.dataset is not None
     return dataset_token(view.dataset.root)
 
@@ -277,7 +273,7 @@ def offer_extraction(view: state.View, split: str, missing: bool) -> bool:
         try:
             queue.submit(_request(view, split), jobs.who())
         except UserFacingError as error:  # a limit (JobError), or settings that cannot be used
-            st.error(render.markdown_escape(hosting.redact(str(error))))
+            st.error(hosting.shown_error(error))
             return False
         jobs.ensure_worker(queue)
         st.rerun()

@@ -196,7 +196,7 @@ def _hosted_data(bar, current: Deployment) -> _Data:
     try:
         dataset = resources.dataset(str(entry.folder))
     except UserFacingError as error:
-        bar.error(render.markdown_escape(hosting.redact(str(error))))
+        bar.error(hosting.shown_error(error))
     cards = tuple(str(card) for card in entry.models.values())
     card = ""
     if entry.models:

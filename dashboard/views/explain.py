@@ -153,7 +153,7 @@ def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFr
     try:
         priors = expected_terms(target)
     except UserFacingError as error:
-        st.caption(render.markdown_escape(hosting.redact(str(error))))
+        st.caption(hosting.shown_error(error))
     if priors is not None:
         if priors.is_empty():
             st.caption("none listed")
@@ -167,7 +167,7 @@ def show_terms(result: Explanation, photo: Photo, view: state.View) -> pl.DataFr
         try:
             annotations = resources.annotations(view.dataset)
         except UserFacingError as error:
-            st.caption(render.markdown_escape(hosting.redact(str(error))))
+            st.caption(hosting.shown_error(error))
         else:
             marked = annotations.filter((pl.col("image_name") == photo.name) & (pl.col("value") > 0))
             if marked.is_empty():
@@ -286,7 +286,7 @@ def main() -> None:
         show_prediction(result, photo, view)
         show_maps(result)
     except (UserFacingError, ValueError) as error:
-        st.error(render.markdown_escape(hosting.redact(str(error))))
+        st.error(hosting.shown_error(error))
 
 
 main()

@@ -141,7 +141,7 @@ def main() -> None:
             figure4(dataset, view)
         leaderboard(dataset)
     except UserFacingError as error:
-        st.error(render.markdown_escape(hosting.redact(str(error))))
+        st.error(hosting.shown_error(error))
 
 
 main()

@@ -340,7 +340,7 @@ def rescored_tables(view: state.View, dataset: Dataset) -> None:
                     test.table, resources.hpo_region_counts(dataset, **view.fidelity.region_count_options())
                 ).summary
             except UserFacingError as error:
-                st.info(render.markdown_escape(hosting.redact(str(error))))
+                st.info(hosting.shown_error(error))
             else:
                 st.plotly_chart(
                     render.heat_table(
@@ -404,7 +404,7 @@ def main() -> None:
             preview(view, dataset)
             rescored_tables(view, dataset)
         except (UserFacingError, ValueError) as error:
-            st.error(render.markdown_escape(hosting.redact(str(error))))
+            st.error(hosting.shown_error(error))
 
 
 main()

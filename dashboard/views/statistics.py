@@ -161,7 +161,7 @@ def main() -> None:
         tests = tests_of(source.table, **chosen, syndromes=profile_syndromes(view, source.table, chosen["reference"]))
         show(tests, source.table, chosen)
     except UserFacingError as error:
-        st.error(render.markdown_escape(hosting.redact(str(error))))
+        st.error(hosting.shown_error(error))
 
 
 def show(tests: pl.DataFrame, table: pl.DataFrame, chosen: dict) -> None:

@@ -257,8 +257,8 @@ def test_ray_options_without_the_ray_engine_are_refused(tiny, capsys):
     assert "--address and --actors go with --engine ray" in capsys.readouterr().err
 
 
-def test_the_dashboard_engine_comes_from_the_environment(monkeypatch):
-    from dashboard.scores import ENGINE_ENV, extraction_engine
+def test_the_jobs_engine_comes_from_the_environment(monkeypatch):
+    from core.job_queue import ENGINE_ENV, extraction_engine
 
     monkeypatch.delenv(ENGINE_ENV, raising=False)
     assert extraction_engine() == "local"
