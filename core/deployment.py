@@ -19,6 +19,8 @@ from types import MappingProxyType
 from typing import Any
 
 from core.errors import UserFacingError
+from core.regions import NAME_CHARS, SPEC_BYTES, SPEC_REGIONS
+from models.checkpoint import CARD_BYTES, WEIGHTS_BYTES
 
 DEPLOYMENT_ENV = "XAI_DEPLOYMENT"
 ROLES = ("viewer", "analyst")  # in order of what they may do; an analyst may do all a viewer may
@@ -38,14 +40,14 @@ class Limits:
     jobs_running: int = 1  # extraction jobs running at once, server-wide
     jobs_per_user: int = 1  # a user's queued + running jobs
     job_threads: int = 2  # torch threads of one job's process (it also runs at a lower CPU priority)
-    spec_bytes: int = 64 * 1024  # a region spec's JSON
-    spec_regions: int = 32
-    name_chars: int = 64  # a spec's or a region's name
+    spec_bytes: int = SPEC_BYTES  # a region spec's JSON (core.regions.SpecCaps)
+    spec_regions: int = SPEC_REGIONS
+    name_chars: int = NAME_CHARS  # a spec's or a region's name
     spec_days: int = 90  # a stored spec (and its mask files) unused this long is pruned
     upload_cache_days: int = 7  # opted-in cached uploads expire
     result_versions: int = 3  # finished result versions kept per dataset × split (the current one included)
-    card_bytes: int = 1 << 20  # a model card (JSON) read from disk (models.checkpoint.CARD_BYTES)
-    weights_bytes: int = 4 << 30  # a model's weights file read from disk (models.checkpoint.WEIGHTS_BYTES)
+    card_bytes: int = CARD_BYTES  # a model card (JSON) read from disk
+    weights_bytes: int = WEIGHTS_BYTES  # a model's weights file read from disk
     display_pixels: int = 1024  # longest side of a photo sent to the browser
 
 
