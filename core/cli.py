@@ -926,18 +926,24 @@ def _add_extract(commands: Subcommands) -> None:
     extract.set_defaults(run=command_extract)
 
 
+def _deployment(args: argparse.Namespace):
+    """``--deployment FILE``, else ``$XAI_DEPLOYMENT``'s; None in local mode."""
+    from core.deployment import deployment_from_environment, read_deployment
+
+    return read_deployment(args.deployment) if args.deployment else deployment_from_environment()
+
+
 def command_worker(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from core.deployment import deployment_from_environment, read_deployment
     from core.job_queue import JobQueue, run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Stopped as a service is stopped (SIGTERM): the running jobs' processes are killed on the way out, and
     # their half-built versions removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    deployment = read_deployment(args.deployment) if args.deployment else deployment_from_environment()
+    deployment = _deployment(args)
     # A job's warnings may name photos (those an extraction left out): the server's log policy, in every job.
     warnings_without_data()
     return run_worker(JobQueue.for_deployment(deployment), idle_exit_s=args.idle_exit, prepare=warnings_without_data)
@@ -1022,11 +1028,10 @@ def _add_twin(commands: Subcommands) -> None:
 
 def command_prune_specs(args: argparse.Namespace) -> int:
     from cache.spec_store import SpecStore, default_spec_dir
-    from core.deployment import deployment_from_environment, read_deployment
     from core.layout import DatasetLayout, demo_dataset
     from core.relevance_store import prune_region_masks
 
-    deployment = read_deployment(args.deployment) if args.deployment else deployment_from_environment()
+    deployment = _deployment(args)
     if deployment is not None:  # hosted: the deployment's spec folder, results and limit
         store = SpecStore(deployment.spec_dir, deployment.limits)
         results = [deployment.results(entry.id) for entry in deployment.datasets]
